@@ -1,0 +1,234 @@
+"""Dataclass configs that load from and save to TOML.
+
+The key names follow the contract in DESIGN.md so that config files keep working across versions. An
+unknown key is an error that names it: a typo such as `codebok_size` must never be silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    # "rqvae": encoder -> residual quantizer -> decoder. "rqkmeans": the quantizer alone on the raw input.
+    type: str = "rqvae"
+    hidden: list[int] = field(default_factory=lambda: [512, 256, 128])
+    latent_dim: int = 32
+    activation: str = "silu"  # "relu" | "gelu" | "silu"
+    layer_norm: bool = False
+    # Inputs are centred and scaled by one global factor before the encoder, so that learning rates and
+    # distance scales behave the same whatever the embedding model's norm; outputs are mapped back.
+    standardize: bool = True
+
+    def __post_init__(self) -> None:
+        _choice("model.type", self.type, ("rqvae", "rqkmeans"))
+        _choice("model.activation", self.activation, ("relu", "gelu", "silu"))
+        _positive("model.latent_dim", self.latent_dim)
+
+
+@dataclass
+class QuantizerConfig:
+    levels: int = 3
+    codebook_size: int | list[int] = 256
+    distance: str = "l2"  # "l2" | "cosine"
+    forward: str = "rotation"  # "ste" | "rotation" | "gumbel"
+    commitment: float = 0.25  # beta in  ||sg(e) - q||^2 + beta ||e - sg(q)||^2
+    kmeans_init: bool = True
+    kmeans_iters: int = 25
+    kmeans_sample: int = 65536  # rows of data used for k-means init (a seeded random sample)
+    dead_code_reset: bool = True
+    dead_code_decay: float = 0.9  # EMA decay of per-code assignment counts
+    dead_code_threshold: float = 0.05  # dead when EMA count < threshold * batch_size / K
+    dead_code_every: int = 20  # steps between dead-code checks
+    gumbel_tau_start: float = 1.0
+    gumbel_tau_end: float = 0.05
+    gumbel_tau_decay: float = 0.999  # tau = max(end, start * decay**step)
+    gumbel_hard: bool = False  # straight-through hard one-hot in the forward pass
+
+    def __post_init__(self) -> None:
+        _choice("quantizer.distance", self.distance, ("l2", "cosine"))
+        _choice("quantizer.forward", self.forward, ("ste", "rotation", "gumbel"))
+        _positive("quantizer.levels", self.levels)
+        sizes = self.sizes()
+        if len(sizes) != self.levels:
+            raise ConfigError(f"quantizer.codebook_size lists {len(sizes)} sizes for {self.levels} levels")
+        for size in sizes:
+            _positive("quantizer.codebook_size", size)
+
+    def sizes(self) -> list[int]:
+        """Codebook size of every level."""
+        if isinstance(self.codebook_size, int):
+            return [self.codebook_size] * self.levels
+        return list(self.codebook_size)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    batch_size: int = 1024
+    steps: int = 20000
+    lr: float = 0.001
+    optimizer: str = "adamw"  # "adamw" | "adagrad"
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # "cosine" | "constant"
+    warmup_steps: int = 0
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    compile: bool = False  # torch.compile the training step
+    eval_every: int = 1000
+    best_metric: str = "fvu"  # any scalar evaluate() key; lower is better except where noted in train.py
+    early_stopping: int = 0  # stop after this many evaluations without improvement; 0 = never
+    checkpoint_every: int = 0  # write a resumable checkpoint every N steps (needs a checkpoint path); 0 = never
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _choice("train.optimizer", self.optimizer, ("adamw", "adagrad"))
+        _choice("train.schedule", self.schedule, ("cosine", "constant"))
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.steps", self.steps)
+
+
+@dataclass
+class CollisionConfig:
+    strategy: str = "suffix"  # "suffix" | "remap" | "none"
+    suffix_size: int = 256  # vocabulary of the suffix token
+
+    def __post_init__(self) -> None:
+        _choice("collisions.strategy", self.strategy, ("suffix", "remap", "none"))
+        _positive("collisions.suffix_size", self.suffix_size)
+
+
+@dataclass
+class SemidConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    collisions: CollisionConfig = field(default_factory=CollisionConfig)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SemidConfig":
+        return _build(cls, data, prefix="")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SemidConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        return cls.from_dict(data)
+
+    def with_overrides(self, overrides: dict[str, Any] | None) -> "SemidConfig":
+        """A copy with dotted-key overrides applied, e.g. {"quantizer.forward": "ste"}."""
+        data = self.to_dict()
+        for dotted, value in (overrides or {}).items():
+            section, _, key = dotted.partition(".")
+            if section not in data or not key:
+                raise ConfigError(f"unknown config key '{dotted}' (sections: {', '.join(data)})")
+            data[section][key] = value
+        return SemidConfig.from_dict(data)
+
+    # ---- output -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        lines: list[str] = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+            lines.append("")
+        return "\n".join(lines)
+
+    def save(self, path: str | Path) -> None:
+        from semid.io import atomic_write
+
+        text = self.to_toml()
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config key '{key}' is {value!r}; choose one of {', '.join(allowed)}")
+
+
+def _positive(key: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(f"config key '{key}' must be positive, got {value}")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise ConfigError(f"cannot write {type(value).__name__} value {value!r} to TOML")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or 'root'}' must be a table")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}' (valid keys here: {', '.join(sorted(names))})"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(value, hint, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    """Accept a value only if it matches the annotated type; ints are accepted where floats are."""
+    options = get_args(hint) if get_origin(hint) in (types.UnionType, typing.Union) else (hint,)
+    for option in options:
+        origin = get_origin(option)
+        if origin is list:
+            (item_type,) = get_args(option)
+            if isinstance(value, list) and all(_is_instance(v, item_type) for v in value):
+                return [float(v) if item_type is float else v for v in value]
+        elif _is_instance(value, option):
+            return float(value) if option is float else value
+    raise ConfigError(f"config key '{key}' has value {value!r}, expected {_type_name(hint)}")
+
+
+def _is_instance(value: Any, type_: type) -> bool:
+    if type_ is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if type_ is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, type_)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
