@@ -1,0 +1,446 @@
+"""Reading item embeddings and writing results: validation at the boundary, atomic writes.
+
+Why this module exists: every entry point (Python API, CLI, benchmarks) takes embeddings from users, and
+a bad row (NaN, wrong width, duplicate id) found deep inside training surfaces as a confusing tensor
+error or, worse, as silently wrong IDs. So input is checked once, here, and every problem becomes an
+`InputError` whose message names it (the CLI prints that message as its one line on stderr).
+
+Every writer goes through `atomic_write` (temp file in the target's directory, fsync, `os.replace`), so
+an interrupted run never leaves a half-written file that looks valid.
+
+pyarrow is deliberately not used: polars reads and writes parquet natively, and pandas frames are
+converted through numpy. torch and pandas are only looked up in `sys.modules` (an object of their type
+cannot exist unless they were imported), so reading files does not pay for importing them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import polars as pl
+
+SUFFIXES = (".npy", ".parquet")
+# Hint appended to missing-column errors, since the usual fix is to name the right column.
+_COLUMN_HINT = "set id_col/emb_col (CLI: --id-col/--emb-col)"
+
+
+class InputError(ValueError):
+    """Bad user input; the message names the problem (the CLI prints it as one line)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# validation
+
+
+def validate_embeddings(
+    x: np.ndarray, *, expected_dim: int | None = None, name: str = "embeddings", row_offset: int = 0
+) -> np.ndarray:
+    """Return `x` as a C-contiguous float32 (n, d) matrix, or raise InputError saying what is wrong.
+
+    `row_offset` is added to row numbers in messages, so that a streamed batch reports rows of the file.
+    Values beyond the float32 range become inf in the cast and are reported as such.
+    """
+    x = np.asarray(x)
+    if x.dtype.kind not in "fiu":
+        raise InputError(f"{name} must be real numbers, got dtype {x.dtype}")
+    if x.ndim != 2:
+        raise InputError(f"{name} must be a 2-D matrix (items x dimensions), got shape {x.shape}")
+    n, d = x.shape
+    if n == 0 or d == 0:
+        raise InputError(f"{name} are empty: shape {x.shape}")
+    if expected_dim is not None and d != expected_dim:
+        raise InputError(f"{name} have dimension {d}, expected {expected_dim}")
+    with np.errstate(over="ignore"):  # overflow is reported below as inf, with its rows
+        x = np.ascontiguousarray(x, dtype=np.float32)  # (n, d)
+    _check_finite(x, name, row_offset)
+    return x
+
+
+def _check_finite(x: np.ndarray, name: str, row_offset: int) -> None:
+    # Fast path without an (n, d) temporary: a float64 sum of float32 values cannot overflow, so it is
+    # finite exactly when every value is.
+    if np.isfinite(np.sum(x, dtype=np.float64)):
+        return
+    nan_rows = np.isnan(x).any(axis=1)  # (n,)
+    inf_rows = np.isinf(x).any(axis=1)  # (n,)
+    parts = [f"{int(m.sum())} rows with {what}" for m, what in ((nan_rows, "NaN"), (inf_rows, "inf")) if m.any()]
+    first = int(np.argmax(nan_rows | inf_rows)) + row_offset
+    raise InputError(f"{name} contain non-finite values: {', '.join(parts)} (first bad row: {first})")
+
+
+def validate_ids(ids: Any, *, name: str = "item ids") -> np.ndarray:
+    """Return ids as a 1-D numpy str array; raise InputError on nulls, float ids or duplicates.
+
+    Float ids are refused because they usually come from an integer column with missing values, and
+    "17.0" would silently differ from "17" elsewhere.
+    """
+    if isinstance(ids, pl.Series):
+        nulls = ids.is_null().to_numpy()
+        arr = (ids.cast(pl.String) if ids.dtype == pl.Categorical else ids).to_numpy()
+    else:
+        arr = np.asarray(ids)
+        nulls = _null_mask(arr) if arr.dtype.kind == "O" else np.zeros(arr.shape, dtype=bool)
+    if arr.ndim != 1:
+        raise InputError(f"{name} must be one-dimensional, got shape {arr.shape}")
+    if nulls.any():
+        first = int(np.argmax(nulls))
+        raise InputError(f"{name} contain {int(nulls.sum())} nulls (first at row {first})")
+    if arr.dtype.kind not in "OUiu":
+        raise InputError(f"{name} must be strings or integers, got {arr.dtype}")
+    arr = arr.astype(str)  # (n,)
+    values, counts = np.unique(arr, return_counts=True)
+    dup = counts > 1
+    if dup.any():
+        examples = ", ".join(f"'{v}' ({c}x)" for v, c in zip(values[dup][:3], counts[dup][:3]))
+        raise InputError(f"{name} must be unique: {int(dup.sum())} ids occur more than once, e.g. {examples}")
+    return arr
+
+
+def _null_mask(values: np.ndarray) -> np.ndarray:
+    """Elementwise None / NaN / pd.NA test for an object array (pandas is a dependency already)."""
+    import pandas as pd
+
+    return np.asarray(pd.isna(values), dtype=bool)
+
+
+def _check_rows(null_rows: np.ndarray, lengths: np.ndarray, what: str, row_offset: int) -> None:
+    """Shared null and ragged checks for per-row embedding vectors (polars lists, pandas objects)."""
+    if null_rows.any():
+        first = int(np.argmax(null_rows)) + row_offset
+        raise InputError(f"{what} has {int(null_rows.sum())} null embeddings (first at row {first})")
+    ragged = lengths != lengths[:1]  # no rows: nothing is ragged (emptiness is validate_embeddings' call)
+    if ragged.any():
+        j = int(np.argmax(ragged))
+        raise InputError(
+            f"{what} has embeddings of different lengths (ragged): row {row_offset} has {lengths[0]} "
+            f"values, row {row_offset + j} has {lengths[j]}"
+        )
+
+
+@dataclass
+class ItemTable:
+    """A block of items: ids (None when the input has none, as in .npy) and their embeddings."""
+
+    ids: np.ndarray | None  # (n,) str
+    embeddings: np.ndarray  # (n, d) float32
+
+    def __post_init__(self) -> None:
+        if self.ids is not None and len(self.ids) != len(self.embeddings):
+            raise InputError(f"{len(self.ids)} item ids for {len(self.embeddings)} embeddings")
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+
+# --------------------------------------------------------------------------------------------------
+# in-memory conversion
+
+
+def _polars_to_table(
+    df: pl.DataFrame,
+    id_col: str | None,
+    emb_col: str,
+    where: str,
+    *,
+    row_offset: int = 0,
+    expected_dim: int | None = None,
+) -> ItemTable:
+    _check_columns(df.columns, id_col, emb_col, where)
+    emb = df.get_column(emb_col)
+    if isinstance(emb.dtype, pl.Array):
+        emb = emb.cast(pl.List(emb.dtype.inner))
+    if not (isinstance(emb.dtype, pl.List) and emb.dtype.inner.is_numeric()):
+        raise InputError(f"column '{emb_col}' in {where} must hold lists of numbers, got {emb.dtype}")
+    lengths = emb.list.len().fill_null(0).to_numpy()  # (n,)
+    _check_rows(emb.is_null().to_numpy(), lengths, where, row_offset)
+    n, d = len(emb), int(lengths[0]) if len(emb) else 0
+    flat = emb.explode() if d else pl.Series(emb_col, [], dtype=pl.Float32)  # (n * d,)
+    if flat.null_count():
+        row = int(np.argmax(flat.is_null().to_numpy())) // d + row_offset
+        raise InputError(f"{where} has null values inside embeddings (first at row {row})")
+    matrix = flat.to_numpy().reshape(n, d)  # (n, d)
+    name = f"embeddings in {where}"
+    embeddings = validate_embeddings(matrix, expected_dim=expected_dim, name=name, row_offset=row_offset)
+    ids = validate_ids(df.get_column(id_col), name=f"column '{id_col}' in {where}") if id_col else None
+    return ItemTable(ids, embeddings)
+
+
+def _pandas_to_table(df: Any, id_col: str | None, emb_col: str) -> ItemTable:
+    where = "the pandas DataFrame"
+    _check_columns(list(map(str, df.columns)), id_col, emb_col, where)
+    values = df[emb_col].to_numpy()  # (n,) objects: lists or arrays
+    nulls = _null_mask(values)
+    lengths = np.fromiter((0 if null else len(v) for v, null in zip(values, nulls)), dtype=np.int64, count=len(values))
+    _check_rows(nulls, lengths, where, 0)
+    matrix = np.stack([np.asarray(v) for v in values]) if len(values) else np.empty((0, 0))  # (n, d)
+    embeddings = validate_embeddings(matrix, name=f"embeddings in {where}")
+    ids = validate_ids(df[id_col].to_numpy(), name=f"column '{id_col}' in {where}") if id_col else None
+    return ItemTable(ids, embeddings)
+
+
+def to_numpy_embeddings(
+    x: Any, *, id_col: str | None = "item_id", emb_col: str = "embedding"
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """Turn user input into (ids or None, validated float32 (n, d) matrix).
+
+    Accepts a numpy array, nested lists, a torch tensor (any device; bf16/fp16 are upcast), or a polars
+    or pandas DataFrame with an id column and a list-of-numbers embedding column (id_col=None: no ids).
+    """
+    torch = sys.modules.get("torch")
+    pd = sys.modules.get("pandas")
+    if torch is not None and isinstance(x, torch.Tensor):
+        t = x.detach()
+        if t.is_floating_point():
+            t = t.float()  # bf16 has no numpy dtype
+        return None, validate_embeddings(t.cpu().numpy())
+    if isinstance(x, pl.DataFrame):
+        table = _polars_to_table(x, id_col, emb_col, "the polars DataFrame")
+        return table.ids, table.embeddings
+    if pd is not None and isinstance(x, pd.DataFrame):
+        table = _pandas_to_table(x, id_col, emb_col)
+        return table.ids, table.embeddings
+    if isinstance(x, (np.ndarray, list, tuple)):
+        try:
+            arr = np.asarray(x)
+        except ValueError as e:  # numpy refuses inhomogeneous nested lists
+            raise InputError(f"embeddings have rows of different lengths (ragged): {e}") from e
+        return None, validate_embeddings(arr)
+    raise InputError(
+        f"unsupported embeddings type {type(x).__name__}: expected a numpy array, a torch tensor, "
+        "or a polars/pandas DataFrame"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# files
+
+
+def _check_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"input file not found: {p}")
+    if p.suffix.lower() not in SUFFIXES:
+        raise InputError(f"unsupported file type '{p.suffix}' for {p}: expected .npy or .parquet")
+    if not p.is_file():
+        raise InputError(f"input path is not a file: {p}")
+    return p
+
+
+def _check_columns(names: list[str], id_col: str | None, emb_col: str, where: str) -> None:
+    for col in (id_col, emb_col):
+        if col is not None and col not in names:
+            raise InputError(f"{where} has no column '{col}'; its columns are: {', '.join(names)} ({_COLUMN_HINT})")
+
+
+def _open_npy(p: Path, expected_dim: int | None) -> np.ndarray:
+    """Memory-map a .npy and check its header-level facts (dtype, shape, dimension) without reading rows."""
+    try:
+        mm = np.load(p, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise InputError(f"cannot read {p} as .npy: {e}") from e
+    if not isinstance(mm, np.ndarray):
+        raise InputError(f"{p} is not a single .npy array")
+    # One row is enough to check dtype, rank, emptiness and dimension; other shapes fail before any read.
+    validate_embeddings(mm[:1] if mm.ndim == 2 else mm, expected_dim=expected_dim, name=f"embeddings in {p}")
+    return mm
+
+
+def _parquet_checked(p: Path, id_col: str | None, emb_col: str) -> pl.LazyFrame:
+    """A lazy scan of the needed columns, after checking that the file is parquet and has them."""
+    try:
+        names = pl.read_parquet_schema(p).names()
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise InputError(f"cannot read {p} as parquet: {e}") from e
+    _check_columns(names, id_col, emb_col, str(p))
+    return pl.scan_parquet(p).select([c for c in (id_col, emb_col) if c is not None])
+
+
+def _collect(lf: pl.LazyFrame, p: Path) -> pl.DataFrame:
+    try:
+        return lf.collect()
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise InputError(f"cannot read {p} as parquet: {e}") from e
+
+
+def read_items(path: str | os.PathLike, *, id_col: str | None = "item_id", emb_col: str = "embedding") -> ItemTable:
+    """Read and validate a whole .npy (no ids) or .parquet (id + embedding columns) into memory."""
+    p = _check_path(path)
+    if p.suffix.lower() == ".npy":
+        mm = _open_npy(p, None)
+        return ItemTable(None, validate_embeddings(np.array(mm), name=f"embeddings in {p}"))
+    return _polars_to_table(_collect(_parquet_checked(p, id_col, emb_col), p), id_col, emb_col, str(p))
+
+
+def count_items(path: str | os.PathLike, *, id_col: str | None = "item_id", emb_col: str = "embedding") -> int:
+    """Number of items in a file, from metadata only (the .npy header or the parquet footer)."""
+    p = _check_path(path)
+    if p.suffix.lower() == ".npy":
+        return len(_open_npy(p, None))
+    return int(_collect(_parquet_checked(p, id_col, emb_col).select(pl.len()), p).item())
+
+
+def iter_item_batches(
+    path: str | os.PathLike,
+    batch_size: int,
+    *,
+    id_col: str | None = "item_id",
+    emb_col: str = "embedding",
+    expected_dim: int | None = None,
+) -> Iterator[ItemTable]:
+    """Yield validated batches of at most `batch_size` items, holding about one batch in memory.
+
+    .npy is memory-mapped and sliced. Parquet is read with a lazy scan and a slice per batch, which polars
+    pushes down to the reader, so only the row groups a batch overlaps are decoded: peak memory is
+    about one batch plus one row group. File-level problems (missing file, columns, dimension of a .npy)
+    are raised here, before the first batch. Ids are checked for duplicates within each batch only;
+    uniqueness across batches is a global property the caller checks (e.g. a lazy polars group-by).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise InputError(f"batch size must be a positive integer, got {batch_size!r}")
+    p = _check_path(path)
+    if p.suffix.lower() == ".npy":
+        return _npy_batches(p, _open_npy(p, expected_dim), int(batch_size), expected_dim)
+    lf = _parquet_checked(p, id_col, emb_col)
+    n = int(_collect(lf.select(pl.len()), p).item())
+    if n == 0:
+        raise InputError(f"embeddings in {p} are empty: the file has no rows")
+    return _parquet_batches(p, lf, n, int(batch_size), id_col, emb_col, expected_dim)
+
+
+def _npy_batches(p: Path, mm: np.ndarray, batch_size: int, expected_dim: int | None) -> Iterator[ItemTable]:
+    for start in range(0, len(mm), batch_size):
+        rows = np.array(mm[start : start + batch_size])  # copy out of the map: (b, d)
+        emb = validate_embeddings(rows, expected_dim=expected_dim, name=f"embeddings in {p}", row_offset=start)
+        yield ItemTable(None, emb)
+
+
+def _parquet_batches(
+    p: Path, lf: pl.LazyFrame, n: int, batch_size: int, id_col: str | None, emb_col: str, expected_dim: int | None
+) -> Iterator[ItemTable]:
+    for start in range(0, n, batch_size):
+        df = _collect(lf.slice(start, batch_size), p)
+        table = _polars_to_table(df, id_col, emb_col, str(p), row_offset=start, expected_dim=expected_dim)
+        expected_dim = table.dim  # later batches must match the first: a ragged file fails here
+        yield table
+
+
+# --------------------------------------------------------------------------------------------------
+# atomic writers
+
+
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None]) -> None:
+    """Run `write_fn(tmp)` on a temp path next to `path`, fsync it, then rename it onto `path`.
+
+    The temp file is in the same directory (a rename across file systems is not atomic) and keeps the
+    target's suffix, so writers that pick a format by suffix (np.save adds ".npy" otherwise) behave.
+    If `write_fn` raises, the temp file is removed and `path` is untouched.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.stem}.tmp-{uuid.uuid4().hex[:12]}{target.suffix}")
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist the rename itself; directories cannot be opened for fsync on some platforms (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_parquet_atomic(df: pl.DataFrame | pl.LazyFrame, path: str | os.PathLike) -> None:
+    """Write a DataFrame, or stream a LazyFrame (bounded memory), to parquet atomically."""
+    if isinstance(df, pl.LazyFrame):
+        atomic_write(path, lambda tmp: df.sink_parquet(tmp))
+    else:
+        atomic_write(path, lambda tmp: df.write_parquet(tmp))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, os.PathLike):
+        return os.fspath(o)
+    raise TypeError(f"cannot write {type(o).__name__} to JSON")
+
+
+def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """Write JSON (numpy scalars and arrays allowed) atomically, indented for humans."""
+    text = json.dumps(obj, indent=2, default=_json_default) + "\n"  # serialise first: a bad object writes nothing
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_npy_atomic(arr: np.ndarray, path: str | os.PathLike) -> None:
+    atomic_write(path, lambda tmp: np.save(tmp, np.asarray(arr), allow_pickle=False))
+
+
+class ParquetShardWriter:
+    """Collect DataFrame batches into one parquet file without holding them all in memory.
+
+    Each batch goes to a part file in a hidden temp directory next to the target. On a clean exit of the
+    `with` block the parts are concatenated lazily (scan + sink, streaming) into the target through
+    `atomic_write`, and the directory is removed. On an exception only the directory is removed, so
+    nothing, old or partial, appears at the target path.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._dir = self.path.with_name(f".{self.path.name}.parts-{uuid.uuid4().hex[:12]}")
+        self._parts: list[Path] = []
+
+    def __enter__(self) -> ParquetShardWriter:
+        return self
+
+    def write(self, df: pl.DataFrame) -> None:
+        self._dir.mkdir(parents=True, exist_ok=True)
+        part = self._dir / f"part-{len(self._parts):06d}.parquet"
+        df.write_parquet(part)
+        self._parts.append(part)
+
+    def close(self) -> None:
+        """Concatenate the parts into the target (in write order) and remove them."""
+        try:
+            if not self._parts:
+                raise ValueError(f"no batches were written to {self.path}")
+            write_parquet_atomic(pl.scan_parquet(self._parts), self.path)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop everything written so far."""
+        shutil.rmtree(self._dir, ignore_errors=True)
+        self._parts = []
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -1,0 +1,517 @@
+"""Tests for semid.io: validation messages, readers, streaming, atomic writers, the bundled sample."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import polars as pl
+import pytest
+import torch
+
+from semid.io import (
+    InputError,
+    ItemTable,
+    ParquetShardWriter,
+    atomic_write,
+    count_items,
+    iter_item_batches,
+    read_items,
+    to_numpy_embeddings,
+    validate_embeddings,
+    validate_ids,
+    write_json_atomic,
+    write_npy_atomic,
+    write_parquet_atomic,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _matrix(n: int = 103, d: int = 8, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+
+
+def _frame(x: np.ndarray, ids: list | None = None) -> pl.DataFrame:
+    ids = [f"item{i}" for i in range(len(x))] if ids is None else ids
+    return pl.DataFrame({"item_id": ids, "embedding": pl.Series(x).cast(pl.List(pl.Float32))})
+
+
+def _write_rows(path: Path, rows: list, ids: list | None = None) -> Path:
+    """Parquet whose embedding column is built from Python lists (allows ragged and null rows)."""
+    ids = [str(i) for i in range(len(rows))] if ids is None else ids
+    pl.DataFrame({"item_id": ids, "embedding": pl.Series(rows, dtype=pl.List(pl.Float64))}).write_parquet(path)
+    return path
+
+
+def _dir_entries(path: Path) -> list[str]:
+    return sorted(os.listdir(path))
+
+
+# ----------------------------------------------------------------------------------- validate_embeddings
+
+
+def test_validate_embeddings_returns_same_values_as_contiguous_float32():
+    x = np.asfortranarray(np.random.default_rng(1).standard_normal((20, 5)))  # float64, F-order
+    out = validate_embeddings(x)
+    assert out.dtype == np.float32 and out.flags.c_contiguous and out.shape == (20, 5)
+    np.testing.assert_array_equal(out, x.astype(np.float32))
+    ints = validate_embeddings(np.arange(6).reshape(2, 3))
+    np.testing.assert_array_equal(ints, [[0, 1, 2], [3, 4, 5]])
+
+
+def test_nan_rows_are_counted_and_first_row_named():
+    x = _matrix(10, 4)
+    x[3, 1] = np.nan
+    x[7, 0] = np.nan
+    x[7, 2] = np.nan  # two NaNs in one row still count as one row
+    with pytest.raises(InputError, match=r"2 rows with NaN.*first bad row: 3"):
+        validate_embeddings(x)
+
+
+def test_inf_and_nan_reported_separately():
+    x = _matrix(10, 4)
+    x[5, 0] = -np.inf
+    x[6, 0] = np.inf
+    x[8, 3] = np.nan
+    with pytest.raises(InputError) as e:
+        validate_embeddings(x)
+    msg = str(e.value)
+    assert "1 rows with NaN" in msg and "2 rows with inf" in msg and "first bad row: 5" in msg
+
+
+def test_float64_overflow_is_reported_as_inf():
+    x = np.ones((3, 2))
+    x[1, 1] = 1e300  # finite in float64, inf in float32
+    with pytest.raises(InputError, match=r"1 rows with inf.*first bad row: 1"):
+        validate_embeddings(x)
+
+
+@pytest.mark.parametrize(
+    ("x", "pattern"),
+    [
+        (np.zeros((0, 4), np.float32), "empty"),
+        (np.zeros((4, 0), np.float32), "empty"),
+        (np.zeros(4, np.float32), "2-D"),
+        (np.zeros((2, 3, 4), np.float32), "2-D"),
+        (np.array([["a", "b"]]), "real numbers"),
+        (np.zeros((2, 2), np.complex64), "real numbers"),
+        (np.zeros((2, 2), bool), "real numbers"),
+    ],
+)
+def test_bad_shapes_and_dtypes(x, pattern):
+    with pytest.raises(InputError, match=pattern):
+        validate_embeddings(x)
+
+
+def test_wrong_dimension_names_expected_and_got():
+    with pytest.raises(InputError, match="dimension 5, expected 4"):
+        validate_embeddings(_matrix(3, 5), expected_dim=4)
+    assert validate_embeddings(_matrix(3, 4), expected_dim=4).shape == (3, 4)
+
+
+def test_input_error_is_a_value_error():
+    assert issubclass(InputError, ValueError)
+
+
+# ---------------------------------------------------------------------------------------- validate_ids
+
+
+def test_duplicate_ids_give_count_and_at_most_three_examples():
+    ids = ["w", "x", "y", "z", "w", "x", "y", "z", "z", "solo"]
+    with pytest.raises(InputError) as e:
+        validate_ids(ids)
+    msg = str(e.value)
+    assert "4 ids occur more than once" in msg
+    assert sum(f"'{v}'" in msg for v in "wxyz") == 3 and "solo" not in msg
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        ["a", None, "c"],
+        np.array(["a", np.nan, "c"], dtype=object),
+        pl.Series(["a", None, "c"]),
+        pd.Series(["a", None, "c"]).to_numpy(),
+    ],
+)
+def test_null_ids_are_refused(ids):
+    with pytest.raises(InputError, match=r"1 nulls \(first at row 1\)"):
+        validate_ids(ids)
+
+
+def test_ids_become_strings_and_floats_are_refused():
+    out = validate_ids(np.array([3, 1, 2]))
+    assert out.dtype.kind == "U" and out.tolist() == ["3", "1", "2"]  # order kept
+    assert validate_ids(pl.Series([10, 20])).tolist() == ["10", "20"]
+    with pytest.raises(InputError, match="strings or integers"):
+        validate_ids(np.array([1.0, 2.0]))
+    with pytest.raises(InputError, match="one-dimensional"):
+        validate_ids(np.array([["a", "b"]]))
+
+
+def test_item_table_checks_lengths():
+    with pytest.raises(InputError, match="2 item ids for 3 embeddings"):
+        ItemTable(np.array(["a", "b"]), _matrix(3, 2))
+
+
+# ------------------------------------------------------------------------------------------- read files
+
+
+def test_parquet_round_trip(tmp_path):
+    x = _matrix()
+    path = tmp_path / "sub" / "items.parquet"
+    write_parquet_atomic(_frame(x), path)
+    table = read_items(path)
+    np.testing.assert_array_equal(table.embeddings, x)
+    assert table.ids.tolist() == [f"item{i}" for i in range(len(x))]
+    assert count_items(path) == len(x)
+    assert read_items(path, id_col=None).ids is None
+
+
+def test_parquet_column_variants(tmp_path):
+    """Array and float64 list columns, integer ids, custom column names."""
+    x = _matrix(12, 3)
+    df = pl.DataFrame({"book": list(range(12)), "vec": pl.Series(x.astype(np.float64))})  # Array(f64, 3)
+    path = tmp_path / "v.parquet"
+    df.write_parquet(path)
+    table = read_items(path, id_col="book", emb_col="vec")
+    np.testing.assert_array_equal(table.embeddings, x)
+    assert table.ids.tolist() == [str(i) for i in range(12)]
+
+
+def test_npy_round_trip(tmp_path):
+    x = _matrix()
+    path = tmp_path / "x.npy"
+    write_npy_atomic(x, path)
+    assert _dir_entries(tmp_path) == ["x.npy"]  # np.save did not append a second suffix to the temp name
+    table = read_items(path)
+    assert table.ids is None and not isinstance(table.embeddings, np.memmap)
+    np.testing.assert_array_equal(table.embeddings, x)
+    assert count_items(path) == len(x)
+
+
+def test_missing_file_and_unknown_extension(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        read_items(tmp_path / "nope.npy")
+    csv = tmp_path / "items.csv"
+    csv.write_text("a,b\n")
+    for fn in (read_items, count_items, lambda p: iter_item_batches(p, 10)):
+        with pytest.raises(InputError, match=r"unsupported file type '\.csv'"):
+            fn(csv)
+
+
+def test_missing_column_lists_existing_columns(tmp_path):
+    path = tmp_path / "items.parquet"
+    pl.DataFrame({"id": ["a"], "vector": [[1.0, 2.0]], "title": ["t"]}).write_parquet(path)
+    with pytest.raises(InputError, match=r"no column 'item_id'.*id, vector, title"):
+        read_items(path)
+    with pytest.raises(InputError, match=r"no column 'embedding'.*id, vector, title"):
+        read_items(path, id_col="id")
+    with pytest.raises(InputError, match="no column 'embedding'"):
+        iter_item_batches(path, 4, id_col="id")  # raised at the call, before the first batch
+    assert read_items(path, id_col="id", emb_col="vector").embeddings.shape == (1, 2)
+
+
+def test_ragged_parquet(tmp_path):
+    path = _write_rows(tmp_path / "r.parquet", [[1.0, 2.0], [1.0, 2.0], [1.0, 2.0, 3.0]])
+    with pytest.raises(InputError, match=r"ragged.*row 0 has 2 values, row 2 has 3"):
+        read_items(path)
+
+
+def test_ragged_across_streamed_batches(tmp_path):
+    path = _write_rows(tmp_path / "r.parquet", [[1.0, 2.0]] * 5 + [[1.0, 2.0, 3.0]] * 5)
+    batches = iter_item_batches(path, 5)
+    assert next(batches).dim == 2
+    with pytest.raises(InputError, match="dimension 3, expected 2"):
+        next(batches)
+
+
+def test_null_embeddings_in_parquet(tmp_path):
+    path = _write_rows(tmp_path / "n.parquet", [[1.0, 2.0], None, [1.0, 2.0], None])
+    with pytest.raises(InputError, match=r"2 null embeddings \(first at row 1\)"):
+        read_items(path)
+    path = _write_rows(tmp_path / "m.parquet", [[1.0, 2.0], [1.0, 2.0], [3.0, None]])
+    with pytest.raises(InputError, match=r"null values inside embeddings \(first at row 2\)"):
+        read_items(path)
+
+
+def test_empty_parquet_embeddings(tmp_path):
+    with pytest.raises(InputError, match="empty"):
+        read_items(_write_rows(tmp_path / "e.parquet", [[], []]))
+    no_rows = _write_rows(tmp_path / "z.parquet", [])
+    for fn in (read_items, lambda p: iter_item_batches(p, 4)):
+        with pytest.raises(InputError, match="empty"):
+            fn(no_rows)
+    with pytest.raises(InputError, match="empty"):
+        to_numpy_embeddings(pd.DataFrame({"item_id": [], "embedding": []}))
+
+
+def test_non_numeric_embedding_column(tmp_path):
+    path = tmp_path / "s.parquet"
+    pl.DataFrame({"item_id": ["a"], "embedding": ["0.1 0.2"]}).write_parquet(path)
+    with pytest.raises(InputError, match="must hold lists of numbers, got String"):
+        read_items(path)
+
+
+def test_duplicate_and_null_ids_in_parquet(tmp_path):
+    path = _write_rows(tmp_path / "d.parquet", [[1.0], [2.0], [3.0]], ids=["a", "b", "a"])
+    with pytest.raises(InputError, match=r"column 'item_id' in .* must be unique: 1 ids.*'a' \(2x\)"):
+        read_items(path)
+    path = _write_rows(tmp_path / "n.parquet", [[1.0], [2.0]], ids=["a", None])
+    with pytest.raises(InputError, match="nulls"):
+        read_items(path)
+
+
+def test_corrupt_files(tmp_path):
+    bad = tmp_path / "bad.parquet"
+    bad.write_text("not parquet")
+    with pytest.raises(InputError, match="cannot read .* as parquet"):
+        read_items(bad)
+    bad_npy = tmp_path / "bad.npy"
+    bad_npy.write_text("not npy")
+    with pytest.raises(InputError, match="cannot read .* as .npy"):
+        read_items(bad_npy)
+
+
+def test_npy_with_wrong_rank_fails_before_reading(tmp_path):
+    np.save(tmp_path / "v.npy", np.zeros(5, np.float32))
+    with pytest.raises(InputError, match="2-D"):
+        count_items(tmp_path / "v.npy")
+
+
+# --------------------------------------------------------------------------------------------- streaming
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 16, 64, 103, 500])
+@pytest.mark.parametrize("fmt", ["npy", "parquet"])
+def test_streamed_batches_concatenate_to_full_read(tmp_path, fmt, batch_size):
+    x = _matrix(103, 6, seed=batch_size)
+    path = tmp_path / f"items.{fmt}"
+    if fmt == "npy":
+        np.save(path, x)
+    else:  # row groups of 10 so that batches straddle row-group boundaries
+        _frame(x).write_parquet(path, row_group_size=10)
+    full = read_items(path)
+    batches = list(iter_item_batches(path, batch_size))
+    sizes = [len(b) for b in batches]
+    assert sizes == [batch_size] * (103 // batch_size) + ([103 % batch_size] if 103 % batch_size else [])
+    assert all(not isinstance(b.embeddings, np.memmap) for b in batches)
+    np.testing.assert_array_equal(np.concatenate([b.embeddings for b in batches]), full.embeddings)
+    np.testing.assert_array_equal(full.embeddings, x)
+    if fmt == "npy":
+        assert all(b.ids is None for b in batches)
+    else:
+        np.testing.assert_array_equal(np.concatenate([b.ids for b in batches]), full.ids)
+
+
+@pytest.mark.parametrize("fmt", ["npy", "parquet"])
+def test_streamed_errors_name_rows_of_the_file(tmp_path, fmt):
+    x = _matrix(30, 4)
+    x[13, 2] = np.nan
+    path = tmp_path / f"items.{fmt}"
+    np.save(path, x) if fmt == "npy" else _frame(x).write_parquet(path)
+    batches = iter_item_batches(path, 5)
+    for _ in range(2):  # rows 0..9 are clean
+        next(batches)
+    with pytest.raises(InputError, match=r"1 rows with NaN.*first bad row: 13"):
+        next(batches)
+
+
+def test_streaming_argument_checks(tmp_path):
+    path = tmp_path / "x.npy"
+    np.save(path, _matrix(10, 4))
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(InputError, match="batch size"):
+            iter_item_batches(path, bad)
+    with pytest.raises(InputError, match="dimension 4, expected 8"):
+        iter_item_batches(path, 4, expected_dim=8)  # raised at the call for .npy
+
+
+# ------------------------------------------------------------------------------------------ atomic writes
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def test_atomic_write_failure_leaves_nothing(tmp_path):
+    target = tmp_path / "out" / "ids.parquet"
+
+    def failing(tmp: Path) -> None:
+        assert tmp.parent == target.parent and tmp.suffix == ".parquet" and tmp != target
+        tmp.write_bytes(b"partial")
+        raise _Boom
+
+    with pytest.raises(_Boom):
+        atomic_write(target, failing)
+    assert not target.exists() and _dir_entries(target.parent) == []
+
+
+def test_atomic_write_failure_keeps_old_file(tmp_path):
+    target = tmp_path / "report.json"
+    write_json_atomic({"v": 1}, target)
+
+    def failing(tmp: Path) -> None:
+        tmp.write_text("{")
+        raise _Boom
+
+    with pytest.raises(_Boom):
+        atomic_write(target, failing)
+    assert json.loads(target.read_text()) == {"v": 1} and _dir_entries(tmp_path) == ["report.json"]
+
+
+def test_write_json_atomic_handles_numpy_and_refuses_unknown(tmp_path):
+    target = tmp_path / "a" / "b" / "r.json"
+    write_json_atomic({"mse": np.float32(0.5), "usage": np.array([1.0, 0.25]), "n": np.int64(3)}, target)
+    assert json.loads(target.read_text()) == {"mse": 0.5, "usage": [1.0, 0.25], "n": 3}
+    with pytest.raises(TypeError):
+        write_json_atomic({"x": object()}, tmp_path / "bad.json")
+    assert not (tmp_path / "bad.json").exists()
+
+
+def test_write_parquet_atomic_lazy(tmp_path):
+    x = _matrix(20, 3)
+    target = tmp_path / "lazy.parquet"
+    write_parquet_atomic(_frame(x).lazy().filter(pl.col("item_id") != "item0"), target)
+    np.testing.assert_array_equal(read_items(target).embeddings, x[1:])
+
+
+def test_shard_writer_concatenates_in_order(tmp_path):
+    x = _matrix(50, 4)
+    frame = _frame(x)
+    target = tmp_path / "ids.parquet"
+    with ParquetShardWriter(target) as w:
+        for start in range(0, 50, 12):
+            w.write(frame.slice(start, 12))
+    assert _dir_entries(tmp_path) == ["ids.parquet"]
+    table = read_items(target)
+    np.testing.assert_array_equal(table.embeddings, x)
+    assert table.ids.tolist() == frame["item_id"].to_list()
+
+
+def test_shard_writer_failure_leaves_nothing(tmp_path):
+    target = tmp_path / "ids.parquet"
+    with pytest.raises(_Boom):
+        with ParquetShardWriter(target) as w:
+            w.write(_frame(_matrix(5, 2)))
+            raise _Boom
+    assert _dir_entries(tmp_path) == []
+    with pytest.raises(ValueError, match="no batches"):
+        with ParquetShardWriter(target):
+            pass
+    assert _dir_entries(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------- to_numpy_embeddings
+
+
+def test_to_numpy_from_numpy_and_lists():
+    x = _matrix(5, 3)
+    ids, out = to_numpy_embeddings(x)
+    assert ids is None
+    np.testing.assert_array_equal(out, x)
+    np.testing.assert_array_equal(to_numpy_embeddings(x.tolist())[1], x)
+    with pytest.raises(InputError, match="ragged"):
+        to_numpy_embeddings([[1.0, 2.0], [3.0]])
+    with pytest.raises(InputError, match="unsupported embeddings type dict"):
+        to_numpy_embeddings({"a": 1})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_to_numpy_from_torch(dtype):
+    t = torch.randn(6, 4, dtype=dtype, requires_grad=dtype.is_floating_point)
+    ids, out = to_numpy_embeddings(t)
+    assert ids is None and out.dtype == np.float32
+    np.testing.assert_array_equal(out, t.detach().float().numpy())
+    t2 = t.detach().clone()
+    t2[2, 1] = float("nan")
+    with pytest.raises(InputError, match="first bad row: 2"):
+        to_numpy_embeddings(t2)
+
+
+def test_to_numpy_from_polars_frame():
+    x = _matrix(7, 3)
+    ids, out = to_numpy_embeddings(_frame(x))
+    np.testing.assert_array_equal(out, x)
+    assert ids.tolist() == [f"item{i}" for i in range(7)]
+    renamed = _frame(x).rename({"item_id": "sku", "embedding": "vec"})
+    with pytest.raises(InputError, match=r"no column 'item_id'.*sku, vec"):
+        to_numpy_embeddings(renamed)
+    assert to_numpy_embeddings(renamed, id_col="sku", emb_col="vec")[0].tolist() == ids.tolist()
+
+
+def test_to_numpy_from_pandas_frame():
+    x = _matrix(4, 3)
+    ids, out = to_numpy_embeddings(pd.DataFrame({"item_id": [5, 6, 7, 8], "embedding": list(x)}))
+    np.testing.assert_array_equal(out, x)
+    assert ids.tolist() == ["5", "6", "7", "8"]
+    lists = pd.DataFrame({"item_id": list("abcd"), "embedding": x.tolist()})
+    np.testing.assert_array_equal(to_numpy_embeddings(lists)[1], x)
+    with pytest.raises(InputError, match=r"1 null embeddings \(first at row 1\)"):
+        to_numpy_embeddings(pd.DataFrame({"item_id": ["a", "b"], "embedding": [[1.0], None]}))
+    with pytest.raises(InputError, match="ragged"):
+        to_numpy_embeddings(pd.DataFrame({"item_id": ["a", "b"], "embedding": [[1.0], [1.0, 2.0]]}))
+    with pytest.raises(InputError, match="no column 'embedding'; its columns are: item_id, vec"):
+        to_numpy_embeddings(pd.DataFrame({"item_id": ["a"], "vec": [[1.0]]}))
+    with pytest.raises(InputError, match="must be unique"):
+        to_numpy_embeddings(pd.DataFrame({"item_id": ["a", "a"], "embedding": [[1.0], [2.0]]}))
+
+
+def test_works_without_pyarrow(tmp_path):
+    """Block pyarrow in a fresh interpreter, then do a parquet round trip and a pandas conversion."""
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["pyarrow"] = None  # any `import pyarrow` now raises ImportError, even if installed
+        import numpy as np, pandas as pd, polars as pl
+        from semid.io import read_items, to_numpy_embeddings, write_parquet_atomic, iter_item_batches
+        x = np.arange(12, dtype=np.float32).reshape(4, 3)
+        df = pd.DataFrame({"item_id": list("abcd"), "embedding": list(x)})
+        ids, out = to_numpy_embeddings(df)
+        assert (out == x).all() and ids.tolist() == list("abcd")
+        p = sys.argv[1]
+        write_parquet_atomic(pl.DataFrame({"item_id": ids, "embedding": pl.Series(out).cast(pl.List(pl.Float32))}), p)
+        t = read_items(p)
+        assert (t.embeddings == x).all() and t.ids.tolist() == list("abcd")
+        assert sum(len(b) for b in iter_item_batches(p, 3)) == 4
+        assert sys.modules["pyarrow"] is None
+        print("ok")
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "p.parquet")], capture_output=True, text=True, env=env
+    )
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+# --------------------------------------------------------------------------------------- bundled sample
+
+
+def test_bundled_sample_reads_and_is_small():
+    data = REPO / "data"
+    table = read_items(data / "goodbooks.parquet")
+    assert table.embeddings.shape == (10000, 384) and table.embeddings.dtype == np.float32
+    assert len(set(table.ids.tolist())) == 10000
+    norms = np.linalg.norm(table.embeddings, axis=1)  # raw mean-pooled MiniLM outputs, not unit length
+    assert norms.min() > 1.0 and norms.max() < 10.0 and norms.std() > 0.1
+    assert count_items(data / "goodbooks.parquet") == 10000
+    assert "CC BY-SA 4.0" in (data / "README.md").read_text()
+    assert "Attribution-ShareAlike 4.0" in (data / "LICENSE").read_text()
+    assert sum(f.stat().st_size for f in data.rglob("*") if f.is_file()) < 20 * 2**20
+
+
+def test_bundled_sample_matches_shared_data():
+    if not (SHARED / "goodbooks.npy").exists():
+        pytest.skip(f"shared data not found at {SHARED}")
+    table = read_items(REPO / "data" / "goodbooks.parquet")
+    np.testing.assert_array_equal(table.embeddings, read_items(SHARED / "goodbooks.npy").embeddings)
+    shared_ids = pl.read_parquet(SHARED / "goodbooks.items.parquet")["item_id"].cast(pl.String).to_list()
+    assert table.ids.tolist() == shared_ids
