@@ -1,0 +1,443 @@
+"""Collision resolution and the stable ID registry.
+
+semid guarantees that no two items share a final semantic ID and that an item's ID never changes
+once given, even when new items are encoded later. Raw codes (one per quantizer level) cannot promise
+either: similar items land on the same tuple. This module turns raw codes into final IDs:
+
+* `suffix` (TIGER): append the item's rank within its group of identical tuples (alone -> 0).
+* `remap`: the best-ranked item of a group keeps its tuple; the others move to the nearest unused
+  code of the last level within the same prefix, so IDs keep length L. Where a prefix is full, the
+  items that found no free code keep their tuple and get a suffix (see `resolve_collisions`).
+* `none`: leave the codes as they are (collisions are only reported by the metrics).
+
+Ranking is always by `rank_key` (the item's distance to its codeword reconstruction, lower first)
+and then by row order, which makes every result deterministic and independent of how items are
+shuffled when the keys are distinct. Group detection is sort-based (np.unique on one packed int64
+key per tuple), O(N log N); only remap's greedy choices loop, and only over colliding items.
+
+`IdRegistry` remembers every assigned ID by item key; new items are resolved against all saved IDs.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import polars as pl
+
+from semid.export import atomic_write
+
+_INT64_MAX = np.iinfo(np.int64).max
+
+# Remap asks for last-level distances in blocks of at most this many entries (64 MiB of float32).
+_MAX_DISTANCE_ELEMENTS = 1 << 24
+
+LastLevelDistances = Callable[[np.ndarray], np.ndarray]
+
+
+class CollisionStrategy(str, Enum):
+    """How items that share a code tuple are told apart (see the module docstring)."""
+
+    SUFFIX = "suffix"
+    REMAP = "remap"
+    NONE = "none"
+
+
+def _strategy(strategy: CollisionStrategy | str) -> CollisionStrategy:
+    try:
+        return CollisionStrategy(strategy)
+    except ValueError:
+        choices = ", ".join(repr(s.value) for s in CollisionStrategy)
+        raise ValueError(f"unknown collision strategy {strategy!r}; choose one of {choices}") from None
+
+
+def tuple_group_ids(codes: np.ndarray, codebook_sizes: Sequence[int]) -> np.ndarray:
+    """Dense group index per row (n,): two rows get the same index iff their code tuples are equal.
+
+    The tuple is packed into one int64 (mixed-radix over the codebook sizes) when the product of the
+    sizes fits, which makes np.unique a 1-D sort; otherwise np.unique(axis=0) compares rows.
+    Codes must already be validated to lie in [0, size) per level.
+    """
+    n, levels = codes.shape
+    if levels == 0:
+        return np.zeros(n, dtype=np.int64)
+    if math.prod(int(k) for k in codebook_sizes) <= _INT64_MAX:
+        strides = np.cumprod([1, *[int(k) for k in codebook_sizes[:0:-1]]])[::-1].astype(np.int64)  # (levels,)
+        _, inverse = np.unique(codes @ strides, return_inverse=True)
+    else:
+        _, inverse = np.unique(codes, axis=0, return_inverse=True)
+    return inverse.reshape(-1).astype(np.int64, copy=False)
+
+
+def _rank_in_group(group: np.ndarray, rank_key: np.ndarray) -> np.ndarray:
+    """Rank (0-based) of each row within its group, by rank_key then row order."""
+    n = group.shape[0]
+    order = np.lexsort((rank_key, group))  # lexsort is stable, so equal keys stay in row order
+    g_sorted = group[order]
+    run_start = np.ones(n, dtype=bool)
+    run_start[1:] = g_sorted[1:] != g_sorted[:-1]
+    first = np.flatnonzero(run_start)
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n) - first[np.cumsum(run_start) - 1]
+    return rank
+
+
+def _free_slots(group: np.ndarray, rank: np.ndarray, taken_group: np.ndarray, taken_slot: np.ndarray) -> np.ndarray:
+    """For a row of rank r in group g: the r-th smallest non-negative integer not taken in group g.
+
+    With the distinct taken slots of a group sorted, t_0 < t_1 < ..., a_j = t_j - j counts the free
+    integers below t_j and never decreases; the r-th free integer is r + #{j : a_j <= r}. That count
+    is one searchsorted over (group, a) packed into int64, so the whole assignment is vectorised.
+    """
+    if taken_group.size == 0:
+        return rank.copy()
+    width = int(taken_slot.max()) + 1
+    t_group, t_slot = np.divmod(np.unique(taken_group * width + taken_slot), width)  # distinct, by group then slot
+    a = t_slot - _rank_in_group(t_group, t_slot)
+    span = int(a.max()) + 2  # packed value of a rank is clipped below span, above every a
+    packed = t_group * span + a  # ascending: groups sorted, a non-decreasing within a group
+    hi = np.searchsorted(packed, group * span + np.minimum(rank, span - 1), side="right")
+    lo = np.searchsorted(packed, group * span, side="left")
+    return rank + (hi - lo)
+
+
+def _check_suffix_bound(
+    slots: np.ndarray, group: np.ndarray, taken_group: np.ndarray, codes: np.ndarray, suffix_size: int
+) -> None:
+    """Raise if any suffix would not fit in the suffix vocabulary."""
+    if slots.size == 0 or slots.max() < suffix_size:
+        return
+    worst = int(np.argmax(slots))
+    in_call = int(np.count_nonzero(group == group[worst]))
+    registered = int(np.count_nonzero(taken_group == group[worst]))
+    size = in_call + registered
+    note = f" ({registered} of them already holding an ID)" if registered else ""
+    raise ValueError(
+        f"{size} items share the code tuple {tuple(codes[worst].tolist())}{note}, but suffix_size={suffix_size} "
+        f"allows only {suffix_size} IDs per tuple; use collision strategy 'remap' or a larger suffix size"
+    )
+
+
+def _validate(
+    codes: np.ndarray, rank_key: np.ndarray, codebook_sizes: Sequence[int], suffix_size: int, taken: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Check shapes and ranges; return int64 codes, float64 rank keys and taken IDs as (m, L + 1)."""
+    codes = np.asarray(codes)
+    if codes.ndim != 2:
+        raise ValueError(f"codes must be a 2-D matrix (items x levels), got shape {codes.shape}")
+    if codes.size and not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"codes must be integers, got dtype {codes.dtype}")
+    codes = codes.astype(np.int64, copy=False)
+    n, levels = codes.shape
+    sizes = np.asarray([int(k) for k in codebook_sizes], dtype=np.int64)
+    if sizes.shape != (levels,) or (sizes < 1).any():
+        raise ValueError(f"codebook_sizes must give one positive size per level ({levels}), got {list(codebook_sizes)}")
+    rank_key = np.asarray(rank_key, dtype=np.float64)
+    if rank_key.shape != (n,):
+        raise ValueError(f"rank_key must have one value per item, shape ({n},), got {rank_key.shape}")
+    if not np.isfinite(rank_key).all():
+        raise ValueError("rank_key contains NaN or infinite values")
+    if suffix_size < 1:
+        raise ValueError(f"suffix_size must be at least 1, got {suffix_size}")
+    if taken is None:
+        taken = np.zeros((0, levels + 1), dtype=np.int64)
+    taken = np.asarray(taken)
+    if taken.ndim != 2 or taken.shape[1] not in (levels, levels + 1):
+        raise ValueError(f"taken IDs must have {levels} or {levels + 1} columns, got shape {taken.shape}")
+    taken = taken.astype(np.int64, copy=False)
+    if taken.shape[1] == levels:  # an unsuffixed ID is the tuple with suffix 0
+        taken = np.column_stack([taken, np.zeros(len(taken), dtype=np.int64)])
+    for name, mat in (("codes", codes), ("taken IDs", taken[:, :levels])):
+        if mat.size and ((mat < 0).any() or (mat >= sizes).any()):
+            level = int(np.flatnonzero(((mat < 0) | (mat >= sizes)).any(axis=0))[0])
+            raise ValueError(f"{name} at level {level} fall outside [0, {sizes[level]}) (the codebook size)")
+    if taken.size and (taken[:, levels] < 0).any():
+        raise ValueError("taken IDs have a negative suffix")
+    return codes, rank_key, taken
+
+
+def resolve_collisions(
+    codes: np.ndarray,
+    rank_key: np.ndarray,
+    strategy: CollisionStrategy | str,
+    *,
+    codebook_sizes: Sequence[int],
+    suffix_size: int = 256,
+    last_level_distances: LastLevelDistances | None = None,
+    taken: np.ndarray | None = None,
+) -> np.ndarray:
+    """Final IDs for raw codes (n, L), unique among themselves and against `taken`.
+
+    rank_key (n,): each item's distance to its codeword reconstruction; lower ranks first, ties by
+    row order. taken (m, L) or (m, L + 1): IDs already given out (an L-column row is its tuple with
+    suffix 0); they are never reused.
+
+    suffix -> (n, L + 1). The last column is the item's rank among the items of its tuple; with
+    `taken`, the new items of a tuple take the smallest suffixes not yet taken for it, best rank first.
+    A tuple needing a suffix >= suffix_size raises ValueError.
+
+    remap -> (n, L) when every collision finds room. Colliding items (all but the best-ranked of a
+    group, and all items whose tuple is already taken) claim, best rank_key first, the nearest code of
+    the last level whose full tuple no item of this call or of `taken` has.
+    `last_level_distances(rows)` must return, as a numpy array, the (len(rows), K_last) distances from
+    those rows' last residual to the last codebook; it is called for the colliding rows only, in
+    blocks that keep each answer under 2**24 entries. If a prefix is full, the items left without a
+    code keep their tuple and the result is (n, L + 1): suffix 0 for every other item, and for these
+    the smallest free suffixes of their tuple (1, 2, ... when nothing is registered), again bounded
+    by suffix_size.
+
+    none -> the codes unchanged (n, L).
+    """
+    strategy = _strategy(strategy)
+    codes, rank_key, taken = _validate(codes, rank_key, codebook_sizes, suffix_size, taken)
+    if strategy is CollisionStrategy.NONE:
+        return codes.copy()
+    if strategy is CollisionStrategy.SUFFIX:
+        return _suffix(codes, rank_key, codebook_sizes, suffix_size, taken)
+    return _remap(codes, rank_key, codebook_sizes, suffix_size, last_level_distances, taken)
+
+
+def _suffix(
+    codes: np.ndarray, rank_key: np.ndarray, sizes: Sequence[int], suffix_size: int, taken: np.ndarray
+) -> np.ndarray:
+    n, levels = codes.shape
+    group = tuple_group_ids(np.concatenate([codes, taken[:, :levels]]), sizes)
+    new_group, taken_group = group[:n], group[n:]
+    rank = _rank_in_group(new_group, rank_key)
+    # Registered suffixes at or above suffix_size cannot block a valid one; clipping keeps packing small.
+    slots = _free_slots(new_group, rank, taken_group, np.minimum(taken[:, levels], suffix_size))
+    _check_suffix_bound(slots, new_group, taken_group, codes, suffix_size)
+    return np.column_stack([codes, slots])
+
+
+def _remap(
+    codes: np.ndarray,
+    rank_key: np.ndarray,
+    sizes: Sequence[int],
+    suffix_size: int,
+    last_level_distances: LastLevelDistances | None,
+    taken: np.ndarray,
+) -> np.ndarray:
+    n, levels = codes.shape
+    k_last = int(sizes[-1])
+    tuples = np.concatenate([codes, taken[:, :levels]])  # (n + m, L): every tuple in use
+    group = tuple_group_ids(tuples, sizes)
+    new_group, taken_group = group[:n], group[n:]
+    rank = _rank_in_group(new_group, rank_key)
+    registered = np.zeros(int(group.max(initial=-1)) + 1, dtype=bool)
+    registered[taken_group] = True
+    movers = np.flatnonzero((rank > 0) | registered[new_group])
+    if movers.size == 0:
+        return codes.copy()
+    movers = movers[np.lexsort((movers, rank_key[movers]))]  # best rank key first, then row order
+    if last_level_distances is None:
+        raise ValueError("collision strategy 'remap' needs last_level_distances to choose the nearest free code")
+
+    # used[p, c]: the tuple (prefix p, code c) is taken, for the prefixes that movers live in.
+    prefix = tuple_group_ids(tuples[:, :-1], sizes[:-1])  # (n + m,)
+    touched, mover_slot = np.unique(prefix[movers], return_inverse=True)
+    pos = np.minimum(np.searchsorted(touched, prefix), touched.size - 1)
+    hit = touched[pos] == prefix
+    used = np.zeros((touched.size, k_last), dtype=bool)
+    used[pos[hit], tuples[hit, -1]] = True
+
+    final = codes.copy()
+    fallback = np.zeros(n, dtype=bool)
+    chunk = max(1, _MAX_DISTANCE_ELEMENTS // k_last)
+    for lo in range(0, movers.size, chunk):
+        block = movers[lo : lo + chunk]
+        dist = _block_distances(last_level_distances, block, k_last)  # (block, k_last)
+        for row, slot, row_dist in zip(block, mover_slot.reshape(-1)[lo : lo + chunk], dist):
+            # Greedy and sequential by nature: this loop runs over colliding items only.
+            free = np.flatnonzero(~used[slot])
+            if free.size == 0:
+                fallback[row] = True
+                continue
+            code = free[np.argmin(row_dist[free])]  # argmin keeps the lowest code among equal distances
+            used[slot, code] = True
+            final[row, -1] = code
+    if not fallback.any():
+        return final
+
+    # Fallback items keep their tuple; every other new item holds suffix 0 of its (final) tuple.
+    group = tuple_group_ids(np.concatenate([final, taken[:, :levels]]), sizes)
+    new_group, taken_group = group[:n], group[n:]
+    blocked_group = np.concatenate([taken_group, new_group[~fallback]])
+    blocked_slot = np.concatenate([np.minimum(taken[:, levels], suffix_size), np.zeros((~fallback).sum(), np.int64)])
+    fb_group = new_group[fallback]
+    slots = _free_slots(fb_group, _rank_in_group(fb_group, rank_key[fallback]), blocked_group, blocked_slot)
+    _check_suffix_bound(slots, fb_group, blocked_group, final[fallback], suffix_size)
+    suffix = np.zeros(n, dtype=np.int64)
+    suffix[fallback] = slots
+    return np.column_stack([final, suffix])
+
+
+def _block_distances(last_level_distances: LastLevelDistances, rows: np.ndarray, k_last: int) -> np.ndarray:
+    """Ask the caller for the last-level distances of some rows and check the answer's shape."""
+    dist = np.asarray(last_level_distances(rows))
+    if dist.shape != (rows.size, k_last):
+        raise ValueError(
+            f"last_level_distances returned shape {dist.shape}, expected ({rows.size}, {k_last}) "
+            "(one row per requested item, one column per last-level code)"
+        )
+    return dist
+
+
+def suffix_by_groupby(
+    lf: pl.LazyFrame, code_cols: Sequence[str], rank_col: str, *, suffix_col: str = "suffix"
+) -> pl.LazyFrame:
+    """Add the `suffix` strategy's suffix to a (possibly streamed or sharded) lazy frame of codes.
+
+    One global window over the code columns: the suffix is the ordinal rank of rank_col within the
+    tuple, minus one; "ordinal" breaks ties by row order, exactly like `resolve_collisions`. rank_col
+    must hold no nulls or NaNs. It knows no registry, and the caller checks the largest suffix
+    against its suffix size after collecting.
+    """
+    rank = pl.col(rank_col).rank(method="ordinal").over(list(code_cols))
+    return lf.with_columns((rank.cast(pl.Int64) - 1).alias(suffix_col))
+
+
+class IdRegistry:
+    """Item key (str) -> final ID (tuple of ints); saved with the model so IDs never change.
+
+    Every ID in a registry has the same length, fixed by the first assignment (or by `id_length`):
+    L + 1 with "suffix", L with "remap" unless that first call needed a fallback suffix, L with
+    "none". A later result shorter by one (remap without fallback, or none, on a registry of length
+    L + 1) is stored with suffix 0; for remap that cannot clash, as remap only hands out tuples no
+    saved ID uses ("none" promises no uniqueness at all). A result longer than the registry's IDs
+    (suffix, or a remap fallback, on a registry of length L) raises ValueError: create the registry
+    with id_length=L + 1 to leave room for suffixes.
+    """
+
+    def __init__(self, id_length: int | None = None) -> None:
+        if id_length is not None and id_length < 1:
+            raise ValueError(f"id_length must be positive, got {id_length}")
+        self.id_length = id_length
+        self._keys = pd.Index([], dtype=object)
+        self._ids = np.zeros((0, id_length or 0), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def lookup(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(known (n,) bool, ids (n, id_length) int64 with rows of -1 for unknown keys)."""
+        rows = self._keys.get_indexer(_key_index(keys))
+        known = rows >= 0
+        ids = np.full((rows.size, self._ids.shape[1]), -1, dtype=np.int64)
+        ids[known] = self._ids[rows[known]]
+        return known, ids
+
+    def assign(
+        self,
+        keys: Sequence[str],
+        codes: np.ndarray,
+        rank_key: np.ndarray,
+        strategy: CollisionStrategy | str,
+        *,
+        codebook_sizes: Sequence[int],
+        suffix_size: int = 256,
+        last_level_distances: LastLevelDistances | None = None,
+    ) -> np.ndarray:
+        """Final IDs (n, id_length) for these items, registering the new ones.
+
+        Known keys get their saved ID whatever their codes are now. The others are resolved with
+        `resolve_collisions` against each other and against every saved ID. last_level_distances
+        receives row indices into this call's codes, as in `resolve_collisions`.
+        """
+        index = _key_index(keys)
+        codes = np.asarray(codes)
+        if codes.ndim != 2 or codes.shape[0] != len(index):
+            raise ValueError(f"codes must have one row per key ({len(index)}), got shape {codes.shape}")
+        if index.has_duplicates:
+            raise ValueError(f"item keys must be unique within one call; {index[index.duplicated()][0]!r} repeats")
+        levels = codes.shape[1]
+        if self.id_length is not None and self.id_length not in (levels, levels + 1):
+            raise ValueError(f"the registry holds IDs of length {self.id_length}, which does not fit {levels} levels")
+        known, ids = self.lookup(index)
+        new = np.flatnonzero(~known)
+        if new.size == 0:
+            return ids
+        rank_key = np.asarray(rank_key)
+        if rank_key.shape != (len(index),):
+            raise ValueError(f"rank_key must have one value per key, shape ({len(index)},), got {rank_key.shape}")
+
+        def new_rows_distances(rows: np.ndarray) -> np.ndarray:
+            return last_level_distances(new[rows])  # rows index codes[new]; the caller indexes codes
+
+        fresh = resolve_collisions(
+            codes[new],
+            rank_key[new],
+            strategy,
+            codebook_sizes=codebook_sizes,
+            suffix_size=suffix_size,
+            last_level_distances=None if last_level_distances is None else new_rows_distances,
+            taken=self._ids if len(self) else None,
+        )
+        width = self.id_length if self.id_length is not None else fresh.shape[1]
+        if fresh.shape[1] > width:
+            raise ValueError(
+                f"collision strategy {_strategy(strategy).value!r} needs IDs of length {fresh.shape[1]} here, but this "
+                f"registry holds IDs of length {width}; create it with IdRegistry(id_length={fresh.shape[1]})"
+            )
+        if fresh.shape[1] < width:
+            fresh = np.column_stack([fresh, np.zeros(len(fresh), dtype=np.int64)])
+        if self.id_length is None:  # the first assignment fixes the length
+            self.id_length = width
+            self._ids = np.zeros((0, width), dtype=np.int64)
+            ids = np.full((len(index), width), -1, dtype=np.int64)
+        ids[new] = fresh
+        self._keys = self._keys.append(index[new])
+        self._ids = np.concatenate([self._ids, fresh])
+        return ids
+
+    def to_frame(self) -> pl.DataFrame:
+        """The registry as a polars frame: key (str), id (list[int64])."""
+        return pl.DataFrame(
+            {
+                "key": pl.Series("key", self._keys.to_numpy(), dtype=pl.Utf8),
+                "id": pl.Series("id", self._ids).cast(pl.List(pl.Int64)),
+            }
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the registry as parquet (columns key, id), atomically."""
+        frame = self.to_frame()
+        return atomic_write(path, frame.write_parquet)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> IdRegistry:
+        """Read a registry written by `save`. An empty file gives a registry without a fixed length."""
+        frame = pl.read_parquet(path)
+        if {"key", "id"} - set(frame.columns):
+            raise ValueError(f"{path} is not an ID registry: it needs columns 'key' and 'id', has {frame.columns}")
+        if not isinstance(frame.schema["id"], pl.List):
+            raise ValueError(f"{path}: column 'id' must hold lists of integers, found {frame.schema['id']}")
+        lengths = frame["id"].list.len().unique()
+        if len(lengths) > 1:
+            raise ValueError(f"{path} holds IDs of different lengths {sorted(lengths.to_list())}")
+        registry = cls(int(lengths[0]) if len(lengths) else None)
+        if len(frame):
+            index = _key_index(frame["key"].to_list())
+            if index.has_duplicates:
+                raise ValueError(f"{path} lists the key {index[index.duplicated()][0]!r} more than once")
+            registry._keys = index
+            registry._ids = frame["id"].list.to_array(registry.id_length).to_numpy().astype(np.int64)
+        return registry
+
+
+def _key_index(keys: Sequence[str]) -> pd.Index:
+    """Item keys as a pandas Index (hash lookups in C), checked to be strings."""
+    if isinstance(keys, pd.Index):
+        index = keys
+    else:
+        values = np.asarray(keys, dtype=object)
+        if values.ndim != 1:
+            raise ValueError(f"item keys must be a flat sequence of strings, got shape {values.shape}")
+        index = pd.Index(values, dtype=object)
+    if len(index) and index.inferred_type != "string":
+        raise ValueError(f"item keys must be strings, got {index.inferred_type} values")
+    return index

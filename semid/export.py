@@ -1,0 +1,124 @@
+"""Turning final semantic IDs into what downstream models consume.
+
+A generative recommender reads IDs either as token strings (one vocabulary entry per level and
+code, so that code 7 at level 1 and code 7 at level 2 are different tokens) or as plain strings that
+name an item. Constrained decoding additionally needs the prefix trie: at every step, which tokens
+can follow what has been generated so far without leaving the catalogue.
+
+All builders work column-wise (polars string concatenation, one sort for the trie) rather than per
+item, so catalogues of millions of IDs stay cheap.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+LEVEL_PREFIXES = "abcdefghijklmnopqrstuvwxyz"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a temporary file next to `path`, then move it into place.
+
+    The temporary file lives in the same directory so that `os.replace` is a rename on one file
+    system: readers see either the old file or the complete new one, never a half-written file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _as_id_matrix(ids: np.ndarray) -> np.ndarray:
+    """Validate final IDs: a 2-D integer matrix (n, w) with non-negative entries."""
+    ids = np.asarray(ids)
+    if ids.ndim != 2:
+        raise ValueError(f"ids must be a 2-D matrix (items x tokens), got shape {ids.shape}")
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"ids must be integers, got dtype {ids.dtype}")
+    if ids.size and ids.min() < 0:
+        raise ValueError("ids must be non-negative; found a negative code")
+    return ids.astype(np.int64, copy=False)
+
+
+def _concat_columns(ids: np.ndarray, pieces: Callable[[int, pl.Expr], list[pl.Expr]], separator: str) -> list[str]:
+    """Build one string per row from per-column expressions, in a single polars pass."""
+    frame = pl.DataFrame({f"c{j}": ids[:, j] for j in range(ids.shape[1])})
+    if ids.shape[1] == 0:
+        return [""] * ids.shape[0]
+    exprs = [e for j in range(ids.shape[1]) for e in pieces(j, pl.col(f"c{j}").cast(pl.Utf8))]
+    return frame.select(pl.concat_str(exprs, separator=separator).alias("s"))["s"].to_list()
+
+
+def token_strings(ids: np.ndarray, prefixes: str = LEVEL_PREFIXES) -> list[str]:
+    """One string of level-tagged tokens per item, e.g. [12, 201, 7, 0] -> "<a_12><b_201><c_7><d_0>".
+
+    Position j uses the letter prefixes[j], so the same code at different levels is a different token.
+    """
+    ids = _as_id_matrix(ids)
+    if ids.shape[1] > len(prefixes):
+        raise ValueError(f"ids have {ids.shape[1]} tokens but only {len(prefixes)} level prefixes were given")
+    return _concat_columns(ids, lambda j, col: [pl.lit(f"<{prefixes[j]}_"), col, pl.lit(">")], separator="")
+
+
+def semantic_id_strings(ids: np.ndarray) -> list[str]:
+    """One dash-joined string per item, e.g. [12, 201, 7, 0] -> "12-201-7-0" (the `semantic_id` column)."""
+    return _concat_columns(_as_id_matrix(ids), lambda j, col: [col], separator="-")
+
+
+def prefix_trie(ids: np.ndarray, *, string_keys: bool = False) -> dict:
+    """Valid next tokens after every prefix of the given IDs, for constrained decoding.
+
+    Format: a dict mapping each prefix that occurs (lengths 0 .. w-1, w = tokens per ID) to the
+    sorted list of distinct codes (ints) that follow it in at least one ID. Complete IDs are not keys;
+    a decoder stops after w tokens. Keys are tuples of ints, the root being (); with
+    `string_keys=True` they are dash-joined strings ("" for the root, "12-201" for (12, 201)), which is
+    the JSON-serialisable variant written by `write_trie_json`.
+
+    Built from one lexicographic sort of the IDs; each depth's nodes are the rows where the sorted
+    prefix changes, so the Python work is per trie node, never per item.
+    """
+    ids = _as_id_matrix(ids)
+    n, width = ids.shape
+    if n == 0 or width == 0:
+        return {}
+    srt = ids[np.lexsort(ids.T[::-1])]  # (n, w), rows in lexicographic order
+    # new_node[i, d]: sorted row i starts a new prefix of length d + 1 (differs from row i-1 in a column <= d)
+    new_node = np.ones((n, width), dtype=bool)
+    new_node[1:] = np.logical_or.accumulate(srt[1:] != srt[:-1], axis=1)
+    trie: dict = {}
+    for depth in range(width):
+        starts = np.flatnonzero(new_node[:, depth])  # one row per distinct prefix of length depth + 1
+        if depth == 0:
+            parent_start = np.zeros(1, dtype=np.int64)
+        else:
+            parent_start = np.flatnonzero(new_node[starts, depth - 1])  # children of one parent are contiguous
+        parents = srt[starts[parent_start], :depth]  # (p, depth)
+        keys = semantic_id_strings(parents) if string_keys else map(tuple, parents.tolist())
+        kids = srt[starts, depth].tolist()
+        bounds = [*parent_start.tolist(), len(kids)]
+        trie.update(zip(keys, (kids[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:]))))
+    return trie
+
+
+def write_trie_json(ids: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write `prefix_trie(ids, string_keys=True)` as JSON, atomically."""
+    trie = prefix_trie(ids, string_keys=True)
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(json.dumps(trie, separators=(",", ":")), encoding="utf-8")
+
+    return atomic_write(path, write)

@@ -1,0 +1,434 @@
+"""Collision resolution and the ID registry: uniqueness, stability, nearest-free remap, determinism."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from semid.collisions import (
+    CollisionStrategy,
+    IdRegistry,
+    resolve_collisions,
+    suffix_by_groupby,
+    tuple_group_ids,
+)
+from semid.distance import nearest_code, pairwise_distance
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@dataclass
+class RealCodes:
+    """Raw codes of a quick residual quantizer with random-row codebooks on real embeddings."""
+
+    codes: np.ndarray  # (n, levels) int64
+    rank_key: np.ndarray  # (n,) squared distance to the reconstruction
+    last_residual: torch.Tensor  # (n, d): what the last level quantizes
+    last_codebook: torch.Tensor  # (k_last, d)
+    sizes: tuple[int, ...]
+
+    def last_level_distances(self, rows: np.ndarray) -> np.ndarray:
+        return pairwise_distance(self.last_residual[torch.as_tensor(rows)], self.last_codebook, "l2").numpy()
+
+
+def quantize(x: np.ndarray, sizes: tuple[int, ...], seed: int = 0) -> RealCodes:
+    """Per-level nearest code over successive residuals; codebooks are jittered random rows."""
+    gen = torch.Generator().manual_seed(seed)
+    residual = torch.from_numpy(x)
+    codes = []
+    for k in sizes:
+        codebook = residual[torch.randperm(len(residual), generator=gen)[:k]]
+        # Jitter so that no item sits exactly on a codeword: exact zeros would tie many rank keys.
+        codebook = codebook + 0.05 * codebook.std() * torch.randn(codebook.shape, generator=gen)
+        code, _ = nearest_code(residual, codebook, "l2")
+        codes.append(code)
+        last_residual, last_codebook = residual, codebook
+        residual = residual - codebook[code]
+    rank_key = residual.double().pow(2).sum(1).numpy()
+    return RealCodes(torch.stack(codes, 1).numpy(), rank_key, last_residual, last_codebook, sizes)
+
+
+@pytest.fixture(scope="module")
+def beauty() -> np.ndarray:
+    path = DATA / "beauty.npy"
+    if not path.exists():
+        pytest.skip(f"real data not found at {path}")
+    x = np.load(path)
+    _, first = np.unique(x, axis=0, return_index=True)  # the catalogue lists a few items twice
+    x = x[np.sort(first)]
+    return (x - x.mean(0)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def crowded(beauty) -> RealCodes:
+    """K=16, L=3 on ~12k items: big groups and prefixes far fuller than 16 codes."""
+    return quantize(beauty, (16, 16, 16))
+
+
+@pytest.fixture(scope="module")
+def roomy(beauty) -> RealCodes:
+    """1000 items with a 256-code last level: many collisions, but every prefix has room."""
+    return quantize(beauty[:1000], (16, 16, 256), seed=1)
+
+
+def n_unique_rows(a: np.ndarray) -> int:
+    return len(np.unique(a, axis=0))
+
+
+def as_dicts(ids: np.ndarray) -> list[tuple[int, ...]]:
+    return [tuple(r) for r in ids.tolist()]
+
+
+# ---------------------------------------------------------------- brute-force references (plain Python)
+
+
+def ref_order(rank_key: np.ndarray) -> list[int]:
+    return sorted(range(len(rank_key)), key=lambda i: (rank_key[i], i))
+
+
+def ref_taken_slots(taken: np.ndarray | None, levels: int) -> dict[tuple, set[int]]:
+    slots: dict[tuple, set[int]] = {}
+    for row in [] if taken is None else taken.tolist():
+        slots.setdefault(tuple(row[:levels]), set()).add(row[levels] if len(row) > levels else 0)
+    return slots
+
+
+def ref_smallest_free(slots: dict[tuple, set[int]], tup: tuple) -> int:
+    used = slots.setdefault(tup, set())
+    s = 0
+    while s in used:
+        s += 1
+    used.add(s)
+    return s
+
+
+def ref_suffix(codes, rank_key, taken=None) -> np.ndarray:
+    levels = codes.shape[1]
+    slots = ref_taken_slots(taken, levels)
+    out = np.zeros((len(codes), levels + 1), dtype=np.int64)
+    for i in ref_order(rank_key):
+        out[i] = [*codes[i], ref_smallest_free(slots, tuple(codes[i]))]
+    return out
+
+
+def ref_remap(codes, rank_key, k_last, dist_fn, taken=None) -> np.ndarray:
+    levels = codes.shape[1]
+    taken_slots = ref_taken_slots(taken, levels)
+    kept, movers = set(), []
+    for i in ref_order(rank_key):
+        tup = tuple(codes[i])
+        if tup in taken_slots or tup in kept:
+            movers.append(i)
+        else:
+            kept.add(tup)
+    used = set(taken_slots) | {tuple(c) for c in codes.tolist()}
+    dist = dist_fn(np.array(movers, dtype=np.int64)) if movers else None
+    final = codes.copy()
+    fallback = []
+    for j, i in enumerate(movers):
+        prefix = tuple(codes[i][:-1])
+        free = [c for c in range(k_last) if prefix + (c,) not in used]
+        if not free:
+            fallback.append(i)
+            continue
+        best = min(free, key=lambda c: (dist[j][c], c))
+        used.add(prefix + (best,))
+        final[i, -1] = best
+    if not fallback:
+        return final
+    slots = {t: set(s) for t, s in taken_slots.items()}
+    for i in set(range(len(codes))) - set(fallback):
+        slots.setdefault(tuple(final[i]), set()).add(0)
+    suffix = np.zeros(len(codes), dtype=np.int64)
+    for i in fallback:  # already in rank order
+        suffix[i] = ref_smallest_free(slots, tuple(final[i]))
+    return np.column_stack([final, suffix])
+
+
+def random_case(rng, n, sizes, n_taken=0, max_suffix=3):
+    codes = np.stack([rng.integers(0, k, n) for k in sizes], 1)
+    rank_key = rng.random(n)
+    taken = None
+    if n_taken:
+        rows = np.stack([rng.integers(0, k, n_taken) for k in sizes] + [rng.integers(0, max_suffix, n_taken)], 1)
+        taken = np.unique(rows, axis=0)
+    return codes, rank_key, taken
+
+
+# ---------------------------------------------------------------- suffix
+
+
+def test_suffix_on_real_codes_is_unique_and_ranks_by_distance(crowded):
+    codes, key = crowded.codes, crowded.rank_key
+    assert n_unique_rows(codes) < len(codes) // 10  # the premise: collisions are everywhere
+    ids = resolve_collisions(codes, key, "suffix", codebook_sizes=crowded.sizes, suffix_size=4096)
+    assert ids.shape == (len(codes), 4)
+    assert n_unique_rows(ids) == len(ids)
+    np.testing.assert_array_equal(ids[:, :3], codes)
+    # In every group the suffixes are exactly 0..size-1, in increasing order of rank key.
+    _, group, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
+    group = group.reshape(-1)
+    np.testing.assert_array_equal(np.bincount(group, weights=ids[:, 3]), counts * (counts - 1) / 2)
+    assert (ids[:, 3] < counts[group]).all()
+    order = np.lexsort((ids[:, 3], group))
+    same_group = group[order][1:] == group[order][:-1]
+    assert (np.diff(key[order])[same_group] >= 0).all()
+
+
+def test_suffix_ties_go_by_row_order():
+    codes = np.array([[1, 1], [1, 1], [1, 1], [0, 1]])
+    ids = resolve_collisions(codes, np.array([0.5, 0.2, 0.5, 0.0]), "suffix", codebook_sizes=[2, 2])
+    np.testing.assert_array_equal(ids[:, 2], [1, 0, 2, 0])
+
+
+def test_suffix_against_taken_uses_smallest_free_slots():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        codes, key, taken = random_case(rng, 200, (3, 4, 2), n_taken=40, max_suffix=6)
+        ids = resolve_collisions(codes, key, "suffix", codebook_sizes=(3, 4, 2), taken=taken)
+        np.testing.assert_array_equal(ids, ref_suffix(codes, key, taken))
+        assert n_unique_rows(np.concatenate([ids, taken])) == len(ids) + len(taken)
+
+
+def test_suffix_size_is_a_hard_bound(crowded):
+    codes, key = crowded.codes, crowded.rank_key
+    biggest = int(np.unique(codes, axis=0, return_counts=True)[1].max())
+    ids = resolve_collisions(codes, key, "suffix", codebook_sizes=crowded.sizes, suffix_size=biggest)
+    assert ids[:, -1].max() == biggest - 1
+    with pytest.raises(ValueError, match=rf"^{biggest} items share the code tuple .*'remap' or a larger suffix"):
+        resolve_collisions(codes, key, "suffix", codebook_sizes=crowded.sizes, suffix_size=biggest - 1)
+
+
+def test_suffix_bound_counts_registered_ids():
+    codes = np.array([[0, 1]])
+    taken = np.array([[0, 1, 0], [0, 1, 1], [0, 1, 3]])
+    ids = resolve_collisions(codes, np.zeros(1), "suffix", codebook_sizes=[2, 2], suffix_size=3, taken=taken)
+    np.testing.assert_array_equal(ids, [[0, 1, 2]])
+    with pytest.raises(ValueError, match="^4 items share .*3 of them already holding an ID"):
+        resolve_collisions(codes, np.zeros(1), "suffix", codebook_sizes=[2, 2], suffix_size=2, taken=taken)
+
+
+# ---------------------------------------------------------------- remap
+
+
+def test_remap_keeps_length_and_picks_nearest_free_code(roomy):
+    codes, key = roomy.codes, roomy.rank_key
+    assert n_unique_rows(codes) < 0.5 * len(codes)
+    ids = resolve_collisions(
+        codes, key, "remap", codebook_sizes=roomy.sizes, last_level_distances=roomy.last_level_distances
+    )
+    assert ids.shape == codes.shape
+    assert n_unique_rows(ids) == len(ids)
+    np.testing.assert_array_equal(ids[:, :2], codes[:, :2])  # the prefix never changes
+    ref = ref_remap(codes, key, roomy.sizes[-1], roomy.last_level_distances)
+    np.testing.assert_array_equal(ids, ref)
+    # Independent of processing order: a moved item's code is at least as near as any code its prefix
+    # still has free at the end (those were free when it chose).
+    moved = np.flatnonzero(ids[:, -1] != codes[:, -1])
+    dist = roomy.last_level_distances(moved)
+    for j, i in enumerate(moved):
+        in_prefix = (ids[:, :2] == ids[i, :2]).all(1)
+        free = np.setdiff1d(np.arange(roomy.sizes[-1]), ids[in_prefix, -1])
+        assert dist[j, ids[i, -1]] <= dist[j, free].min()
+    # The best-ranked item of every original group keeps its code.
+    group = np.unique(codes, axis=0, return_inverse=True)[1].reshape(-1)
+    order = np.lexsort((key, group))
+    best = order[np.r_[True, group[order][1:] != group[order][:-1]]]
+    np.testing.assert_array_equal(ids[best], codes[best])
+
+
+def test_remap_falls_back_to_suffix_where_a_prefix_is_full(crowded, monkeypatch):
+    codes, key = crowded.codes, crowded.rank_key
+    monkeypatch.setattr("semid.collisions._MAX_DISTANCE_ELEMENTS", 16 * 1000)  # ask in blocks of 1000 rows
+    calls = []
+
+    def distances(rows):
+        calls.append(rows)
+        return crowded.last_level_distances(rows)
+
+    ids = resolve_collisions(
+        codes, key, "remap", codebook_sizes=crowded.sizes, suffix_size=4096, last_level_distances=distances
+    )
+    assert ids.shape == (len(codes), 4)
+    assert n_unique_rows(ids) == len(ids)
+    np.testing.assert_array_equal(ids, ref_remap(codes, key, 16, crowded.last_level_distances))
+    # Suffixes only where the prefix has no free code left; the distances are asked for colliders only, once each.
+    fell_back = ids[:, 3] > 0
+    full = {tuple(p) for p in np.unique(ids[fell_back, :2], axis=0).tolist()}
+    for p in full:
+        in_prefix = (ids[:, :2] == p).all(1)
+        assert len(np.unique(ids[in_prefix, 2])) == 16
+    _, counts = np.unique(codes, axis=0, return_counts=True)
+    assert max(map(len, calls)) == 1000
+    asked = np.concatenate(calls)
+    assert len(asked) == len(np.unique(asked)) == len(codes) - len(counts)
+
+
+@pytest.mark.parametrize("sizes,n_taken", [((3, 3, 5), 20), ((3, 3, 40), 60), ((50,), 10), ((2, 3, 4), 0)])
+def test_remap_matches_bruteforce_with_registered_ids(sizes, n_taken):
+    rng = np.random.default_rng(sum(sizes))
+    codes, key, taken = random_case(rng, 120, sizes, n_taken=n_taken)
+    dist = rng.integers(0, 4, (120, sizes[-1])).astype(float)  # coarse values: ties must go to the lowest code
+
+    ids = resolve_collisions(
+        codes, key, "remap", codebook_sizes=sizes, taken=taken, last_level_distances=lambda r: dist[r]
+    )
+    np.testing.assert_array_equal(ids, ref_remap(codes, key, sizes[-1], lambda r: dist[r], taken))
+    assert n_unique_rows(ids) == len(ids)
+    if taken is not None:  # new IDs avoid registered ones (an unsuffixed ID means suffix 0)
+        padded = ids if ids.shape[1] > len(sizes) else np.column_stack([ids, np.zeros(len(ids), int)])
+        assert n_unique_rows(np.concatenate([padded, taken])) == len(ids) + len(taken)
+
+
+def test_remap_needs_distances_only_when_something_collides():
+    codes = np.array([[0, 1], [1, 1]])
+    ids = resolve_collisions(codes, np.zeros(2), "remap", codebook_sizes=[2, 2])
+    np.testing.assert_array_equal(ids, codes)
+    with pytest.raises(ValueError, match="last_level_distances"):
+        resolve_collisions(np.array([[0, 1], [0, 1]]), np.zeros(2), "remap", codebook_sizes=[2, 2])
+    with pytest.raises(ValueError, match=r"expected \(1, 2\)"):
+        resolve_collisions(
+            np.array([[0, 1], [0, 1]]), np.zeros(2), "remap", codebook_sizes=[2, 2],
+            last_level_distances=lambda rows: np.zeros((len(rows), 3)),
+        )
+
+
+# ---------------------------------------------------------------- determinism, none, detection
+
+
+@pytest.mark.parametrize("strategy", ["suffix", "remap"])
+def test_shuffled_input_gives_each_item_the_same_id(crowded, strategy):
+    codes, key = crowded.codes, crowded.rank_key
+    assert len(np.unique(key)) == len(key)  # distinct ranks: the premise of the guarantee
+    perm = np.random.default_rng(3).permutation(len(codes))
+    kwargs = dict(codebook_sizes=crowded.sizes, suffix_size=4096)
+    ids = resolve_collisions(codes, key, strategy, last_level_distances=crowded.last_level_distances, **kwargs)
+    shuffled = resolve_collisions(
+        codes[perm], key[perm], strategy, last_level_distances=lambda r: crowded.last_level_distances(perm[r]), **kwargs
+    )
+    np.testing.assert_array_equal(shuffled, ids[perm])
+
+
+def test_none_leaves_codes_alone(crowded):
+    ids = resolve_collisions(crowded.codes, crowded.rank_key, CollisionStrategy.NONE, codebook_sizes=crowded.sizes)
+    np.testing.assert_array_equal(ids, crowded.codes)
+
+
+def test_group_ids_agree_between_packed_and_rowwise_paths():
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 3, (500, 3))
+    packed = tuple_group_ids(codes, (3, 3, 3))
+    rowwise = tuple_group_ids(codes, (2**40, 2**40, 3))  # product above int64: np.unique(axis=0)
+    np.testing.assert_array_equal(packed, rowwise)
+    same = (codes[:, None] == codes[None]).all(-1)
+    np.testing.assert_array_equal(packed[:, None] == packed[None], same)
+
+
+def test_bad_input_is_rejected_with_a_clear_message():
+    codes = np.array([[0, 1], [1, 2]])
+    with pytest.raises(ValueError, match="level 1 fall outside"):
+        resolve_collisions(codes, np.zeros(2), "suffix", codebook_sizes=[2, 2])
+    with pytest.raises(ValueError, match="NaN"):
+        resolve_collisions(codes, np.array([0.0, np.nan]), "suffix", codebook_sizes=[2, 3])
+    with pytest.raises(ValueError, match="unknown collision strategy 'tiger'"):
+        resolve_collisions(codes, np.zeros(2), "tiger", codebook_sizes=[2, 3])
+    with pytest.raises(ValueError, match="one positive size per level"):
+        resolve_collisions(codes, np.zeros(2), "suffix", codebook_sizes=[3])
+
+
+# ---------------------------------------------------------------- polars group-by
+
+
+def test_polars_groupby_suffix_agrees(crowded):
+    codes = crowded.codes
+    key = np.round(crowded.rank_key, 0)  # coarse keys create ties, which must go by row order
+    assert len(np.unique(key)) < len(key) // 2
+    cols = [f"c{j}" for j in range(codes.shape[1])]
+    lf = pl.DataFrame({**{c: codes[:, j] for j, c in enumerate(cols)}, "dist": key}).lazy()
+    got = suffix_by_groupby(lf, cols, "dist").collect()["suffix"].to_numpy()
+    want = resolve_collisions(codes, key, "suffix", codebook_sizes=crowded.sizes, suffix_size=4096)[:, -1]
+    np.testing.assert_array_equal(got, want)
+
+
+# ---------------------------------------------------------------- registry
+
+
+@pytest.mark.parametrize("strategy", ["suffix", "remap"])
+def test_registry_keeps_old_ids_and_gives_new_items_fresh_ones(crowded, strategy, tmp_path):
+    codes, key = crowded.codes, crowded.rank_key
+    keys = np.array([f"item{i}" for i in range(len(codes))], dtype=object)
+    a, b = np.arange(0, len(codes), 2), np.arange(1, len(codes), 2)
+    assert {tuple(r) for r in codes[b].tolist()} & {tuple(r) for r in codes[a].tolist()}  # B collides with A
+    kwargs = dict(codebook_sizes=crowded.sizes, suffix_size=4096)
+    reg = IdRegistry()
+    ids_a = reg.assign(
+        keys[a], codes[a], key[a], strategy, last_level_distances=lambda r: crowded.last_level_distances(a[r]), **kwargs
+    )
+    assert n_unique_rows(ids_a) == len(a)
+    # Batch B mixes 50 known items (with scrambled codes: their saved ID wins) and every new one.
+    mixed = np.concatenate([a[:50], b])
+    scrambled = codes[mixed].copy()
+    scrambled[:50] = scrambled[:50][::-1]
+    ids_b = reg.assign(
+        keys[mixed],
+        scrambled,
+        key[mixed],
+        strategy,
+        last_level_distances=lambda r: crowded.last_level_distances(mixed[r]),
+        **kwargs,
+    )
+    np.testing.assert_array_equal(ids_b[:50], ids_a[:50])
+    assert len(reg) == len(codes)
+    known, ids_a_again = reg.lookup(keys[a])
+    assert known.all()
+    np.testing.assert_array_equal(ids_a_again, ids_a)
+    assert n_unique_rows(np.concatenate([ids_a, ids_b[50:]])) == len(codes)
+
+    path = reg.save(tmp_path / "reg" / "ids.parquet")
+    assert [p.name for p in path.parent.iterdir()] == ["ids.parquet"]  # no temporary file left behind
+    loaded = IdRegistry.load(path)
+    assert loaded.to_frame().equals(reg.to_frame())
+    assert loaded.id_length == reg.id_length
+    known, ids = loaded.lookup(np.concatenate([keys[:3], ["never-seen"]]))
+    np.testing.assert_array_equal(known, [True, True, True, False])
+    np.testing.assert_array_equal(ids[3], -1)
+
+
+def test_registry_rejects_duplicate_keys():
+    reg = IdRegistry()
+    with pytest.raises(ValueError, match="'b' repeats"):
+        reg.assign(["a", "b", "c", "b"], np.zeros((4, 2), int), np.zeros(4), "suffix", codebook_sizes=[2, 2])
+    assert len(reg) == 0
+    with pytest.raises(ValueError, match="strings"):
+        reg.assign([1, 2], np.zeros((2, 2), int), np.zeros(2), "suffix", codebook_sizes=[2, 2])
+
+
+def test_registry_id_length_rule():
+    def remap(reg, keys, codes, rank_key):
+        def far(rows):  # code 1 is always nearer than code 0
+            return np.tile([5.0, 0.0], (len(rows), 1))
+
+        codes, rank_key = np.array(codes), np.array(rank_key)
+        return reg.assign(keys, codes, rank_key, "remap", codebook_sizes=[2, 2], last_level_distances=far)
+
+    # Remap with room: length L is fixed; a suffix would not fit later.
+    reg = IdRegistry()
+    ids = remap(reg, ["a", "b"], [[0, 0], [0, 0]], [0.1, 0.2])
+    np.testing.assert_array_equal(ids, [[0, 0], [0, 1]])
+    with pytest.raises(ValueError, match="length 3 .* holds IDs of length 2"):
+        reg.assign(["c"], np.array([[1, 0]]), np.zeros(1), "suffix", codebook_sizes=[2, 2])
+    with pytest.raises(ValueError, match=r"IdRegistry\(id_length=3\)"):  # prefix 0 is full: fallback needed
+        remap(reg, ["c"], [[0, 1]], [0.0])
+    assert len(reg) == 2
+    # A registry made with room for a suffix stores remap IDs with suffix 0 and can fall back later.
+    reg = IdRegistry(id_length=3)
+    ids = remap(reg, ["a", "b"], [[0, 0], [0, 0]], [0.1, 0.2])
+    np.testing.assert_array_equal(ids, [[0, 0, 0], [0, 1, 0]])
+    ids = remap(reg, ["c", "d"], [[0, 1], [1, 1]], [0.0, 0.0])
+    np.testing.assert_array_equal(ids, [[0, 1, 1], [1, 1, 0]])
+    ids = reg.assign(["e"], np.array([[0, 0]]), np.zeros(1), "suffix", codebook_sizes=[2, 2])
+    np.testing.assert_array_equal(ids, [[0, 0, 1]])
