@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import polars as pl
 
-from semid.export import atomic_write
+from semid.io import write_parquet_atomic
 
 _INT64_MAX = np.iinfo(np.int64).max
 
@@ -405,8 +405,8 @@ class IdRegistry:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the registry as parquet (columns key, id), atomically."""
-        frame = self.to_frame()
-        return atomic_write(path, frame.write_parquet)
+        write_parquet_atomic(self.to_frame(), path)
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> IdRegistry:

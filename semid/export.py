@@ -12,34 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from semid.io import atomic_write
+
 LEVEL_PREFIXES = "abcdefghijklmnopqrstuvwxyz"
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a temporary file next to `path`, then move it into place.
-
-    The temporary file lives in the same directory so that `os.replace` is a rename on one file
-    system: readers see either the old file or the complete new one, never a half-written file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _as_id_matrix(ids: np.ndarray) -> np.ndarray:
@@ -115,10 +96,7 @@ def prefix_trie(ids: np.ndarray, *, string_keys: bool = False) -> dict:
 
 
 def write_trie_json(ids: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write `prefix_trie(ids, string_keys=True)` as JSON, atomically."""
-    trie = prefix_trie(ids, string_keys=True)
-
-    def write(tmp: Path) -> None:
-        tmp.write_text(json.dumps(trie, separators=(",", ":")), encoding="utf-8")
-
-    return atomic_write(path, write)
+    """Write `prefix_trie(ids, string_keys=True)` as compact JSON (tries get large), atomically."""
+    text = json.dumps(prefix_trie(ids, string_keys=True), separators=(",", ":"))
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return Path(path)

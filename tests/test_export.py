@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from semid.export import atomic_write, prefix_trie, semantic_id_strings, token_strings, write_trie_json
+from semid.export import prefix_trie, semantic_id_strings, token_strings, write_trie_json
 
 
 @pytest.fixture
@@ -69,18 +69,3 @@ def test_trie_json_round_trip(ids, tmp_path):
     assert as_tuples == prefix_trie(ids)
     assert [p.name for p in path.parent.iterdir()] == ["trie.json"]
 
-
-def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
-    target = tmp_path / "f.txt"
-    target.write_text("old")
-
-    def failing(tmp):
-        tmp.write_text("half")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError):
-        atomic_write(target, failing)
-    assert target.read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
-    atomic_write(target, lambda tmp: tmp.write_text("new"))
-    assert target.read_text() == "new"
