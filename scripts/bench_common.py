@@ -1,0 +1,108 @@
+"""Helpers shared by the benchmark scripts: where the data lives, how it is loaded, how time is measured
+and how results are written.
+
+Every benchmark reads the same files and times the same way, so that numbers from different scripts and
+different runs can be set side by side.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+DATA_SETS: tuple[str, ...] = ("beauty", "goodbooks", "ml-1m", "ml-100k", "scientific")
+
+
+def default_data_dir() -> Path:
+    """The shared data folder: `../shared/data` next to the repository checkout."""
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def load_embeddings(name: str, data_dir: Path) -> np.ndarray:
+    """The float32 (n, d) embedding matrix of one named set, checked for shape and finiteness."""
+    path = data_dir / f"{name}.npy"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"data set {name!r} not found: expected {path} (pass --data-dir to point at the folder that "
+            f"holds {name}.npy)"
+        )
+    x = np.load(path)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"{path} must hold a non-empty 2-D matrix (items, dim), got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{path} contains NaN or infinite values")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def sequences_path(name: str, data_dir: Path) -> Path | None:
+    """The user-sequence file of a set, or None where the set has none."""
+    path = data_dir / f"{name}_sequences.txt"
+    return path if path.is_file() else None
+
+
+def resolve_device(device: str) -> str:
+    """'auto' becomes 'cuda' when a GPU is visible, else 'cpu'; explicit choices are checked."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]', got {device!r}")
+    return device
+
+
+def best_of(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:
+    """Fastest wall time of `repeats` calls, after `warmup` untimed calls.
+
+    The minimum, not the mean, because interference from other processes only ever adds time; the
+    warm-up call absorbs one-off costs (allocator growth, kernel compilation, thread-pool start-up).
+    """
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def to_jsonable(value: Any) -> Any:
+    """Numpy scalars and arrays, tuples and paths turned into plain JSON values."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file in the same folder and rename it into place, so that a reader
+    (or a crash mid-write) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """JSON (numpy values converted) written atomically."""
+    write_text_atomic(path, json.dumps(to_jsonable(obj), indent=2) + "\n")

@@ -1,0 +1,185 @@
+"""Tests of the benchmark's peer tokenizers and helpers (scripts/peers.py, scripts/bench_common.py,
+scripts/bench_quality.py). Skipped where the optional `bench` extra (faiss) is not installed."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+faiss = pytest.importorskip("faiss")
+# One thread: FAISS's OpenMP workers spin-wait, which is slow on a small, shared machine.
+faiss.omp_set_num_threads(1)
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import bench_common  # noqa: E402
+import peers  # noqa: E402
+
+
+def _codeword_data(levels: int, k: int, dim: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Items that are exact sums of one codeword per level, with level scales 1, 1/8, 1/64, ... so that
+    greedy residual quantization can recover every code. Every code tuple occurs equally often, so a
+    level's cluster means carry the deeper levels only as a constant shift that the next level absorbs.
+    Returns (x (n, d), codes (n, L), books (L, k, d)); n must be a multiple of k**levels."""
+    rng = np.random.default_rng(seed)
+    books = np.stack([rng.normal(size=(k, dim)) * 8.0 ** -level for level in range(levels)]).astype(np.float32)
+    grid = np.stack(np.meshgrid(*[np.arange(k)] * levels, indexing="ij"), axis=-1).reshape(-1, levels)
+    codes = rng.permutation(np.tile(grid, (n // len(grid), 1)))  # (n, l)
+    x = sum(books[level][codes[:, level]] for level in range(levels)).astype(np.float32)
+    return x, codes, books
+
+
+def _fvu(x: np.ndarray, x_hat: np.ndarray) -> float:
+    return float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+
+
+@pytest.mark.parametrize("nbits", [2, 3, 4, 8])
+def test_unpack_codes_matches_faiss_bit_layout(nbits: int) -> None:
+    """Unpacked codes, looked up in the trained codebooks, give exactly FAISS's own decode."""
+    levels, dim = 3, 6
+    x = np.random.default_rng(0).normal(size=(600, dim)).astype(np.float32)
+    rq = faiss.ResidualQuantizer(dim, levels, nbits)
+    rq.max_beam_size = 1
+    rq.train(x)
+    packed = rq.compute_codes(x)
+    codes = peers.unpack_codes(packed, levels, nbits)
+    assert codes.shape == (600, levels) and codes.dtype == np.int64
+    assert codes.min() >= 0 and codes.max() < 1 << nbits
+    books = faiss.vector_to_array(rq.codebooks).reshape(levels, 1 << nbits, dim)
+    manual = sum(books[level][codes[:, level]] for level in range(levels))
+    np.testing.assert_allclose(manual, rq.decode(packed), atol=1e-5)
+
+
+def test_unpack_codes_hand_packed() -> None:
+    """Bits are read least significant first: codes (1, 2, 3) with 4 bits pack into bytes 0x21, 0x03."""
+    packed = np.array([[0x21, 0x03]], dtype=np.uint8)
+    np.testing.assert_array_equal(peers.unpack_codes(packed, 3, 4), [[1, 2, 3]])
+
+
+def test_faiss_rq_recovers_planted_codes() -> None:
+    """On data built as sums of well-separated codewords, the FAISS quantizer reconstructs almost
+    exactly and groups items at the first level exactly as the planted codes do."""
+    x, planted, _ = _codeword_data(levels=2, k=4, dim=8, n=400, seed=1)
+    system = peers.FaissResidualQuantizer().fit(x, levels=2, codebook_size=4, seed=0)
+    codes = system.encode(x)
+    assert codes.shape == (400, 2) and codes.dtype == np.int64
+    assert _fvu(x, system.reconstruct(x)) < 1e-3
+    # Same grouping up to a relabelling: each planted code maps to exactly one found code.
+    pairs = set(zip(planted[:, 0].tolist(), codes[:, 0].tolist()))
+    assert len(pairs) == 4 and len(set(codes[:, 0].tolist())) == 4
+
+
+def test_residual_kmeans_is_greedy_nearest_codeword() -> None:
+    """Each level's code is the nearest centroid to what the earlier levels left (checked with semid's
+    own distance code), and the reconstruction is the sum of the chosen centroids."""
+    import torch
+
+    from semid.distance import nearest_code
+
+    x = np.random.default_rng(2).normal(size=(500, 5)).astype(np.float32)
+    system = peers.ResidualKMeans(niter=5).fit(x, levels=3, codebook_size=8, seed=0)
+    codes = system.encode(x)
+    residual = x.copy()
+    for level, centroids in enumerate(system._centroids):
+        expected, _ = nearest_code(torch.from_numpy(residual), torch.from_numpy(centroids), "l2")
+        np.testing.assert_array_equal(codes[:, level], expected.numpy())
+        residual -= centroids[codes[:, level]]
+    np.testing.assert_allclose(system.reconstruct(x), x - residual, atol=1e-5)
+
+
+def test_more_levels_never_reconstruct_worse() -> None:
+    """Each residual level is fitted to what the previous ones left, so fvu falls with depth."""
+    x = np.random.default_rng(3).normal(size=(800, 12)).astype(np.float32)
+    fvus = [_fvu(x, peers.ResidualKMeans(niter=10).fit(x, levels, 16, seed=0).reconstruct(x)) for levels in (1, 2, 3)]
+    assert fvus[0] > fvus[1] > fvus[2]
+
+
+def test_faiss_rq_rejects_non_power_of_two() -> None:
+    with pytest.raises(ValueError, match="power-of-two"):
+        peers.FaissResidualQuantizer().fit(np.zeros((50, 4), np.float32), levels=2, codebook_size=12, seed=0)
+
+
+def test_bad_input_and_unfitted_use_raise() -> None:
+    with pytest.raises(ValueError, match="2-D"):
+        peers.as_matrix(np.zeros(5))
+    with pytest.raises(ValueError, match="NaN"):
+        peers.as_matrix(np.array([[0.0, np.nan]]))
+    with pytest.raises(ValueError, match="not fitted"):
+        peers.ResidualKMeans().encode(np.zeros((3, 2), np.float32))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Small models train far faster on one thread than on several contended ones."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_vq_pytorch_autoencoder_trains(one_torch_thread) -> None:
+    """A short run learns: the reconstruction explains part of the variance and codes are in range."""
+    pytest.importorskip("vector_quantize_pytorch")
+    x = np.random.default_rng(4).normal(size=(512, 16)).astype(np.float32)
+    x[:, :4] *= 5.0  # a few dominant directions the autoencoder can learn quickly
+    system = peers.VQPytorchRVQ(steps=150, batch_size=256, hidden=(32,), latent_dim=8)
+    system.fit(x, levels=2, codebook_size=16, seed=0)
+    codes = system.encode(x)
+    assert codes.shape == (512, 2) and codes.dtype == np.int64
+    assert codes.min() >= 0 and codes.max() < 16
+    x_hat = system.reconstruct(x)
+    assert x_hat.shape == x.shape and np.isfinite(x_hat).all()
+    assert _fvu(x, x_hat) < 0.9
+    np.testing.assert_array_equal(system.encode(x), codes)  # eval mode: encoding is deterministic
+
+
+def test_best_of_returns_the_minimum() -> None:
+    calls = iter([0.0, 0.03, 0.01, 0.02])  # warm-up, then three timed calls
+
+    def fn() -> None:
+        import time
+
+        time.sleep(next(calls))
+
+    assert 0.005 < bench_common.best_of(fn, repeats=3, warmup=1) < 0.02
+
+
+def test_write_json_atomic_converts_numpy(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "r.json"
+    bench_common.write_json_atomic(path, {"a": np.float32(0.5), "b": np.arange(3), "c": (np.int64(2),)})
+    assert json.loads(path.read_text()) == {"a": 0.5, "b": [0, 1, 2], "c": [2]}
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temporary file left behind
+
+
+def test_bench_quality_end_to_end(tmp_path: Path) -> None:
+    """The benchmark runs the FAISS peers on a small set, writes JSON, plot and markdown, and merges."""
+    pytest.importorskip("matplotlib")
+    bench_quality = pytest.importorskip("bench_quality")
+    pytest.importorskip("semid.metrics")
+    rng = np.random.default_rng(5)
+    np.save(tmp_path / "toy.npy", rng.normal(size=(300, 8)).astype(np.float32))
+    (tmp_path / "toy_sequences.txt").write_text("u1\t0 1 2 3\nu2\t5 4\n")
+    out, plot, md = tmp_path / "q.json", tmp_path / "q.png", tmp_path / "R.md"
+    common = ["--data", "toy", "--data-dir", str(tmp_path), "--levels", "2", "--codebook-size", "8",
+              "--out", str(out), "--plot", str(plot), "--markdown", str(md)]
+    assert bench_quality.main([*common, "--systems", "faiss-rq"]) == 0
+    assert bench_quality.main([*common, "--systems", "faiss-rkmeans"]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert sorted(r["system"] for r in rows) == ["faiss-rkmeans", "faiss-rq"]
+    for r in rows:
+        assert 0.0 < r["fvu"] < 1.0 and len(r["entropy_bits"]) == 2 and "sequence_prefix_agreement" in r
+    assert plot.stat().st_size > 0
+    text = md.read_text()
+    assert "faiss-rq" in text and "faiss-rkmeans" in text and "## toy" in text
+
+
+def test_bench_quality_rejects_unknown_set(tmp_path: Path) -> None:
+    bench_quality = pytest.importorskip("bench_quality")
+    with pytest.raises(SystemExit):
+        bench_quality.parse_args(["--data", "nope", "--data-dir", str(tmp_path)])
