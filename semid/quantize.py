@@ -49,8 +49,11 @@ class QuantizerOutput:
 
 
 def straight_through(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Forward value q, gradient copied onto e unchanged."""
-    return e + (q - e).detach()
+    """Forward value q, gradient copied onto e unchanged.
+
+    Written as q + (e - e) rather than e + (q - e) so that the value is q exactly, not q up to round-off.
+    """
+    return q.detach() + (e - e.detach())
 
 
 def rotation_trick(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -97,7 +100,8 @@ def gumbel_softmax_weights(
     if not hard:
         return soft
     one_hot = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
-    return one_hot + soft - soft.detach()
+    # Parenthesised so the value is exactly one-hot: (one_hot + soft) - soft is not, in floating point.
+    return one_hot + (soft - soft.detach())
 
 
 class Quantizer(nn.Module):

@@ -1,0 +1,332 @@
+"""Tests for semid.quantize: the gradient each forward mode passes to the input and the codebook, the
+losses, eval-mode behaviour, dead-code reseeding and the k-means initialisation of one codebook."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.cluster import KMeans
+
+from semid.distance import Distance, nearest_code
+from semid.quantize import ForwardMode, Quantizer, gumbel_softmax_weights, rotation_trick, straight_through
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _grad_of(fn, e: torch.Tensor, q: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward value of fn(e, q) and the gradient on e for the upstream gradient g."""
+    e = e.clone().requires_grad_(True)
+    out = fn(e, q)
+    (out * g).sum().backward()
+    return out.detach(), e.grad
+
+
+def _rotation_matrix(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """R = I - 2 r r^T + 2 q_hat e_hat^T as an explicit (d, d) matrix, for one pair of vectors (d,)."""
+    e_hat, q_hat = e / e.norm(), q / q.norm()
+    r = (e_hat + q_hat) / (e_hat + q_hat).norm()
+    eye = torch.eye(e.shape[0], dtype=e.dtype)
+    return eye - 2 * torch.outer(r, r) + 2 * torch.outer(q_hat, e_hat)
+
+
+def _blobs(n_centres: int, per_centre: int, dim: int, spread: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Points around well-separated centres: (points (n, dim), centres (n_centres, dim))."""
+    g = _gen(seed)
+    centres = 10.0 * torch.randn(n_centres, dim, generator=g)
+    points = centres.repeat_interleave(per_centre, dim=0) + spread * torch.randn(n_centres * per_centre, dim, generator=g)
+    return points, centres
+
+
+# ---- straight-through -------------------------------------------------------------------------------
+def test_straight_through_copies_the_upstream_gradient() -> None:
+    g = _gen(0)
+    e, q, up = (torch.randn(32, 8, generator=g) for _ in range(3))
+    out, grad = _grad_of(straight_through, e, q, up)
+    torch.testing.assert_close(out, q, rtol=0, atol=0)
+    torch.testing.assert_close(grad, up, rtol=0, atol=0)
+
+
+def test_quantizer_ste_mode_copies_the_gradient_and_outputs_the_codeword() -> None:
+    torch.manual_seed(0)
+    quantizer = Quantizer(8, 16, forward_mode="ste").train()
+    e = torch.randn(32, 8, requires_grad=True)
+    up = torch.randn(32, 8)
+    out = quantizer(e)
+    (out.quantized * up).sum().backward()
+    torch.testing.assert_close(e.grad, up, rtol=0, atol=0)
+    nearest = quantizer.codebook.detach()[nearest_code(e.detach(), quantizer.codebook, "l2")[0]]
+    torch.testing.assert_close(out.quantized, nearest, rtol=0, atol=0)
+
+
+# ---- rotation trick ---------------------------------------------------------------------------------
+def test_rotation_trick_forward_value_is_the_codeword() -> None:
+    g = _gen(1)
+    e, q, up = (torch.randn(64, 16, generator=g) for _ in range(3))
+    out, _ = _grad_of(rotation_trick, e, q, up)
+    torch.testing.assert_close(out, q, rtol=1e-6, atol=1e-6)
+
+
+def test_rotation_trick_preserves_angles_and_scales_the_norm() -> None:
+    g = _gen(2)
+    e = torch.randn(64, 16, generator=g, dtype=torch.float64) * (0.1 + 3 * torch.rand(64, 1, generator=g, dtype=torch.float64))
+    q = torch.randn(64, 16, generator=g, dtype=torch.float64) * (0.1 + 3 * torch.rand(64, 1, generator=g, dtype=torch.float64))
+    up = torch.randn(64, 16, generator=g, dtype=torch.float64)
+    _, grad = _grad_of(rotation_trick, e, q, up)
+    # The angle between e and its gradient equals the angle between q and the upstream gradient.
+    torch.testing.assert_close(F.cosine_similarity(e, grad, dim=-1), F.cosine_similarity(q, up, dim=-1))
+    # |grad e| = |q| / |e| * |g|.
+    torch.testing.assert_close(grad.norm(dim=-1), q.norm(dim=-1) / e.norm(dim=-1) * up.norm(dim=-1))
+    # Not simply STE: the gradient differs from the upstream one.
+    assert not torch.allclose(grad, up)
+
+
+def test_rotation_trick_gradient_equals_explicit_rotation_matrix() -> None:
+    g = _gen(3)
+    e, q, up = (torch.randn(4, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    _, grad = _grad_of(rotation_trick, e, q, up)
+    for i in range(e.shape[0]):
+        rot = _rotation_matrix(e[i], q[i])
+        torch.testing.assert_close(rot @ rot.T, torch.eye(5, dtype=torch.float64))  # orthogonal
+        torch.testing.assert_close(torch.linalg.det(rot), torch.tensor(1.0, dtype=torch.float64))  # a rotation
+        torch.testing.assert_close(rot @ (e[i] / e[i].norm()), q[i] / q[i].norm())  # e_hat -> q_hat
+        expected = q[i].norm() / e[i].norm() * rot.T @ up[i]
+        torch.testing.assert_close(grad[i], expected)
+
+
+def test_rotation_trick_antipodal_input_is_finite_and_still_norm_preserving() -> None:
+    g = _gen(4)
+    q = torch.randn(8, 6, generator=g, dtype=torch.float64)
+    e = -2.0 * q  # opposite direction: r = e_hat + q_hat vanishes
+    up = torch.randn(8, 6, generator=g, dtype=torch.float64)
+    out, grad = _grad_of(rotation_trick, e, q, up)
+    assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(out, q)
+    torch.testing.assert_close(grad.norm(dim=-1), 0.5 * up.norm(dim=-1))
+    torch.testing.assert_close(F.cosine_similarity(e, grad, dim=-1), F.cosine_similarity(q, up, dim=-1))
+
+
+@pytest.mark.parametrize("zero", ["e", "q", "both"])
+def test_rotation_trick_zero_vectors_stay_finite(zero: str) -> None:
+    g = _gen(5)
+    e, q, up = (torch.randn(6, 4, generator=g) for _ in range(3))
+    if zero in ("e", "both"):
+        e[:3] = 0.0
+    if zero in ("q", "both"):
+        q[:3] = 0.0
+    out, grad = _grad_of(rotation_trick, e, q, up)
+    assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(out, q)
+    # Rows without a direction fall back to STE; the others keep the rotation gradient.
+    torch.testing.assert_close(grad[:3], up[:3])
+    assert not torch.allclose(grad[3:], up[3:])
+
+
+def test_quantizer_rotation_mode_outputs_the_nearest_codeword_with_rotated_gradient() -> None:
+    torch.manual_seed(0)
+    quantizer = Quantizer(8, 16, forward_mode="rotation").train()
+    e = torch.randn(64, 8, requires_grad=True)
+    up = torch.randn(64, 8)
+    out = quantizer(e)
+    (out.quantized * up).sum().backward()
+    nearest = quantizer.codebook.detach()[nearest_code(e.detach(), quantizer.codebook, "l2")[0]]
+    torch.testing.assert_close(out.quantized, nearest)
+    torch.testing.assert_close(out.codes, nearest_code(e.detach(), quantizer.codebook, "l2")[0])
+    torch.testing.assert_close(e.grad.norm(dim=-1), nearest.norm(dim=-1) / e.detach().norm(dim=-1) * up.norm(dim=-1))
+
+
+# ---- Gumbel-softmax ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("hard", [False, True])
+def test_gumbel_weights_sum_to_one(hard: bool) -> None:
+    logits = torch.randn(128, 32, generator=_gen(6)) * 5
+    weights = gumbel_softmax_weights(logits, tau=0.7, hard=hard, generator=_gen(7))
+    assert weights.shape == logits.shape and (weights >= 0).all()
+    torch.testing.assert_close(weights.sum(-1), torch.ones(128))
+
+
+def test_gumbel_hard_weights_are_one_hot_with_soft_gradients() -> None:
+    logits = torch.randn(64, 10, generator=_gen(8), requires_grad=True)
+    weights = gumbel_softmax_weights(logits, tau=1.0, hard=True, generator=_gen(9))
+    assert set(weights.detach().unique().tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(weights.detach().sum(-1), torch.ones(64), rtol=0, atol=0)
+    (weights * torch.randn(64, 10, generator=_gen(10))).sum().backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_gumbel_low_temperature_picks_the_nearest_code() -> None:
+    # Codewords far apart relative to the Gumbel noise, so the nearest code wins every draw.
+    points, centres = _blobs(16, 16, 8, spread=0.1, seed=11)
+    quantizer = Quantizer(8, 16, forward_mode="gumbel", gumbel_hard=True).train()
+    with torch.no_grad():
+        quantizer.codebook.copy_(centres)
+    quantizer.tau = 1e-3
+    nearest = nearest_code(points, centres, "l2")[0]
+    logits = -torch.cdist(points, centres).pow(2)
+    weights = gumbel_softmax_weights(logits, tau=1e-3, hard=True, generator=_gen(12))
+    torch.testing.assert_close(weights.argmax(-1), nearest)
+    out = quantizer(points)
+    torch.testing.assert_close(out.quantized, centres[nearest])
+
+
+def test_gumbel_gradients_reach_input_and_codebook() -> None:
+    torch.manual_seed(0)
+    quantizer = Quantizer(8, 16, forward_mode="gumbel").train()
+    e = (0.3 * torch.randn(32, 8)).requires_grad_(True)
+    out = quantizer(e)
+    (out.quantized * torch.randn(32, 8)).sum().backward()
+    assert e.grad is not None and e.grad.abs().sum() > 0
+    assert quantizer.codebook.grad is not None
+    assert (quantizer.codebook.grad.abs().sum(-1) > 0).sum() > 1  # the mixture reaches several codewords
+    # A soft mixture is not a single codeword.
+    assert not torch.allclose(out.quantized, out.codeword)
+
+
+# ---- eval mode and losses ---------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", list(ForwardMode))
+def test_eval_mode_returns_the_hard_nearest_codeword(mode: ForwardMode) -> None:
+    torch.manual_seed(0)
+    quantizer = Quantizer(8, 16, forward_mode=mode).eval()
+    e = torch.randn(64, 8)
+    usage_before = quantizer.usage_ema.clone()
+    out = quantizer(e)
+    codes = nearest_code(e, quantizer.codebook, "l2")[0]
+    torch.testing.assert_close(out.codes, codes)
+    torch.testing.assert_close(out.quantized, quantizer.codebook.detach()[codes], rtol=0, atol=0)
+    torch.testing.assert_close(quantizer.usage_ema, usage_before)  # eval does not count usage
+
+
+def test_codebook_loss_reaches_only_the_codebook_and_commitment_only_the_input() -> None:
+    torch.manual_seed(0)
+    quantizer = Quantizer(8, 16, forward_mode="ste").train()
+    e = torch.randn(32, 8, requires_grad=True)
+    out = quantizer(e)
+    q = quantizer.codebook.detach()[out.codes]
+    expected = (e.detach() - q).pow(2).mean()
+    torch.testing.assert_close(out.codebook_loss.detach(), expected)
+    torch.testing.assert_close(out.commitment_loss.detach(), expected)
+
+    out.codebook_loss.backward(retain_graph=True)
+    assert e.grad is None or not e.grad.any()
+    assert quantizer.codebook.grad is not None and quantizer.codebook.grad.any()
+    # The codebook gradient of mean ||sg(e) - q||^2 is 2 (q - e) / numel, summed per code.
+    expected_grad = torch.zeros(16, 8).index_add_(0, out.codes, 2 * (q - e.detach()) / e.numel())
+    torch.testing.assert_close(quantizer.codebook.grad, expected_grad)
+
+    quantizer.codebook.grad = None
+    out.commitment_loss.backward()
+    assert quantizer.codebook.grad is None or not quantizer.codebook.grad.any()
+    torch.testing.assert_close(e.grad, 2 * (e.detach() - q) / e.numel())
+
+
+# ---- dead codes ---------------------------------------------------------------------------------------
+def test_reseed_uses_the_worst_quantized_inputs() -> None:
+    points, centres = _blobs(8, 20, 4, spread=0.5, seed=13)
+    quantizer = Quantizer(4, 8).train()
+    with torch.no_grad():
+        quantizer.codebook.copy_(centres)
+    # Give a few points a much larger error than the rest (far from every codeword), in scattered rows.
+    outliers = torch.tensor([5, 42, 77, 150])
+    points[outliers] += 40.0 * torch.randn(4, 4, generator=_gen(14))
+    out = quantizer(points)
+    brute = torch.cdist(points.double(), centres.double()).pow(2).min(-1).values
+    torch.testing.assert_close(out.error.double(), brute, rtol=1e-5, atol=1e-4)
+
+    dead = torch.tensor([6, 2, 3])
+    assert quantizer.reseed(dead, points, out.error) == 3
+    worst_three = torch.argsort(brute, descending=True)[:3]
+    assert set(worst_three.tolist()) <= set(outliers.tolist())
+    torch.testing.assert_close(quantizer.codebook.detach()[dead], points[worst_three], rtol=0, atol=0)
+    untouched = [0, 1, 4, 5, 7]
+    torch.testing.assert_close(quantizer.codebook.detach()[untouched], centres[untouched], rtol=0, atol=0)
+    assert int(quantizer.resets) == 3
+    # Freshly reseeded codes get a fresh start: they are not reported dead before they have been used.
+    assert not set(quantizer.dead_codes(batch_size=160).tolist()) & set(dead.tolist())
+
+
+def test_dead_codes_far_from_the_data_are_revived_and_counted() -> None:
+    torch.manual_seed(0)
+    points, _ = _blobs(32, 32, 8, spread=0.5, seed=15)  # 1024 rows in 32 clusters: room for all 16 codes
+    k, n_far = 16, 8
+    quantizer = Quantizer(8, k, forward_mode="ste", dead_code_decay=0.5, dead_code_threshold=0.05).train()
+    with torch.no_grad():
+        quantizer.codebook[: k - n_far] = points[torch.randperm(len(points))[: k - n_far]]
+        quantizer.codebook[k - n_far :] = 1e3 + torch.randn(n_far, 8)  # nothing is ever assigned here
+    far = set(range(k - n_far, k))
+    assert set(nearest_code(points, quantizer.codebook.detach(), "l2")[0].tolist()).isdisjoint(far)
+
+    optimizer = torch.optim.Adam(quantizer.parameters(), lr=0.05)
+    batch_size, reseeded, first_dead = 256, 0, None
+    for step in range(60):
+        batch = points[torch.randperm(len(points))[:batch_size]]
+        out = quantizer(batch)
+        optimizer.zero_grad()
+        out.codebook_loss.backward()
+        optimizer.step()
+        if (step + 1) % 5 == 0:
+            dead = quantizer.dead_codes(batch_size)
+            if first_dead is None and dead.numel():
+                first_dead = set(dead.tolist())
+            reseeded += quantizer.reseed(dead, batch, out.error)
+    assert first_dead == far  # exactly the unused codes are found dead, and no live one
+    assert int(quantizer.resets) == reseeded >= n_far
+    usage = torch.bincount(quantizer.encode(points), minlength=k)
+    assert (usage > 0).all(), f"unused codes after reseeding: {torch.nonzero(usage == 0).flatten().tolist()}"
+
+
+def test_dead_codes_needs_usage_history() -> None:
+    quantizer = Quantizer(4, 8)
+    assert quantizer.dead_codes(batch_size=100).numel() == 0  # nothing counted yet: nothing is dead
+    quantizer.train()(torch.zeros(100, 4) + quantizer.codebook.detach()[0])  # every row on code 0
+    assert 0 not in quantizer.dead_codes(batch_size=100).tolist()
+
+
+# ---- k-means initialisation ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def movies() -> torch.Tensor:
+    path = DATA / "ml-1m.npy"
+    if not path.is_file():
+        pytest.skip(f"real embeddings not found: {path}")
+    return torch.from_numpy(np.load(path))
+
+
+def test_init_from_data_matches_sklearn_kmeans_inertia(movies: torch.Tensor) -> None:
+    k = 32
+    quantizer = Quantizer(movies.shape[1], k)
+    quantizer.init_from_data(movies, iters=25, generator=_gen(0))
+    x64 = movies.double()
+    ours = (x64 - quantizer.decode(quantizer.encode(movies)).double()).pow(2).sum().item()
+    reference = KMeans(n_clusters=k, n_init=1, random_state=0).fit(movies.numpy().astype(np.float64)).inertia_
+    assert ours <= 1.02 * reference
+    assert (quantizer.usage_ema == -1).all()  # usage history restarts with the new codebook
+
+
+def test_init_from_data_rejects_too_few_rows() -> None:
+    with pytest.raises(ValueError, match="at least as many rows as codes"):
+        Quantizer(4, 16).init_from_data(torch.randn(10, 4), iters=5, generator=_gen(0))
+
+
+def test_cosine_init_keeps_cluster_means_not_unit_vectors(movies: torch.Tensor) -> None:
+    k = 32
+    x = movies[:2000]
+    quantizer = Quantizer(x.shape[1], k, distance="cosine")
+    quantizer.init_from_data(x, iters=10, generator=_gen(0))
+    codebook = quantizer.codebook.detach()
+    norms = codebook.norm(dim=-1)
+    # Codewords carry the data's lengths (rows have norms of about 1.4 to 6.3), not unit length.
+    assert (norms - 1).abs().min() > 0.1
+    assert norms.median() > 0.5 * x.norm(dim=-1).median()
+    # Scaling the data scales the codewords: direction picks the clusters, their means set the length.
+    scaled = Quantizer(x.shape[1], k, distance="cosine")
+    scaled.init_from_data(4.0 * x, iters=10, generator=_gen(0))
+    torch.testing.assert_close(scaled.codebook.detach(), 4.0 * codebook)
+    # Each codeword is (close to) the mean of the rows it codes, so the codebook reconstructs well.
+    codes = quantizer.encode(x)
+    error = (x - quantizer.decode(codes)).pow(2).sum()
+    unit_error = (x - F.normalize(codebook, dim=-1)[codes]).pow(2).sum()
+    assert error < 0.8 * unit_error
