@@ -444,3 +444,21 @@ class ParquetShardWriter:
             self.close()
         else:
             self.abort()
+
+
+def read_rows(path: str | os.PathLike, rows: np.ndarray, *, emb_col: str = "embedding") -> np.ndarray:
+    """Embeddings of the given row numbers of a file, in the order given (for the few items a later pass
+    needs again, such as collision remapping after a streamed encode)."""
+    p = _check_path(path)
+    rows = np.asarray(rows, dtype=np.int64)
+    if p.suffix.lower() == ".npy":
+        return validate_embeddings(np.array(_open_npy(p, None)[rows]), name=f"embeddings in {p}")
+    order = np.argsort(rows)
+    wanted = pl.Series("__row", rows[order], dtype=pl.UInt32)
+    df = _collect(
+        pl.scan_parquet(p).with_row_index("__row").filter(pl.col("__row").is_in(wanted.implode())).select("__row", emb_col),
+        p,
+    )
+    lookup = dict(zip(df["__row"].to_list(), range(len(df))))
+    table = _polars_to_table(df.select(emb_col), None, emb_col, str(p))
+    return table.embeddings[[lookup[r] for r in rows.tolist()]]

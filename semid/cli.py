@@ -1,0 +1,217 @@
+"""The `semid` command: train, encode, evaluate, demo (and embed, with the optional extra).
+
+Every error reaches the user as one line on stderr naming the problem, with a non-zero exit status;
+`--debug` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+BUNDLED_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "goodbooks.parquet"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.toml"
+
+
+def _parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """`--set section.key=value` pairs; values are read as TOML values, else as plain strings."""
+    from semid.config import ConfigError, tomllib
+
+    overrides = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects section.key=value, got {pair!r}")
+        try:
+            overrides[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            overrides[key.strip()] = raw
+    return overrides
+
+
+def _load_config(path: str | None, overrides: dict[str, Any]):
+    from semid.config import SemidConfig
+
+    base = SemidConfig.load(path) if path else (SemidConfig.load(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else SemidConfig())
+    return base.with_overrides(overrides)
+
+
+def _read_training_items(path: str, id_col: str, emb_col: str):
+    from semid.io import read_items
+
+    is_npy = Path(path).suffix.lower() == ".npy"
+    return read_items(path, id_col=None if is_npy else id_col, emb_col=emb_col)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from semid.tokenizer import SemanticIdTokenizer
+
+    overrides = _parse_overrides(args.set)
+    if args.device:
+        overrides["train.device"] = args.device
+    if args.seed is not None:
+        overrides["train.seed"] = args.seed
+    config = _load_config(args.config, overrides)
+    items = _read_training_items(args.data, args.id_col, args.emb_col)
+    started = time.perf_counter()
+    tok = SemanticIdTokenizer(config).fit(items.embeddings, ids=items.ids, checkpoint=args.checkpoint, resume=args.resume)
+    tok.save(args.out)
+    best = tok.history[-1] if tok.history else {}
+    print(f"trained on {len(items)} items in {time.perf_counter() - started:.1f} s; model saved to {args.out}")
+    if best:
+        print(f"fvu {best['fvu']:.4f}  collision_rate {best['collision_rate']:.4f}  (best step {tok.meta['best_step']})")
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from semid.tokenizer import SemanticIdTokenizer
+
+    tok = SemanticIdTokenizer.load(args.model, device=args.device)
+    summary = tok.encode_file(args.data, args.out, batch_size=args.batch_size, id_col=args.id_col,
+                              emb_col=args.emb_col, progress=not args.quiet)
+    if summary["new_items"]:
+        tok.save_registry(args.model)  # new IDs are remembered, so they never change later
+    print(f"encoded {summary['n_items']} items ({summary['new_items']} new) to {args.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from semid.io import write_json_atomic
+    from semid.metrics import format_report, read_sequences
+    from semid.tokenizer import SemanticIdTokenizer
+
+    tok = SemanticIdTokenizer.load(args.model, device=args.device)
+    items = _read_training_items(args.data, args.id_col, args.emb_col)
+    sequences = read_sequences(args.sequences) if args.sequences else None
+    report = tok.evaluate(items.embeddings, ids=items.ids, sequences=sequences)
+    print(format_report(report))
+    if args.json:
+        write_json_atomic(report, args.json)
+        print(f"report written to {args.json}")
+    if args.plot:
+        from semid.plot import plot_codebook_usage
+
+        plot_codebook_usage(tok.encode_raw(items.embeddings), tok.model.codebook_sizes, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job on the bundled goodbooks sample: train, encode, evaluate, report."""
+    from semid.io import write_json_atomic
+    from semid.metrics import format_report
+    from semid.tokenizer import SemanticIdTokenizer
+
+    data = Path(args.data) if args.data else BUNDLED_SAMPLE
+    if not data.is_file():
+        raise FileNotFoundError(f"bundled sample not found at {data}; pass --data PATH")
+    out = Path(args.out)
+    overrides = _parse_overrides(args.set)
+    if args.device:
+        overrides["train.device"] = args.device
+    config = _load_config(args.config, overrides)
+    items = _read_training_items(str(data), "item_id", "embedding")
+    print(f"semid demo: {len(items)} items of dimension {items.embeddings.shape[1]} from {data}")
+    started = time.perf_counter()
+    tok = SemanticIdTokenizer(config).fit(items.embeddings, ids=items.ids)
+    train_s = time.perf_counter() - started
+    tok.save(out / "model")
+    summary = tok.encode_file(data, out / "ids.parquet", progress=False)
+    report = tok.evaluate(items.embeddings, ids=items.ids)
+    report["train_seconds"] = round(train_s, 2)
+    write_json_atomic(report, out / "report.json")
+    print(format_report(report))
+    print(f"\ntrained in {train_s:.1f} s; encoded {summary['n_items']} items")
+    print(f"outputs in {out}/: model/ (config, weights, registry), ids.parquet, report.json")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from semid.embed import embed_file
+
+    n = embed_file(args.data, args.out, text_col=args.text_col, id_col=args.id_col, model=args.model_name,
+                   batch_size=args.batch_size)
+    print(f"embedded {n} items to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="semid", description="Semantic IDs for generative recommenders.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def columns(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--id-col", default="item_id", help="parquet id column (default: item_id)")
+        p.add_argument("--emb-col", default="embedding", help="parquet embedding column (default: embedding)")
+
+    p = sub.add_parser("train", help="train a tokenizer and save it to a model directory")
+    p.add_argument("--config", help="TOML config (default: configs/default.toml)")
+    p.add_argument("--data", required=True, help=".npy matrix or .parquet with id and embedding columns")
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.steps=2000")
+    p.add_argument("--checkpoint", help="resumable training checkpoint path (see train.checkpoint_every)")
+    p.add_argument("--resume", action="store_true", help="continue training from --checkpoint")
+    columns(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("encode", help="give every item of a file its semantic ID (streams in batches)")
+    p.add_argument("--model", required=True, help="model directory written by `semid train`")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="output parquet: item_id, codes, semantic_id")
+    p.add_argument("--batch-size", type=int, default=65536)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    columns(p)
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("evaluate", help="print the metric report of a model on a data set")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--json", help="also write the report as JSON here")
+    p.add_argument("--sequences", help="user sequences (user<TAB>row row ...) for sequence_prefix_agreement")
+    p.add_argument("--plot", help="write a PNG of code usage per level (needs matplotlib)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    columns(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="train, encode and evaluate on the bundled goodbooks sample")
+    p.add_argument("--out", default="semid-demo", help="output directory (default: ./semid-demo)")
+    p.add_argument("--data", help="use another parquet instead of the bundled sample")
+    p.add_argument("--config")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("embed", help="embed an item-text parquet with sentence-transformers (optional extra)")
+    p.add_argument("--data", required=True, help="parquet with an id column and a text column")
+    p.add_argument("--out", required=True, help="output parquet: item_id, embedding")
+    p.add_argument("--text-col", default="text")
+    p.add_argument("--id-col", default="item_id")
+    p.add_argument("--model-name", default="all-MiniLM-L6-v2")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.set_defaults(func=cmd_embed)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("semid: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for the user; --debug for the traceback
+        if args.debug:
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"semid {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""`SemanticIdTokenizer`: the object a recommendation pipeline holds.
+
+fit -> encode -> decode / evaluate -> save / load, in the scikit-learn manner. It owns the trained model
+and the ID registry, which is what makes IDs stable: an item that has an ID keeps it forever, and a new
+item is resolved against every ID handed out before.
+
+Items are identified by their ids when the input has them (a DataFrame's id column, or `ids=`). A bare
+matrix has none, so each row is identified by a digest of its embedding bytes plus its occurrence
+number among identical rows of that call: encoding the same matrix twice gives the same IDs, and a row
+seen in `fit` keeps its ID when it comes back inside a larger matrix.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm.auto import tqdm
+
+from semid.collisions import IdRegistry
+from semid.config import SemidConfig
+from semid.export import semantic_id_strings
+from semid.io import (
+    InputError,
+    count_items,
+    iter_item_batches,
+    read_rows,
+    to_numpy_embeddings,
+    validate_ids,
+    write_json_atomic,
+    write_parquet_atomic,
+)
+from semid.metrics import evaluate_codes
+from semid.rqvae import RQVAE
+from semid.train import Trainer, resolve_device
+
+MODEL_FORMAT = "semid-model-v1"
+_FILES = ("config.toml", "model.pt", "meta.json", "registry.parquet")
+
+
+class ModelDirError(ValueError):
+    """A directory that is not a complete, readable semid model."""
+
+
+def semid_version() -> str:
+    try:
+        return metadata.version("semid")
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return "0+unknown"
+
+
+def row_digests(x: np.ndarray) -> list[str]:
+    """A short digest of each row's bytes: the identity of an item that comes without an id."""
+    return [hashlib.blake2b(row.tobytes(), digest_size=12).hexdigest() for row in np.ascontiguousarray(x)]
+
+
+def content_keys(digests: Sequence[str]) -> np.ndarray:
+    """Item keys from row digests; the k-th repeat of identical rows gets '#k', so keys are unique."""
+    frame = pl.DataFrame({"d": list(digests)}, schema={"d": pl.Utf8})
+    frame = frame.with_columns(pl.int_range(pl.len()).over("d").alias("k"))
+    return frame.select(pl.col("d") + "#" + pl.col("k").cast(pl.Utf8))["d"].to_numpy().astype(object)
+
+
+def data_fingerprint(x: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
+
+
+class SemanticIdTokenizer:
+    """Learns semantic IDs for item embeddings and hands out unique, stable IDs."""
+
+    def __init__(self, config: SemidConfig | None = None) -> None:
+        self.config = config or SemidConfig()
+        self.model: RQVAE | None = None
+        self.registry = IdRegistry()
+        self.history: list[dict[str, Any]] = []
+        self.meta: dict[str, Any] = {}
+
+    @classmethod
+    def from_config(cls, config: str | os.PathLike | SemidConfig, overrides: dict[str, Any] | None = None):
+        base = config if isinstance(config, SemidConfig) else SemidConfig.load(config)
+        return cls(base.with_overrides(overrides))
+
+    # ---- fitting ------------------------------------------------------------------------------
+    def fit(
+        self,
+        x: Any,
+        ids: Sequence[str] | None = None,
+        *,
+        id_col: str | None = "item_id",
+        emb_col: str = "embedding",
+        checkpoint: str | os.PathLike | None = None,
+        resume: bool = False,
+    ) -> "SemanticIdTokenizer":
+        """Train on the items and give each of them its final ID.
+
+        `checkpoint` names a resumable training checkpoint (written every `train.checkpoint_every` steps);
+        with resume=True training continues from it.
+        """
+        keys, emb = self._items(x, ids, id_col, emb_col)
+        trainer = Trainer(self.config, torch.from_numpy(emb), checkpoint_path=checkpoint)
+        self.model = trainer.fit(resume=resume)
+        self.history = trainer.state.history
+        self.meta = {
+            "input_dim": int(emb.shape[1]),
+            "n_train_items": int(emb.shape[0]),
+            "train_fingerprint": data_fingerprint(emb),
+            "best_step": trainer.state.best_step,
+            "dead_code_resets": trainer.state.dead_code_resets,
+        }
+        self.registry = IdRegistry()
+        self._assign(keys, emb)
+        return self
+
+    # ---- encoding -----------------------------------------------------------------------------
+    def encode(self, x: Any, ids: Sequence[str] | None = None, *, id_col: str | None = "item_id",
+               emb_col: str = "embedding") -> np.ndarray:
+        """Final IDs (n, L + s): saved IDs for known items, fresh collision-free IDs for new ones."""
+        keys, emb = self._items(x, ids, id_col, emb_col)
+        return self._assign(keys, emb)
+
+    def encode_file(self, path: str | os.PathLike, out: str | os.PathLike, *, batch_size: int = 65536,
+                    id_col: str = "item_id", emb_col: str = "embedding", progress: bool = True) -> dict[str, Any]:
+        """Stream a .npy or .parquet catalogue in batches and write `item_id, codes, semantic_id` parquet.
+
+        Embeddings are held one batch at a time; only the codes, ids and rank keys of all items (tens of
+        bytes per item) stay in memory for the global collision pass. The output appears atomically.
+        Items of a .npy file are identified by content and reported by row number.
+        """
+        model = self._fitted()
+        is_npy = Path(path).suffix.lower() == ".npy"
+        n = count_items(path, id_col=None if is_npy else id_col, emb_col=emb_col)
+        batches = iter_item_batches(path, batch_size, id_col=None if is_npy else id_col, emb_col=emb_col,
+                                    expected_dim=self.meta.get("input_dim"))
+        id_parts, digests, codes, ranks = [], [], [], []
+        for table in tqdm(batches, total=-(-n // batch_size), disable=not progress, desc="encode", unit="batch"):
+            c, r = self._raw(table.embeddings)
+            codes.append(c)
+            ranks.append(r)
+            if table.ids is None:
+                digests.extend(row_digests(table.embeddings))
+            else:
+                id_parts.append(table.ids)
+        if id_parts:
+            item_ids = validate_ids(np.concatenate(id_parts))  # duplicates across batches are caught here
+            keys = item_ids.astype(object)
+        else:
+            item_ids, keys = np.arange(n), content_keys(digests)
+        known_before = len(self.registry)
+        final = self._resolve(keys, np.concatenate(codes), np.concatenate(ranks),
+                              lambda rows: read_rows(path, rows, emb_col=emb_col))
+        frame = pl.DataFrame({
+            "item_id": item_ids,
+            "codes": pl.Series(final).cast(pl.List(pl.Int64)),
+            "semantic_id": semantic_id_strings(final),
+        })
+        write_parquet_atomic(frame, out)
+        return {"n_items": n, "new_items": len(self.registry) - known_before, "id_length": int(final.shape[1]),
+                "levels": len(model.codebook_sizes)}
+
+    def encode_raw(self, x: Any) -> np.ndarray:
+        """Codes (n, L) before collision handling: each item's own nearest codes."""
+        return self._raw(self._matrix(x))[0]
+
+    def decode(self, ids: np.ndarray) -> np.ndarray:
+        """(n, >= L) IDs or codes -> (n, D) float32 reconstructions (a suffix column is ignored)."""
+        model = self._fitted()
+        ids = np.asarray(ids)
+        levels = len(model.codebook_sizes)
+        if ids.ndim != 2 or ids.shape[1] < levels:
+            raise InputError(f"decode needs IDs of shape (n, >= {levels}), got {ids.shape}")
+        codes = torch.as_tensor(ids[:, :levels], dtype=torch.long, device=self._device())
+        for level, size in enumerate(model.codebook_sizes):
+            bad = (codes[:, level] < 0) | (codes[:, level] >= size)
+            if bool(bad.any()):
+                raise InputError(f"code at level {level + 1} out of range [0, {size}) in row {int(bad.nonzero()[0])}")
+        return torch.cat(
+            [model.decode(codes[i : i + 65536]) for i in range(0, len(codes), 65536)]
+        ).cpu().numpy().astype(np.float32)
+
+    def reconstruct(self, x: Any) -> np.ndarray:
+        return self.decode(self.encode_raw(x))
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def evaluate(self, x: Any, ids: Sequence[str] | None = None, *, sequences: Sequence[np.ndarray] | None = None,
+                 id_col: str | None = "item_id", emb_col: str = "embedding") -> dict[str, Any]:
+        """Every DESIGN.md metric on these items; final IDs come from the registry (registering new items)."""
+        keys, emb = self._items(x, ids, id_col, emb_col)
+        raw = self._raw(emb)
+        codes = raw[0]
+        final = self._assign(keys, emb, raw)
+        report = evaluate_codes(emb, self.decode(codes), codes, self._fitted().codebook_sizes,
+                                final_ids=final, sequences=sequences)
+        report["collision_strategy"] = self.config.collisions.strategy
+        return report
+
+    # ---- persistence --------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a self-describing model directory atomically: it appears complete or not at all."""
+        model = self._fitted()
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            self.config.save(staging / "config.toml")
+            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, staging / "model.pt")
+            self.registry.save(staging / "registry.parquet")
+            write_json_atomic(
+                {"format": MODEL_FORMAT, "semid_version": semid_version(),
+                 "codebook_sizes": model.codebook_sizes, "history": self.history, **self.meta},
+                staging / "meta.json",
+            )
+            if target.exists():
+                retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                os.replace(target, retired / "model")
+                os.replace(staging, target)
+                shutil.rmtree(retired)
+            else:
+                os.replace(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return target
+
+    def save_registry(self, path: str | os.PathLike) -> None:
+        """Update only the registry of a saved model directory (after encoding new items), atomically."""
+        self.registry.save(Path(path) / "registry.parquet")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | None = None) -> "SemanticIdTokenizer":
+        """Read a directory written by `save`; anything truncated or foreign is a ModelDirError."""
+        root = Path(path)
+        if not root.is_dir():
+            raise ModelDirError(f"model directory not found: {root}")
+        missing = [name for name in _FILES if not (root / name).is_file()]
+        if missing:
+            raise ModelDirError(f"{root} is not a semid model directory: missing {', '.join(missing)}")
+        try:
+            meta = json.loads((root / "meta.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelDirError(f"{root}/meta.json is corrupt: {exc}") from None
+        if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+            raise ModelDirError(f"{root} is not a semid model directory (meta.json has no '{MODEL_FORMAT}' format)")
+        config = SemidConfig.load(root / "config.toml")
+        if device is not None:
+            config = config.with_overrides({"train.device": device})
+        tok = cls(config)
+        model = RQVAE(int(meta["input_dim"]), config.model, config.quantizer)
+        try:
+            state = torch.load(root / "model.pt", map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        except Exception as exc:
+            raise ModelDirError(f"{root}/model.pt is truncated, corrupt or from another model: {exc}") from None
+        try:
+            tok.registry = IdRegistry.load(root / "registry.parquet")
+        except Exception as exc:
+            raise ModelDirError(f"{root}/registry.parquet is unreadable: {exc}") from None
+        tok.model = model.to(resolve_device(config.train.device)).eval()
+        tok.history = meta.pop("history", [])
+        tok.meta = {k: v for k, v in meta.items() if k not in ("format", "semid_version", "codebook_sizes")}
+        return tok
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _fitted(self) -> RQVAE:
+        if self.model is None:
+            raise RuntimeError("this SemanticIdTokenizer is not fitted yet: call fit() or load()")
+        return self.model
+
+    def _device(self) -> torch.device:
+        return next(self._fitted().buffers()).device
+
+    def _embeddings(self, x: Any, id_col: str | None, emb_col: str) -> tuple[np.ndarray | None, np.ndarray]:
+        ids, emb = to_numpy_embeddings(x, id_col=id_col, emb_col=emb_col)
+        expected = self.meta.get("input_dim") if self.model is not None else None
+        if expected is not None and emb.shape[1] != expected:
+            raise InputError(f"embeddings have dimension {emb.shape[1]}, but the model was trained on {expected}")
+        return ids, emb
+
+    def _matrix(self, x: Any) -> np.ndarray:
+        return self._embeddings(x, None, "embedding")[1]
+
+    def _items(self, x: Any, ids: Sequence[str] | None, id_col: str | None, emb_col: str) -> tuple[np.ndarray, np.ndarray]:
+        frame_ids, emb = self._embeddings(x, id_col, emb_col)
+        if ids is not None:
+            frame_ids = validate_ids(ids)
+            if len(frame_ids) != len(emb):
+                raise InputError(f"got {len(frame_ids)} ids for {len(emb)} embeddings")
+        keys = frame_ids.astype(object) if frame_ids is not None else content_keys(row_digests(emb))
+        return keys, emb
+
+    @torch.no_grad()
+    def _raw(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(codes (n, L), rank key (n,)): the rank key is the latent's distance to its codeword sum."""
+        model = self._fitted()
+        codes, ranks = [], []
+        for start in range(0, len(emb), 65536):
+            x = torch.from_numpy(emb[start : start + 65536]).to(self._device())
+            z = model.latent(x).float()
+            c = model.quantizer.encode(z)
+            ranks.append((z - model.quantizer.decode(c)).pow(2).sum(-1).cpu())
+            codes.append(c.cpu())
+        return torch.cat(codes).numpy(), torch.cat(ranks).numpy()
+
+    def _assign(self, keys: np.ndarray, emb: np.ndarray, raw: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        codes, rank = raw if raw is not None else self._raw(emb)
+        return self._resolve(keys, codes, rank, lambda rows: emb[rows])
+
+    def _resolve(self, keys: np.ndarray, codes: np.ndarray, rank: np.ndarray,
+                 fetch_rows: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """Final IDs from the registry; `fetch_rows` returns embeddings of given rows, needed only by remap."""
+        model = self._fitted()
+        device = self._device()
+
+        @torch.no_grad()
+        def last_level_distances(rows: np.ndarray) -> np.ndarray:
+            x = torch.from_numpy(np.ascontiguousarray(fetch_rows(rows), dtype=np.float32)).to(device)
+            return model.quantizer.last_level_distances(model.latent(x)).cpu().numpy()
+
+        return self.registry.assign(
+            keys, codes, rank, self.config.collisions.strategy,
+            codebook_sizes=model.codebook_sizes, suffix_size=self.config.collisions.suffix_size,
+            last_level_distances=last_level_distances,
+        )

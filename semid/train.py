@@ -1,0 +1,255 @@
+"""Training loop: the whole corpus on the device, shuffled index batches, periodic full-corpus evaluation.
+
+Short enough to read in one sitting. The data set lives on the device as one tensor (item embeddings
+are small: 1M x 384 fp32 is 1.5 GB), batches are slices of a seeded permutation, and the loop has no
+DataLoader and no per-item Python. The RNG that orders batches is a CPU generator whose state is
+checkpointed, so a resumed run replays exactly the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from semid.config import SemidConfig
+from semid.metrics import codebook_metrics, collision_metrics, reconstruction_metrics
+from semid.rqvae import RQVAE
+
+# Keys whose larger value is better; every other evaluate key is minimised.
+_HIGHER_IS_BETTER = {"cosine", "unique_after"}
+CHECKPOINT_FORMAT = "semid-train-checkpoint-v1"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def encode_in_batches(model: RQVAE, x: torch.Tensor, batch_size: int = 65536) -> torch.Tensor:
+    """(n, D) -> (n, L) codes on x's device; batching bounds memory and never changes a code."""
+    return torch.cat([model.encode(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+
+
+@torch.no_grad()
+def decode_in_batches(model: RQVAE, codes: torch.Tensor, batch_size: int = 65536) -> torch.Tensor:
+    return torch.cat([model.decode(codes[i : i + batch_size]) for i in range(0, codes.shape[0], batch_size)])
+
+
+@torch.no_grad()
+def quick_evaluate(model: RQVAE, x: torch.Tensor) -> dict[str, Any]:
+    """Reconstruction, collision and codebook metrics on the whole corpus (DESIGN.md definitions).
+
+    prefix_agreement needs a k-NN search over the corpus and does not steer training, so it is left to
+    the final `SemanticIdTokenizer.evaluate`.
+    """
+    was_training = model.training
+    model.eval()
+    codes = encode_in_batches(model, x)
+    x_hat = decode_in_batches(model, codes)
+    model.train(was_training)
+    codes_np = codes.cpu().numpy()
+    return {
+        **reconstruction_metrics(x.cpu().numpy(), x_hat.cpu().numpy()),
+        **collision_metrics(codes_np),
+        **codebook_metrics(codes_np, model.codebook_sizes),
+    }
+
+
+def score(report: dict[str, Any], metric: str) -> tuple[float, float]:
+    """Sort key for "best": the chosen metric (negated when higher is better), then collision_rate."""
+    if metric not in report:
+        raise ValueError(f"train.best_metric '{metric}' is not an evaluation key (have: {', '.join(report)})")
+    value = float(report[metric])
+    return (-value if metric in _HIGHER_IS_BETTER else value, float(report["collision_rate"]))
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed run needs besides the model and optimizer."""
+
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_score: tuple[float, float] | None = None
+    best_step: int = -1
+    best_weights: dict[str, torch.Tensor] | None = None
+    evals_since_best: int = 0
+    dead_code_resets: int = 0
+
+
+class Trainer:
+    def __init__(self, config: SemidConfig, x: torch.Tensor, checkpoint_path: str | Path | None = None) -> None:
+        self.config = config
+        self.device = resolve_device(config.train.device)
+        self.x = x.to(self.device, dtype=torch.float32)
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        torch.manual_seed(config.train.seed)
+        self.model = RQVAE(x.shape[1], config.model, config.quantizer).to(self.device)
+        self.batch_size = min(config.train.batch_size, self.x.shape[0])
+        self.batch_rng = torch.Generator().manual_seed(config.train.seed)
+        self.permutation = torch.empty(0, dtype=torch.long)
+        self.position = 0
+        self.state = TrainState()
+        self.optimizer = self._make_optimizer() if self.model.is_autoencoder else None
+        self.scheduler = (
+            torch.optim.lr_scheduler.LambdaLR(self.optimizer, _LearningRate(config)) if self.optimizer else None
+        )
+        self._step_fn = torch.compile(self.model) if config.train.compile else self.model
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        t = self.config.train
+        if t.optimizer == "adagrad":
+            return torch.optim.Adagrad(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+
+    def initialize(self) -> None:
+        """Standardiser and k-means codebooks from a seeded sample of the data (not just the first batch)."""
+        q = self.config.quantizer
+        self.model.fit_standardizer(self.x)
+        if q.kmeans_init:
+            init_rng = torch.Generator(device=self.device).manual_seed(self.config.train.seed)
+            n = self.x.shape[0]
+            sample = torch.randperm(n, generator=self.batch_rng)[: min(n, q.kmeans_sample)].to(self.device)
+            with torch.no_grad():
+                self.model.quantizer.init_from_data(self.model.latent(self.x[sample]), init_rng)
+
+    def _next_batch(self) -> torch.Tensor:
+        if self.position + self.batch_size > self.permutation.numel():
+            self.permutation = torch.randperm(self.x.shape[0], generator=self.batch_rng)
+            self.position = 0
+        rows = self.permutation[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return self.x[rows.to(self.device)]
+
+    # ---- loop ---------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> RQVAE:
+        """Train, keep the best evaluated weights, and return the model holding exactly those weights."""
+        t, q = self.config.train, self.config.quantizer
+        if resume:
+            self.load_checkpoint()
+        else:
+            self.initialize()
+        if not self.model.is_autoencoder:  # residual k-means: k-means init is the whole fit
+            self._evaluate(step=0)
+            return self._finish()
+        use_amp = t.amp and self.device.type == "cuda"
+        bar = tqdm(total=t.steps, initial=self.state.step, disable=not t.progress, desc="train", unit="step")
+        self.model.train()
+        last = {}
+        while self.state.step < t.steps:
+            step = self.state.step
+            self.model.quantizer.set_tau(max(q.gumbel_tau_end, q.gumbel_tau_start * q.gumbel_tau_decay**step))
+            batch = self._next_batch()
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=use_amp):
+                out = self._step_fn(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            if q.dead_code_reset and (step + 1) % q.dead_code_every == 0:
+                self.state.dead_code_resets += self.model.quantizer.reset_dead_codes(out.residual, self.batch_size)
+            self.state.step += 1
+            done = self.state.step == t.steps
+            if (t.eval_every and self.state.step % t.eval_every == 0) or done:
+                last = self._evaluate(self.state.step, loss=float(out.loss))
+                if t.early_stopping and self.state.evals_since_best >= t.early_stopping:
+                    bar.update(1)
+                    break
+            if t.checkpoint_every and self.checkpoint_path and self.state.step % t.checkpoint_every == 0:
+                self.save_checkpoint()
+            bar.update(1)
+            if step % 10 == 0 or done:
+                bar.set_postfix(
+                    loss=f"{float(out.loss):.4f}",
+                    rec=f"{float(out.reconstruction_loss):.4f}",
+                    usage=f"{np.mean(last.get('usage', [float('nan')])):.2f}",
+                    coll=f"{last.get('collision_rate', float('nan')):.3f}",
+                )
+        bar.close()
+        return self._finish()
+
+    def _evaluate(self, step: int, loss: float | None = None) -> dict[str, Any]:
+        report = quick_evaluate(self.model, self.x)
+        report.update(step=step, dead_code_resets=self.state.dead_code_resets)
+        if loss is not None:
+            report["loss"] = loss
+        self.state.history.append(report)
+        current = score(report, self.config.train.best_metric)
+        if self.state.best_score is None or current < self.state.best_score:
+            self.state.best_score, self.state.best_step = current, step
+            self.state.best_weights = copy.deepcopy(self.model.state_dict())
+            self.state.evals_since_best = 0
+        else:
+            self.state.evals_since_best += 1
+        return report
+
+    def _finish(self) -> RQVAE:
+        if self.state.best_weights is not None:
+            self.model.load_state_dict(self.state.best_weights)
+        self.model.eval()
+        return self.model
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def save_checkpoint(self, path: str | Path | None = None) -> None:
+        from semid.io import atomic_write
+
+        path = Path(path or self.checkpoint_path)
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "state": dict(vars(self.state)),
+            "batch_rng": self.batch_rng.get_state(),
+            "permutation": self.permutation,
+            "position": self.position,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+    def load_checkpoint(self, path: str | Path | None = None) -> None:
+        path = Path(path or self.checkpoint_path)
+        try:
+            payload = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as exc:  # a truncated or foreign file: say which, not a pickle traceback
+            raise ValueError(f"cannot read training checkpoint {path}: {exc}") from None
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not a semid training checkpoint")
+        self.model.load_state_dict(payload["model"])
+        if self.optimizer:
+            self.optimizer.load_state_dict(payload["optimizer"])
+            self.scheduler.load_state_dict(payload["scheduler"])
+        self.state = TrainState(**payload["state"])
+        self.batch_rng.set_state(payload["batch_rng"])
+        self.permutation, self.position = payload["permutation"], payload["position"]
+        torch.set_rng_state(payload["torch_rng"])
+        if payload["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(payload["cuda_rng"])
+
+
+class _LearningRate:
+    """Linear warm-up, then constant or cosine decay to 10% of the base rate (a picklable LR lambda)."""
+
+    def __init__(self, config: SemidConfig) -> None:
+        self.steps, self.warmup, self.schedule = config.train.steps, config.train.warmup_steps, config.train.schedule
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup) / max(1, self.steps - self.warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
