@@ -93,10 +93,16 @@ def rotation_trick(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def gumbel_softmax_weights(
     logits: torch.Tensor, tau: float, hard: bool, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Gumbel-softmax weights over codes (rows sum to 1); hard=True gives one-hot values with soft gradients."""
+    """Gumbel-softmax weights over codes (rows sum to 1); hard=True gives one-hot values with soft gradients.
+
+    The noise is added to logits / tau, so tau anneals the sampling as well as the relaxation: as tau -> 0
+    the choice becomes the nearest code. With the textbook (logits + g) / tau, tau only sharpens the
+    mixture and codes stay drawn from softmax(logits) at every tau; for cosine (logits = cos in [-1, 1])
+    that is close to uniform over K, so training would see a random codeword instead of the nearest one.
+    """
     uniform = torch.rand(logits.shape, device=logits.device, generator=generator).clamp_(1e-10, 1.0 - 1e-7)
     gumbel = -torch.log(-torch.log(uniform))
-    soft = torch.softmax((logits + gumbel) / tau, dim=-1)
+    soft = torch.softmax(logits / tau + gumbel, dim=-1)
     if not hard:
         return soft
     one_hot = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.cluster import KMeans
 
-from semid.distance import Distance, nearest_code
+from semid.distance import nearest_code, pairwise_distance
 from semid.quantize import ForwardMode, Quantizer, gumbel_softmax_weights, rotation_trick, straight_through
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -40,8 +40,8 @@ def _blobs(n_centres: int, per_centre: int, dim: int, spread: float, seed: int) 
     """Points around well-separated centres: (points (n, dim), centres (n_centres, dim))."""
     g = _gen(seed)
     centres = 10.0 * torch.randn(n_centres, dim, generator=g)
-    points = centres.repeat_interleave(per_centre, dim=0) + spread * torch.randn(n_centres * per_centre, dim, generator=g)
-    return points, centres
+    noise = spread * torch.randn(n_centres * per_centre, dim, generator=g)
+    return centres.repeat_interleave(per_centre, dim=0) + noise, centres
 
 
 # ---- straight-through -------------------------------------------------------------------------------
@@ -70,14 +70,15 @@ def test_rotation_trick_forward_value_is_the_codeword() -> None:
     g = _gen(1)
     e, q, up = (torch.randn(64, 16, generator=g) for _ in range(3))
     out, _ = _grad_of(rotation_trick, e, q, up)
-    torch.testing.assert_close(out, q, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, q, rtol=0, atol=0)  # exactly q, not R e up to round-off
 
 
 def test_rotation_trick_preserves_angles_and_scales_the_norm() -> None:
     g = _gen(2)
-    e = torch.randn(64, 16, generator=g, dtype=torch.float64) * (0.1 + 3 * torch.rand(64, 1, generator=g, dtype=torch.float64))
-    q = torch.randn(64, 16, generator=g, dtype=torch.float64) * (0.1 + 3 * torch.rand(64, 1, generator=g, dtype=torch.float64))
-    up = torch.randn(64, 16, generator=g, dtype=torch.float64)
+    e, q, up = (torch.randn(64, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    # Lengths spread over a wide range, so that the |q| / |e| factor is visible.
+    e = e * (0.1 + 3 * torch.rand(64, 1, generator=g, dtype=torch.float64))
+    q = q * (0.1 + 3 * torch.rand(64, 1, generator=g, dtype=torch.float64))
     _, grad = _grad_of(rotation_trick, e, q, up)
     # The angle between e and its gradient equals the angle between q and the upstream gradient.
     torch.testing.assert_close(F.cosine_similarity(e, grad, dim=-1), F.cosine_similarity(q, up, dim=-1))
@@ -170,8 +171,27 @@ def test_gumbel_low_temperature_picks_the_nearest_code() -> None:
     logits = -torch.cdist(points, centres).pow(2)
     weights = gumbel_softmax_weights(logits, tau=1e-3, hard=True, generator=_gen(12))
     torch.testing.assert_close(weights.argmax(-1), nearest)
-    out = quantizer(points)
-    torch.testing.assert_close(out.quantized, centres[nearest])
+    e = points.clone().requires_grad_(True)
+    out = quantizer(e)
+    torch.testing.assert_close(out.quantized, centres[nearest], rtol=0, atol=0)
+    # The one-hot mixture sends each row's upstream gradient to its own codeword (the soft part is
+    # saturated at this temperature and adds nothing).
+    up = torch.randn(points.shape, generator=_gen(13))
+    (out.quantized * up).sum().backward()
+    torch.testing.assert_close(quantizer.codebook.grad, torch.zeros(16, 8).index_add_(0, nearest, up))
+
+
+def test_gumbel_temperature_anneals_the_choice_to_the_nearest_code_for_cosine(movies: torch.Tensor) -> None:
+    # Cosine logits lie in [-1, 1] and real nearest codes win by small margins: the choice only becomes the
+    # nearest code if tau scales the logits against the noise, and at tau = 1 it must still explore.
+    rows = torch.randperm(movies.shape[0], generator=_gen(14))
+    codebook, queries = movies[rows[:64]], movies[rows[64:1064]]
+    nearest = nearest_code(queries, codebook, "cosine")[0]
+    logits = -pairwise_distance(queries, codebook, "cosine")
+    cold = gumbel_softmax_weights(logits, tau=1e-3, hard=True, generator=_gen(15)).argmax(-1)
+    warm = gumbel_softmax_weights(logits, tau=1.0, hard=True, generator=_gen(16)).argmax(-1)
+    assert (cold == nearest).float().mean() > 0.97
+    assert (warm == nearest).float().mean() < 0.5
 
 
 def test_gumbel_gradients_reach_input_and_codebook() -> None:
@@ -238,6 +258,8 @@ def test_reseed_uses_the_worst_quantized_inputs() -> None:
     torch.testing.assert_close(out.error.double(), brute, rtol=1e-5, atol=1e-4)
 
     dead = torch.tensor([6, 2, 3])
+    quantizer.usage_ema[dead] = 0.0  # as if these codes had not been used for a long time
+    assert set(quantizer.dead_codes(batch_size=160).tolist()) == set(dead.tolist())
     assert quantizer.reseed(dead, points, out.error) == 3
     worst_three = torch.argsort(brute, descending=True)[:3]
     assert set(worst_three.tolist()) <= set(outliers.tolist())
