@@ -1,0 +1,63 @@
+"""Shared test fixtures: the real data sets (skipped when absent) and a tiny config that trains in seconds.
+
+torch runs on one thread: on a small shared machine two intra-op threads fighting other processes made
+a tiny training run about 6x slower than one thread, and one thread also keeps CPU results reproducible.
+"""
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+
+from semid.config import SemidConfig
+
+torch.set_num_threads(1)
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# A model small enough to train 100 steps in about a second on one core, large enough to learn ml-100k.
+TINY_OVERRIDES: dict[str, Any] = {
+    "model.hidden": [64],
+    "model.latent_dim": 16,
+    "quantizer.levels": 3,
+    "quantizer.codebook_size": 16,
+    "train.device": "cpu",
+    "train.steps": 100,
+    "train.batch_size": 256,
+    "train.lr": 0.003,
+    "train.eval_every": 50,
+    "train.progress": False,
+}
+
+
+@cache
+def _load(name: str) -> np.ndarray | None:
+    path = DATA_DIR / f"{name}.npy"
+    return np.load(path) if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Callable[[str], np.ndarray]:
+    """`real_data("ml-100k")` -> the (N, 384) float32 matrix (a fresh copy); skips when the data is absent."""
+
+    def load(name: str) -> np.ndarray:
+        x = _load(name)
+        if x is None:
+            pytest.skip(f"real data {name}.npy not found under {DATA_DIR}")
+        return x.copy()
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> Callable[..., SemidConfig]:
+    """`tiny_config({"quantizer.forward": "ste"})` -> the tiny CPU config with these overrides on top."""
+
+    def make(overrides: dict[str, Any] | None = None) -> SemidConfig:
+        return SemidConfig().with_overrides({**TINY_OVERRIDES, **(overrides or {})})
+
+    return make

@@ -1,0 +1,300 @@
+"""SemanticIdTokenizer (issue #4): unique final IDs, stable IDs for old items, save/load, streaming, decode.
+
+A tiny model (3 levels x 16 codes) is trained once per collision strategy and identity kind on the
+first 1200 items of ml-100k (A); the others (B) play the part of items added later. The few rows of
+ml-100k that repeat an earlier row bit for bit are dropped, so that every row is a distinct item also
+for content keys. 16^3 tuples for 1200 clustered items give raw collisions, which the collision
+handling must remove.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from semid.io import InputError
+from semid.metrics import collision_metrics
+from semid.tokenizer import ModelDirError, SemanticIdTokenizer
+
+N_A = 1200
+DESIGN_KEYS = {"mse", "fvu", "cosine", "collision_rate", "colliding_items", "max_group", "usage", "entropy_bits",
+               "prefix_agreement", "unique_after", "id_length"}
+
+
+def _frame(x: np.ndarray, ids: np.ndarray) -> pl.DataFrame:
+    return pl.DataFrame({"item_id": ids, "embedding": pl.Series(x.tolist(), dtype=pl.List(pl.Float32))})
+
+
+def _rows(ids: np.ndarray) -> set[tuple[int, ...]]:
+    return set(map(tuple, ids.tolist()))
+
+
+@pytest.fixture(scope="module")
+def data(real_data) -> dict[str, np.ndarray]:
+    x = real_data("ml-100k")
+    x = x[np.sort(np.unique(x, axis=0, return_index=True)[1])]  # (n, D) distinct rows, in file order
+    ids = np.array([f"movie-{i}" for i in range(len(x))])
+    return {"x": x, "ids": ids, "a": x[:N_A], "b": x[N_A:], "ids_a": ids[:N_A], "ids_b": ids[N_A:]}
+
+
+@pytest.fixture(scope="module")
+def model_dir(data, tiny_config, tmp_path_factory) -> Callable[[str, bool], Path]:
+    """`model_dir(strategy, with_ids)` -> a saved model fitted on A (cached); load it for a fresh tokenizer."""
+    cache: dict[tuple[str, bool], Path] = {}
+
+    def get(strategy: str, with_ids: bool) -> Path:
+        if (strategy, with_ids) not in cache:
+            tok = SemanticIdTokenizer(tiny_config({"collisions.strategy": strategy}))
+            tok.fit(_frame(data["a"], data["ids_a"]) if with_ids else data["a"])
+            cache[strategy, with_ids] = tok.save(tmp_path_factory.mktemp(f"{strategy}-{with_ids}") / "model")
+        return cache[strategy, with_ids]
+
+    return get
+
+
+def _encode(tok: SemanticIdTokenizer, x: np.ndarray, ids: np.ndarray, with_ids: bool) -> np.ndarray:
+    return tok.encode(_frame(x, ids)) if with_ids else tok.encode(x)
+
+
+# ---- collision handling -------------------------------------------------------------------------
+
+
+def _rank_keys(tok: SemanticIdTokenizer, x: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Each item's squared latent distance to its codeword sum: the documented within-group ranking."""
+    with torch.no_grad():
+        z = tok.model.latent(torch.from_numpy(x))
+        return (z - tok.model.quantizer.decode(torch.from_numpy(codes))).pow(2).sum(-1).numpy()
+
+
+def test_suffix_makes_ids_unique_and_ranks_by_distance(data, model_dir):
+    tok = SemanticIdTokenizer.load(model_dir("suffix", True))
+    x, levels = data["a"], 3
+    raw = tok.encode_raw(x)
+    assert collision_metrics(raw)["collision_rate"] > 0  # precondition: there is something to resolve
+    final = _encode(tok, x, data["ids_a"], True)
+    assert final.shape == (N_A, levels + 1)
+    assert np.unique(final, axis=0).shape[0] == N_A
+    np.testing.assert_array_equal(final[:, :levels], raw)  # the suffix is appended, codes are kept
+    rank = _rank_keys(tok, x, raw)
+    _, group = np.unique(raw, axis=0, return_inverse=True)
+    for g in np.unique(group):
+        members = np.flatnonzero(group == g)
+        suffixes = final[members, levels]
+        np.testing.assert_array_equal(np.sort(suffixes), np.arange(len(members)))  # 0..g-1; alone -> 0
+        # Closer to the codeword -> smaller suffix (ties by item order).
+        order = np.lexsort((members, rank[members]))
+        np.testing.assert_array_equal(suffixes[order], np.arange(len(members)))
+    report = tok.evaluate(_frame(x, data["ids_a"]))
+    assert report["unique_after"] == 1.0
+    assert report["id_length"] == levels + 1
+
+
+def test_remap_makes_ids_unique_within_the_same_prefix(data, model_dir):
+    tok = SemanticIdTokenizer.load(model_dir("remap", True))
+    x, levels = data["a"], 3
+    raw = tok.encode_raw(x)
+    assert collision_metrics(raw)["collision_rate"] > 0
+    final = _encode(tok, x, data["ids_a"], True)
+    assert np.unique(final, axis=0).shape[0] == N_A
+    np.testing.assert_array_equal(final[:, : levels - 1], raw[:, : levels - 1])  # only the last level moves
+    assert (final[:, levels - 1] < 16).all()
+    # An item alone in its tuple keeps it, and the ID stays of length L (plus a 0 suffix at most).
+    _, group, counts = np.unique(raw, axis=0, return_inverse=True, return_counts=True)
+    alone = counts[group] == 1
+    np.testing.assert_array_equal(final[alone, :levels], raw[alone])
+    moved = (final[:, :levels] != raw).any(axis=1)
+    assert 0 < moved.sum() <= N_A - len(counts)
+    assert tok.evaluate(_frame(x, data["ids_a"]))["unique_after"] == 1.0
+
+
+def test_none_strategy_leaves_collisions(data, model_dir):
+    tok = SemanticIdTokenizer.load(model_dir("none", True))
+    final = _encode(tok, data["a"], data["ids_a"], True)
+    np.testing.assert_array_equal(final, tok.encode_raw(data["a"]))
+    assert tok.evaluate(_frame(data["a"], data["ids_a"]))["unique_after"] < 1.0
+
+
+# ---- stable IDs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["suffix", "remap"])
+@pytest.mark.parametrize("with_ids", [True, False], ids=["ids", "content"])
+def test_new_items_leave_old_ids_unchanged(data, model_dir, tmp_path, strategy, with_ids):
+    path = model_dir(strategy, with_ids)
+    tok = SemanticIdTokenizer.load(path)
+    ids_a = _encode(tok, data["a"], data["ids_a"], with_ids)
+    assert np.unique(ids_a, axis=0).shape[0] == N_A
+    raw_a, raw_b = tok.encode_raw(data["a"]), tok.encode_raw(data["b"])
+    assert _rows(raw_a) & _rows(raw_b)  # precondition: some new items fall on tuples old items hold
+
+    ids_b = _encode(tok, data["b"], data["ids_b"], with_ids)
+    assert np.unique(ids_b, axis=0).shape[0] == len(data["b"])
+    assert not _rows(ids_a) & _rows(ids_b)
+    np.testing.assert_array_equal(_encode(tok, data["a"], data["ids_a"], with_ids), ids_a)
+    both = _encode(tok, data["x"], data["ids"], with_ids)  # a catalogue with old and new items mixed
+    np.testing.assert_array_equal(both, np.concatenate([ids_a, ids_b]))
+
+    # The same, with save/load between the steps: a fresh copy of the model gives B the same IDs, and the
+    # saved registry remembers them.
+    other = SemanticIdTokenizer.load(path)
+    np.testing.assert_array_equal(_encode(other, data["b"], data["ids_b"], with_ids), ids_b)
+    tok.save(tmp_path / "after-b")
+    again = SemanticIdTokenizer.load(tmp_path / "after-b")
+    np.testing.assert_array_equal(_encode(again, data["x"], data["ids"], with_ids), both)
+
+
+def test_known_ids_keep_their_id_when_embeddings_change(data, model_dir):
+    tok = SemanticIdTokenizer.load(model_dir("suffix", True))
+    ids_a = _encode(tok, data["a"], data["ids_a"], True)
+    shuffled = np.random.default_rng(0).permutation(N_A)
+    moved = data["a"][shuffled]  # every id now carries another item's embedding
+    assert (tok.encode_raw(moved) != tok.encode_raw(data["a"])).any()
+    np.testing.assert_array_equal(_encode(tok, moved, data["ids_a"], True), ids_a)
+
+
+def test_content_keys_tell_repeated_rows_apart(data, model_dir):
+    tok = SemanticIdTokenizer.load(model_dir("suffix", False))
+    x = np.concatenate([data["b"][:5], data["b"][:5]])  # five new items, each twice
+    ids = tok.encode(x)
+    assert np.unique(ids, axis=0).shape[0] == 10
+    np.testing.assert_array_equal(tok.encode(x), ids)
+    np.testing.assert_array_equal(tok.encode(x[:5]), ids[:5])  # first occurrences keep their IDs
+
+
+def test_content_keys_give_a_known_row_its_saved_id(data, model_dir):
+    """Without ids, a row is its content: a bit-identical copy of a fitted row is that item again."""
+    tok = SemanticIdTokenizer.load(model_dir("suffix", False))
+    ids_a = tok.encode(data["a"])
+    picked = [7, 3, 500]
+    copies = np.concatenate([data["b"][:2], data["a"][picked]])
+    np.testing.assert_array_equal(tok.encode(copies)[2:], ids_a[picked])
+
+
+# ---- persistence and streaming ------------------------------------------------------------------
+
+
+def test_save_load_round_trip_gives_identical_codes(data, model_dir, tmp_path):
+    tok = SemanticIdTokenizer.load(model_dir("suffix", True))
+    tok.save(tmp_path / "copy")
+    copy = SemanticIdTokenizer.load(tmp_path / "copy")
+    for name, value in tok.model.state_dict().items():
+        assert torch.equal(value, copy.model.state_dict()[name]), name
+    np.testing.assert_array_equal(copy.encode_raw(data["x"]), tok.encode_raw(data["x"]))
+    np.testing.assert_array_equal(copy.encode(_frame(data["a"], data["ids_a"])),
+                                  tok.encode(_frame(data["a"], data["ids_a"])))
+    assert copy.config == tok.config
+    assert copy.meta == tok.meta
+    assert copy.history == tok.history
+
+
+@pytest.mark.parametrize("with_ids", [True, False], ids=["parquet", "npy"])
+def test_encode_file_is_independent_of_batch_size(data, model_dir, tmp_path, with_ids):
+    path = model_dir("suffix", with_ids)
+    if with_ids:
+        source = tmp_path / "items.parquet"
+        _frame(data["x"], data["ids"]).write_parquet(source, row_group_size=300)
+    else:
+        source = tmp_path / "items.npy"
+        np.save(source, data["x"])
+    frames = []
+    for batch_size in (100, 1000, 100000):
+        tok = SemanticIdTokenizer.load(path)  # fresh registry each time: B is new in every run
+        out = tmp_path / f"ids-{batch_size}.parquet"
+        summary = tok.encode_file(source, out, batch_size=batch_size, progress=False)
+        assert summary["n_items"] == len(data["x"])
+        assert summary["new_items"] == len(data["b"])
+        frames.append(pl.read_parquet(out))
+    for frame in frames[1:]:
+        assert frame.equals(frames[0])
+    frame = frames[0]
+    assert frame.columns == ["item_id", "codes", "semantic_id"]
+    codes = np.array(frame["codes"].to_list())
+    expected = _encode(SemanticIdTokenizer.load(path), data["x"], data["ids"], with_ids)
+    np.testing.assert_array_equal(codes, expected)  # the streamed path agrees with the in-memory one
+    assert frame["semantic_id"].to_list() == ["-".join(map(str, row)) for row in codes.tolist()]
+    expected_ids = data["ids"].tolist() if with_ids else list(range(len(data["x"])))
+    assert [str(v) for v in frame["item_id"].to_list()] == [str(v) for v in expected_ids]
+
+
+# ---- decode and evaluate ------------------------------------------------------------------------
+
+
+def test_decode_reconstructs_in_input_units(data, model_dir):
+    tok = SemanticIdTokenizer.load(model_dir("suffix", True))
+    x = data["a"]
+    raw = tok.encode_raw(x)
+    x_hat = tok.decode(raw)
+    assert x_hat.dtype == np.float32 and x_hat.shape == x.shape
+    final = tok.encode(_frame(x, data["ids_a"]))
+    np.testing.assert_array_equal(tok.decode(final), x_hat)  # the suffix column is ignored
+    np.testing.assert_array_equal(tok.reconstruct(x), x_hat)
+    fvu = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    report = tok.evaluate(_frame(x, data["ids_a"]))
+    assert report["fvu"] == pytest.approx(float(fvu), rel=1e-4)
+    assert fvu < 0.95  # the decoder really reconstructs, far better than the mean
+
+
+@pytest.mark.parametrize("bad, pattern", [
+    (np.zeros(3, dtype=np.int64), "shape"),
+    (np.zeros((4, 2), dtype=np.int64), "shape"),
+    (np.array([[0, 0, 16]]), "level 3 out of range"),
+    (np.array([[0, -1, 0]]), "level 2 out of range"),
+])
+def test_decode_validates_its_input(data, model_dir, bad, pattern):
+    tok = SemanticIdTokenizer.load(model_dir("suffix", True))
+    with pytest.raises(InputError, match=pattern):
+        tok.decode(bad)
+
+
+def test_evaluate_reports_every_design_metric(data, model_dir):
+    tok = SemanticIdTokenizer.load(model_dir("suffix", True))
+    report = tok.evaluate(_frame(data["a"], data["ids_a"]))
+    assert DESIGN_KEYS <= report.keys()
+    raw = tok.encode_raw(data["a"])
+    assert report["collision_rate"] == pytest.approx(1 - np.unique(raw, axis=0).shape[0] / N_A)
+    assert len(report["usage"]) == len(report["entropy_bits"]) == len(report["prefix_agreement"]) == 3
+    assert all(0 <= e <= np.log2(16) + 1e-9 for e in report["entropy_bits"])
+    agreement = report["prefix_agreement"]
+    assert all(a >= b for a, b in zip(agreement, agreement[1:]))  # sharing d+1 codes implies sharing d
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_are_refused(data, model_dir):
+    tok = SemanticIdTokenizer.load(model_dir("suffix", True))
+    with pytest.raises(InputError, match="dimension"):
+        tok.encode(data["a"][:, :100])
+    nan = data["a"][:10].copy()
+    nan[3, 7] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        tok.encode(nan)
+    with pytest.raises(InputError, match="unique"):
+        tok.encode(_frame(data["a"][:3], np.array(["x", "y", "x"])))
+    with pytest.raises(RuntimeError, match="not fitted"):
+        SemanticIdTokenizer().encode(data["a"])
+
+
+def test_load_refuses_incomplete_or_foreign_directories(model_dir, tmp_path):
+    import shutil
+
+    with pytest.raises(ModelDirError, match="not found"):
+        SemanticIdTokenizer.load(tmp_path / "nothing")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("hello")
+    with pytest.raises(ModelDirError, match="not a semid model directory"):
+        SemanticIdTokenizer.load(foreign)
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir("suffix", True), broken)
+    weights = (broken / "model.pt").read_bytes()
+    (broken / "model.pt").write_bytes(weights[: len(weights) // 3])
+    with pytest.raises(ModelDirError, match="model.pt"):
+        SemanticIdTokenizer.load(broken)
+    (broken / "meta.json").unlink()
+    with pytest.raises(ModelDirError, match="meta.json"):
+        SemanticIdTokenizer.load(broken)

@@ -1,0 +1,339 @@
+"""Trainer (issue #3): learning, determinism, resume, best weights, early stopping, every config option.
+
+All runs are tiny (a 64-wide MLP, 3 x 16 codes, a few hundred steps) on real item embeddings, so each
+takes about a second on one CPU core.
+"""
+from __future__ import annotations
+
+import math
+import tomllib
+
+import numpy as np
+import pytest
+import torch
+
+from semid.config import ConfigError, SemidConfig
+from semid.train import Trainer, encode_in_batches, quick_evaluate, score
+
+
+def _x(real_data, name: str = "ml-100k") -> torch.Tensor:
+    return torch.from_numpy(real_data(name))
+
+
+def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def _states_differ(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- learning ---------------------------------------------------------------------------------
+
+
+def test_loss_decreases_on_real_sample(real_data, tiny_config):
+    """Full-corpus reconstruction loss after training is well below the loss right after initialisation."""
+    x = _x(real_data, "ml-1m")
+    config = tiny_config({"train.steps": 150, "train.eval_every": 25})
+    untrained = Trainer(config, x)
+    untrained.initialize()  # k-means codebooks, no gradient step: the same start the trained run has
+    untrained.model.eval()
+    trainer = Trainer(config, x)
+    model = trainer.fit()
+    with torch.no_grad():
+        before = untrained.model(untrained.x)
+        after = model(trainer.x)
+    assert float(after.reconstruction_loss) < 0.9 * float(before.reconstruction_loss)
+    assert float(after.loss) < float(before.loss)
+    history = trainer.state.history
+    assert [h["step"] for h in history] == list(range(25, 151, 25))
+    assert history[-1]["fvu"] < history[0]["fvu"] - 0.03
+    # Inputs are scaled by one global RMS factor, so the standardised MSE is exactly the fraction of
+    # variance unexplained: the training objective and the headline metric measure the same thing.
+    assert float(after.reconstruction_loss) == pytest.approx(quick_evaluate(model, trainer.x)["fvu"], rel=1e-4)
+
+
+@pytest.mark.parametrize("forward", ["ste", "rotation", "gumbel"])
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_every_distance_and_forward_mode_learns(real_data, tiny_config, distance, forward):
+    # Gumbel starts cold (tau 0.1, not 1.0): the default schedule anneals over thousands of steps, and at
+    # tau near 1 the sampled code is close to random for latent distances of this scale.
+    config = tiny_config({"quantizer.distance": distance, "quantizer.forward": forward,
+                          "quantizer.gumbel_tau_start": 0.1,
+                          "train.steps": 200, "train.lr": 0.005, "train.eval_every": 100})
+    trainer = Trainer(config, _x(real_data))
+    model = trainer.fit()
+    fvu = quick_evaluate(model, trainer.x)["fvu"]
+    assert fvu < 0.9, f"{distance}/{forward}: fvu {fvu:.3f} after 200 steps"
+
+
+# ---- determinism and resume -------------------------------------------------------------------
+
+
+def test_same_seed_gives_same_result_and_another_seed_differs(real_data, tiny_config):
+    x = _x(real_data)
+    runs = []
+    for seed in (0, 0, 1):
+        trainer = Trainer(tiny_config({"train.seed": seed, "train.steps": 60}), x)
+        model = trainer.fit()
+        runs.append((model.state_dict(), encode_in_batches(model, trainer.x), trainer.state.history))
+    (w0, c0, h0), (w1, c1, h1), (w2, c2, _) = runs
+    _assert_same_state(w0, w1)
+    assert torch.equal(c0, c1)
+    assert h0 == h1
+    assert _states_differ(w0, w2)
+    assert not torch.equal(c0, c2)
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(real_data, tiny_config, tmp_path):
+    """Checkpoint at step 60 of 100 (the only multiple of 60); a new trainer resumes it and ends identical."""
+    x = _x(real_data)
+    ckpt = tmp_path / "train.ckpt"
+    config = tiny_config({"train.steps": 100, "train.eval_every": 20, "train.checkpoint_every": 60,
+                          "quantizer.dead_code_every": 7})
+    full = Trainer(config, x, checkpoint_path=ckpt)
+    full_model = full.fit()
+    assert torch.load(ckpt, weights_only=True)["state"]["step"] == 60  # a genuine mid-run checkpoint
+
+    resumed = Trainer(config, x, checkpoint_path=ckpt)
+    assert _states_differ(resumed.model.state_dict(), full_model.state_dict())  # not trivially equal
+    resumed_model = resumed.fit(resume=True)
+
+    _assert_same_state(full_model.state_dict(), resumed_model.state_dict())
+    assert resumed.state.history == full.state.history
+    assert (resumed.state.step, resumed.state.best_step) == (full.state.step, full.state.best_step)
+    assert resumed.state.dead_code_resets == full.state.dead_code_resets
+    # The optimizer moments and the learning rate continue where they were, not from scratch.
+    full_opt, resumed_opt = full.optimizer.state_dict(), resumed.optimizer.state_dict()
+    assert full_opt["param_groups"] == resumed_opt["param_groups"]
+    assert float(resumed.optimizer.param_groups[0]["lr"]) < config.train.lr  # the cosine decay moved it
+    for key, moments in full_opt["state"].items():
+        for name, value in moments.items():
+            assert torch.equal(value, resumed_opt["state"][key][name]), f"optimizer {name} of param {key}"
+
+
+def test_load_checkpoint_rejects_corrupt_and_foreign_files(real_data, tiny_config, tmp_path):
+    x = _x(real_data)
+    config = tiny_config({"train.steps": 20, "train.checkpoint_every": 10})
+    ckpt = tmp_path / "train.ckpt"
+    Trainer(config, x, checkpoint_path=ckpt).fit()
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cannot read training checkpoint"):
+        Trainer(config, x, checkpoint_path=ckpt).fit(resume=True)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(ValueError, match="not a semid training checkpoint"):
+        Trainer(config, x, checkpoint_path=foreign).fit(resume=True)
+
+
+# ---- best weights and early stopping ----------------------------------------------------------
+
+
+def test_returned_weights_are_the_reported_best(real_data, tiny_config):
+    """A deliberately unstable run (constant lr 1.0), so that the best evaluation is not the last one."""
+    config = tiny_config({"train.lr": 1.0, "train.schedule": "constant", "train.eval_every": 10})
+    trainer = Trainer(config, _x(real_data))
+    model = trainer.fit()
+    history, state = trainer.state.history, trainer.state
+    scores = [score(h, "fvu") for h in history]
+    best = history[int(np.argmin([s[0] for s in scores]))]
+    assert state.best_step == best["step"]
+    assert state.best_step != history[-1]["step"], "precondition: the best evaluation should not be the last"
+    again = quick_evaluate(model, trainer.x)
+    assert again["fvu"] == pytest.approx(best["fvu"], abs=1e-6)
+    assert again["collision_rate"] == best["collision_rate"]
+    assert abs(again["fvu"] - history[-1]["fvu"]) > 1e-3  # really not the last weights
+
+
+def test_best_metric_higher_is_better_for_cosine():
+    low, high = {"cosine": 0.5, "collision_rate": 0.0}, {"cosine": 0.9, "collision_rate": 0.0}
+    assert score(high, "cosine") < score(low, "cosine")
+    assert score({"fvu": 0.5, "collision_rate": 0.1}, "fvu") < score({"fvu": 0.5, "collision_rate": 0.2}, "fvu")
+    with pytest.raises(ValueError, match="best_metric 'nope'"):
+        score(low, "nope")
+
+
+def test_early_stopping_stops_after_evaluations_without_improvement(real_data, tiny_config):
+    """With lr 0 the model never changes, so every evaluation after the first fails to improve."""
+    config = tiny_config({"train.lr": 0.0, "train.steps": 1000, "train.eval_every": 10,
+                          "train.early_stopping": 2, "quantizer.dead_code_reset": False})
+    trainer = Trainer(config, _x(real_data))
+    trainer.fit()
+    assert trainer.state.step == 30  # evals at 10 (best), 20 and 30 (no improvement) -> stop
+    assert [h["step"] for h in trainer.state.history] == [10, 20, 30]
+    assert trainer.state.best_step == 10
+
+
+def test_no_early_stopping_runs_every_step(real_data, tiny_config):
+    config = tiny_config({"train.lr": 0.0, "train.steps": 40, "train.eval_every": 10,
+                          "quantizer.dead_code_reset": False})
+    trainer = Trainer(config, _x(real_data))
+    trainer.fit()
+    assert trainer.state.step == 40
+    assert [h["step"] for h in trainer.state.history] == [10, 20, 30, 40]
+
+
+# ---- each option changes behaviour ------------------------------------------------------------
+
+
+def test_distance_changes_codes(real_data, tiny_config):
+    x = _x(real_data)
+    codes = {}
+    for distance in ("l2", "cosine"):
+        trainer = Trainer(tiny_config({"quantizer.distance": distance, "train.steps": 40}), x)
+        codes[distance] = encode_in_batches(trainer.fit(), trainer.x)
+    assert (codes["l2"] != codes["cosine"]).any(dim=1).float().mean() > 0.05
+
+
+def test_forward_mode_changes_trained_weights(real_data, tiny_config):
+    x = _x(real_data)
+    weights = {}
+    for forward in ("ste", "rotation", "gumbel"):
+        trainer = Trainer(tiny_config({"quantizer.forward": forward, "train.steps": 30, "train.eval_every": 0}), x)
+        weights[forward] = trainer.fit().state_dict()
+    assert _states_differ(weights["ste"], weights["rotation"])
+    assert _states_differ(weights["ste"], weights["gumbel"])
+    assert _states_differ(weights["rotation"], weights["gumbel"])
+
+
+def test_kmeans_init_gives_codebooks_that_fit_the_data(real_data, tiny_config):
+    x = _x(real_data)
+    trainers = {}
+    for on in (True, False):
+        trainer = Trainer(tiny_config({"quantizer.kmeans_init": on}), x)
+        trainer.initialize()
+        trainers[on] = trainer
+    with torch.no_grad():
+        latent = trainers[True].model.latent(trainers[True].x)  # same seed: same encoder weights
+        assert torch.equal(latent, trainers[False].model.latent(trainers[False].x))
+        errors = {}
+        for on, trainer in trainers.items():
+            first = trainer.model.quantizer.levels[0]
+            errors[on] = float((latent - first.decode(first.encode(latent))).pow(2).sum(-1).mean())
+    assert not torch.equal(trainers[True].model.quantizer.levels[0].codebook,
+                           trainers[False].model.quantizer.levels[0].codebook)
+    # k-means codewords quantize the latent far better than random ones.
+    assert errors[True] < 0.8 * errors[False]
+
+
+def test_dead_code_reset_happens_only_when_enabled(real_data, tiny_config):
+    """Random (not k-means) codebooks leave many codes unused: dead codes that only the reset revives."""
+    x = _x(real_data)
+    resets, usage = {}, {}
+    for on in (True, False):
+        trainer = Trainer(tiny_config({"quantizer.kmeans_init": False, "quantizer.dead_code_reset": on,
+                                       "quantizer.codebook_size": 32, "train.steps": 60}), x)
+        model = trainer.fit()
+        resets[on] = trainer.state.dead_code_resets
+        usage[on] = quick_evaluate(model, trainer.x)["usage"]
+        assert int(sum(level.resets for level in model.quantizer.levels)) == resets[on]
+    assert resets[False] == 0
+    assert resets[True] > 0
+    assert np.mean(usage[True]) > np.mean(usage[False])
+
+
+def test_rqkmeans_fits_without_gradient_steps(real_data, tiny_config):
+    trainer = Trainer(tiny_config({"model.type": "rqkmeans"}), _x(real_data))
+    model = trainer.fit()
+    assert trainer.optimizer is None
+    assert [h["step"] for h in trainer.state.history] == [0]
+    assert quick_evaluate(model, trainer.x)["fvu"] < 0.9
+
+
+# ---- config -----------------------------------------------------------------------------------
+
+
+def test_config_save_load_and_toml_round_trip(tmp_path):
+    config = SemidConfig().with_overrides({
+        "quantizer.codebook_size": [64, 32, 16], "quantizer.distance": "cosine", "train.lr": 0.01,
+        "model.hidden": [128, 64], "collisions.strategy": "remap", "train.progress": False,
+    })
+    path = tmp_path / "config.toml"
+    config.save(path)
+    assert SemidConfig.load(path) == config
+    assert tomllib.loads(config.to_toml()) == config.to_dict()
+    assert SemidConfig.from_dict(tomllib.loads(config.to_toml())) == config
+
+
+def test_bundled_configs_load(tmp_path):
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+    assert configs
+    for path in configs:
+        config = SemidConfig.load(path)
+        assert config.model.type in ("rqvae", "rqkmeans")
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[model]\nhiden = [8]\n", "model.hiden"),
+    ("[quantizer]\ncodebok_size = 8\n", "quantizer.codebok_size"),
+    ("[trian]\nsteps = 8\n", "trian"),
+])
+def test_unknown_config_key_is_named(tmp_path, text, key):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"unknown config key '{key}'"):
+        SemidConfig.load(path)
+
+
+def test_unknown_override_key_is_named():
+    with pytest.raises(ConfigError, match="unknown config key 'train.stpes'"):
+        SemidConfig().with_overrides({"train.stpes": 5})
+    with pytest.raises(ConfigError, match="unknown config key 'nosection.steps'"):
+        SemidConfig().with_overrides({"nosection.steps": 5})
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    ({"quantizer.distance": "manhattan"}, "quantizer.distance.*manhattan.*l2, cosine"),
+    ({"quantizer.forward": "magic"}, "quantizer.forward.*magic"),
+    ({"collisions.strategy": "drop"}, "collisions.strategy.*drop"),
+    ({"train.device": "tpu"}, "train.device"),
+    ({"train.steps": 0}, "train.steps.*positive"),
+    ({"train.steps": "many"}, "train.steps.*expected int"),
+    ({"train.lr": True}, "train.lr"),
+    ({"quantizer.codebook_size": [16, 16]}, "codebook_size lists 2 sizes for 3 levels"),
+])
+def test_bad_config_values_are_rejected(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        SemidConfig().with_overrides(overrides)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        SemidConfig.load(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        SemidConfig.load(bad)
+
+
+# ---- CUDA -------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_cuda_bf16_training_is_finite(real_data, tiny_config):
+    config = tiny_config({"train.device": "cuda", "train.amp": True, "train.steps": 200, "train.eval_every": 50})
+    trainer = Trainer(config, _x(real_data))
+    model = trainer.fit()
+    assert next(model.parameters()).is_cuda
+    for name, tensor in model.state_dict().items():
+        assert torch.isfinite(tensor.float()).all(), name
+    history = trainer.state.history
+    assert all(math.isfinite(h["loss"]) and math.isfinite(h["fvu"]) for h in history)
+    assert history[-1]["fvu"] < 0.95
+
+
+@needs_cuda
+def test_cuda_and_cpu_codes_agree_with_the_same_weights(real_data, tiny_config):
+    trainer = Trainer(tiny_config({"train.steps": 100}), _x(real_data))
+    model = trainer.fit()
+    cpu_codes = encode_in_batches(model, trainer.x)
+    gpu_codes = encode_in_batches(model.to("cuda"), trainer.x.to("cuda")).cpu()
+    agree = (cpu_codes == gpu_codes).all(dim=1).float().mean()
+    assert agree >= 0.999
