@@ -2,8 +2,6 @@
 nearest neighbours on real embeddings, and chunking that must not change any result."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -12,19 +10,13 @@ from sklearn.neighbors import NearestNeighbors
 
 from semid.distance import Distance, nearest_code, pairwise_distance
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
 @pytest.fixture(scope="module")
-def queries_and_codebook() -> tuple[np.ndarray, np.ndarray]:
+def queries_and_codebook(real_data) -> tuple[np.ndarray, np.ndarray]:
     """2000 beauty rows as queries and 256 ml-1m rows as a codebook: real, unnormalised embeddings."""
-    if not (DATA / "beauty.npy").is_file() or not (DATA / "ml-1m.npy").is_file():
-        pytest.skip(f"real embeddings not found under {DATA}")
     rng = np.random.default_rng(0)
-    beauty = np.load(DATA / "beauty.npy", mmap_mode="r")
-    movies = np.load(DATA / "ml-1m.npy", mmap_mode="r")
-    queries = np.ascontiguousarray(beauty[np.sort(rng.choice(len(beauty), 2000, replace=False))], dtype=np.float32)
-    codebook = np.ascontiguousarray(movies[np.sort(rng.choice(len(movies), 256, replace=False))], dtype=np.float32)
+    beauty, movies = real_data("beauty"), real_data("ml-1m")
+    queries = beauty[np.sort(rng.choice(len(beauty), 2000, replace=False))]
+    codebook = movies[np.sort(rng.choice(len(movies), 256, replace=False))]
     return queries, codebook
 
 

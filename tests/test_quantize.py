@@ -2,8 +2,6 @@
 losses, eval-mode behaviour, dead-code reseeding and the k-means initialisation of one codebook."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -12,9 +10,6 @@ from sklearn.cluster import KMeans
 
 from semid.distance import nearest_code, pairwise_distance
 from semid.quantize import ForwardMode, Quantizer, gumbel_softmax_weights, rotation_trick, straight_through
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
@@ -310,11 +305,8 @@ def test_dead_codes_needs_usage_history() -> None:
 
 # ---- k-means initialisation ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def movies() -> torch.Tensor:
-    path = DATA / "ml-1m.npy"
-    if not path.is_file():
-        pytest.skip(f"real embeddings not found: {path}")
-    return torch.from_numpy(np.load(path))
+def movies(real_data) -> torch.Tensor:
+    return torch.from_numpy(real_data("ml-1m"))
 
 
 def test_init_from_data_matches_sklearn_kmeans_inertia(movies: torch.Tensor) -> None:

@@ -3,9 +3,6 @@ every level (for l2 and for cosine, which must keep residual magnitudes), and th
 must agree with encode/decode."""
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 
@@ -13,7 +10,6 @@ from semid.config import QuantizerConfig
 from semid.distance import nearest_code
 from semid.residual import ResidualQuantizer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # Per-level codebook sizes of the real-data stacks: three levels of 256 as in the default config, and a
 # smaller fourth so that "does one more level still help" is tested without a slow fourth k-means.
 SIZES = [256, 256, 256, 64]
@@ -24,12 +20,9 @@ def _gen(seed: int) -> torch.Generator:
 
 
 @pytest.fixture(scope="module")
-def standardized_movies() -> torch.Tensor:
+def standardized_movies(real_data) -> torch.Tensor:
     """ml-1m embeddings centred and divided by one global RMS factor, as the RQ-VAE standardises them."""
-    path = DATA / "ml-1m.npy"
-    if not path.is_file():
-        pytest.skip(f"real embeddings not found: {path}")
-    x = torch.from_numpy(np.load(path))
+    x = torch.from_numpy(real_data("ml-1m"))
     x = x - x.mean(0)
     return x / x.pow(2).mean().sqrt()
 
