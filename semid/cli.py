@@ -59,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     tok = SemanticIdTokenizer(config).fit(items.embeddings, ids=items.ids, checkpoint=args.checkpoint, resume=args.resume)
     tok.save(args.out)
-    best = tok.history[-1] if tok.history else {}
+    best = next((h for h in tok.history if h["step"] == tok.meta["best_step"]), {})  # the weights saved
     print(f"trained on {len(items)} items in {time.perf_counter() - started:.1f} s; model saved to {args.out}")
     if best:
         print(f"fvu {best['fvu']:.4f}  collision_rate {best['collision_rate']:.4f}  (best step {tok.meta['best_step']})")
@@ -71,7 +71,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
     tok = SemanticIdTokenizer.load(args.model, device=args.device)
     summary = tok.encode_file(args.data, args.out, batch_size=args.batch_size, id_col=args.id_col,
-                              emb_col=args.emb_col, progress=not args.quiet)
+                              emb_col=args.emb_col, progress=not args.quiet and sys.stderr.isatty())
     if summary["new_items"]:
         tok.save_registry(args.model)  # new IDs are remembered, so they never change later
     print(f"encoded {summary['n_items']} items ({summary['new_items']} new) to {args.out}")
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output parquet: item_id, codes, semantic_id")
     p.add_argument("--batch-size", type=int, default=65536)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (there is none unless stderr is a terminal)")
     columns(p)
     p.set_defaults(func=cmd_encode)
 

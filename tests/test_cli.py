@@ -1,0 +1,291 @@
+"""The `semid` command (issue #4), run as a real subprocess: round trip, help, and bad inputs.
+
+Each subprocess pays the torch import (seconds on a small machine), so the model is trained once per
+module, every bad-input case runs through `semid.cli.main` in-process, and a sample of them runs again
+as real commands, concurrently.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+_SCRIPT = Path(sys.executable).with_name("semid")
+SEMID = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "semid.cli"]
+DESIGN_KEYS = {"mse", "fvu", "cosine", "collision_rate", "colliding_items", "max_group", "usage", "entropy_bits",
+               "prefix_agreement", "unique_after", "id_length", "sequence_prefix_agreement"}
+TINY_TOML = """\
+[model]
+hidden = [64]
+latent_dim = 16
+
+[quantizer]
+levels = 3
+codebook_size = 16
+
+[train]
+device = "cpu"
+steps = 80
+batch_size = 256
+lr = 0.003
+eval_every = 40
+progress = false
+"""
+
+
+def semid(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
+    # One torch thread per process: several of these run at once on a small machine.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run([*SEMID, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _frame(x: np.ndarray, ids: list[str]) -> pl.DataFrame:
+    return pl.DataFrame({"item_id": ids, "embedding": pl.Series(x.tolist(), dtype=pl.List(pl.Float32))})
+
+
+def _digest(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def work(real_data, tmp_path_factory) -> dict[str, Path]:
+    """Inputs (ml-100k as parquet with its real ids, and as .npy), a tiny config, and a trained model."""
+    x = real_data("ml-100k")
+    ids = pl.read_parquet(DATA_DIR / "ml-100k.items.parquet")["item_id"].to_list()
+    root = tmp_path_factory.mktemp("cli")
+    paths = {"root": root, "config": root / "tiny.toml", "parquet": root / "items.parquet",
+             "npy": root / "items.npy", "model": root / "model"}
+    paths["config"].write_text(TINY_TOML)
+    _frame(x, ids).write_parquet(paths["parquet"])
+    np.save(paths["npy"], x)
+    result = semid("train", "--config", paths["config"], "--data", paths["parquet"], "--out", paths["model"],
+                   cwd=root)
+    assert result.returncode == 0, result.stderr
+    paths["train_stdout"] = result.stdout  # type: ignore[assignment]
+    return paths
+
+
+# ---- round trip --------------------------------------------------------------------------------
+
+
+def test_train_encode_evaluate_round_trip(work):
+    root, model = work["root"], work["model"]
+    assert {p.name for p in model.iterdir()} == {"config.toml", "model.pt", "meta.json", "registry.parquet"}
+    assert "model saved" in work["train_stdout"]
+    meta = json.loads((model / "meta.json").read_text())
+    best = next(h for h in meta["history"] if h["step"] == meta["best_step"])
+    assert f"fvu {best['fvu']:.4f}" in work["train_stdout"]  # the figure of the weights that were saved
+
+    out = root / "ids.parquet"
+    result = semid("encode", "--model", model, "--data", work["parquet"], "--out", out, "--quiet", cwd=root)
+    assert result.returncode == 0, result.stderr
+    frame = pl.read_parquet(out)
+    source = pl.read_parquet(work["parquet"])
+    assert frame.columns == ["item_id", "codes", "semantic_id"]
+    assert frame["item_id"].to_list() == source["item_id"].to_list()
+    codes = frame["codes"].to_list()
+    assert {len(c) for c in codes} == {4}  # 3 levels + the suffix
+    assert frame["semantic_id"].to_list() == ["-".join(map(str, c)) for c in codes]
+    assert frame["semantic_id"].n_unique() == frame.height
+    assert all(0 <= v < 16 for c in codes for v in c[:3])
+
+    # The CLI agrees with the Python API on the same saved model.
+    from semid.tokenizer import SemanticIdTokenizer
+
+    api = SemanticIdTokenizer.load(model).encode(source)
+    np.testing.assert_array_equal(np.array(codes), api)
+
+    report_path = root / "report.json"
+    sequences = DATA_DIR / "ml-100k_sequences.txt"
+    result = semid("evaluate", "--model", model, "--data", work["parquet"], "--json", report_path,
+                   "--sequences", sequences, cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert "fvu" in result.stdout
+    report = json.loads(report_path.read_text())
+    assert DESIGN_KEYS <= report.keys()
+    assert report["unique_after"] == 1.0
+    assert report["id_length"] == 4
+    assert 0 < report["fvu"] < 1
+    for key in ("usage", "entropy_bits", "prefix_agreement", "sequence_prefix_agreement"):
+        assert len(report[key]) == 3, key
+
+
+def test_npy_encode_extends_the_saved_registry(work, tmp_path):
+    """A .npy has no ids: rows are new items to a model trained with ids, numbered by row in the output,
+    and the registry saved by the first encode gives them the same IDs the second time."""
+    model = tmp_path / "model"
+    shutil.copytree(work["model"], model)
+    first, second = tmp_path / "first.parquet", tmp_path / "second.parquet"
+    runs = [semid("encode", "--model", model, "--data", work["npy"], "--out", out, "--batch-size", "500", cwd=tmp_path)
+            for out in (first, second)]
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr + runs[1].stderr
+    assert [r.stderr for r in runs] == ["", ""]  # nothing but errors on stderr when it is not a terminal
+    n = len(np.load(work["npy"], mmap_mode="r"))
+    assert f"({n} new)" in runs[0].stdout and "(0 new)" in runs[1].stdout
+    frame = pl.read_parquet(first)
+    assert frame.equals(pl.read_parquet(second))
+    assert frame["item_id"].to_list() == list(range(n))
+    old = set(map(tuple, pl.read_parquet(work["model"] / "registry.parquet")["id"].to_list()))
+    new = set(map(tuple, frame["codes"].to_list()))
+    assert len(old) == len(new) == n
+    assert not old & new
+
+
+# ---- help ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["encode"], ["evaluate"], ["demo"], ["embed"]])
+def test_help_exits_zero(command, tmp_path):
+    result = semid(*command, "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: semid")
+
+
+def test_missing_subcommand_fails(tmp_path):
+    result = semid(cwd=tmp_path)
+    assert result.returncode != 0
+    assert "usage" in result.stderr
+
+
+# ---- bad inputs -----------------------------------------------------------------------------------
+
+# name -> (arguments, pattern the one stderr line must contain). {x} names files made by `bad_runs`.
+BAD_CASES = {
+    "train-nan": (["train", "--config", "{config}", "--data", "{nan}", "--out", "{out}"], "NaN"),
+    "train-inf": (["train", "--config", "{config}", "--data", "{inf}", "--out", "{out}"], "inf"),
+    "train-duplicate-ids": (["train", "--config", "{config}", "--data", "{dup}", "--out", "{out}"], "more than once"),
+    "train-unknown-key": (["train", "--config", "{typo_config}", "--data", "{npy}", "--out", "{out}"],
+                          "unknown config key 'quantizer.codebok_size'"),
+    "train-unknown-set-key": (["train", "--config", "{config}", "--set", "train.stpes=5", "--data", "{npy}",
+                               "--out", "{out}"], "unknown config key 'train.stpes'"),
+    "train-bad-choice": (["train", "--config", "{config}", "--set", "quantizer.distance=manhattan", "--data",
+                          "{npy}", "--out", "{out}"], "quantizer.distance"),
+    "train-missing-file": (["train", "--config", "{config}", "--data", "{root}/absent.npy", "--out", "{out}"],
+                           "not found"),
+    "encode-nan-parquet": (["encode", "--model", "{model}", "--data", "{nan_parquet}", "--out", "{out}",
+                            "--batch-size", "100"], "NaN"),
+    "encode-inf": (["encode", "--model", "{model}", "--data", "{inf}", "--out", "{out}"], "inf"),
+    "encode-wrong-dimension": (["encode", "--model", "{model}", "--data", "{dim100}", "--out", "{out}"],
+                               "dimension"),
+    "encode-empty": (["encode", "--model", "{model}", "--data", "{empty}", "--out", "{out}"], "empty"),
+    "encode-duplicate-ids": (["encode", "--model", "{model}", "--data", "{dup}", "--out", "{out}",
+                              "--batch-size", "100"], "more than once"),
+    "encode-missing-column": (["encode", "--model", "{model}", "--data", "{parquet}", "--emb-col", "vector",
+                               "--out", "{out}"], "column 'vector'"),
+    "encode-truncated-weights": (["encode", "--model", "{truncated}", "--data", "{npy}", "--out", "{out}"],
+                                 "model.pt"),
+    "encode-no-meta": (["encode", "--model", "{no_meta}", "--data", "{npy}", "--out", "{out}"], "meta.json"),
+    "encode-foreign-dir": (["encode", "--model", "{foreign}", "--data", "{npy}", "--out", "{out}"],
+                           "not a semid model directory"),
+    "evaluate-nan": (["evaluate", "--model", "{model}", "--data", "{nan}", "--json", "{out}"], "NaN"),
+    "evaluate-wrong-dimension": (["evaluate", "--model", "{model}", "--data", "{dim100}", "--json", "{out}"],
+                                 "dimension"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_files(work) -> dict[str, str]:
+    """The inputs the bad cases name, keyed as in BAD_CASES' {placeholders}."""
+    root = work["root"] / "bad"
+    root.mkdir()
+    x = np.load(work["npy"])[:300]
+    files = {k: str(v) for k, v in work.items() if isinstance(v, Path)}
+    nan, inf = x.copy(), x.copy()
+    nan[250, 5] = np.nan  # in the third batch of 100: found while streaming, not up front
+    inf[10, 0] = np.inf
+    for name, array in {"nan": nan, "inf": inf, "dim100": x[:, :100], "empty": x[:0]}.items():
+        np.save(root / f"{name}.npy", array)
+        files[name] = str(root / f"{name}.npy")
+    files["nan_parquet"] = str(root / "nan.parquet")
+    _frame(nan, [f"i{i}" for i in range(len(x))]).write_parquet(files["nan_parquet"])
+    files["dup"] = str(root / "dup.parquet")
+    _frame(x, [f"i{i % 150}" for i in range(len(x))]).write_parquet(files["dup"])  # repeats across batches
+    files["typo_config"] = str(root / "typo.toml")
+    Path(files["typo_config"]).write_text(TINY_TOML.replace("codebook_size", "codebok_size"))
+    for name in ("truncated", "no_meta"):
+        shutil.copytree(work["model"], root / name)
+        files[name] = str(root / name)
+    weights = (root / "truncated" / "model.pt").read_bytes()
+    (root / "truncated" / "model.pt").write_bytes(weights[: len(weights) // 2])
+    (root / "no_meta" / "meta.json").unlink()
+    (root / "foreign").mkdir()
+    (root / "foreign" / "model.pt").write_bytes(b"not a model")
+    files["foreign"] = str(root / "foreign")
+    return files
+
+
+def _argv(name: str, files: dict[str, str], folder: Path) -> tuple[list[str], Path]:
+    """The case's arguments with its --out inside `folder` (an empty folder of its own)."""
+    args, _ = BAD_CASES[name]
+    out = folder / ("model" if args[0] == "train" else "result.json" if args[0] == "evaluate" else "ids.parquet")
+    return [a.format(out=out, **files) for a in args], out
+
+
+def _check_failure(name: str, returncode: int, stderr: str, out: Path) -> None:
+    _, pattern = BAD_CASES[name]
+    assert returncode != 0
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, f"stderr is not one line:\n{stderr}"
+    assert lines[0].startswith("semid ")
+    assert pattern in lines[0]
+    assert not out.exists()
+    assert list(out.parent.iterdir()) == []  # no partial or temporary files either
+
+
+@pytest.mark.parametrize("name", list(BAD_CASES))
+def test_bad_input_gives_one_line_error_and_no_output(bad_files, work, tmp_path, capsys, name):
+    """Every case through `semid.cli.main` in this process (the code the command runs, minus the torch
+    import that makes a subprocess cost seconds); test_bad_input_in_a_subprocess repeats a sample."""
+    from semid.cli import main
+
+    before = _digest(work["model"])
+    argv, out = _argv(name, bad_files, tmp_path)
+    returncode = main(argv)
+    _check_failure(name, returncode, capsys.readouterr().err, out)
+    assert _digest(work["model"]) == before  # a failed run never touches the model or its registry
+
+
+SUBPROCESS_CASES = ["train-nan", "train-unknown-key", "encode-nan-parquet", "encode-duplicate-ids",
+                    "encode-wrong-dimension", "encode-truncated-weights", "evaluate-nan"]
+
+
+@pytest.fixture(scope="module")
+def subprocess_runs(bad_files, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """A sample of the bad cases as real commands, run concurrently: name -> (result, its --out path)."""
+    root = tmp_path_factory.mktemp("bad-subprocess")
+
+    def run(name: str) -> tuple[subprocess.CompletedProcess, Path]:
+        folder = root / name
+        folder.mkdir()
+        argv, out = _argv(name, bad_files, folder)
+        return semid(*argv, cwd=folder), out
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(zip(SUBPROCESS_CASES, pool.map(run, SUBPROCESS_CASES)))
+
+
+@pytest.mark.parametrize("name", SUBPROCESS_CASES)
+def test_bad_input_in_a_subprocess(subprocess_runs, name):
+    """The real command: exit status, and a stderr with nothing but the one line (no warnings, no bars)."""
+    result, out = subprocess_runs[name]
+    _check_failure(name, result.returncode, result.stderr, out)
+    assert result.stdout == ""
+
+
+def test_debug_flag_shows_the_traceback(work, tmp_path):
+    from semid.cli import main
+    from semid.tokenizer import ModelDirError
+
+    with pytest.raises(ModelDirError, match="not found"):
+        main(["--debug", "encode", "--model", str(tmp_path / "absent"), "--data", str(work["npy"]),
+              "--out", str(tmp_path / "ids.parquet")])
