@@ -62,7 +62,10 @@ class SemidSystem:
     _tok: Any = field(default=None, init=False, repr=False)
 
     def fit(self, x: np.ndarray, levels: int, codebook_size: int, seed: int) -> "SemidSystem":
-        from semid import SemanticIdTokenizer
+        try:
+            from semid import SemanticIdTokenizer
+        except ImportError:  # the package root may not re-export it yet; the module is the same class
+            from semid.tokenizer import SemanticIdTokenizer
 
         model_type, forward = SEMID_SYSTEMS[self.name]
         overrides: dict[str, Any] = {

@@ -91,6 +91,7 @@ class FaissResidualQuantizer:
         rq = faiss.ResidualQuantizer(x.shape[1], levels, nbits)
         rq.max_beam_size = 1
         rq.cp.seed = seed
+        rq.cp.min_points_per_centroid = 1  # only silences FAISS's "provide more points" warning on small sets
         rq.train(x)
         self._rq, self._levels, self._nbits = rq, levels, nbits
         return self
@@ -132,7 +133,9 @@ class ResidualKMeans:
             raise ValueError(f"need at least codebook_size={codebook_size} items to fit, got {residual.shape[0]}")
         self._indexes, self._centroids = [], []
         for level in range(levels):
-            km = faiss.Kmeans(residual.shape[1], codebook_size, niter=self.niter, seed=seed + level, verbose=False)
+            km = faiss.Kmeans(
+                residual.shape[1], codebook_size, niter=self.niter, seed=seed + level, min_points_per_centroid=1
+            )
             km.train(residual)
             self._indexes.append(km.index)
             self._centroids.append(km.centroids)
