@@ -16,6 +16,9 @@ shuffled when the keys are distinct. Group detection is sort-based (np.unique on
 key per tuple), O(N log N); only remap's greedy choices loop, and only over colliding items.
 
 `IdRegistry` remembers every assigned ID by item key; new items are resolved against all saved IDs.
+
+The algorithms are numpy only; polars is imported where parquet I/O needs it, so that training (which
+uses remapping for its uniqueness loss) runs where polars is not installed.
 """
 from __future__ import annotations
 
@@ -27,9 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import polars as pl
-
-from semid.io import write_parquet_atomic
 
 _INT64_MAX = np.iinfo(np.int64).max
 
@@ -297,6 +297,8 @@ def suffix_by_groupby(
     must hold no nulls or NaNs. It knows no registry, and the caller checks the largest suffix
     against its suffix size after collecting.
     """
+    import polars as pl
+
     rank = pl.col(rank_col).rank(method="ordinal").over(list(code_cols))
     return lf.with_columns((rank.cast(pl.Int64) - 1).alias(suffix_col))
 
@@ -396,6 +398,8 @@ class IdRegistry:
 
     def to_frame(self) -> pl.DataFrame:
         """The registry as a polars frame: key (str), id (list[int64])."""
+        import polars as pl
+
         return pl.DataFrame(
             {
                 "key": pl.Series("key", self._keys.to_numpy(), dtype=pl.Utf8),
@@ -405,12 +409,16 @@ class IdRegistry:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the registry as parquet (columns key, id), atomically."""
+        from semid.io import write_parquet_atomic
+
         write_parquet_atomic(self.to_frame(), path)
         return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> IdRegistry:
         """Read a registry written by `save`. An empty file gives a registry without a fixed length."""
+        import polars as pl
+
         frame = pl.read_parquet(path)
         if {"key", "id"} - set(frame.columns):
             raise ValueError(f"{path} is not an ID registry: it needs columns 'key' and 'id', has {frame.columns}")

@@ -56,8 +56,9 @@ class QuantizerConfig:
     dead_code_threshold: float = 0.05  # dead when EMA count < threshold * batch_size / K
     dead_code_every: int = 20  # steps between dead-code checks
     gumbel_tau_start: float = 1.0
-    gumbel_tau_end: float = 0.05
-    gumbel_tau_decay: float = 0.999  # tau = max(end, start * decay**step)
+    gumbel_tau_end: float = 0.01
+    # tau = max(end, start * decay**step); 0 picks the decay that reaches `end` at half of train.steps
+    gumbel_tau_decay: float = 0.0
     gumbel_hard: bool = False  # straight-through hard one-hot in the forward pass
 
     def __post_init__(self) -> None:
@@ -89,10 +90,16 @@ class TrainConfig:
     schedule: str = "cosine"  # "cosine" | "constant"
     warmup_steps: int = 0
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
-    compile: bool = False  # torch.compile the training step
+    compile: bool = False  # torch.compile the model (slow to start; off by default)
+    cuda_graph: bool = True  # capture the AdamW training step as a CUDA graph on GPU
     eval_every: int = 1000
     best_metric: str = "fvu"  # any scalar evaluate() key; lower is better except where noted in train.py
     early_stopping: int = 0  # stop after this many evaluations without improvement; 0 = never
+    # Uniqueness loss: every `uniqueness_every` steps the whole corpus is encoded, items that share a code
+    # tuple (all but the best-placed of each group) get as target the nearest free last-level code of their
+    # prefix, and a loss of this weight pulls their latent there. 0 turns it off.
+    uniqueness_weight: float = 0.0
+    uniqueness_every: int = 100
     checkpoint_every: int = 0  # write a resumable checkpoint every N steps (needs a checkpoint path); 0 = never
     progress: bool = True
 

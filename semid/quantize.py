@@ -91,7 +91,7 @@ def rotation_trick(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def gumbel_softmax_weights(
-    logits: torch.Tensor, tau: float, hard: bool, generator: torch.Generator | None = None
+    logits: torch.Tensor, tau: float | torch.Tensor, hard: bool, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Gumbel-softmax weights over codes (rows sum to 1); hard=True gives one-hot values with soft gradients.
 
@@ -132,7 +132,8 @@ class Quantizer(nn.Module):
         self.gumbel_hard = gumbel_hard
         self.dead_code_decay = dead_code_decay
         self.dead_code_threshold = dead_code_threshold
-        self.tau = 1.0  # Gumbel temperature; the trainer moves it along its schedule
+        # Gumbel temperature: a buffer updated in place, so that a captured CUDA graph sees the schedule move.
+        self.register_buffer("tau", torch.ones(()), persistent=False)
         self.codebook = nn.Parameter(torch.randn(codebook_size, dim) / dim**0.5)
         # EMA of how many rows of a batch each code receives; starts at the uniform expectation so that no
         # code counts as dead before it has had a chance.

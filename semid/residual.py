@@ -113,4 +113,4 @@ class ResidualQuantizer(nn.Module):
 
     def set_tau(self, tau: float) -> None:
         for level in self.levels:
-            level.tau = tau
+            level.tau.fill_(tau)

@@ -32,6 +32,7 @@ def mlp(widths: list[int], activation: str, layer_norm: bool) -> nn.Sequential:
 @dataclass
 class RQVAEOutput:
     x_hat: torch.Tensor  # (n, D) reconstruction, in standardised units
+    latent: torch.Tensor  # (n, d) encoder output, before quantization
     codes: torch.Tensor  # (n, L)
     loss: torch.Tensor
     reconstruction_loss: torch.Tensor
@@ -77,11 +78,12 @@ class RQVAE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> RQVAEOutput:
         target = self.normalize(x)
-        out = self.quantizer(self.encoder(target))
+        latent = self.encoder(target).float()
+        out = self.quantizer(latent)
         x_hat = self.decoder(out.quantized)
         reconstruction = F.mse_loss(x_hat.float(), target)
         quantizer_loss = self.quantizer.loss(out)
-        return RQVAEOutput(x_hat, out.codes, reconstruction + quantizer_loss, reconstruction, quantizer_loss, out)
+        return RQVAEOutput(x_hat, latent, out.codes, reconstruction + quantizer_loss, reconstruction, quantizer_loss, out)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -105,7 +105,7 @@ class SemanticIdTokenizer:
         with resume=True training continues from it.
         """
         keys, emb = self._items(x, ids, id_col, emb_col)
-        trainer = Trainer(self.config, torch.from_numpy(emb), checkpoint_path=checkpoint)
+        trainer = Trainer(self.config, torch.tensor(emb), checkpoint_path=checkpoint)
         self.model = trainer.fit(resume=resume)
         self.history = trainer.state.history
         self.meta = {
@@ -301,7 +301,7 @@ class SemanticIdTokenizer:
         model = self._fitted()
         codes, ranks = [], []
         for start in range(0, len(emb), 65536):
-            x = torch.from_numpy(emb[start : start + 65536]).to(self._device())
+            x = torch.tensor(emb[start : start + 65536], device=self._device())
             z = model.latent(x).float()
             c = model.quantizer.encode(z)
             ranks.append((z - model.quantizer.decode(c)).pow(2).sum(-1).cpu())

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from semid.config import SemidConfig
 from semid.metrics import codebook_metrics, collision_metrics, reconstruction_metrics
-from semid.rqvae import RQVAE
+from semid.rqvae import RQVAE, RQVAEOutput
 
 # Keys whose larger value is better; every other evaluate key is minimised.
 _HIGHER_IS_BETTER = {"cosine", "unique_after"}
@@ -85,6 +85,8 @@ class TrainState:
     best_weights: dict[str, torch.Tensor] | None = None
     evals_since_best: int = 0
     dead_code_resets: int = 0
+    init_seconds: float = 0.0
+    loop_seconds: float = 0.0  # time in the training loop, evaluations included
 
 
 class Trainer:
@@ -100,18 +102,36 @@ class Trainer:
         self.permutation = torch.empty(0, dtype=torch.long)
         self.position = 0
         self.state = TrainState()
+        self.use_amp = config.train.amp and self.device.type == "cuda"
+        # A CUDA graph replays forward, backward and optimizer step as one launch: the step of a model this
+        # small is otherwise bound by Python and kernel-launch overhead, not by the GPU.
+        self.use_graph = (config.train.cuda_graph and self.device.type == "cuda" and config.train.optimizer == "adamw"
+                          and not config.train.compile)
         self.optimizer = self._make_optimizer() if self.model.is_autoencoder else None
-        self.scheduler = (
-            torch.optim.lr_scheduler.LambdaLR(self.optimizer, _LearningRate(config)) if self.optimizer else None
-        )
-        self._step_fn = torch.compile(self.model) if config.train.compile else self.model
+        self.learning_rate = _LearningRate(config)
+        self._forward = torch.compile(self.model) if config.train.compile else self.model
+        self._graph: torch.cuda.CUDAGraph | None = None
+        latent_dim = config.model.latent_dim if self.model.is_autoencoder else x.shape[1]
+        self._unique_target = torch.zeros(self.x.shape[0], latent_dim, device=self.device)
+        self._unique_mask = torch.zeros(self.x.shape[0], device=self.device)
 
     # ---- set-up -------------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
         t = self.config.train
         if t.optimizer == "adagrad":
             return torch.optim.Adagrad(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        if self.use_graph:  # the learning rate must live on the device for a captured step to see changes
+            lr = torch.tensor(t.lr, device=self.device)
+            return torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=t.weight_decay, capturable=True)
         return torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+
+    def _set_learning_rate(self, step: int) -> None:
+        lr = self.config.train.lr * self.learning_rate(step)
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
 
     def initialize(self) -> None:
         """Standardiser and k-means codebooks from a seeded sample of the data (not just the first batch)."""
@@ -124,60 +144,130 @@ class Trainer:
             with torch.no_grad():
                 self.model.quantizer.init_from_data(self.model.latent(self.x[sample]), init_rng)
 
-    def _next_batch(self) -> torch.Tensor:
+    def _next_rows(self) -> torch.Tensor:
+        # The permutation is drawn on the CPU (same batches on every device) and moved once per epoch:
+        # a host-to-device copy per step would stall the GPU queue every step.
         if self.position + self.batch_size > self.permutation.numel():
-            self.permutation = torch.randperm(self.x.shape[0], generator=self.batch_rng)
+            self.permutation = torch.randperm(self.x.shape[0], generator=self.batch_rng).to(self.device)
             self.position = 0
         rows = self.permutation[self.position : self.position + self.batch_size]
         self.position += self.batch_size
-        return self.x[rows.to(self.device)]
+        return rows
+
+    def _optimize(self, rows: torch.Tensor) -> RQVAEOutput:
+        """Forward, backward and optimizer step on x[rows]; gradients must be None on entry."""
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_amp,
+                            cache_enabled=False):
+            out = self._forward(self.x[rows])
+        loss = out.loss
+        if self.config.train.uniqueness_weight:
+            pull = (out.latent - self._unique_target[rows]).pow(2).sum(-1) * self._unique_mask[rows]
+            loss = loss + self.config.train.uniqueness_weight * pull.mean()
+        loss.backward()
+        self.optimizer.step()
+        return out
+
+    def _step(self, rows: torch.Tensor) -> RQVAEOutput:
+        if not self.use_graph:
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._optimize(rows)
+        if self._graph is None and self.state.step < 3:
+            # Warm-up steps (cuBLAS workspaces, optimizer state) run on a side stream before capture, as
+            # CUDA graph capture requires; they are ordinary training steps.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.optimizer.zero_grad(set_to_none=True)
+                out = self._optimize(rows)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if self._graph is None:
+            self._graph_rows = rows.clone()
+            self.optimizer.zero_grad(set_to_none=True)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._graph_out = self._optimize(self._graph_rows)
+        self._graph_rows.copy_(rows)
+        self._graph.replay()
+        return self._graph_out
 
     # ---- loop ---------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> RQVAE:
         """Train, keep the best evaluated weights, and return the model holding exactly those weights."""
         t, q = self.config.train, self.config.quantizer
+        started = time.perf_counter()
         if resume:
             self.load_checkpoint()
         else:
             self.initialize()
+            self.state.init_seconds = time.perf_counter() - started
         if not self.model.is_autoencoder:  # residual k-means: k-means init is the whole fit
             self._evaluate(step=0)
             return self._finish()
-        use_amp = t.amp and self.device.type == "cuda"
         bar = tqdm(total=t.steps, initial=self.state.step, disable=not t.progress, desc="train", unit="step")
         self.model.train()
         last = {}
+        loop_started = time.perf_counter()
         while self.state.step < t.steps:
             step = self.state.step
-            self.model.quantizer.set_tau(max(q.gumbel_tau_end, q.gumbel_tau_start * q.gumbel_tau_decay**step))
-            batch = self._next_batch()
-            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=use_amp):
-                out = self._step_fn(batch)
-            self.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            self.optimizer.step()
-            self.scheduler.step()
+            out = None  # drop the previous step's autograd graph before the next one is built or captured
+            self.model.quantizer.set_tau(self._gumbel_tau(step))
+            self._set_learning_rate(step)
+            if t.uniqueness_weight and step % t.uniqueness_every == 0:
+                self._update_uniqueness_targets()
+            out = self._step(self._next_rows())
             if q.dead_code_reset and (step + 1) % q.dead_code_every == 0:
                 self.state.dead_code_resets += self.model.quantizer.reset_dead_codes(out.residual, self.batch_size)
             self.state.step += 1
             done = self.state.step == t.steps
             if (t.eval_every and self.state.step % t.eval_every == 0) or done:
-                last = self._evaluate(self.state.step, loss=float(out.loss))
+                last = self._evaluate(self.state.step, loss=out.loss.item())
                 if t.early_stopping and self.state.evals_since_best >= t.early_stopping:
                     bar.update(1)
                     break
             if t.checkpoint_every and self.checkpoint_path and self.state.step % t.checkpoint_every == 0:
                 self.save_checkpoint()
             bar.update(1)
-            if step % 10 == 0 or done:
+            if t.progress and (step % 25 == 0 or done):
                 bar.set_postfix(
-                    loss=f"{float(out.loss):.4f}",
-                    rec=f"{float(out.reconstruction_loss):.4f}",
+                    loss=f"{out.loss.item():.4f}",
+                    rec=f"{out.reconstruction_loss.item():.4f}",
                     usage=f"{np.mean(last.get('usage', [float('nan')])):.2f}",
                     coll=f"{last.get('collision_rate', float('nan')):.3f}",
                 )
         bar.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.state.loop_seconds += time.perf_counter() - loop_started
         return self._finish()
+
+    @torch.no_grad()
+    def _update_uniqueness_targets(self) -> None:
+        """Targets for the uniqueness loss: where remapping would move each colliding item, in latent space."""
+        from semid.collisions import resolve_collisions
+
+        model = self.model
+        was_training = model.training
+        model.eval()
+        latent = torch.cat([model.latent(self.x[i : i + 65536]).float() for i in range(0, self.x.shape[0], 65536)])
+        codes = model.quantizer.encode(latent)
+        rank = (latent - model.quantizer.decode(codes)).pow(2).sum(-1)
+
+        def last_level_distances(rows):
+            return model.quantizer.last_level_distances(latent[torch.from_numpy(rows).to(latent.device)]).cpu().numpy()
+
+        levels = codes.shape[1]
+        final = resolve_collisions(codes.cpu().numpy(), rank.cpu().numpy(), "remap", codebook_sizes=model.codebook_sizes,
+                                   last_level_distances=last_level_distances)
+        target_codes = torch.from_numpy(final[:, :levels]).to(codes.device)
+        self._unique_target.copy_(model.quantizer.decode(target_codes))
+        self._unique_mask.copy_((target_codes != codes).any(-1).float())
+        model.train(was_training)
+
+    def _gumbel_tau(self, step: int) -> float:
+        q = self.config.quantizer
+        decay = q.gumbel_tau_decay or (q.gumbel_tau_end / q.gumbel_tau_start) ** (2 / max(1, self.config.train.steps))
+        return max(q.gumbel_tau_end, q.gumbel_tau_start * decay**step)
 
     def _evaluate(self, step: int, loss: float | None = None) -> dict[str, Any]:
         report = quick_evaluate(self.model, self.x)
@@ -210,10 +300,9 @@ class Trainer:
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
-            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "state": dict(vars(self.state)),
             "batch_rng": self.batch_rng.get_state(),
-            "permutation": self.permutation,
+            "permutation": self.permutation.cpu(),
             "position": self.position,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -231,17 +320,19 @@ class Trainer:
         self.model.load_state_dict(payload["model"])
         if self.optimizer:
             self.optimizer.load_state_dict(payload["optimizer"])
-            self.scheduler.load_state_dict(payload["scheduler"])
         self.state = TrainState(**payload["state"])
         self.batch_rng.set_state(payload["batch_rng"])
-        self.permutation, self.position = payload["permutation"], payload["position"]
+        self.permutation, self.position = payload["permutation"].to(self.device), payload["position"]
         torch.set_rng_state(payload["torch_rng"])
         if payload["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(payload["cuda_rng"])
 
 
 class _LearningRate:
-    """Linear warm-up, then constant or cosine decay to 10% of the base rate (a picklable LR lambda)."""
+    """Multiplier of the base rate at a step: linear warm-up, then constant or cosine decay to 10%.
+
+    A pure function of the step, so a resumed run needs no scheduler state to follow the same schedule.
+    """
 
     def __init__(self, config: SemidConfig) -> None:
         self.steps, self.warmup, self.schedule = config.train.steps, config.train.warmup_steps, config.train.schedule

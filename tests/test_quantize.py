@@ -161,7 +161,7 @@ def test_gumbel_low_temperature_picks_the_nearest_code() -> None:
     quantizer = Quantizer(8, 16, forward_mode="gumbel", gumbel_hard=True).train()
     with torch.no_grad():
         quantizer.codebook.copy_(centres)
-    quantizer.tau = 1e-3
+    quantizer.tau.fill_(1e-3)
     nearest = nearest_code(points, centres, "l2")[0]
     logits = -torch.cdist(points, centres).pow(2)
     weights = gumbel_softmax_weights(logits, tau=1e-3, hard=True, generator=_gen(12))
