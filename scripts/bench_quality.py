@@ -257,10 +257,10 @@ def plot_results(rows: list[dict[str, Any]], path: Path) -> None:
 # Command line
 # ----------------------------------------------------------------------------------------------------
 def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
     import faiss
     import torch
-    import vector_quantize_pytorch  # noqa: F401
-    from importlib.metadata import version
 
     return {
         "torch": torch.__version__,
