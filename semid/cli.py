@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 BUNDLED_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "goodbooks.parquet"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.toml"
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
 
 
 def _parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
@@ -32,10 +33,11 @@ def _parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
-def _load_config(path: str | None, overrides: dict[str, Any]):
+def _load_config(path: str | None, overrides: dict[str, Any], fallback: Path = DEFAULT_CONFIG):
+    """The named config, else the bundled one (when running from a source tree), else built-in defaults."""
     from semid.config import SemidConfig
 
-    base = SemidConfig.load(path) if path else (SemidConfig.load(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else SemidConfig())
+    base = SemidConfig.load(path) if path else (SemidConfig.load(fallback) if fallback.is_file() else SemidConfig())
     return base.with_overrides(overrides)
 
 
@@ -112,7 +114,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     overrides = _parse_overrides(args.set)
     if args.device:
         overrides["train.device"] = args.device
-    config = _load_config(args.config, overrides)
+    config = _load_config(args.config, overrides, fallback=DEMO_CONFIG)
     items = _read_training_items(str(data), "item_id", "embedding")
     print(f"semid demo: {len(items)} items of dimension {items.embeddings.shape[1]} from {data}")
     started = time.perf_counter()

@@ -104,6 +104,27 @@ class ResidualQuantizer(nn.Module):
             residual = residual - level.decode(level.encode(residual))
 
     @torch.no_grad()
+    def refine(self, e: torch.Tensor, passes: int) -> None:
+        """Joint refinement of greedily trained levels (used by residual k-means).
+
+        Greedy level-by-level k-means fits each codebook to the residual the earlier levels left, never
+        revisiting them. Each pass here re-encodes greedily and then moves every codeword to the mean of
+        what its items still miss once all *other* levels' codewords are subtracted, so early levels adapt
+        to the later ones.
+        """
+        e = e.float()
+        for _ in range(passes):
+            codes = self.encode(e)
+            total = self.decode(codes)
+            for i, level in enumerate(self.levels):
+                own = level.decode(codes[:, i])
+                target = e - (total - own)  # (n, d) what level i should explain
+                sums = torch.zeros_like(level.codebook).index_add_(0, codes[:, i], target)
+                counts = torch.bincount(codes[:, i], minlength=level.codebook_size).unsqueeze(-1)
+                level.codebook.copy_(torch.where(counts > 0, sums / counts.clamp_min(1), level.codebook))
+                total = total - own + level.decode(codes[:, i])
+
+    @torch.no_grad()
     def reset_dead_codes(self, out: ResidualOutput, batch_size: int) -> int:
         """Reseed each level's dead codes from that level's worst-quantized residuals of this batch."""
         total = 0

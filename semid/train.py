@@ -201,7 +201,10 @@ class Trainer:
         else:
             self.initialize()
             self.state.init_seconds = time.perf_counter() - started
-        if not self.model.is_autoencoder:  # residual k-means: k-means init is the whole fit
+        if not self.model.is_autoencoder:  # residual k-means: k-means init and refinement are the whole fit
+            if q.refine_passes:
+                sample = torch.randperm(self.x.shape[0], generator=self.batch_rng)[: q.kmeans_sample].to(self.device)
+                self.model.quantizer.refine(self.model.latent(self.x[sample]), q.refine_passes)
             self._evaluate(step=0)
             return self._finish()
         bar = tqdm(total=t.steps, initial=self.state.step, disable=not t.progress, desc="train", unit="step")

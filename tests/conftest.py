@@ -5,6 +5,7 @@ a tiny training run about 6x slower than one thread, and one thread also keeps C
 """
 from __future__ import annotations
 
+import os
 from functools import cache
 from pathlib import Path
 from typing import Any, Callable
@@ -17,7 +18,8 @@ from semid.config import SemidConfig
 
 torch.set_num_threads(1)
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+# SEMID_TEST_DATA points elsewhere, e.g. on a GPU machine that has no ../shared beside the checkout.
+DATA_DIR = Path(os.environ.get("SEMID_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 # A model small enough to train 100 steps in about a second on one core, large enough to learn ml-100k.
 TINY_OVERRIDES: dict[str, Any] = {
