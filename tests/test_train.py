@@ -335,3 +335,71 @@ def test_cuda_and_cpu_codes_agree_with_the_same_weights(real_data, tiny_config):
     gpu_codes = encode_in_batches(model.to("cuda"), trainer.x.to("cuda")).cpu()
     agree = (cpu_codes == gpu_codes).all(dim=1).float().mean()
     assert agree >= 0.999
+
+
+# ---- semid's own additions: uniqueness loss, residual k-means refinement ----------------------
+
+
+def test_uniqueness_targets_point_colliding_items_at_free_codes(real_data, tiny_config):
+    """The uniqueness loss targets exactly the items remapping would move, at tuples no other item uses."""
+    x = _x(real_data, "ml-1m")
+    trainer = Trainer(tiny_config({"train.uniqueness_weight": 1.0}), x)
+    trainer.initialize()
+    trainer._update_uniqueness_targets()
+    model = trainer.model.eval()
+    with torch.no_grad():
+        latent = model.latent(trainer.x)
+        codes = model.quantizer.encode(latent).numpy()
+    _, inverse, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
+    colliding = counts[inverse.ravel()] > 1
+    assert colliding.any(), "the tiny model must collide for this test to mean anything"
+    mask = trainer._unique_mask.numpy().astype(bool)
+    # Every moved item collides, and each colliding group keeps exactly one member in place (or all stay
+    # where a prefix is full, which a 16-code last level on ml-1m can hit).
+    assert not (mask & ~colliding).any()
+    assert mask.sum() <= colliding.sum() - len(np.unique(inverse.ravel()[colliding]))
+    assert mask.sum() > 0
+    # Each target is the codeword sum of the item's own prefix plus one last-level codeword, and that
+    # tuple is used by no item.
+    q = model.quantizer
+    prefix_sum = sum(level.decode(torch.from_numpy(codes[mask][:, i])) for i, level in enumerate(q.levels[:-1]))
+    last = trainer._unique_target[torch.from_numpy(mask)] - prefix_sum
+    gap, last_codes = torch.cdist(last, q.levels[-1].codebook.detach()).min(dim=1)
+    assert float(gap.max()) < 1e-3  # round-off of the float32 sums
+    used = {tuple(row) for row in codes}
+    targets = np.column_stack([codes[mask][:, :-1], last_codes.numpy()])
+    assert all(tuple(row) not in used for row in targets)
+
+
+def test_uniqueness_loss_pulls_latents_towards_targets(real_data, tiny_config):
+    """With the loss on, the gradient step moves masked latents towards their targets; off, it does not apply."""
+    x = _x(real_data, "ml-1m")
+    config = tiny_config({"train.uniqueness_weight": 50.0, "train.lr": 0.001, "train.batch_size": 4096})
+    trainer = Trainer(config, x)
+    trainer.initialize()
+    trainer._update_uniqueness_targets()
+    mask = trainer._unique_mask.bool()
+    rows = torch.arange(trainer.x.shape[0])
+
+    def distance() -> float:
+        with torch.no_grad():
+            gap = trainer.model.latent(trainer.x)[mask] - trainer._unique_target[mask]
+        return float(gap.pow(2).sum(-1).mean())
+
+    before = distance()
+    trainer.model.train()
+    for _ in range(5):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer._optimize(rows)
+    assert distance() < 0.9 * before
+
+
+def test_rqkmeans_refinement_lowers_reconstruction_error(real_data, tiny_config):
+    x = _x(real_data, "ml-1m")
+    fvu = {}
+    for passes in (0, 3):
+        config = tiny_config({"model.type": "rqkmeans", "quantizer.refine_passes": passes})
+        trainer = Trainer(config, x)
+        trainer.fit()
+        fvu[passes] = trainer.state.history[-1]["fvu"]
+    assert fvu[3] < fvu[0] - 0.002
