@@ -116,6 +116,10 @@ class TrainConfig:
 class CollisionConfig:
     strategy: str = "suffix"  # "suffix" | "remap" | "none"
     suffix_size: int = 256  # vocabulary of the suffix token
+    # Balanced last level at encode time: the items of one encode call share the last level's codes evenly
+    # (log-domain Sinkhorn over their last-level distances) instead of each taking its nearest code. It
+    # spreads crowded prefixes before collisions are resolved; it needs an (n, K_last) matrix in memory.
+    balanced_last_level: bool = False
 
     def __post_init__(self) -> None:
         _choice("collisions.strategy", self.strategy, ("suffix", "remap", "none"))

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from semid.collisions import IdRegistry
 from semid.config import SemidConfig
 from semid.export import semantic_id_strings
+from semid.kmeans import sinkhorn_assign
 from semid.io import (
     InputError,
     count_items,
@@ -322,6 +323,11 @@ class SemanticIdTokenizer:
         def last_level_distances(rows: np.ndarray) -> np.ndarray:
             x = torch.from_numpy(np.ascontiguousarray(fetch_rows(rows), dtype=np.float32)).to(device)
             return model.quantizer.last_level_distances(model.latent(x)).cpu().numpy()
+
+        if self.config.collisions.balanced_last_level:
+            codes = codes.copy()
+            cost = torch.from_numpy(last_level_distances(np.arange(len(codes)))).to(device)
+            codes[:, -1] = sinkhorn_assign(cost).cpu().numpy()
 
         return self.registry.assign(
             keys, codes, rank, self.config.collisions.strategy,

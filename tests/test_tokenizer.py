@@ -298,3 +298,16 @@ def test_load_refuses_incomplete_or_foreign_directories(model_dir, tmp_path):
     (broken / "meta.json").unlink()
     with pytest.raises(ModelDirError, match="meta.json"):
         SemanticIdTokenizer.load(broken)
+
+
+def test_balanced_last_level_spreads_codes_and_keeps_ids_unique(data, model_dir):
+    """Sinkhorn at the last level evens out code use there; collision handling still makes IDs unique."""
+    plain = SemanticIdTokenizer.load(model_dir("suffix", False))
+    balanced = SemanticIdTokenizer.load(model_dir("suffix", False))
+    balanced.config = balanced.config.with_overrides({"collisions.balanced_last_level": True})
+    x = data["b"]
+    ids_plain, ids_balanced = plain.encode(x), balanced.encode(x)
+    k_last = plain.model.codebook_sizes[-1]
+    assert np.bincount(ids_balanced[:, 2], minlength=k_last).max() < np.bincount(ids_plain[:, 2], minlength=k_last).max()
+    assert (ids_balanced[:, :2] == ids_plain[:, :2]).all()  # only the last level is rebalanced
+    assert len(_rows(ids_balanced)) == len(x)
