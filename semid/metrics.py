@@ -218,12 +218,12 @@ def prefix_agreement(
         raise ValueError(f"max_items must be at least 1, got {max_items}")
     if device is None:
         device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
-    x_t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(_float_matrix(x, "x", np.float32))
+    x_t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.require(_float_matrix(x, "x", np.float32), requirements="W"))
     _check_matrix_shape(tuple(x_t.shape), "x")
     x_t = x_t.to(device=device, dtype=torch.float32)
     if not torch.isfinite(x_t).all():
         raise ValueError("x contains NaN or infinite values")
-    codes_t = torch.from_numpy(_code_matrix(codes)).to(device)
+    codes_t = torch.from_numpy(np.require(_code_matrix(codes), requirements="W")).to(device)
     n = x_t.shape[0]
     _check_same_items(n, codes_t, "codes")
     if n < 2:
