@@ -18,6 +18,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,11 @@ def render_markdown(results: dict[str, Any], plot: Path | None, markdown_path: P
             cells = format_row(r)
             lines.append("| " + " | ".join(cells[:1] + cells[2:]) + f" | {r.get('steps') or '-'} |")
         lines.append("")
+    failures = results.get("failures", [])
+    if failures:
+        lines += ["## Failures", "", "| system | set | steps | error |", "|---|---|---|---|"]
+        lines += [f"| {f['system']} | {f['data']} | {f['steps']} | {f['error'].replace('|', '/')} |" for f in failures]
+        lines.append("")
     if plot is not None:
         rel = os.path.relpath(plot, markdown_path.parent)
         lines += [f"![fvu against collision rate, one panel per set]({rel})", ""]
@@ -318,6 +324,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _without(entries: list[dict[str, Any]], system: str, data: str) -> list[dict[str, Any]]:
+    """Entries other than the one for (system, data), so a new run replaces an old one."""
+    return [e for e in entries if (e["system"], e["data"]) != (system, data)]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Measure every (set, system) pair, saving the JSON after each so a long run loses nothing."""
     from semid.metrics import read_sequences
@@ -343,10 +354,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"[{data}] {name}: fitting on {x.shape[0]:,} x {x.shape[1]} ...", flush=True)
             try:
                 metrics = measure(system, x, args.levels, args.codebook_size, args.seed, sequences)
-            except ImportError as err:
+            except Exception as err:
                 if name not in SEMID_SYSTEMS:
                     raise
-                print(f"[{data}] {name}: skipped, semid API not available ({err})", flush=True)
+                # semid is the system under test: a configuration that fails is a finding to report,
+                # not a reason to lose the rest of the run.
+                traceback.print_exc()
+                failure = {"system": name, "data": data, "steps": steps, "error": f"{type(err).__name__}: {err}"}
+                print(f"[{data}] {name}: FAILED ({failure['error']})", flush=True)
+                results["failures"] = _without(results.get("failures", []), name, data) + [failure]
+                write_json_atomic(args.out, results)
                 continue
             trained = name == "vqtorch-rvq" or SEMID_SYSTEMS.get(name, ("",))[0] == "rqvae"
             row_device = "cpu" if name in ("faiss-rq", "faiss-rkmeans") else device
@@ -355,8 +372,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "seed": args.seed, "device": row_device, "host": _host(row_device),
                 "steps": steps if trained else None, **metrics,
             }
-            results["results"] = [r for r in results["results"] if (r["system"], r["data"]) != (name, data)]
-            results["results"].append(row)
+            results["results"] = _without(results["results"], name, data) + [row]
+            results["failures"] = _without(results.get("failures", []), name, data)
             write_json_atomic(args.out, results)
             print(f"[{data}] {name}: fvu {row['fvu']:.3f}, collisions {100 * row['collision_rate']:.1f} %, "
                   f"train {row['train_s']:.1f} s, encode {row['encode_items_per_s']:,.0f} items/s", flush=True)
@@ -370,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no results in {args.out}", file=sys.stderr)
         return 1
     print(render_text(results["results"]))
+    for failure in results.get("failures", []):
+        print(f"FAILED {failure['system']} on {failure['data']}: {failure['error']}")
     plot_results(results["results"], args.plot)
     if args.markdown is not None:
         write_text_atomic(args.markdown, render_markdown(results, args.plot, args.markdown))

@@ -183,3 +183,32 @@ def test_bench_quality_rejects_unknown_set(tmp_path: Path) -> None:
     bench_quality = pytest.importorskip("bench_quality")
     with pytest.raises(SystemExit):
         bench_quality.parse_args(["--data", "nope", "--data-dir", str(tmp_path)])
+
+
+def test_bench_quality_records_semid_failures_and_raises_peer_ones(tmp_path: Path, monkeypatch) -> None:
+    """A failing semid configuration is kept as a reported failure while the run goes on; a failing
+    peer is a benchmark bug and stops the run."""
+    pytest.importorskip("matplotlib")
+    bench_quality = pytest.importorskip("bench_quality")
+    pytest.importorskip("semid.metrics")
+    np.save(tmp_path / "toy.npy", np.random.default_rng(6).normal(size=(200, 6)).astype(np.float32))
+    config = tmp_path / "c.toml"
+    config.write_text("")
+    out, md = tmp_path / "q.json", tmp_path / "R.md"
+    argv = ["--data", "toy", "--data-dir", str(tmp_path), "--levels", "2", "--codebook-size", "4",
+            "--out", str(out), "--plot", str(tmp_path / "q.png"), "--markdown", str(md),
+            "--semid-config", str(config), "--device", "cpu", "--systems", "semid-rqkmeans", "faiss-rkmeans"]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(bench_quality.SemidSystem, "fit", broken)
+    assert bench_quality.main(argv) == 0
+    saved = json.loads(out.read_text())
+    assert [r["system"] for r in saved["results"]] == ["faiss-rkmeans"]
+    assert saved["failures"] == [{"system": "semid-rqkmeans", "data": "toy", "steps": 3000, "error": "RuntimeError: boom"}]
+    assert "## Failures" in md.read_text()
+
+    monkeypatch.setattr(peers.ResidualKMeans, "fit", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        bench_quality.main(argv)
