@@ -25,6 +25,11 @@ from typing import Any
 
 import numpy as np
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
@@ -58,8 +63,10 @@ class SemidSystem:
 
     name: str
     config: Path
-    steps: int
     device: str
+    steps: int | None = None  # None keeps the config's train.steps
+    extra: dict[str, Any] = field(default_factory=dict)  # user overrides (--semid-set), applied last
+    overrides: dict[str, Any] = field(default_factory=dict, init=False)  # what the last fit used
     _tok: Any = field(default=None, init=False, repr=False)
 
     def fit(self, x: np.ndarray, levels: int, codebook_size: int, seed: int) -> "SemidSystem":
@@ -73,14 +80,16 @@ class SemidSystem:
             "model.type": model_type,
             "quantizer.levels": levels,
             "quantizer.codebook_size": codebook_size,
-            "train.steps": self.steps,
             "train.device": self.device,
             "train.seed": seed,
             "train.progress": False,
         }
         if forward is not None:
             overrides["quantizer.forward"] = forward
-        self._tok = SemanticIdTokenizer.from_config(self.config, overrides=overrides)
+        if self.steps is not None:
+            overrides["train.steps"] = self.steps
+        self.overrides = {**overrides, **self.extra}
+        self._tok = SemanticIdTokenizer.from_config(self.config, overrides=self.overrides)
         self._tok.fit(x)
         return self
 
@@ -90,17 +99,27 @@ class SemidSystem:
     def reconstruct(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self._tok.reconstruct(x), dtype=np.float32)
 
+    @property
+    def steps_run(self) -> int | None:
+        """Training steps of the fitted RQ-VAE (None for residual k-means, which is not trained by SGD)."""
+        config = self._tok.config
+        return config.train.steps if config.model.type == "rqvae" else None
 
-def make_system(name: str, steps: int, device: str, semid_config: Path) -> Peer:
+
+def make_system(
+    name: str, steps: int | None, device: str, semid_config: Path, semid_set: dict[str, Any] | None = None
+) -> Peer:
+    """A fresh, unfitted system by name. steps=None: vqtorch-rvq gets 5000 on CUDA, 3000 on CPU, and
+    semid keeps its config's schedule."""
     """A fresh, unfitted system by name."""
     if name == "faiss-rq":
         return FaissResidualQuantizer()
     if name == "faiss-rkmeans":
         return ResidualKMeans()
     if name == "vqtorch-rvq":
-        return VQPytorchRVQ(steps=steps, device=device)
+        return VQPytorchRVQ(steps=steps or (5000 if device.startswith("cuda") else 3000), device=device)
     if name in SEMID_SYSTEMS:
-        return SemidSystem(name=name, config=semid_config, steps=steps, device=device)
+        return SemidSystem(name=name, config=semid_config, device=device, steps=steps, extra=dict(semid_set or {}))
     raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
 
 
@@ -167,6 +186,12 @@ def render_text(rows: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells)
 
 
+def _semid_settings(row: dict[str, Any]) -> str:
+    """The config file and any --semid-set overrides a semid row ran with, for the reader."""
+    extra = ", ".join(f"{k}={v}" for k, v in sorted(row.get("semid_set", {}).items()))
+    return f"`{row['semid_config']}`" + (f" with {extra}" if extra else "")
+
+
 def render_markdown(results: dict[str, Any], plot: Path | None, markdown_path: Path) -> str:
     """The README-ready page: settings, one table per data set, the plot, and what the columns mean."""
     meta = results.get("meta", {})
@@ -193,6 +218,9 @@ def render_markdown(results: dict[str, Any], plot: Path | None, markdown_path: P
         for r in subset:
             cells = format_row(r)
             lines.append("| " + " | ".join(cells[:1] + cells[2:]) + f" | {r.get('steps') or '-'} |")
+        semid_runs = sorted({_semid_settings(r) for r in subset if "semid_config" in r})
+        if semid_runs:
+            lines += ["", "semid settings: " + "; ".join(semid_runs)]
         lines.append("")
     failures = results.get("failures", [])
     if failures:
@@ -301,7 +329,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS, metavar="SYSTEM",
                    help=f"subset of: {' '.join(SYSTEMS)}")
     p.add_argument("--steps", type=int, default=None,
-                   help="training steps of vqtorch-rvq and semid (default 5000 on CUDA, 3000 on CPU)")
+                   help="training steps of vqtorch-rvq and semid (default: vqtorch-rvq 5000 on CUDA, 3000 on "
+                        "CPU; semid its config's train.steps)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (for the trained systems)")
     p.add_argument("--levels", type=int, default=3)
     p.add_argument("--codebook-size", type=int, default=256)
@@ -309,6 +338,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch and FAISS (default: their own choice; 1 is fastest on a busy machine)")
     p.add_argument("--semid-config", type=Path, default=REPO / "configs" / "default.toml")
+    p.add_argument("--semid-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra semid config override, TOML value, e.g. train.batch_size=1024 (repeatable)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "quality.json")
     p.add_argument("--plot", type=Path, default=REPO / "bench" / "quality.png")
     p.add_argument("--markdown", type=Path, default=None, help="also write a markdown table here")
@@ -321,7 +352,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 f"(known sets: {', '.join(DATA_SETS)}; pass --data-dir if the folder is elsewhere)")
     if args.steps is not None and args.steps < 1:
         p.error("--steps must be >= 1")
+    try:
+        args.semid_set = dict(parse_override(item) for item in args.semid_set)
+    except ValueError as err:
+        p.error(str(err))
     return args
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'section.key=value' -> (key, value), the value read as TOML (a bare word is taken as a string)."""
+    key, sep, raw = item.partition("=")
+    if not sep or "." not in key.strip():
+        raise ValueError(f"--semid-set expects SECTION.KEY=VALUE, got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
 
 
 def _without(entries: list[dict[str, Any]], system: str, data: str) -> list[dict[str, Any]]:
@@ -340,7 +387,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         torch.set_num_threads(args.threads)
         faiss.omp_set_num_threads(args.threads)
-    steps = args.steps or (5000 if device.startswith("cuda") else 3000)
     results = {"meta": {}, "results": []} if args.fresh else load_results(args.out)
     results["meta"] = {"versions": _versions(), "updated": time.strftime("%Y-%m-%d %H:%M:%S")}
     if any(s in SEMID_SYSTEMS for s in args.systems) and not args.semid_config.is_file():
@@ -350,7 +396,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seq_file = sequences_path(data, args.data_dir)
         sequences = read_sequences(seq_file) if seq_file else None
         for name in args.systems:
-            system = make_system(name, steps, device, args.semid_config)
+            system = make_system(name, args.steps, device, args.semid_config, args.semid_set)
             print(f"[{data}] {name}: fitting on {x.shape[0]:,} x {x.shape[1]} ...", flush=True)
             try:
                 metrics = measure(system, x, args.levels, args.codebook_size, args.seed, sequences)
@@ -360,18 +406,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 # semid is the system under test: a configuration that fails is a finding to report,
                 # not a reason to lose the rest of the run.
                 traceback.print_exc()
-                failure = {"system": name, "data": data, "steps": steps, "error": f"{type(err).__name__}: {err}"}
+                failure = {"system": name, "data": data, "steps": args.steps, "error": f"{type(err).__name__}: {err}"}
                 print(f"[{data}] {name}: FAILED ({failure['error']})", flush=True)
                 results["failures"] = _without(results.get("failures", []), name, data) + [failure]
                 write_json_atomic(args.out, results)
                 continue
-            trained = name == "vqtorch-rvq" or SEMID_SYSTEMS.get(name, ("",))[0] == "rqvae"
             row_device = "cpu" if name in ("faiss-rq", "faiss-rkmeans") else device
             row = {
                 "system": name, "data": data, "levels": args.levels, "codebook_size": args.codebook_size,
                 "seed": args.seed, "device": row_device, "host": _host(row_device),
-                "steps": steps if trained else None, **metrics,
+                "steps": getattr(system, "steps_run", getattr(system, "steps", None)), **metrics,
             }
+            if isinstance(system, SemidSystem):
+                row["semid_config"] = os.path.relpath(system.config, REPO)
+                row["semid_overrides"] = system.overrides
+                row["semid_set"] = system.extra
             results["results"] = _without(results["results"], name, data) + [row]
             results["failures"] = _without(results.get("failures", []), name, data)
             write_json_atomic(args.out, results)

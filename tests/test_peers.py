@@ -206,9 +206,19 @@ def test_bench_quality_records_semid_failures_and_raises_peer_ones(tmp_path: Pat
     assert bench_quality.main(argv) == 0
     saved = json.loads(out.read_text())
     assert [r["system"] for r in saved["results"]] == ["faiss-rkmeans"]
-    assert saved["failures"] == [{"system": "semid-rqkmeans", "data": "toy", "steps": 3000, "error": "RuntimeError: boom"}]
+    assert saved["failures"] == [{"system": "semid-rqkmeans", "data": "toy", "steps": None, "error": "RuntimeError: boom"}]
     assert "## Failures" in md.read_text()
 
     monkeypatch.setattr(peers.ResidualKMeans, "fit", broken)
     with pytest.raises(RuntimeError, match="boom"):
         bench_quality.main(argv)
+
+
+def test_parse_override_reads_toml_values() -> None:
+    bench_quality = pytest.importorskip("bench_quality")
+    assert bench_quality.parse_override("train.batch_size=1024") == ("train.batch_size", 1024)
+    assert bench_quality.parse_override("train.lr=3e-3") == ("train.lr", 0.003)
+    assert bench_quality.parse_override("quantizer.distance=cosine") == ("quantizer.distance", "cosine")
+    assert bench_quality.parse_override("quantizer.codebook_size=[256, 128]") == ("quantizer.codebook_size", [256, 128])
+    with pytest.raises(ValueError, match="SECTION.KEY=VALUE"):
+        bench_quality.parse_override("steps=5")
