@@ -260,8 +260,9 @@ class Trainer:
             return model.quantizer.last_level_distances(latent[torch.from_numpy(rows).to(latent.device)]).cpu().numpy()
 
         levels = codes.shape[1]
+        # Items left on a full prefix keep their tuple (no target); the suffix bound does not matter here.
         final = resolve_collisions(codes.cpu().numpy(), rank.cpu().numpy(), "remap", codebook_sizes=model.codebook_sizes,
-                                   last_level_distances=last_level_distances)
+                                   suffix_size=len(codes) + 1, last_level_distances=last_level_distances)
         target_codes = torch.from_numpy(final[:, :levels]).to(codes.device)
         self._unique_target.copy_(model.quantizer.decode(target_codes))
         self._unique_mask.copy_((target_codes != codes).any(-1).float())
