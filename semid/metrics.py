@@ -12,6 +12,7 @@ before collision handling, final_ids (N, L or L + 1) the IDs after it.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from collections.abc import Sequence
 from os import PathLike
 from typing import Any
@@ -192,6 +193,69 @@ def sample_queries(n: int, max_items: int, seed: int) -> np.ndarray | None:
     return np.sort(np.random.default_rng(seed).choice(n, size=max_items, replace=False))
 
 
+@dataclass
+class Neighbours:
+    """Each query item's k nearest other items by cosine in input space.
+
+    The input never changes during training, so the trainer searches once and scores every evaluation's
+    codes against the same neighbours.
+    """
+
+    queries: torch.Tensor  # (q,) int64 item rows
+    indices: torch.Tensor  # (q, k) int64 neighbour rows
+    sampled: bool  # True when only a seeded sample of the items are queries
+
+
+def nearest_neighbours(
+    x: ArrayLike, *, k: int = 10, max_items: int = 50_000, seed: int = 0, device: str | torch.device | None = None
+) -> Neighbours:
+    """k-NN by cosine (excluding the item itself) for every item, or a seeded sample when N > max_items.
+
+    Neighbours are searched among all N items. With N <= k every item uses its N - 1 other items; N = 1 has
+    no neighbours and raises ValueError. An all-zero row has cosine 0 to everything, never NaN. Runs on
+    `device`, by default x's device when x is a tensor, else the CPU; fp32 similarities in row chunks
+    (never a full N x N matrix).
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    if max_items < 1:
+        raise ValueError(f"max_items must be at least 1, got {max_items}")
+    if device is None:
+        device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+    x_t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.require(_float_matrix(x, "x", np.float32), requirements="W"))
+    _check_matrix_shape(tuple(x_t.shape), "x")
+    x_t = x_t.to(device=device, dtype=torch.float32)
+    if not torch.isfinite(x_t).all():
+        raise ValueError("x contains NaN or infinite values")
+    n = x_t.shape[0]
+    if n < 2:
+        raise ValueError("prefix_agreement needs at least 2 items: a single item has no neighbours")
+    k_eff = min(k, n - 1)
+    sample = sample_queries(n, max_items, seed)
+    queries = torch.arange(n, device=device) if sample is None else torch.from_numpy(sample).to(device)
+    # Normalised once here rather than per chunk (as semid.distance would): for large N the repeated
+    # (N, D) normalisation would cost as much as the chunk's matrix product. Zero rows stay zero.
+    unit = F.normalize(x_t, dim=1)  # (n, d)
+    chunk_rows = max(1, _MAX_CHUNK_ELEMENTS // n)
+    found = []
+    for start in range(0, queries.numel(), chunk_rows):
+        rows = queries[start : start + chunk_rows]  # (q,)
+        with torch.autocast(device_type=unit.device.type, enabled=False):  # fp32 even inside a caller's autocast
+            sim = unit[rows] @ unit.T  # (q, n): cosine
+        sim[torch.arange(rows.numel(), device=device), rows] = -float("inf")  # an item is not its own neighbour
+        found.append(sim.topk(k_eff, dim=1).indices)  # (q, k)
+    return Neighbours(queries, torch.cat(found), sample is not None)
+
+
+def prefix_agreement_from_neighbours(codes: ArrayLike, neighbours: Neighbours) -> list[float]:
+    """Share of each query item's neighbours whose first d codes equal its own, averaged, for d = 1..L."""
+    device = neighbours.indices.device
+    codes_t = torch.from_numpy(np.require(_code_matrix(codes), requirements="W")).to(device)
+    own = codes_t[neighbours.queries].unsqueeze(1)  # (q, 1, l)
+    match = _prefix_match(codes_t[neighbours.indices], own)  # (q, k, l)
+    return match.to(torch.float64).mean(dim=(0, 1)).tolist()
+
+
 def prefix_agreement(
     x: ArrayLike,
     codes: ArrayLike,
@@ -205,47 +269,12 @@ def prefix_agreement(
 
     Returns (values for d = 1..L, sampled). When N > max_items only a seeded sample of max_items query
     items (see `sample_queries`) is averaged, but their neighbours are still searched among all N items;
-    `sampled` says whether that happened. With N <= k every item uses its N - 1 other items; N = 1 has
-    no neighbours and raises ValueError. An all-zero input row has cosine 0 to everything, so its
-    neighbours are arbitrary but its agreement is still a number, never NaN.
-
-    Runs on `device`, by default the device of x when x is a tensor (so CUDA inputs stay on the GPU),
-    else the CPU. Similarities are fp32, computed in row chunks (never a full N x N matrix).
+    `sampled` says whether that happened. See `nearest_neighbours` for the search itself.
     """
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
-    if max_items < 1:
-        raise ValueError(f"max_items must be at least 1, got {max_items}")
-    if device is None:
-        device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
-    x_t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.require(_float_matrix(x, "x", np.float32), requirements="W"))
-    _check_matrix_shape(tuple(x_t.shape), "x")
-    x_t = x_t.to(device=device, dtype=torch.float32)
-    if not torch.isfinite(x_t).all():
-        raise ValueError("x contains NaN or infinite values")
-    codes_t = torch.from_numpy(np.require(_code_matrix(codes), requirements="W")).to(device)
-    n = x_t.shape[0]
-    _check_same_items(n, codes_t, "codes")
-    if n < 2:
-        raise ValueError("prefix_agreement needs at least 2 items: a single item has no neighbours")
-    k_eff = min(k, n - 1)
-
-    sample = sample_queries(n, max_items, seed)
-    queries = torch.arange(n, device=device) if sample is None else torch.from_numpy(sample).to(device)
-    # Normalised once here rather than per chunk (as semid.distance would): for large N the repeated
-    # (N, D) normalisation would cost as much as the chunk's matrix product. Zero rows stay zero.
-    unit = F.normalize(x_t, dim=1)  # (n, d)
-    chunk_rows = max(1, _MAX_CHUNK_ELEMENTS // n)
-    total = torch.zeros(codes_t.shape[1], dtype=torch.float64, device=device)
-    for start in range(0, queries.numel(), chunk_rows):
-        rows = queries[start : start + chunk_rows]  # (q,)
-        with torch.autocast(device_type=unit.device.type, enabled=False):  # fp32 even inside a caller's autocast
-            sim = unit[rows] @ unit.T  # (q, n): cosine
-        sim[torch.arange(rows.numel(), device=device), rows] = -float("inf")  # an item is not its own neighbour
-        neighbours = sim.topk(k_eff, dim=1).indices  # (q, k)
-        match = _prefix_match(codes_t[neighbours], codes_t[rows].unsqueeze(1))  # (q, k, l)
-        total += match.to(torch.float64).mean(dim=1).sum(dim=0)  # (l,)
-    return (total / queries.numel()).tolist(), sample is not None
+    n = x.shape[0] if hasattr(x, "shape") else len(x)
+    _check_same_items(n, codes if isinstance(codes, (np.ndarray, torch.Tensor)) else np.asarray(codes), "codes")
+    neighbours = nearest_neighbours(x, k=k, max_items=max_items, seed=seed, device=device)
+    return prefix_agreement_from_neighbours(codes, neighbours), neighbours.sampled
 
 
 def sequence_prefix_agreement(final_or_codes: ArrayLike, sequences: Sequence[np.ndarray]) -> list[float]:

@@ -19,7 +19,14 @@ import torch
 from tqdm.auto import tqdm
 
 from semid.config import SemidConfig
-from semid.metrics import codebook_metrics, collision_metrics, reconstruction_metrics
+from semid.metrics import (
+    Neighbours,
+    codebook_metrics,
+    collision_metrics,
+    nearest_neighbours,
+    prefix_agreement_from_neighbours,
+    reconstruction_metrics,
+)
 from semid.rqvae import RQVAE, RQVAEOutput
 
 # Keys whose larger value is better; every other evaluate key is minimised.
@@ -47,11 +54,11 @@ def decode_in_batches(model: RQVAE, codes: torch.Tensor, batch_size: int = 65536
 
 
 @torch.no_grad()
-def quick_evaluate(model: RQVAE, x: torch.Tensor) -> dict[str, Any]:
-    """Reconstruction, collision and codebook metrics on the whole corpus (DESIGN.md definitions).
+def quick_evaluate(model: RQVAE, x: torch.Tensor, neighbours: Neighbours | None = None) -> dict[str, Any]:
+    """DESIGN.md metrics of the raw codes on the whole corpus.
 
-    prefix_agreement needs a k-NN search over the corpus and does not steer training, so it is left to
-    the final `SemanticIdTokenizer.evaluate`.
+    prefix_agreement is included when the corpus's input-space neighbours are given: they never change
+    during training, so the trainer searches them once instead of at every evaluation.
     """
     was_training = model.training
     model.eval()
@@ -59,11 +66,14 @@ def quick_evaluate(model: RQVAE, x: torch.Tensor) -> dict[str, Any]:
     x_hat = decode_in_batches(model, codes)
     model.train(was_training)
     codes_np = codes.cpu().numpy()
-    return {
+    report = {
         **reconstruction_metrics(x.cpu().numpy(), x_hat.cpu().numpy()),
         **collision_metrics(codes_np),
         **codebook_metrics(codes_np, model.codebook_sizes),
     }
+    if neighbours is not None:
+        report["prefix_agreement"] = prefix_agreement_from_neighbours(codes_np, neighbours)
+    return report
 
 
 def score(report: dict[str, Any], metric: str) -> tuple[float, float]:
@@ -111,6 +121,7 @@ class Trainer:
         self.learning_rate = _LearningRate(config)
         self._forward = torch.compile(self.model) if config.train.compile else self.model
         self._graph: torch.cuda.CUDAGraph | None = None
+        self._neighbours: Neighbours | None = None
         latent_dim = config.model.latent_dim if self.model.is_autoencoder else x.shape[1]
         self._unique_target = torch.zeros(self.x.shape[0], latent_dim, device=self.device)
         self._unique_mask = torch.zeros(self.x.shape[0], device=self.device)
@@ -274,7 +285,9 @@ class Trainer:
         return max(q.gumbel_tau_end, q.gumbel_tau_start * decay**step)
 
     def _evaluate(self, step: int, loss: float | None = None) -> dict[str, Any]:
-        report = quick_evaluate(self.model, self.x)
+        if self._neighbours is None and self.x.shape[0] > 1:
+            self._neighbours = nearest_neighbours(self.x)
+        report = quick_evaluate(self.model, self.x, self._neighbours)
         report.update(step=step, dead_code_resets=self.state.dead_code_resets)
         if loss is not None:
             report["loss"] = loss
