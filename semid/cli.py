@@ -73,7 +73,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
     tok = SemanticIdTokenizer.load(args.model, device=args.device)
     summary = tok.encode_file(args.data, args.out, batch_size=args.batch_size, id_col=args.id_col,
-                              emb_col=args.emb_col, progress=not args.quiet and sys.stderr.isatty())
+                              emb_col=args.emb_col, progress=not args.quiet and sys.stderr.isatty(), trie=args.trie)
     if summary["new_items"]:
         tok.save_registry(args.model)  # new IDs are remembered, so they never change later
     print(f"encoded {summary['n_items']} items ({summary['new_items']} new) to {args.out}")
@@ -121,13 +121,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     tok = SemanticIdTokenizer(config).fit(items.embeddings, ids=items.ids)
     train_s = time.perf_counter() - started
     tok.save(out / "model")
-    summary = tok.encode_file(data, out / "ids.parquet", progress=False)
+    summary = tok.encode_file(data, out / "ids.parquet", progress=False, trie=out / "trie.json")
     report = tok.evaluate(items.embeddings, ids=items.ids)
     report["train_seconds"] = round(train_s, 2)
     write_json_atomic(report, out / "report.json")
     print(format_report(report))
     print(f"\ntrained in {train_s:.1f} s; encoded {summary['n_items']} items")
-    print(f"outputs in {out}/: model/ (config, weights, registry), ids.parquet, report.json")
+    print(f"outputs in {out}/: model/ (config, weights, registry), ids.parquet (with LLM tokens), trie.json, report.json")
     return 0
 
 
@@ -164,10 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("encode", help="give every item of a file its semantic ID (streams in batches)")
     p.add_argument("--model", required=True, help="model directory written by `semid train`")
     p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True, help="output parquet: item_id, codes, semantic_id")
+    p.add_argument("--out", required=True, help="output parquet: item_id, codes, semantic_id, tokens")
     p.add_argument("--batch-size", type=int, default=65536)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quiet", action="store_true", help="no progress bar (there is none unless stderr is a terminal)")
+    p.add_argument("--trie", help="also write the prefix trie of the IDs (JSON) for constrained decoding")
     columns(p)
     p.set_defaults(func=cmd_encode)
 

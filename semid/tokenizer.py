@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from semid.collisions import IdRegistry
 from semid.config import SemidConfig
-from semid.export import semantic_id_strings
+from semid.export import semantic_id_strings, token_strings, write_trie_json
 from semid.kmeans import sinkhorn_assign
 from semid.io import (
     InputError,
@@ -128,8 +128,12 @@ class SemanticIdTokenizer:
         return self._assign(keys, emb)
 
     def encode_file(self, path: str | os.PathLike, out: str | os.PathLike, *, batch_size: int = 65536,
-                    id_col: str = "item_id", emb_col: str = "embedding", progress: bool = True) -> dict[str, Any]:
-        """Stream a .npy or .parquet catalogue in batches and write `item_id, codes, semantic_id` parquet.
+                    id_col: str = "item_id", emb_col: str = "embedding", progress: bool = True,
+                    trie: str | os.PathLike | None = None) -> dict[str, Any]:
+        """Stream a .npy or .parquet catalogue in batches and write `item_id, codes, semantic_id, tokens` parquet.
+
+        `tokens` is the LLM token string (`<a_12><b_201><c_7><d_0>`); `trie` also writes the prefix trie of the
+        IDs as JSON, for constrained decoding.
 
         Embeddings are held one batch at a time; only the codes, ids and rank keys of all items (tens of
         bytes per item) stay in memory for the global collision pass. The output appears atomically.
@@ -161,8 +165,11 @@ class SemanticIdTokenizer:
             "item_id": item_ids,
             "codes": pl.Series(final).cast(pl.List(pl.Int64)),
             "semantic_id": semantic_id_strings(final),
+            "tokens": token_strings(final),
         })
         write_parquet_atomic(frame, out)
+        if trie is not None:
+            write_trie_json(final, trie)
         return {"n_items": n, "new_items": len(self.registry) - known_before, "id_length": int(final.shape[1]),
                 "levels": len(model.codebook_sizes)}
 

@@ -87,11 +87,18 @@ def test_train_encode_evaluate_round_trip(work):
     assert f"fvu {best['fvu']:.4f}" in work["train_stdout"]  # the figure of the weights that were saved
 
     out = root / "ids.parquet"
-    result = semid("encode", "--model", model, "--data", work["parquet"], "--out", out, "--quiet", cwd=root)
+    trie_path = root / "trie.json"
+    result = semid("encode", "--model", model, "--data", work["parquet"], "--out", out, "--quiet",
+                   "--trie", trie_path, cwd=root)
     assert result.returncode == 0, result.stderr
     frame = pl.read_parquet(out)
     source = pl.read_parquet(work["parquet"])
-    assert frame.columns == ["item_id", "codes", "semantic_id"]
+    assert frame.columns == ["item_id", "codes", "semantic_id", "tokens"]
+    letters = "abcd"
+    assert frame["tokens"].to_list() == ["".join(f"<{letters[i]}_{v}>" for i, v in enumerate(c)) for c in frame["codes"].to_list()]
+    trie = json.loads(trie_path.read_text())
+    first_codes = sorted({c[0] for c in frame["codes"].to_list()})
+    assert trie[""] == first_codes  # the root lists exactly the first codes in use
     assert frame["item_id"].to_list() == source["item_id"].to_list()
     codes = frame["codes"].to_list()
     assert {len(c) for c in codes} == {4}  # 3 levels + the suffix
