@@ -321,6 +321,8 @@ class Trainer:
             "batch_rng": self.batch_rng.get_state(),
             "permutation": self.permutation.cpu(),
             "position": self.position,
+            "unique_target": self._unique_target.cpu(),
+            "unique_mask": self._unique_mask.cpu(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
@@ -340,6 +342,8 @@ class Trainer:
         self.state = TrainState(**payload["state"])
         self.batch_rng.set_state(payload["batch_rng"])
         self.permutation, self.position = payload["permutation"].to(self.device), payload["position"]
+        self._unique_target.copy_(payload["unique_target"])
+        self._unique_mask.copy_(payload["unique_mask"])
         torch.set_rng_state(payload["torch_rng"])
         if payload["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(payload["cuda_rng"])

@@ -55,6 +55,17 @@ def test_loss_decreases_on_real_sample(real_data, tiny_config):
     assert float(after.reconstruction_loss) == pytest.approx(quick_evaluate(model, trainer.x)["fvu"], rel=1e-4)
 
 
+def test_resume_with_uniqueness_loss_matches_uninterrupted_run(real_data, tiny_config, tmp_path):
+    """The uniqueness targets are part of the checkpoint: a resume between target updates ends identical."""
+    x = _x(real_data)
+    ckpt = tmp_path / "train.ckpt"
+    config = tiny_config({"train.steps": 90, "train.checkpoint_every": 50, "train.uniqueness_weight": 5.0,
+                          "train.uniqueness_every": 40})
+    full_model = Trainer(config, x, checkpoint_path=ckpt).fit()
+    resumed_model = Trainer(config, x, checkpoint_path=ckpt).fit(resume=True)
+    _assert_same_state(full_model.state_dict(), resumed_model.state_dict())
+
+
 @pytest.mark.parametrize("forward", ["ste", "rotation", "gumbel"])
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
 def test_every_distance_and_forward_mode_learns(real_data, tiny_config, distance, forward):
