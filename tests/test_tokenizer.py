@@ -211,7 +211,7 @@ def test_encode_file_is_independent_of_batch_size(data, model_dir, tmp_path, wit
     for frame in frames[1:]:
         assert frame.equals(frames[0])
     frame = frames[0]
-    assert frame.columns == ["item_id", "codes", "semantic_id"]
+    assert frame.columns == ["item_id", "codes", "semantic_id", "tokens"]
     codes = np.array(frame["codes"].to_list())
     expected = _encode(SemanticIdTokenizer.load(path), data["x"], data["ids"], with_ids)
     np.testing.assert_array_equal(codes, expected)  # the streamed path agrees with the in-memory one
