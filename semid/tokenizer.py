@@ -173,9 +173,14 @@ class SemanticIdTokenizer:
         return {"n_items": n, "new_items": len(self.registry) - known_before, "id_length": int(final.shape[1]),
                 "levels": len(model.codebook_sizes)}
 
+    @torch.no_grad()
     def encode_raw(self, x: Any) -> np.ndarray:
         """Codes (n, L) before collision handling: each item's own nearest codes."""
-        return self._raw(self._matrix(x))[0]
+        model, emb = self._fitted(), self._matrix(x)
+        emb = np.require(emb, requirements="W")  # torch wants writable memory; copies only read-only input
+        return torch.cat([
+            model.encode(torch.from_numpy(emb[i : i + 65536]).to(self._device())).cpu() for i in range(0, len(emb), 65536)
+        ]).numpy()
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
         """(n, >= L) IDs or codes -> (n, D) float32 reconstructions (a suffix column is ignored)."""
