@@ -23,6 +23,7 @@ import argparse
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -86,7 +87,7 @@ def write_catalogue(base: np.ndarray, n: int, seed: int, noise: float, parquet: 
     return time.perf_counter() - started, cosine
 
 
-def train_model(x: np.ndarray, config: Path, steps: int, suffix_size: int, out: Path) -> float:
+def train_model(x: np.ndarray, config: Path, steps: int, batch_size: int, suffix_size: int, out: Path) -> float:
     """Train and save a model on real data; seconds taken. Quality is beside the point here, speed is not.
 
     Catalogues resampled from a small set hold hundreds of near-copies of each real item, which land on
@@ -96,8 +97,8 @@ def train_model(x: np.ndarray, config: Path, steps: int, suffix_size: int, out: 
     from semid.tokenizer import SemanticIdTokenizer
 
     started = time.perf_counter()
-    overrides = {"train.steps": steps, "train.eval_every": steps, "train.device": "cpu", "train.progress": False,
-                 "collisions.suffix_size": suffix_size}
+    overrides = {"train.steps": steps, "train.eval_every": steps, "train.batch_size": batch_size,
+                 "train.device": "cpu", "train.progress": False, "collisions.suffix_size": suffix_size}
     SemanticIdTokenizer.from_config(config, overrides=overrides).fit(x).save(out)
     return time.perf_counter() - started
 
@@ -144,19 +145,21 @@ def _first_child(pid: int) -> int | None:
     return int(children[0]) if children else None
 
 
-def run_child(cmd: list[str], poll_s: float = 0.05) -> tuple[float, float, float | None]:
+def run_child(cmd: list[str], threads: int = 0, poll_s: float = 0.05) -> tuple[float, float, float | None]:
     """Run cmd to completion: (wall seconds, peak RSS MB, polled peak anonymous MB or None off Linux).
 
     Peak RSS is GNU time's %M, the kernel's maximum resident set of the command, when /usr/bin/time exists.
     It is not the wait4 rusage of a child forked from this script: Linux carries the high-water mark of
     the forked image across exec, so such a child reports at least this (large) script's RSS. Without GNU
     time it is the last VmHWM polled from /proc (it misses growth in the final poll interval only).
+    threads > 0 caps the command's intra-op threads (OMP_NUM_THREADS, which torch reads at start-up).
     """
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     with tempfile.TemporaryDirectory() as tmp:
         time_out = Path(tmp) / "maxrss"
         wrapped = [str(GNU_TIME), "-f", "%M", "-o", str(time_out), *cmd] if GNU_TIME.is_file() else cmd
         started = time.perf_counter()
-        proc = subprocess.Popen(wrapped, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(wrapped, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         target = proc.pid if wrapped is cmd else None  # the measured process: under time, its child
         peak_anon = peak_hwm = None
         while proc.poll() is None:
@@ -176,14 +179,14 @@ def run_child(cmd: list[str], poll_s: float = 0.05) -> tuple[float, float, float
     return wall, rss_kb / 1024, None if peak_anon is None else peak_anon / 1024
 
 
-def encode_run(model: Path, data: Path, out: Path, batch_size: int, n: int, fmt: str) -> EncodeRun:
-    """One `semid encode` on a fresh copy of the model (so runs never share a registry)."""
+def encode_run(model: Path, data: Path, out: Path, batch_size: int, n: int, fmt: str, threads: int) -> EncodeRun:
+    """One `semid encode` on a fresh copy of the model (so runs never share a registry); threads 0: torch's default."""
     fresh = out.with_name(out.stem + ".model")
     shutil.rmtree(fresh, ignore_errors=True)
     shutil.copytree(model, fresh)
     cmd = [*semid_command(), "encode", "--model", str(fresh), "--data", str(data), "--out", str(out),
            "--batch-size", str(batch_size), "--quiet"]
-    wall, rss, anon = run_child(cmd)
+    wall, rss, anon = run_child(cmd, threads)
     shutil.rmtree(fresh)
     max_group = pl.scan_parquet(out).select(pl.col("codes").list.get(-1).max()).collect().item() + 1
     return EncodeRun(fmt, n, batch_size, round(wall, 2), round(n / wall), round(rss, 1),
@@ -191,12 +194,12 @@ def encode_run(model: Path, data: Path, out: Path, batch_size: int, n: int, fmt:
                      round(out.stat().st_size / MB, 1), max_group, round(os.getloadavg()[0], 2))
 
 
-def batch_size_check(model: Path, data: Path, n: int, batch_sizes: list[int], work: Path) -> dict:
+def batch_size_check(model: Path, data: Path, n: int, batch_sizes: list[int], work: Path, threads: int) -> dict:
     """Encode one file with each batch size; the output files must be identical (ids, codes, semantic IDs)."""
     frames = []
     for bs in batch_sizes:
         out = work / f"check-bs{bs}.parquet"
-        encode_run(model, data, out, bs, n, "parquet")
+        encode_run(model, data, out, bs, n, "parquet", threads)
         frames.append(pl.read_parquet(out))
         out.unlink()
     identical = all(f.equals(frames[0]) for f in frames[1:])
@@ -245,16 +248,23 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=default_data_dir())
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "default.toml")
     parser.add_argument("--steps", type=int, default=300, help="training steps (throughput does not need quality)")
+    parser.add_argument("--train-batch-size", type=int, default=2048, help="training batch (small: a quick model)")
     parser.add_argument("--noise", type=float, default=0.5, help="noise std relative to the data's element std")
     parser.add_argument("--suffix-size", type=int, default=65536, help="collisions.suffix_size of the trained model")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads for training and for each semid encode (0: torch's default, one per core)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, help="where catalogues go (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the generated files in --workdir")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "encode.json")
     args = parser.parse_args()
-    if min(args.sizes) < 1 or args.check_items < 1 or args.batch_size < 1:
-        parser.error("sizes, --check-items and --batch-size must be positive")
+    if min(args.sizes) < 1 or args.check_items < 1 or args.batch_size < 1 or args.threads < 0:
+        parser.error("sizes, --check-items and --batch-size must be positive, --threads not negative")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
+    # A plain kill (SIGTERM) unwinds like Ctrl-C, so the `finally` below still removes the work files.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     base = load_embeddings(args.data, args.data_dir)
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)
@@ -262,12 +272,12 @@ def main() -> None:
     started = time.perf_counter()
     try:
         model = work / "model"
-        train_s = train_model(base, args.config, args.steps, args.suffix_size, model)
+        train_s = train_model(base, args.config, args.steps, args.train_batch_size, args.suffix_size, model)
         print(f"trained {args.config.name} ({args.steps} steps) on {args.data} in {train_s:.1f} s", flush=True)
 
         check_file = work / "check.parquet"
         _, cosine = write_catalogue(base, args.check_items, args.seed, args.noise, check_file, None)
-        check = batch_size_check(model, check_file, args.check_items, args.check_batch_sizes, work)
+        check = batch_size_check(model, check_file, args.check_items, args.check_batch_sizes, work, args.threads)
         check_file.unlink()
         print(f"batch-size check on {args.check_items:,} items, batch sizes {args.check_batch_sizes}: "
               f"{'identical' if check['identical'] else 'DIFFERENT'} outputs", flush=True)
@@ -281,7 +291,7 @@ def main() -> None:
             print(f"wrote {n:,} items in {gen_s:.1f} s", flush=True)
             for fmt in args.formats:
                 data = parquet if fmt == "parquet" else npy
-                run = encode_run(model, data, work / f"ids-{fmt}-{n}.parquet", args.batch_size, n, fmt)
+                run = encode_run(model, data, work / f"ids-{fmt}-{n}.parquet", args.batch_size, n, fmt, args.threads)
                 runs.append(run)
                 print(f"  {fmt}: {run.items_per_second:,} items/s, peak RSS {run.peak_rss_mb:,.0f} MB", flush=True)
                 (work / f"ids-{fmt}-{n}.parquet").unlink()
@@ -297,11 +307,12 @@ def main() -> None:
                   + f" vs {g['embedding_bytes_per_item']} bytes of embedding per item")
         write_json_atomic(args.out, {
             "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                     "encode_threads": args.threads or "torch default",
                      "python": platform.python_version(), "torch": torch.__version__, "polars": pl.__version__,
                      "peak_rss_source": "GNU time %M" if GNU_TIME.is_file() else "polled VmHWM"},
             "data": args.data, "noise": args.noise, "seed": args.seed, "suffix_size": args.suffix_size,
             "mean_cosine_to_source_row": round(cosine, 3), "config": str(args.config.relative_to(REPO))
-            if args.config.is_relative_to(REPO) else str(args.config), "train_steps": args.steps,
+            if args.config.is_relative_to(REPO) else str(args.config), "train_steps": args.steps, "train_batch_size": args.train_batch_size,
             "train_seconds": round(train_s, 1), "row_group_size": ROW_GROUP, "generation_seconds": generation,
             "batch_size_check": check, "runs": [asdict(r) for r in runs], "memory_growth": growth,
             "total_seconds": round(time.perf_counter() - started, 1),

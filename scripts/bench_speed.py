@@ -322,6 +322,7 @@ def main() -> None:
     out = args.out or REPO / "bench" / f"speed_{args.device}.json"
     write_json_atomic(out, {"device": args.device, "data": args.data, "items": len(x), "dim": x.shape[1],
                             "levels": LEVELS, "codebook_size": CODEBOOK, "repeats": args.repeats,
+                            "threads": args.threads or "library default",
                             "host": host_info(args.device), **result})
     print(f"\nwritten to {out}")
 
