@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import polars as pl
@@ -44,6 +44,10 @@ from semid.rqvae import RQVAE
 from semid.train import Trainer, resolve_device
 
 MODEL_FORMAT = "semid-model-v1"
+# Rows per encode block: on a CPU the block's activations stay in cache between layers (see
+# semid.rqvae); on a GPU each block is one host-to-device copy.
+_CPU_BLOCK_ROWS = 4096
+_DEVICE_BLOCK_ROWS = 65536
 _FILES = ("config.toml", "model.pt", "meta.json", "registry.parquet")
 
 
@@ -177,10 +181,7 @@ class SemanticIdTokenizer:
     def encode_raw(self, x: Any) -> np.ndarray:
         """Codes (n, L) before collision handling: each item's own nearest codes."""
         model, emb = self._fitted(), self._matrix(x)
-        emb = np.require(emb, requirements="W")  # torch wants writable memory; copies only read-only input
-        return torch.cat([
-            model.encode(torch.from_numpy(emb[i : i + 65536]).to(self._device())).cpu() for i in range(0, len(emb), 65536)
-        ]).numpy()
+        return torch.cat([model.encode(rows).cpu() for rows in self._row_blocks(emb)]).numpy()
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
         """(n, >= L) IDs or codes -> (n, D) float32 reconstructions (a suffix column is ignored)."""
@@ -308,13 +309,24 @@ class SemanticIdTokenizer:
         keys = frame_ids.astype(object) if frame_ids is not None else content_keys(row_digests(emb))
         return keys, emb
 
+    def _row_blocks(self, emb: np.ndarray) -> Iterator[torch.Tensor]:
+        """Row blocks of a float32 matrix as tensors on the model's device.
+
+        On a CPU each block is a view of `emb` (no copy), small enough that its activations stay in cache;
+        on a GPU a block is one host-to-device copy, large enough to keep the device busy.
+        """
+        device = self._device()
+        rows = _CPU_BLOCK_ROWS if device.type == "cpu" else _DEVICE_BLOCK_ROWS
+        emb = np.require(emb, requirements="W")  # torch wants writable memory; copies only read-only input
+        for start in range(0, len(emb), rows):
+            yield torch.from_numpy(emb[start : start + rows]).to(device)
+
     @torch.no_grad()
     def _raw(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(codes (n, L), rank key (n,)): the rank key is the latent's distance to its codeword sum."""
         model = self._fitted()
         codes, ranks = [], []
-        for start in range(0, len(emb), 65536):
-            x = torch.tensor(emb[start : start + 65536], device=self._device())
+        for x in self._row_blocks(emb):
             z = model.latent(x).float()
             c = model.quantizer.encode(z)
             ranks.append((z - model.quantizer.decode(c)).pow(2).sum(-1).cpu())

@@ -10,6 +10,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from semid.distance import Distance, nearest_code, pairwise_distance
 
+
 @pytest.fixture(scope="module")
 def queries_and_codebook(real_data) -> tuple[np.ndarray, np.ndarray]:
     """2000 beauty rows as queries and 256 ml-1m rows as a codebook: real, unnormalised embeddings."""
@@ -95,3 +96,48 @@ def test_cosine_ignores_length_and_l2_does_not() -> None:
     same = pairwise_distance(x * 3.0, c * lengths, Distance.COSINE)
     torch.testing.assert_close(same, pairwise_distance(x, c, Distance.COSINE), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(pairwise_distance(x, c * lengths, Distance.L2), pairwise_distance(x, c, Distance.L2))
+
+
+@pytest.mark.parametrize("distance", list(Distance))
+def test_nearest_code_is_the_argmin_of_pairwise_distance(queries_and_codebook, distance: Distance) -> None:
+    """Scores that leave out the per-row term (|x|^2, 1/|x|) choose the codeword pairwise_distance ranks first."""
+    x, c = (torch.from_numpy(a) for a in queries_and_codebook)
+    full = pairwise_distance(x, c, distance)  # (n, K)
+    codes, dist = nearest_code(x, c, distance)
+    two = full.topk(2, dim=-1, largest=False).values
+    scale = float(x.pow(2).sum(-1).max()) if distance is Distance.L2 else 1.0
+    clear = (two[:, 1] - two[:, 0]) > 1e-5 * scale  # not a tie at fp32 precision
+    assert clear.float().mean() > 0.95
+    torch.testing.assert_close(codes[clear], full.argmin(-1)[clear], rtol=0, atol=0)
+    torch.testing.assert_close(dist, full.gather(1, codes[:, None]).squeeze(1), rtol=0, atol=2e-5 * scale)
+
+
+@pytest.mark.parametrize("distance", list(Distance))
+@pytest.mark.parametrize("chunk_rows", [None, 1, 3])
+def test_ties_in_a_wide_codebook_go_to_the_lowest_index(distance: Distance, chunk_rows: int | None) -> None:
+    """Integer codewords make every score exact, so the ties are real ties whatever the summation order."""
+    g = torch.Generator().manual_seed(0)
+    codebook = torch.randint(-3, 4, (300, 6), generator=g).float()
+    v, w = torch.tensor([10.0, 0, 0, 0, 0, 1]), torch.tensor([0.0, 0, 0, 0, 10, -1])
+    codebook[[7, 150]] = v  # a tie for both distances
+    codebook[40] = 2 * v  # same direction, other length: a tie for cosine only
+    codebook[299] = w  # the last index, weighted 0 by the tie-break, alone at its place
+    codes, _ = nearest_code(torch.stack([v, 3 * v, w]), codebook, distance, chunk_rows=chunk_rows)
+    assert codes.tolist() == ([7, 40, 299] if distance is Distance.L2 else [7, 7, 299])
+
+
+def test_nearest_code_gives_no_gradient_and_leaves_its_inputs_alone() -> None:
+    g = torch.Generator().manual_seed(2)
+    codebook = torch.nn.Parameter(torch.randn(32, 4, generator=g))
+    x = torch.randn(50, 4, generator=g, requires_grad=True)
+    before_x, before_c = x.detach().clone(), codebook.detach().clone()
+    for distance in Distance:
+        codes, dist = nearest_code(x, codebook, distance, chunk_rows=16)
+        assert not dist.requires_grad and codes.dtype == torch.int64
+    assert torch.equal(x.detach(), before_x) and torch.equal(codebook.detach(), before_c)
+
+
+def test_a_zero_row_has_no_direction_and_takes_code_zero_for_cosine() -> None:
+    codebook = torch.tensor([[0.0, 1.0], [1.0, 0.0], [-1.0, 0.0]])
+    codes, dist = nearest_code(torch.zeros(2, 2), codebook, Distance.COSINE)
+    assert codes.tolist() == [0, 0] and dist.abs().max().item() == 0.0

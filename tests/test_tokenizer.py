@@ -15,9 +15,12 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+import torch.nn.functional as F
 
+from semid.distance import pairwise_distance
 from semid.io import InputError
 from semid.metrics import collision_metrics
+from semid.rqvae import RQVAE, _linear
 from semid.tokenizer import ModelDirError, SemanticIdTokenizer
 
 N_A = 1200
@@ -218,6 +221,81 @@ def test_encode_file_is_independent_of_batch_size(data, model_dir, tmp_path, wit
     assert frame["semantic_id"].to_list() == ["-".join(map(str, row)) for row in codes.tolist()]
     expected_ids = data["ids"].tolist() if with_ids else list(range(len(data["x"])))
     assert [str(v) for v in frame["item_id"].to_list()] == [str(v) for v in expected_ids]
+
+
+# ---- the encode path ----------------------------------------------------------------------------
+
+
+def _reference_codes(model: RQVAE, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Codes written plainly: standardise, encoder, then each level's argmin of pairwise_distance.
+
+    Also returns each row's smallest gap between its best and second-best distance over the levels, so
+    that a test can tell a real disagreement from a near-tie that fp32 rounding may settle either way.
+    """
+    with torch.no_grad():
+        z = model.encoder(model.normalize(torch.from_numpy(x)))
+        codes, gaps = [], []
+        for level in model.quantizer.levels:
+            d = pairwise_distance(z, level.codebook, level.distance)
+            two = d.topk(2, dim=-1, largest=False).values
+            codes.append(d.argmin(-1))
+            gaps.append(two[:, 1] - two[:, 0])
+            z = z - level.codebook[codes[-1]]
+        return torch.stack(codes, -1).numpy(), torch.stack(gaps, -1).min(-1).values.numpy()
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"quantizer.distance": "cosine", "model.activation": "silu", "model.layer_norm": True},
+    {"model.type": "rqkmeans", "quantizer.distance": "cosine"},
+], ids=["l2-relu", "cosine-silu-layernorm", "rqkmeans"])
+def test_encode_gives_the_greedy_nearest_codewords_in_any_block_size(data, tiny_config, overrides, monkeypatch):
+    """The folded standardiser, the oneDNN layers, the blocks and the tie-break change no code."""
+    config = tiny_config({**overrides, "train.steps": 20, "train.eval_every": 20, "collisions.strategy": "none"})
+    tok = SemanticIdTokenizer(config).fit(data["a"])
+    x = data["x"]
+    expected, gap = _reference_codes(tok.model, x)
+    clear = gap > 1e-4
+    assert clear.mean() > 0.99
+    for rows in (4096, 7):  # 7: many blocks, and a last block shorter than the others
+        monkeypatch.setattr("semid.rqvae._CPU_ENCODE_BLOCK_ROWS", rows)
+        monkeypatch.setattr("semid.tokenizer._CPU_BLOCK_ROWS", rows)
+        codes = tok.encode_raw(x)
+        assert codes.dtype == np.int64 and codes.shape == expected.shape
+        np.testing.assert_array_equal(codes[clear], expected[clear])
+        np.testing.assert_array_equal(tok.model.encode(torch.from_numpy(x)).numpy(), codes)
+        np.testing.assert_array_equal(tok._raw(x)[0], codes)  # the path of encode() and encode_file()
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_latent_folds_the_standardiser_without_changing_values_or_gradients(data, tiny_config, layer_norm):
+    config = tiny_config({"model.layer_norm": layer_norm, "model.activation": "relu"})
+    model = RQVAE(data["x"].shape[1], config.model, config.quantizer)
+    x = torch.from_numpy(data["x"][:300])
+    model.fit_standardizer(x)
+    with torch.no_grad():
+        torch.testing.assert_close(model.latent(x), model.encoder(model.normalize(x)), rtol=1e-4, atol=1e-5)
+    first = model.encoder[0].weight
+    grads = []
+    for latent in (model.latent(x), model.encoder(model.normalize(x))):
+        grads.append(torch.autograd.grad(latent.pow(2).sum(), first)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast standardises first, as training does
+        assert model.latent(x).dtype == torch.bfloat16
+
+
+def test_onednn_linear_matches_f_linear_and_steps_aside_for_gradients(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(24, 10, generator=g), torch.randn(24, generator=g)
+    h = torch.randn(33, 20, generator=g)[:, ::2]  # a strided view, as a caller may pass
+    with torch.no_grad():
+        torch.testing.assert_close(_linear(h, weight, bias), F.linear(h, weight, bias), rtol=1e-5, atol=1e-5)
+        monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+        torch.testing.assert_close(_linear(h, weight, bias), F.linear(h, weight, bias), rtol=0, atol=0)
+        monkeypatch.undo()
+    weight.requires_grad_(True)
+    _linear(h, weight, bias).sum().backward()
+    torch.testing.assert_close(weight.grad, h.sum(0).expand(24, 10))
 
 
 # ---- decode and evaluate ------------------------------------------------------------------------
