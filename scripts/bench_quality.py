@@ -111,7 +111,6 @@ def make_system(
 ) -> Peer:
     """A fresh, unfitted system by name. steps=None: vqtorch-rvq gets 5000 on CUDA, 3000 on CPU, and
     semid keeps its config's schedule."""
-    """A fresh, unfitted system by name."""
     if name == "faiss-rq":
         return FaissResidualQuantizer()
     if name == "faiss-rkmeans":
@@ -123,22 +122,46 @@ def make_system(
     raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
 
 
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (fit rows, held-out rows), both sorted; fraction 0 holds nothing out."""
+    held = int(round(n * fraction))
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
 def measure(
-    system: Peer, x: np.ndarray, levels: int, codebook_size: int, seed: int, sequences: list | None
+    system: Peer, x: np.ndarray, levels: int, codebook_size: int, seed: int, sequences: list | None,
+    holdout: float = 0.0,
 ) -> dict[str, Any]:
-    """Fit, encode, reconstruct and score one system on one matrix; timings and every metric."""
+    """Fit, encode, reconstruct and score one system on one matrix; timings and every metric.
+
+    With holdout > 0 the system is fitted on the other rows only and `heldout_fvu` is the fvu of the
+    rows it never saw: an autoencoder's fvu on its own training items can be memorisation (on a few
+    thousand items a large decoder learns each item from its unique code), and this figure tells the two
+    apart. Every other metric is then scored on the fitted rows, so `sequences` (row indices of the full
+    matrix) are only used without a holdout.
+    """
     from semid.metrics import evaluate_codes
 
+    fit_rows, held_rows = holdout_split(x.shape[0], holdout, seed)
+    x_fit = x[fit_rows] if len(held_rows) else x
     start = time.perf_counter()
-    system.fit(x, levels, codebook_size, seed)
+    system.fit(x_fit, levels, codebook_size, seed)
     train_s = time.perf_counter() - start
-    codes = system.encode(x)  # (n, l)
-    x_hat = system.reconstruct(x)  # (n, d)
-    if codes.shape != (x.shape[0], levels):
-        raise ValueError(f"{system.name} returned codes of shape {codes.shape}, expected {(x.shape[0], levels)}")
-    encode_s = best_of(lambda: system.encode(x))
-    report = evaluate_codes(x, x_hat, codes, [codebook_size] * levels, sequences=sequences, seed=seed)
-    return {"train_s": train_s, "encode_items_per_s": x.shape[0] / encode_s, **report}
+    codes = system.encode(x_fit)  # (n, l)
+    x_hat = system.reconstruct(x_fit)  # (n, d)
+    if codes.shape != (x_fit.shape[0], levels):
+        raise ValueError(f"{system.name} returned codes of shape {codes.shape}, expected {(x_fit.shape[0], levels)}")
+    encode_s = best_of(lambda: system.encode(x_fit))
+    report = evaluate_codes(x_fit, x_hat, codes, [codebook_size] * levels,
+                            sequences=None if len(held_rows) else sequences, seed=seed)
+    row = {"train_s": train_s, "encode_items_per_s": x_fit.shape[0] / encode_s, **report}
+    if len(held_rows):
+        x_held = x[held_rows]
+        row["holdout"] = holdout
+        row["heldout_fvu"] = float(((x_held - system.reconstruct(x_held)) ** 2).sum()
+                                   / ((x_held - x_held.mean(0)) ** 2).sum())
+    return row
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -146,7 +169,7 @@ def measure(
 # ----------------------------------------------------------------------------------------------------
 COLUMNS = (
     "system", "set", "fvu", "collision %", "entropy bits / level", "usage % / level",
-    "prefix agr. d=1", "seq. prefix agr. d=1", "train s", "encode items/s", "device",
+    "prefix agr. d=1", "seq. prefix agr. d=1", "held-out fvu", "train s", "encode items/s", "device",
 )
 
 
@@ -166,6 +189,7 @@ def format_row(row: dict[str, Any]) -> list[str]:
         _per_level([100 * u for u in row.get("usage", [])], ".0f"),
         f"{row['prefix_agreement'][0]:.3f}",
         f"{seq[0]:.3f}" if seq else "-",
+        f"{row['heldout_fvu']:.3f}" if "heldout_fvu" in row else "-",
         f"{row['train_s']:.1f}",
         f"{row['encode_items_per_s']:,.0f}",
         f"{row.get('device', '-')}",
@@ -235,7 +259,8 @@ def render_markdown(results: dict[str, Any], plot: Path | None, markdown_path: P
         "`collision %` is 1 - distinct code tuples / items; entropy and usage are per level (maximum "
         "log2 K bits, 100 %); `prefix agr. d=1` is the share of each item's 10 nearest neighbours (cosine) "
         "that share its first code; `seq. prefix agr. d=1` the share of consecutive items in user "
-        "sequences that do; `steps` applies to trained systems (vqtorch-rvq and semid RQ-VAE). Encode "
+        "sequences that do; `held-out fvu` is the fvu of items left out of fitting (`--holdout`), which "
+        "separates reconstruction from memorisation; `steps` applies to trained systems (vqtorch-rvq and semid RQ-VAE). Encode "
         "speed is host arrays in and out, best of 3 after a warm-up.",
         "",
     ]
@@ -335,6 +360,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--levels", type=int, default=3)
     p.add_argument("--codebook-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="fraction of items held out of fitting to score held-out fvu (e.g. 0.1; default 0)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch and FAISS (default: their own choice; 1 is fastest on a busy machine)")
     p.add_argument("--semid-config", type=Path, default=REPO / "configs" / "default.toml")
@@ -350,6 +377,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown data set(s) {', '.join(unknown)}: no {args.data_dir}/<name>.npy "
                 f"(known sets: {', '.join(DATA_SETS)}; pass --data-dir if the folder is elsewhere)")
+    if not 0.0 <= args.holdout < 1.0:
+        p.error("--holdout must be in [0, 1)")
     if args.steps is not None and args.steps < 1:
         p.error("--steps must be >= 1")
     try:
@@ -399,7 +428,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             system = make_system(name, args.steps, device, args.semid_config, args.semid_set)
             print(f"[{data}] {name}: fitting on {x.shape[0]:,} x {x.shape[1]} ...", flush=True)
             try:
-                metrics = measure(system, x, args.levels, args.codebook_size, args.seed, sequences)
+                metrics = measure(system, x, args.levels, args.codebook_size, args.seed, sequences, args.holdout)
             except Exception as err:
                 if name not in SEMID_SYSTEMS:
                     raise
