@@ -1,6 +1,8 @@
 """Batch tokenization at scale: `semid encode` throughput and peak memory on million-item catalogues.
 
     python scripts/bench_encode.py [--sizes 1000000 4000000] [--workdir DIR] [--keep]
+    python scripts/bench_encode.py --sizes 1000000 2000000 --workdir DIR --reuse --check-items 0 --out OUT
+        # before/after a change: the second run reuses the first one's model and catalogues
 
 What it shows, and why it is built this way:
 - Catalogues are real item embeddings (Beauty rows drawn with replacement plus a little seeded Gaussian
@@ -256,10 +258,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, help="where catalogues go (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the generated files in --workdir")
+    parser.add_argument("--reuse", action="store_true",
+                        help="work in --workdir itself: reuse the model and catalogues found there (an earlier "
+                             "--reuse run leaves them), so that runs before and after a change see the same files")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "encode.json")
     args = parser.parse_args()
-    if min(args.sizes) < 1 or args.check_items < 1 or args.batch_size < 1 or args.threads < 0:
-        parser.error("sizes, --check-items and --batch-size must be positive, --threads not negative")
+    if min(args.sizes) < 1 or args.check_items < 0 or args.batch_size < 1 or args.threads < 0:
+        parser.error("sizes and --batch-size must be positive, --check-items (0: no check) and --threads not negative")
+    if args.reuse and not args.workdir:
+        parser.error("--reuse needs --workdir")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -268,34 +275,46 @@ def main() -> None:
     base = load_embeddings(args.data, args.data_dir)
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="semid-bench-encode-", dir=args.workdir))
+    work = args.workdir if args.reuse else Path(tempfile.mkdtemp(prefix="semid-bench-encode-", dir=args.workdir))
+    keep = args.keep or args.reuse
     started = time.perf_counter()
     try:
         model = work / "model"
-        train_s = train_model(base, args.config, args.steps, args.train_batch_size, args.suffix_size, model)
-        print(f"trained {args.config.name} ({args.steps} steps) on {args.data} in {train_s:.1f} s", flush=True)
+        train_s: float | None = None
+        if args.reuse and model.is_dir():
+            print(f"reusing the model in {model}", flush=True)
+        else:
+            train_s = train_model(base, args.config, args.steps, args.train_batch_size, args.suffix_size, model)
+            print(f"trained {args.config.name} ({args.steps} steps) on {args.data} in {train_s:.1f} s", flush=True)
 
-        check_file = work / "check.parquet"
-        _, cosine = write_catalogue(base, args.check_items, args.seed, args.noise, check_file, None)
-        check = batch_size_check(model, check_file, args.check_items, args.check_batch_sizes, work, args.threads)
-        check_file.unlink()
-        print(f"batch-size check on {args.check_items:,} items, batch sizes {args.check_batch_sizes}: "
-              f"{'identical' if check['identical'] else 'DIFFERENT'} outputs", flush=True)
+        check, cosine = None, None
+        if args.check_items:
+            check_file = work / "check.parquet"
+            _, cosine = write_catalogue(base, args.check_items, args.seed, args.noise, check_file, None)
+            check = batch_size_check(model, check_file, args.check_items, args.check_batch_sizes, work, args.threads)
+            check_file.unlink()
+            print(f"batch-size check on {args.check_items:,} items, batch sizes {args.check_batch_sizes}: "
+                  f"{'identical' if check['identical'] else 'DIFFERENT'} outputs", flush=True)
 
         runs: list[EncodeRun] = []
         generation = {}
         for n in sorted(args.sizes):
             parquet, npy = work / f"items-{n}.parquet", work / f"items-{n}.npy"
-            gen_s, _ = write_catalogue(base, n, args.seed, args.noise, parquet, npy if "npy" in args.formats else None)
-            generation[n] = round(gen_s, 1)
-            print(f"wrote {n:,} items in {gen_s:.1f} s", flush=True)
+            want_npy = "npy" in args.formats
+            if args.reuse and parquet.is_file() and (npy.is_file() or not want_npy):
+                print(f"reusing the {n:,}-item catalogue in {work}", flush=True)
+            else:
+                gen_s, gen_cosine = write_catalogue(base, n, args.seed, args.noise, parquet, npy if want_npy else None)
+                cosine = gen_cosine if cosine is None else cosine
+                generation[n] = round(gen_s, 1)
+                print(f"wrote {n:,} items in {gen_s:.1f} s", flush=True)
             for fmt in args.formats:
                 data = parquet if fmt == "parquet" else npy
                 run = encode_run(model, data, work / f"ids-{fmt}-{n}.parquet", args.batch_size, n, fmt, args.threads)
                 runs.append(run)
                 print(f"  {fmt}: {run.items_per_second:,} items/s, peak RSS {run.peak_rss_mb:,.0f} MB", flush=True)
                 (work / f"ids-{fmt}-{n}.parquet").unlink()
-            if not args.keep:
+            if not keep:
                 parquet.unlink()
                 npy.unlink(missing_ok=True)
         print_table(runs)
@@ -311,15 +330,15 @@ def main() -> None:
                      "python": platform.python_version(), "torch": torch.__version__, "polars": pl.__version__,
                      "peak_rss_source": "GNU time %M" if GNU_TIME.is_file() else "polled VmHWM"},
             "data": args.data, "noise": args.noise, "seed": args.seed, "suffix_size": args.suffix_size,
-            "mean_cosine_to_source_row": round(cosine, 3), "config": str(args.config.relative_to(REPO))
+            "mean_cosine_to_source_row": None if cosine is None else round(cosine, 3), "config": str(args.config.relative_to(REPO))
             if args.config.is_relative_to(REPO) else str(args.config), "train_steps": args.steps, "train_batch_size": args.train_batch_size,
-            "train_seconds": round(train_s, 1), "row_group_size": ROW_GROUP, "generation_seconds": generation,
+            "train_seconds": None if train_s is None else round(train_s, 1), "row_group_size": ROW_GROUP, "generation_seconds": generation,
             "batch_size_check": check, "runs": [asdict(r) for r in runs], "memory_growth": growth,
             "total_seconds": round(time.perf_counter() - started, 1),
         })
         print(f"\nwritten to {args.out} ({time.perf_counter() - started:.0f} s in all)")
     finally:
-        if args.keep and args.workdir:
+        if keep and args.workdir:
             print(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)

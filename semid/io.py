@@ -314,7 +314,8 @@ def iter_item_batches(
         raise InputError(f"batch size must be a positive integer, got {batch_size!r}")
     p = _check_path(path)
     if p.suffix.lower() == ".npy":
-        return _npy_batches(p, _open_npy(p, expected_dim), int(batch_size), expected_dim)
+        n = len(_open_npy(p, expected_dim))  # checks the header now; the map is dropped at once
+        return _npy_batches(p, n, int(batch_size), expected_dim)
     lf = _parquet_checked(p, id_col, emb_col)
     n = int(_collect(lf.select(pl.len()), p).item())
     if n == 0:
@@ -322,11 +323,25 @@ def iter_item_batches(
     return _parquet_batches(p, lf, n, int(batch_size), id_col, emb_col, expected_dim)
 
 
-def _npy_batches(p: Path, mm: np.ndarray, batch_size: int, expected_dim: int | None) -> Iterator[ItemTable]:
-    for start in range(0, len(mm), batch_size):
-        rows = np.array(mm[start : start + batch_size])  # copy out of the map: (b, d)
+def _npy_batches(p: Path, n: int, batch_size: int, expected_dim: int | None) -> Iterator[ItemTable]:
+    """Each batch maps the file anew and unmaps it once its rows are copied out.
+
+    Pages of a memory map count toward the process's resident set for as long as the map is open, so a
+    single map held across the whole file made peak RSS grow with the file (8.3 GB for 4M x 384 float32)
+    although only one batch was in use.
+    """
+    for start in range(0, n, batch_size):
+        rows = _npy_rows(p, start, min(n, start + batch_size))
         emb = validate_embeddings(rows, expected_dim=expected_dim, name=f"embeddings in {p}", row_offset=start)
         yield ItemTable(None, emb)
+
+
+def _npy_rows(p: Path, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a .npy file, copied out of a map of their own.
+
+    The map lives only in this call: its last reference goes on return, which unmaps it.
+    """
+    return np.array(np.load(p, mmap_mode="r", allow_pickle=False)[start:stop])  # (b, d)
 
 
 def _parquet_batches(

@@ -317,6 +317,29 @@ def test_streamed_batches_concatenate_to_full_read(tmp_path, fmt, batch_size):
         np.testing.assert_array_equal(np.concatenate([b.ids for b in batches]), full.ids)
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the process's maps from Linux /proc")
+def test_npy_batches_hold_no_map_of_the_file_between_batches(tmp_path):
+    """A map held across the file keeps every page read so far in the resident set; one per batch does not."""
+    path = tmp_path / "items.npy"
+    np.save(path, _matrix(50, 4))
+    batches = iter_item_batches(path, 20)
+    assert str(path) not in Path("/proc/self/maps").read_text()
+    first = next(batches)
+    assert str(path) not in Path("/proc/self/maps").read_text()
+    rest = list(batches)
+    np.testing.assert_array_equal(np.concatenate([first.embeddings, *[b.embeddings for b in rest]]), _matrix(50, 4))
+
+
+def test_npy_batches_of_a_fortran_order_file(tmp_path):
+    x = _matrix(23, 5)
+    path = tmp_path / "f.npy"
+    np.save(path, np.asfortranarray(x))
+    batches = list(iter_item_batches(path, 10))
+    assert [len(b) for b in batches] == [10, 10, 3]
+    assert all(b.embeddings.flags.c_contiguous for b in batches)
+    np.testing.assert_array_equal(np.concatenate([b.embeddings for b in batches]), x)
+
+
 @pytest.mark.parametrize("fmt", ["npy", "parquet"])
 def test_streamed_errors_name_rows_of_the_file(tmp_path, fmt):
     x = _matrix(30, 4)
