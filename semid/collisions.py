@@ -16,8 +16,10 @@ shuffled when the keys are distinct. Group detection is sort-based (np.unique on
 key per tuple), O(N log N); only remap's greedy choices loop, and only over colliding items.
 
 `IdRegistry` remembers every assigned ID by item key; new items are resolved against all saved IDs.
+Its keys are a polars string column (about 16 bytes plus the key's length per item, where Python str
+objects in an index cost 80 to 100 with the hash table), matched to queries with a hash join.
 
-The algorithms are numpy only; polars is imported where parquet I/O needs it, so that training (which
+The algorithms are numpy only; polars is imported where the registry needs it, so that training (which
 uses remapping for its uniqueness loss) runs where polars is not installed.
 """
 from __future__ import annotations
@@ -28,8 +30,12 @@ from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:
+    import polars as pl
 
 _INT64_MAX = np.iinfo(np.int64).max
 
@@ -316,26 +322,43 @@ class IdRegistry:
     """
 
     def __init__(self, id_length: int | None = None) -> None:
+        import polars as pl
+
         if id_length is not None and id_length < 1:
             raise ValueError(f"id_length must be positive, got {id_length}")
         self.id_length = id_length
-        self._keys = pd.Index([], dtype=object)
+        self._keys = pl.Series("key", [], dtype=pl.String)
         self._ids = np.zeros((0, id_length or 0), dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self._keys)
 
-    def lookup(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    def lookup(self, keys: Sequence[str] | pl.Series) -> tuple[np.ndarray, np.ndarray]:
         """(known (n,) bool, ids (n, id_length) int64 with rows of -1 for unknown keys)."""
-        rows = self._keys.get_indexer(_key_index(keys))
+        return self._lookup(_key_series(keys))
+
+    def _lookup(self, keys: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+        rows = self._rows(keys)
         known = rows >= 0
         ids = np.full((rows.size, self._ids.shape[1]), -1, dtype=np.int64)
         ids[known] = self._ids[rows[known]]
         return known, ids
 
+    def _rows(self, keys: pl.Series) -> np.ndarray:
+        """The registry row of each key, -1 where the key is unknown: (n,) int64, from one hash join."""
+        import polars as pl
+
+        rows = np.full(len(keys), -1, dtype=np.int64)
+        if len(self._keys) == 0 or len(keys) == 0:
+            return rows
+        saved = pl.DataFrame({"key": self._keys, "row": pl.int_range(len(self._keys), dtype=pl.Int64, eager=True)})
+        hits = keys.to_frame("key").with_row_index("query").join(saved, on="key", how="inner")
+        rows[hits["query"].to_numpy()] = hits["row"].to_numpy()
+        return rows
+
     def assign(
         self,
-        keys: Sequence[str],
+        keys: Sequence[str] | pl.Series,
         codes: np.ndarray,
         rank_key: np.ndarray,
         strategy: CollisionStrategy | str,
@@ -350,22 +373,23 @@ class IdRegistry:
         `resolve_collisions` against each other and against every saved ID. last_level_distances
         receives row indices into this call's codes, as in `resolve_collisions`.
         """
-        index = _key_index(keys)
+        keys = _key_series(keys)
         codes = np.asarray(codes)
-        if codes.ndim != 2 or codes.shape[0] != len(index):
-            raise ValueError(f"codes must have one row per key ({len(index)}), got shape {codes.shape}")
-        if index.has_duplicates:
-            raise ValueError(f"item keys must be unique within one call; {index[index.duplicated()][0]!r} repeats")
+        if codes.ndim != 2 or codes.shape[0] != len(keys):
+            raise ValueError(f"codes must have one row per key ({len(keys)}), got shape {codes.shape}")
+        repeated = _first_repeat(keys)
+        if repeated is not None:
+            raise ValueError(f"item keys must be unique within one call; {repeated!r} repeats")
         levels = codes.shape[1]
         if self.id_length is not None and self.id_length not in (levels, levels + 1):
             raise ValueError(f"the registry holds IDs of length {self.id_length}, which does not fit {levels} levels")
-        known, ids = self.lookup(index)
+        known, ids = self._lookup(keys)
         new = np.flatnonzero(~known)
         if new.size == 0:
             return ids
         rank_key = np.asarray(rank_key)
-        if rank_key.shape != (len(index),):
-            raise ValueError(f"rank_key must have one value per key, shape ({len(index)},), got {rank_key.shape}")
+        if rank_key.shape != (len(keys),):
+            raise ValueError(f"rank_key must have one value per key, shape ({len(keys)},), got {rank_key.shape}")
 
         def new_rows_distances(rows: np.ndarray) -> np.ndarray:
             return last_level_distances(new[rows])  # rows index codes[new]; the caller indexes codes
@@ -390,22 +414,23 @@ class IdRegistry:
         if self.id_length is None:  # the first assignment fixes the length
             self.id_length = width
             self._ids = np.zeros((0, width), dtype=np.int64)
-            ids = np.full((len(index), width), -1, dtype=np.int64)
+            ids = np.full((len(keys), width), -1, dtype=np.int64)
         ids[new] = fresh
-        self._keys = self._keys.append(index[new])
-        self._ids = np.concatenate([self._ids, fresh])
+        self._append(keys if new.size == len(keys) else keys.gather(new), fresh)
         return ids
+
+    def _append(self, keys: pl.Series, ids: np.ndarray) -> None:
+        """Register new keys. The key column grows by one chunk, without copying the keys held before."""
+        import polars as pl
+
+        self._keys = pl.concat([self._keys, keys.rename("key")], rechunk=False)
+        self._ids = np.concatenate([self._ids, ids])
 
     def to_frame(self) -> pl.DataFrame:
         """The registry as a polars frame: key (str), id (list[int64])."""
         import polars as pl
 
-        return pl.DataFrame(
-            {
-                "key": pl.Series("key", self._keys.to_numpy(), dtype=pl.Utf8),
-                "id": pl.Series("id", self._ids).cast(pl.List(pl.Int64)),
-            }
-        )
+        return pl.DataFrame({"key": self._keys, "id": pl.Series("id", self._ids).cast(pl.List(pl.Int64))})
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the registry as parquet (columns key, id), atomically."""
@@ -429,23 +454,43 @@ class IdRegistry:
             raise ValueError(f"{path} holds IDs of different lengths {sorted(lengths.to_list())}")
         registry = cls(int(lengths[0]) if len(lengths) else None)
         if len(frame):
-            index = _key_index(frame["key"].to_list())
-            if index.has_duplicates:
-                raise ValueError(f"{path} lists the key {index[index.duplicated()][0]!r} more than once")
-            registry._keys = index
+            keys = _key_series(frame["key"])
+            repeated = _first_repeat(keys)
+            if repeated is not None:
+                raise ValueError(f"{path} lists the key {repeated!r} more than once")
+            registry._keys = keys.rename("key")
             registry._ids = frame["id"].list.to_array(registry.id_length).to_numpy().astype(np.int64)
         return registry
 
 
-def _key_index(keys: Sequence[str]) -> pd.Index:
-    """Item keys as a pandas Index (hash lookups in C), checked to be strings."""
-    if isinstance(keys, pd.Index):
-        index = keys
+def _key_series(keys: Sequence[str] | pl.Series) -> pl.Series:
+    """Item keys as a polars string Series, checked to be strings (no nulls).
+
+    A numpy str array converts without a Python object per key; other sequences are converted strictly,
+    so that a number among the keys is an error rather than a key that looks like it.
+    """
+    import polars as pl
+
+    if isinstance(keys, pl.Series):
+        series = keys
     else:
-        values = np.asarray(keys, dtype=object)
+        values = keys if isinstance(keys, np.ndarray) else np.asarray(keys, dtype=object)
         if values.ndim != 1:
             raise ValueError(f"item keys must be a flat sequence of strings, got shape {values.shape}")
-        index = pd.Index(values, dtype=object)
-    if len(index) and index.inferred_type != "string":
-        raise ValueError(f"item keys must be strings, got {index.inferred_type} values")
-    return index
+        if values.dtype.kind not in "OU":
+            raise ValueError(f"item keys must be strings, got {values.dtype} values")
+        try:
+            series = pl.Series("key", values, dtype=pl.String, strict=True)
+        except (TypeError, pl.exceptions.PolarsError) as e:
+            raise ValueError(f"item keys must be strings: {e}") from None
+    if series.dtype != pl.String:
+        raise ValueError(f"item keys must be strings, got {series.dtype} values")
+    if series.null_count():
+        raise ValueError(f"item keys must be strings, got {series.null_count()} missing values")
+    return series
+
+
+def _first_repeat(keys: pl.Series) -> str | None:
+    """The first key that occurs more than once, or None when all are distinct."""
+    repeated = keys.is_duplicated()
+    return keys.filter(repeated)[0] if repeated.any() else None

@@ -102,9 +102,27 @@ def validate_ids(ids: Any, *, name: str = "item ids") -> np.ndarray:
     values, counts = np.unique(arr, return_counts=True)
     dup = counts > 1
     if dup.any():
-        examples = ", ".join(f"'{v}' ({c}x)" for v, c in zip(values[dup][:3], counts[dup][:3]))
-        raise InputError(f"{name} must be unique: {int(dup.sum())} ids occur more than once, e.g. {examples}")
+        raise InputError(_duplicates_message(name, values[dup].tolist(), counts[dup].tolist()))
     return arr
+
+
+def check_unique_ids(ids: pl.Series, *, name: str = "item ids") -> None:
+    """Raise InputError, worded as by `validate_ids`, when an id occurs more than once.
+
+    For ids kept as a polars column (all ids of a streamed file): the check hashes them in polars
+    instead of making a Python or numpy string per id.
+    """
+    repeated = ids.is_duplicated()
+    if not repeated.any():
+        return
+    counts = ids.filter(repeated).value_counts(name="count").sort(ids.name)
+    raise InputError(_duplicates_message(name, counts[ids.name].to_list(), counts["count"].to_list()))
+
+
+def _duplicates_message(name: str, values: list[Any], counts: list[int]) -> str:
+    """The error for repeated ids: how many repeat, and the first three (in sorted order) with counts."""
+    examples = ", ".join(f"'{v}' ({c}x)" for v, c in zip(values[:3], counts[:3]))
+    return f"{name} must be unique: {len(values)} ids occur more than once, e.g. {examples}"
 
 
 def _null_mask(values: np.ndarray) -> np.ndarray:

@@ -31,13 +31,14 @@ from semid.export import semantic_id_strings, token_strings, write_trie_json
 from semid.kmeans import sinkhorn_assign
 from semid.io import (
     InputError,
+    ParquetShardWriter,
+    check_unique_ids,
     count_items,
     iter_item_batches,
     read_rows,
     to_numpy_embeddings,
     validate_ids,
     write_json_atomic,
-    write_parquet_atomic,
 )
 from semid.metrics import evaluate_codes
 from semid.rqvae import RQVAE
@@ -48,6 +49,8 @@ MODEL_FORMAT = "semid-model-v1"
 # semid.rqvae); on a GPU each block is one host-to-device copy.
 _CPU_BLOCK_ROWS = 4096
 _DEVICE_BLOCK_ROWS = 65536
+# Rows per slice of an output table: bounds the memory of its per-item strings.
+_OUTPUT_SLICE_ROWS = 1 << 18
 _FILES = ("config.toml", "model.pt", "meta.json", "registry.parquet")
 
 
@@ -67,11 +70,28 @@ def row_digests(x: np.ndarray) -> list[str]:
     return [hashlib.blake2b(row.tobytes(), digest_size=12).hexdigest() for row in np.ascontiguousarray(x)]
 
 
-def content_keys(digests: Sequence[str]) -> np.ndarray:
+def content_keys(digests: Sequence[str] | pl.Series) -> pl.Series:
     """Item keys from row digests; the k-th repeat of identical rows gets '#k', so keys are unique."""
-    frame = pl.DataFrame({"d": list(digests)}, schema={"d": pl.Utf8})
-    frame = frame.with_columns(pl.int_range(pl.len()).over("d").alias("k"))
-    return frame.select(pl.col("d") + "#" + pl.col("k").cast(pl.Utf8))["d"].to_numpy().astype(object)
+    frame = pl.DataFrame({"d": digests}, schema={"d": pl.String})
+    keys = pl.col("d") + "#" + pl.int_range(pl.len()).over("d").cast(pl.String)
+    return frame.select(keys.alias("key"))["key"]
+
+
+def write_id_table(item_ids: pl.Series, ids: np.ndarray, out: str | os.PathLike) -> None:
+    """Write `item_id, codes, semantic_id, tokens` parquet atomically, _OUTPUT_SLICE_ROWS rows at a time.
+
+    The semantic_id and token strings are made per slice, so a catalogue of millions of items never holds
+    them (as Python strings, then as columns) for all items at once.
+    """
+    with ParquetShardWriter(out) as writer:
+        for start in range(0, len(ids), _OUTPUT_SLICE_ROWS):
+            part = ids[start : start + _OUTPUT_SLICE_ROWS]
+            writer.write(pl.DataFrame({
+                "item_id": item_ids.slice(start, len(part)),
+                "codes": pl.Series(part).cast(pl.List(pl.Int64)),
+                "semantic_id": semantic_id_strings(part),
+                "tokens": token_strings(part),
+            }))
 
 
 def data_fingerprint(x: np.ndarray) -> str:
@@ -139,39 +159,34 @@ class SemanticIdTokenizer:
         `tokens` is the LLM token string (`<a_12><b_201><c_7><d_0>`); `trie` also writes the prefix trie of the
         IDs as JSON, for constrained decoding.
 
-        Embeddings are held one batch at a time; only the codes, ids and rank keys of all items (tens of
-        bytes per item) stay in memory for the global collision pass. The output appears atomically.
-        Items of a .npy file are identified by content and reported by row number.
+        Embeddings are held one batch at a time; only the codes, rank keys and ids of all items stay in
+        memory for the global collision pass, ids as one polars string column. The output is written in
+        slices and appears atomically. Items of a .npy file are identified by content and reported by row
+        number.
         """
         model = self._fitted()
         is_npy = Path(path).suffix.lower() == ".npy"
         n = count_items(path, id_col=None if is_npy else id_col, emb_col=emb_col)
         batches = iter_item_batches(path, batch_size, id_col=None if is_npy else id_col, emb_col=emb_col,
                                     expected_dim=self.meta.get("input_dim"))
-        id_parts, digests, codes, ranks = [], [], [], []
+        key_parts, code_parts, rank_parts = [], [], []
         for table in tqdm(batches, total=-(-n // batch_size), disable=not progress, desc="encode", unit="batch"):
             c, r = self._raw(table.embeddings)
-            codes.append(c)
-            ranks.append(r)
-            if table.ids is None:
-                digests.extend(row_digests(table.embeddings))
-            else:
-                id_parts.append(table.ids)
-        if id_parts:
-            item_ids = validate_ids(np.concatenate(id_parts))  # duplicates across batches are caught here
-            keys = item_ids.astype(object)
+            code_parts.append(c)
+            rank_parts.append(r)
+            # Strings go into polars columns a batch at a time: no Python object per item outlives its batch.
+            parts = table.ids if table.ids is not None else row_digests(table.embeddings)
+            key_parts.append(pl.Series("key", parts, dtype=pl.String))
+        keys, codes, ranks = pl.concat(key_parts, rechunk=False), np.concatenate(code_parts), np.concatenate(rank_parts)
+        del key_parts, code_parts, rank_parts
+        if is_npy:
+            item_ids, keys = pl.int_range(n, eager=True).alias("item_id"), content_keys(keys)
         else:
-            item_ids, keys = np.arange(n), content_keys(digests)
+            check_unique_ids(keys)  # each batch was checked alone; this catches repeats across batches
+            item_ids = keys.alias("item_id")
         known_before = len(self.registry)
-        final = self._resolve(keys, np.concatenate(codes), np.concatenate(ranks),
-                              lambda rows: read_rows(path, rows, emb_col=emb_col))
-        frame = pl.DataFrame({
-            "item_id": item_ids,
-            "codes": pl.Series(final).cast(pl.List(pl.Int64)),
-            "semantic_id": semantic_id_strings(final),
-            "tokens": token_strings(final),
-        })
-        write_parquet_atomic(frame, out)
+        final = self._resolve(keys, codes, ranks, lambda rows: read_rows(path, rows, emb_col=emb_col))
+        write_id_table(item_ids, final, out)
         if trie is not None:
             write_trie_json(final, trie)
         return {"n_items": n, "new_items": len(self.registry) - known_before, "id_length": int(final.shape[1]),
@@ -300,13 +315,13 @@ class SemanticIdTokenizer:
     def _matrix(self, x: Any) -> np.ndarray:
         return self._embeddings(x, None, "embedding")[1]
 
-    def _items(self, x: Any, ids: Sequence[str] | None, id_col: str | None, emb_col: str) -> tuple[np.ndarray, np.ndarray]:
+    def _items(self, x: Any, ids: Sequence[str] | None, id_col: str | None, emb_col: str) -> tuple[pl.Series, np.ndarray]:
         frame_ids, emb = self._embeddings(x, id_col, emb_col)
         if ids is not None:
             frame_ids = validate_ids(ids)
             if len(frame_ids) != len(emb):
                 raise InputError(f"got {len(frame_ids)} ids for {len(emb)} embeddings")
-        keys = frame_ids.astype(object) if frame_ids is not None else content_keys(row_digests(emb))
+        keys = pl.Series("key", frame_ids) if frame_ids is not None else content_keys(row_digests(emb))
         return keys, emb
 
     def _row_blocks(self, emb: np.ndarray) -> Iterator[torch.Tensor]:
@@ -333,11 +348,11 @@ class SemanticIdTokenizer:
             codes.append(c.cpu())
         return torch.cat(codes).numpy(), torch.cat(ranks).numpy()
 
-    def _assign(self, keys: np.ndarray, emb: np.ndarray, raw: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    def _assign(self, keys: pl.Series, emb: np.ndarray, raw: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         codes, rank = raw if raw is not None else self._raw(emb)
         return self._resolve(keys, codes, rank, lambda rows: emb[rows])
 
-    def _resolve(self, keys: np.ndarray, codes: np.ndarray, rank: np.ndarray,
+    def _resolve(self, keys: pl.Series, codes: np.ndarray, rank: np.ndarray,
                  fetch_rows: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         """Final IDs from the registry; `fetch_rows` returns embeddings of given rows, needed only by remap."""
         model = self._fitted()

@@ -407,6 +407,22 @@ def test_registry_rejects_duplicate_keys():
         reg.assign([1, 2], np.zeros((2, 2), int), np.zeros(2), "suffix", codebook_sizes=[2, 2])
 
 
+def test_registry_keys_are_strings_and_a_callers_series_stays_as_it_was():
+    reg = IdRegistry()
+    keys = pl.Series("item_id", ["a", "b", "c"])
+    reg.assign(keys, np.array([[0, 0], [0, 1], [1, 0]]), np.zeros(3), "suffix", codebook_sizes=[2, 2])
+    reg.assign(np.array(["d", "a"]), np.array([[1, 1], [1, 1]]), np.zeros(2), "suffix", codebook_sizes=[2, 2])
+    assert keys.to_list() == ["a", "b", "c"] and len(reg) == 4
+    assert reg.to_frame()["key"].to_list() == ["a", "b", "c", "d"]
+    known, ids = reg.lookup(pl.Series(["d", "zz", "a"]))
+    np.testing.assert_array_equal(known, [True, False, True])
+    np.testing.assert_array_equal(ids, [[1, 1, 0], [-1, -1, -1], [0, 0, 0]])
+    for bad in (np.array([1, 2]), ["e", None], pl.Series([1, 2]), np.array([["e"], ["f"]])):
+        with pytest.raises(ValueError, match="item keys must be"):
+            reg.assign(bad, np.zeros((2, 2), int), np.zeros(2), "suffix", codebook_sizes=[2, 2])
+    assert len(reg) == 4
+
+
 def test_registry_id_length_rule():
     def remap(reg, keys, codes, rank_key):
         def far(rows):  # code 1 is always nearer than code 0

@@ -19,6 +19,7 @@ from semid.io import (
     ItemTable,
     ParquetShardWriter,
     atomic_write,
+    check_unique_ids,
     count_items,
     iter_item_batches,
     read_items,
@@ -136,6 +137,17 @@ def test_duplicate_ids_give_count_and_at_most_three_examples():
     msg = str(e.value)
     assert "4 ids occur more than once" in msg
     assert sum(f"'{v}'" in msg for v in "wxyz") == 3 and "solo" not in msg
+
+
+def test_check_unique_ids_on_a_polars_column_words_repeats_like_validate_ids():
+    ids = np.array(["d", "a", "b", "a", "c", "b", "e", "d", "c", "a"])
+    with pytest.raises(InputError) as from_numpy:
+        validate_ids(ids)
+    with pytest.raises(InputError) as from_polars:
+        check_unique_ids(pl.Series("item_id", ids))
+    assert str(from_polars.value) == str(from_numpy.value)
+    assert "4 ids occur more than once, e.g. 'a' (3x), 'b' (2x), 'c' (2x)" in str(from_polars.value)
+    check_unique_ids(pl.Series("item_id", ["x", "y"]))  # distinct: no error
 
 
 @pytest.mark.parametrize(

@@ -298,6 +298,24 @@ def test_onednn_linear_matches_f_linear_and_steps_aside_for_gradients(monkeypatc
     torch.testing.assert_close(weight.grad, h.sum(0).expand(24, 10))
 
 
+def test_encode_file_writes_in_slices_and_refuses_ids_repeated_across_batches(data, model_dir, tmp_path, monkeypatch):
+    tok = SemanticIdTokenizer.load(model_dir("suffix", True))
+    expected = tok.encode(_frame(data["x"], data["ids"]))
+    monkeypatch.setattr("semid.tokenizer._OUTPUT_SLICE_ROWS", 333)  # several slices, the last one short
+    source = tmp_path / "items.parquet"
+    _frame(data["x"], data["ids"]).write_parquet(source)
+    tok.encode_file(source, tmp_path / "ids.parquet", batch_size=500, progress=False)
+    frame = pl.read_parquet(tmp_path / "ids.parquet")
+    np.testing.assert_array_equal(np.array(frame["codes"].to_list()), expected)
+    assert frame["item_id"].to_list() == data["ids"].tolist()
+    ids = data["ids"].copy()
+    ids[700] = ids[3]  # the same id in the first and the second batch
+    _frame(data["x"], ids).write_parquet(source)
+    with pytest.raises(InputError, match=rf"item ids must be unique: 1 ids .* '{ids[3]}' \(2x\)"):
+        tok.encode_file(source, tmp_path / "dup.parquet", batch_size=500, progress=False)
+    assert not (tmp_path / "dup.parquet").exists()
+
+
 # ---- decode and evaluate ------------------------------------------------------------------------
 
 
