@@ -127,22 +127,62 @@ def cpu_fit(x: np.ndarray, repeats: int, seed: int) -> dict:
     def fit_faiss() -> None:
         fitted["faiss"] = FaissResidualQuantizer().fit(x, LEVELS, CODEBOOK, seed)
 
-    seconds = {"semid_rqkmeans": best_of(fit_semid, repeats), "faiss_rq": best_of(fit_faiss, repeats)}
+    seconds = best_of_interleaved({"semid_rqkmeans": fit_semid, "faiss_rq": fit_faiss}, repeats)
+    phases = semid_fit_phases(fit_semid)
     semid, faiss_rq = fitted["semid"], fitted["faiss"]
-    encode = {
-        "semid_rqkmeans": rate(len(x), best_of(lambda: semid.encode_raw(x), repeats)),
-        "faiss_rq": rate(len(x), best_of(lambda: faiss_rq.encode(x), repeats)),
-    }
+    encode_seconds = best_of_interleaved({"semid_rqkmeans": lambda: semid.encode_raw(x),
+                                          "faiss_rq": lambda: faiss_rq.encode(x)}, repeats)
+    encode = {k: rate(len(x), v) for k, v in encode_seconds.items()}
     return {
         "fit_seconds": {k: round(v, 3) for k, v in seconds.items()},
         "ratio_fit_speed_semid_over_faiss": round(seconds["faiss_rq"] / seconds["semid_rqkmeans"], 2),
+        "semid_fit_phase_seconds": phases,
         "fvu": {"semid_rqkmeans": round(reconstruction_metrics(x, semid.reconstruct(x))["fvu"], 4),
                 "faiss_rq": round(reconstruction_metrics(x, faiss_rq.reconstruct(x))["fvu"], 4)},
         "encode_items_per_second": encode,
         "ratio_encode_semid_over_faiss": round(encode["semid_rqkmeans"] / encode["faiss_rq"], 2),
-        "notes": "semid fit is SemanticIdTokenizer.fit (k-means per level, one evaluation and the ID "
-                 "assignment); FAISS is ResidualQuantizer.train with beam 1 (scripts/peers.py).",
+        "notes": "semid fit is SemanticIdTokenizer.fit (k-means per level, joint refinement, one evaluation and "
+                 "the ID assignment); FAISS is ResidualQuantizer.train with beam 1 (scripts/peers.py). The two "
+                 "fits take turns in every round. semid_fit_phase_seconds splits one further semid fit.",
     }
+
+
+def semid_fit_phases(fit: Callable[[], None]) -> dict[str, float]:
+    """Seconds of each phase of one call of `fit` (a semid rqkmeans fit), by timing the methods it goes through.
+
+    The phases are what a faster fit has to shrink: k-means initialisation of every level, the joint
+    refinement, the evaluation at the end of training (which searches every item's input-space neighbours
+    for prefix_agreement) and the collision-free ID assignment; "other" is the rest of the call.
+    """
+    from semid.residual import ResidualQuantizer
+    from semid.tokenizer import SemanticIdTokenizer
+    from semid.train import Trainer
+
+    targets = {"kmeans_init": (Trainer, "initialize"), "refine": (ResidualQuantizer, "refine"),
+               "evaluate": (Trainer, "_evaluate"), "assign_ids": (SemanticIdTokenizer, "_assign")}
+    spent = dict.fromkeys(targets, 0.0)
+    originals = {name: getattr(owner, method) for name, (owner, method) in targets.items()}
+
+    def timed_method(name: str, method: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - start
+        return wrapper
+
+    for name, (owner, method) in targets.items():
+        setattr(owner, method, timed_method(name, originals[name]))
+    try:
+        start = time.perf_counter()
+        fit()
+        total = time.perf_counter() - start
+    finally:
+        for name, (owner, method) in targets.items():
+            setattr(owner, method, originals[name])
+    return {**{k: round(v, 3) for k, v in spent.items()}, "other": round(total - sum(spent.values()), 3),
+            "total": round(total, 3)}
 
 
 def run_cpu(x: np.ndarray, args: argparse.Namespace) -> dict:
@@ -178,6 +218,7 @@ def print_cpu_fit(r: dict) -> None:
               f"encode {r['encode_items_per_second'][name]:>10,.0f} items/s")
     print(f"  fit speed semid / faiss: {r['ratio_fit_speed_semid_over_faiss']}x; "
           f"encode: {r['ratio_encode_semid_over_faiss']}x")
+    print("  semid fit phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in r["semid_fit_phase_seconds"].items()))
 
 
 # ---- GPU: data on the device -----------------------------------------------------------------------

@@ -10,6 +10,10 @@ which is half the squared distance between unit vectors: spherical k-means minim
 centroids, and it is non-negative, so k-means++ can sample proportionally to it and the relative
 inertia improvement is well defined. (`semid.distance` reports -cos; the constant shift does not change
 which codeword is nearest.)
+
+Cost. A Lloyd iteration is one (n, k) matrix product; everything else is kept linear in n and done once
+per run where it can be (row norms, normalisation). Greedy k-means++ is sequential in k, one pass over
+the rows per seed, so `kmeans` seeds with k-means|| instead: a few rounds of many draws at once.
 """
 from __future__ import annotations
 
@@ -19,10 +23,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from semid.distance import Distance, nearest_code, pairwise_distance
+from semid.distance import Distance, nearest_code
 
 # Seed used when the caller passes no generator: k-means results are then reproducible by default.
 _DEFAULT_SEED = 0
+
+# k-means++ tabulates all pairwise costs of its rows when the (n, n) table holds at most this many floats.
+_TABLE_MAX_ELEMENTS = 1 << 24
 
 
 @dataclass
@@ -41,31 +48,23 @@ class KMeansResult:
 
 
 def kmeans_plusplus(
-    x: torch.Tensor, k: int, generator: torch.Generator, distance: Distance | str = "l2"
+    x: torch.Tensor,
+    k: int,
+    generator: torch.Generator,
+    distance: Distance | str = "l2",
+    *,
+    trials: int | None = None,
 ) -> torch.Tensor:
     """Greedy k-means++ seeds: k rows of x, as an fp32 (k, d) tensor on x's device.
 
-    Each step draws 2 + log(k) candidates with probability proportional to their current cost
-    (D² sampling for l2) and keeps the one that lowers the total cost most. The extra candidates
-    make the seeding less sensitive to one unlucky draw, which lowers the final inertia.
+    Each step draws `trials` candidates (default 2 + log(k)) with probability proportional to their
+    current cost (D² sampling for l2) and keeps the one that lowers the total cost most. The extra
+    candidates make the seeding less sensitive to one unlucky draw, which lowers the final inertia.
     Rows are returned as they are in x (not normalised for cosine).
     """
     distance = Distance(distance)
     x = _check_data(x, k)
-    n = x.shape[0]
-    n_trials = 2 + int(math.log(k))
-    seeds = torch.empty(k, x.shape[1], dtype=torch.float32, device=x.device)
-
-    first = torch.randint(n, (1,), generator=generator, device=generator.device).item()
-    seeds[0] = x[first]
-    closest = _cost(x, seeds[:1], distance).squeeze(1)  # (n,)
-    for j in range(1, k):
-        candidates = _sample_proportional(closest, n_trials, generator)  # (trials,)
-        cand_cost = torch.minimum(closest[:, None], _cost(x, x[candidates], distance))  # (n, trials)
-        best = cand_cost.sum(dim=0).argmin()
-        seeds[j] = x[candidates[best]]
-        closest = cand_cost[:, best]
-    return seeds
+    return x[_greedy_seeds(_Points(x, distance), k, generator, trials=trials)]
 
 
 def kmeans(
@@ -76,13 +75,23 @@ def kmeans(
     distance: Distance | str = "l2",
     sample_size: int | None = 65536,
     generator: torch.Generator | None = None,
-    tol: float = 1e-4,
+    tol: float = 5e-3,
+    init: str = "k-means||",
 ) -> KMeansResult:
-    """Cluster the rows of x (n, d) into k groups: k-means++ seeding, then Lloyd iterations.
+    """Cluster the rows of x (n, d) into k groups: k-means|| seeding, then Lloyd iterations.
 
     When n > sample_size, k-means runs on a random sample of sample_size rows drawn with `generator`
-    (None: all rows). `iters` bounds the Lloyd updates; iteration stops early once an update lowers
-    the inertia by less than `tol` times its previous value. generator=None uses a fixed seed, so the
+    (None: all rows). init="k-means||" seeds as `_parallel_seeds` does: a few rounds that each draw
+    about k rows at once, then greedy k-means++ on those candidates weighted by the rows they stand
+    for. It places seeds as well as greedy k-means++ over all rows (init="k-means++"; measured on
+    real embeddings), for the price of about three Lloyd iterations instead of k sequential passes
+    over the rows.
+
+    `iters` bounds the Lloyd updates; iteration stops early once an update lowers the inertia by less
+    than `tol` times its previous value (tol=0 runs all of them). The default stops once an update
+    gains less than half a percent, after about five updates on real embeddings: the later updates
+    each gain less than that and cost as much, and every caller here goes on improving the codebook
+    (training, or the joint refinement of residual k-means). generator=None uses a fixed seed, so the
     result is reproducible. Raises ValueError when there are fewer rows than clusters.
     For cosine, rows are normalised and centroids stay unit length (spherical k-means).
     """
@@ -92,19 +101,107 @@ def kmeans(
         raise ValueError(f"iters must be >= 0, got {iters}")
     if tol < 0:
         raise ValueError(f"tol must be >= 0, got {tol}")
+    if init not in ("k-means||", "k-means++"):
+        raise ValueError(f"init must be 'k-means||' or 'k-means++', got {init!r}")
     if generator is None:
         generator = torch.Generator().manual_seed(_DEFAULT_SEED)
-    n = x.shape[0]
     if sample_size is not None:
         if sample_size < k:
             raise ValueError(f"sample_size ({sample_size}) must be at least k ({k})")
-        if n > sample_size:
-            rows = torch.randperm(n, generator=generator, device=generator.device)[:sample_size]
-            x = x[rows.sort().values.to(x.device)]
-    if distance is Distance.COSINE:
-        x = F.normalize(x, dim=-1)
-    seeds = kmeans_plusplus(x, k, generator, distance)
-    return _lloyd(x, seeds, iters=iters, distance=distance, tol=tol)
+        if x.shape[0] > sample_size:
+            x = x[_random_rows(x.shape[0], sample_size, generator, x.device)]
+    points = _Points(x, distance)
+    if init == "k-means||":
+        seeds = _parallel_seeds(points, k, generator)
+    else:
+        seeds = points.x[_greedy_seeds(points, k, generator)]
+    return _run_lloyd(points, seeds, iters=iters, tol=tol)
+
+
+def _parallel_seeds(
+    points: _Points, k: int, generator: torch.Generator, rounds: int = 3, oversample: float = 3.0
+) -> torch.Tensor:
+    """k-means|| seeds (Bahmani et al., 2012): k rows of points.x, (k, d).
+
+    Starting from one random row, each of `rounds` rounds keeps every row independently with
+    probability min(1, l * cost / total cost), l = oversample * k / rounds, so a round draws about l
+    rows at once, D²-style, and costs one assignment of all rows to them. Each candidate is then
+    weighted by the number of rows nearest to it, and greedy k-means++ on the weighted candidates
+    picks the k seeds. The weights carry the density that a subsample would lose: an outlier stands
+    for one row and a candidate in a dense region for many, so seeds are not wasted on outliers (as
+    they are by k-means++ on a uniform subsample, where the tails weigh as much as the dense regions).
+    With few rows, or when the rounds find fewer than k candidates (few distinct rows), seeding is
+    greedy k-means++ over all rows.
+    """
+    n, device = points.n, points.x.device
+    per_round = oversample * k / rounds
+    if n <= oversample * k:
+        return points.x[_greedy_seeds(points, k, generator)]
+    found = [torch.randint(n, (1,), generator=generator, device=generator.device).to(device)]
+    owner, cost = points.nearest(points.x[found[0]])  # (n,): nearest candidate so far, and the cost to it
+    count = 1
+    for _ in range(rounds):
+        total = cost.double().sum()
+        if total.item() <= 0:
+            break
+        u = torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device).to(device)
+        new = torch.nonzero(u * total < per_round * cost.double()).flatten()  # P = min(1, l cost / total)
+        if new.numel() == 0:
+            continue
+        nearest, new_cost = points.nearest(points.x[new])
+        closer = new_cost < cost
+        owner = torch.where(closer, nearest + count, owner)
+        cost = torch.where(closer, new_cost, cost)
+        found.append(new)
+        count += new.numel()
+    if count < k:
+        return points.x[_greedy_seeds(points, k, generator)]
+    candidates = _Points(points.x[torch.cat(found)], points.distance)
+    weights = torch.bincount(owner, minlength=count)
+    return candidates.x[_greedy_seeds(candidates, k, generator, weights=weights)]
+
+
+def _greedy_seeds(
+    points: _Points,
+    k: int,
+    generator: torch.Generator,
+    *,
+    trials: int | None = None,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Indices (k,) of greedy k-means++ seeds among the rows of `points` (see `kmeans_plusplus`).
+
+    With `weights` (n,), row i counts as weights[i] rows: the first seed and the candidates are drawn
+    in proportion to weight (times cost), and the kept candidate lowers the weighted total cost most.
+    """
+    if trials is None:
+        trials = 2 + int(math.log(k))
+    if trials < 1:
+        raise ValueError(f"trials must be >= 1, got {trials}")
+    w = None if weights is None else weights.to(torch.float32)
+    # Costs between every pair of rows as one matrix product when they fit: far faster than k
+    # sequential thin products, and the steps below then only read rows of the table.
+    table = points.cost_from(points.x) if points.n**2 <= _TABLE_MAX_ELEMENTS else None  # (n, n)
+    chosen = torch.empty(k, dtype=torch.long, device=points.x.device)
+    if w is None:
+        first = torch.randint(points.n, (1,), generator=generator, device=generator.device)
+    else:
+        first = _sample_proportional(w, 1, generator)
+    chosen[:1] = first.to(chosen.device)
+    closest = _cost_rows(points, table, chosen[:1])[0]  # (n,)
+    for j in range(1, k):
+        candidates = _sample_proportional(closest if w is None else closest * w, trials, generator)
+        cand_cost = torch.minimum(closest[None, :], _cost_rows(points, table, candidates))  # (trials, n)
+        best = (cand_cost.sum(dim=1) if w is None else cand_cost @ w).argmin()
+        chosen[j] = candidates[best]
+        closest = cand_cost[best]
+    return chosen
+
+
+def _cost_rows(points: _Points, table: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    """Cost (m, n) from each of the given rows of `points` to every row, from the table when there is one."""
+    rows = rows.to(points.x.device)
+    return table[rows] if table is not None else points.cost_from(points.x[rows])
 
 
 def sinkhorn_assign(cost: torch.Tensor, *, epsilon: float = 0.05, iters: int = 50) -> torch.Tensor:
@@ -166,20 +263,57 @@ def _epsilon_schedule(epsilon: float, iters: int) -> list[float]:
     return decay + [epsilon] * (iters - decay_steps)
 
 
+class _Points:
+    """The rows of one k-means run, prepared once: unit rows for cosine, squared norms for l2.
+
+    Assignments go through `semid.distance.nearest_code` like every other nearest-codeword choice;
+    the per-row terms here serve the costs to a few points at a time (seeding, empty clusters), which
+    would otherwise recompute them at each of k steps. Points compared with cosine rows must be unit.
+    """
+
+    def __init__(self, x: torch.Tensor, distance: Distance) -> None:
+        self.distance = distance
+        self.x = F.normalize(x, dim=-1) if distance is Distance.COSINE else x  # (n, d)
+        self.sq_norms = None if distance is Distance.COSINE else x.pow(2).sum(-1)  # (n,)
+
+    @property
+    def n(self) -> int:
+        return self.x.shape[0]
+
+    def cost_from(self, points: torch.Tensor) -> torch.Tensor:
+        """Per-point cost (m, n) from each of the given points (unit rows for cosine) to every row."""
+        dots = points @ self.x.T  # (m, n)
+        if self.sq_norms is None:
+            return dots.neg_().add_(1.0).clamp_min_(0.0)
+        return dots.mul_(-2.0).add_(points.pow(2).sum(-1)[:, None]).add_(self.sq_norms).clamp_min_(0.0)
+
+    def nearest(self, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest centroid (unit rows for cosine) of each row and the per-point cost to it:
+        ((n,) int64, (n,) fp32)."""
+        codes, dist = nearest_code(self.x, centroids, self.distance)
+        if self.distance is Distance.COSINE:
+            dist = dist.add_(1.0).clamp_min_(0.0)  # -cos -> 1 - cos
+        return codes, dist
+
+
 def _lloyd(
     x: torch.Tensor, centroids: torch.Tensor, *, iters: int, distance: Distance | str, tol: float
 ) -> KMeansResult:
     """Lloyd iterations from given centroids (k, d). The returned codes and inertia belong to the
     returned centroids. For cosine, x must already be unit rows."""
-    distance = Distance(distance)
+    return _run_lloyd(_Points(x.float(), Distance(distance)), centroids, iters=iters, tol=tol)
+
+
+def _run_lloyd(points: _Points, centroids: torch.Tensor, *, iters: int, tol: float) -> KMeansResult:
+    """Lloyd iterations on prepared rows; stops early once the relative inertia gain is <= tol."""
     centroids = centroids.float().clone()
-    if distance is Distance.COSINE:
+    if points.distance is Distance.COSINE:
         centroids = F.normalize(centroids, dim=-1)
-    codes, point_cost = _assign(x, centroids, distance)
+    codes, point_cost = points.nearest(centroids)
     inertia = point_cost.double().sum().item()
     for _ in range(iters):
-        centroids = _update(x, codes, centroids, distance)
-        codes, point_cost = _assign(x, centroids, distance)
+        centroids = _update(points, codes, centroids)
+        codes, point_cost = points.nearest(centroids)
         new_inertia = point_cost.double().sum().item()
         converged = inertia - new_inertia <= tol * inertia
         inertia = new_inertia
@@ -188,23 +322,22 @@ def _lloyd(
     return KMeansResult(centroids=centroids, inertia=inertia, codes=codes)
 
 
-def _update(x: torch.Tensor, codes: torch.Tensor, old: torch.Tensor, distance: Distance) -> torch.Tensor:
+def _update(points: _Points, codes: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     """New centroids (k, d): the mean (direction, for cosine) of each cluster; empty ones re-seeded."""
     k = old.shape[0]
     counts = torch.bincount(codes, minlength=k)  # (k,)
-    sums = torch.zeros_like(old).index_add_(0, codes, x)  # (k, d)
-    centroids = sums / counts.clamp_min(1).to(sums.dtype)[:, None]
-    if distance is Distance.COSINE:
-        centroids = F.normalize(centroids, dim=-1)
+    sums = torch.zeros_like(old).index_add_(0, codes, points.x)  # (k, d)
+    if points.distance is Distance.COSINE:
+        centroids = F.normalize(sums, dim=-1)  # the sum points the same way as the mean
+    else:
+        centroids = sums / counts.clamp_min(1).to(sums.dtype)[:, None]
     empty = counts == 0
     if bool(empty.any()):
-        centroids = _reseed_empty(x, torch.where(empty[:, None], old, centroids), empty, distance)
+        centroids = _reseed_empty(points, torch.where(empty[:, None], old, centroids), empty)
     return centroids
 
 
-def _reseed_empty(
-    x: torch.Tensor, centroids: torch.Tensor, empty: torch.Tensor, distance: Distance
-) -> torch.Tensor:
+def _reseed_empty(points: _Points, centroids: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
     """Move each empty cluster's centroid onto the point worst served by the other centroids.
 
     Points are picked one at a time, and each pick lowers the remaining points' cost, so two empty
@@ -212,30 +345,20 @@ def _reseed_empty(
     centroid (fewer distinct rows than k), the remaining empty centroids keep their old position.
     """
     centroids = centroids.clone()
-    _, point_cost = _assign(x, centroids[~empty], distance)  # (n,)
+    _, point_cost = points.nearest(centroids[~empty])  # (n,)
     for j in torch.nonzero(empty).flatten().tolist():
         worst = point_cost.argmax()
         if point_cost[worst].item() <= 0:
             break
-        centroids[j] = x[worst]
-        point_cost = torch.minimum(point_cost, _cost(x, x[worst][None], distance).squeeze(1))
+        centroids[j] = points.x[worst]
+        point_cost = torch.minimum(point_cost, points.cost_from(points.x[worst][None])[0])
     return centroids
 
 
-def _assign(
-    x: torch.Tensor, centroids: torch.Tensor, distance: Distance
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centroid of each row and the per-point cost to it: ((n,) int64, (n,) fp32)."""
-    codes, dist = nearest_code(x, centroids, distance)
-    if distance is Distance.COSINE:
-        dist = (1.0 + dist).clamp_min_(0.0)
-    return codes, dist
-
-
-def _cost(x: torch.Tensor, points: torch.Tensor, distance: Distance) -> torch.Tensor:
-    """Per-point cost (n, m) from every row of x to each of a few points (m small)."""
-    d = pairwise_distance(x, points, distance)
-    return (1.0 + d).clamp_min_(0.0) if distance is Distance.COSINE else d
+def _random_rows(n: int, m: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """m distinct row indices out of n, drawn with `generator`, in increasing order, on `device`."""
+    rows = torch.randperm(n, generator=generator, device=generator.device)[:m]
+    return rows.sort().values.to(device)
 
 
 def _sample_proportional(weights: torch.Tensor, m: int, generator: torch.Generator) -> torch.Tensor:

@@ -184,9 +184,16 @@ class Quantizer(nn.Module):
 
     # ---- codebook health ----------------------------------------------------------------------
     @torch.no_grad()
-    def init_from_data(self, e: torch.Tensor, iters: int, generator: torch.Generator) -> None:
-        """k-means codebook. For cosine, clusters are found by direction but each codeword is its cluster's
-        mean vector, so it keeps the length that a residual stack needs."""
+    def init_from_data(self, e: torch.Tensor, iters: int, generator: torch.Generator) -> torch.Tensor:
+        """k-means codebook; returns the (n,) code of each row of e under it, so that a residual stack
+        can form the next level's input without encoding e again.
+
+        For cosine, clusters are found by direction but each codeword is its cluster's mean vector, so it
+        keeps the length that a residual stack needs. The returned codes are the k-means assignment (by
+        direction to the unit centroids); `encode` picks by direction to the mean vectors instead, which
+        can differ for a few rows. Returning the assignment saves that extra pass over e, and each row's
+        residual is then taken against the mean of the cluster it belongs to.
+        """
         e = e.float()
         if e.shape[0] < self.codebook_size:
             raise ValueError(
@@ -196,12 +203,12 @@ class Quantizer(nn.Module):
         result = kmeans(e, self.codebook_size, iters=iters, distance=self.distance, sample_size=None, generator=generator)
         centroids = result.centroids
         if self.distance is Distance.COSINE:
-            codes = nearest_code(e, centroids, self.distance)[0]
-            sums = torch.zeros_like(centroids).index_add_(0, codes, e)
-            counts = torch.bincount(codes, minlength=self.codebook_size).unsqueeze(-1)
+            sums = torch.zeros_like(centroids).index_add_(0, result.codes, e)
+            counts = torch.bincount(result.codes, minlength=self.codebook_size).unsqueeze(-1)
             centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
         self.codebook.copy_(centroids)
         self.usage_ema.fill_(-1.0)
+        return result.codes
 
     def dead_codes(self, batch_size: int) -> torch.Tensor:
         """Indices of codes whose recent use fell below threshold * batch_size / K."""

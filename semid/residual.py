@@ -97,11 +97,14 @@ class ResidualQuantizer(nn.Module):
     # ---- codebook health ----------------------------------------------------------------------
     @torch.no_grad()
     def init_from_data(self, e: torch.Tensor, generator: torch.Generator) -> None:
-        """k-means on each level's residual of the same sample, level by level."""
+        """k-means on each level's residual of the same sample, level by level.
+
+        Each level's residual is taken against the codeword of the cluster k-means put the row in.
+        """
         residual = e.float()
         for level in self.levels:
-            level.init_from_data(residual, self.config.kmeans_iters, generator)
-            residual = residual - level.decode(level.encode(residual))
+            codes = level.init_from_data(residual, self.config.kmeans_iters, generator)
+            residual = residual - level.decode(codes)
 
     @torch.no_grad()
     def refine(self, e: torch.Tensor, passes: int) -> None:
@@ -110,19 +113,21 @@ class ResidualQuantizer(nn.Module):
         Greedy level-by-level k-means fits each codebook to the residual the earlier levels left, never
         revisiting them. Each pass here re-encodes greedily and then moves every codeword to the mean of
         what its items still miss once all *other* levels' codewords are subtracted, so early levels adapt
-        to the later ones.
+        to the later ones. That mean is the codeword plus the mean final residual of its items, so the
+        pass only keeps the final residual up to date as codewords move (no per-level targets).
         """
         e = e.float()
         for _ in range(passes):
-            codes = self.encode(e)
-            total = self.decode(codes)
-            for i, level in enumerate(self.levels):
-                own = level.decode(codes[:, i])
-                target = e - (total - own)  # (n, d) what level i should explain
-                sums = torch.zeros_like(level.codebook).index_add_(0, codes[:, i], target)
-                counts = torch.bincount(codes[:, i], minlength=level.codebook_size).unsqueeze(-1)
-                level.codebook.copy_(torch.where(counts > 0, sums / counts.clamp_min(1), level.codebook))
-                total = total - own + level.decode(codes[:, i])
+            residual, codes = e, []
+            for level in self.levels:
+                codes.append(level.encode(residual))
+                residual = residual - level.decode(codes[-1])
+            for level, level_codes in zip(self.levels, codes):
+                sums = torch.zeros_like(level.codebook).index_add_(0, level_codes, residual)
+                counts = torch.bincount(level_codes, minlength=level.codebook_size).unsqueeze(-1)
+                shift = sums / counts.clamp_min(1)  # (K, d), zero for codes no item uses
+                level.codebook.add_(shift)
+                residual = residual - shift[level_codes]
 
     @torch.no_grad()
     def reset_dead_codes(self, out: ResidualOutput, batch_size: int) -> int:

@@ -1,4 +1,5 @@
-"""Tests for semid.kmeans: seeding, Lloyd iterations, empty clusters, sampling, Sinkhorn assignment."""
+"""Tests for semid.kmeans: seeding (k-means|| and k-means++), Lloyd iterations, empty clusters, sampling,
+Sinkhorn assignment."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from semid.kmeans import _lloyd, kmeans, kmeans_plusplus, sinkhorn_assign
+from semid.distance import Distance
+from semid.kmeans import _greedy_seeds, _lloyd, _Points, kmeans, kmeans_plusplus, sinkhorn_assign
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -41,15 +43,20 @@ def _same_partition(a: torch.Tensor, b: torch.Tensor) -> bool:
 # ---------------------------------------------------------------------------- k-means quality
 
 
-def test_inertia_close_to_sklearn_on_ml1m():
+def _ml1m() -> np.ndarray:
     path = DATA / "ml-1m.npy"
     if not path.exists():
         pytest.skip(f"shared data not found at {path}")
+    return np.load(path).astype(np.float32)
+
+
+@pytest.mark.parametrize("init", ["k-means||", "k-means++"])
+def test_inertia_close_to_sklearn_on_ml1m(init):
     from sklearn.cluster import KMeans
 
-    x = np.load(path).astype(np.float32)
+    x = _ml1m()
     reference = KMeans(n_clusters=256, init="k-means++", n_init=1, random_state=0).fit(x)
-    ours = kmeans(torch.from_numpy(x), 256, sample_size=None, generator=_gen(0))
+    ours = kmeans(torch.from_numpy(x), 256, sample_size=None, generator=_gen(0), init=init)
 
     ref_inertia = _sq_inertia(x, reference.cluster_centers_.astype(np.float32))
     our_inertia = _sq_inertia(x, ours.centroids.numpy())
@@ -57,6 +64,35 @@ def test_inertia_close_to_sklearn_on_ml1m():
     # The reported inertia is the squared-L2 cost of the returned centroids and codes.
     assert ours.inertia == pytest.approx(our_inertia, rel=1e-4)
     assert ours.codes.shape == (x.shape[0],) and ours.codes.dtype == torch.int64
+
+
+def test_cosine_inertia_close_to_sklearn_on_unit_rows_of_ml1m():
+    # sklearn has no spherical k-means; Euclidean k-means on unit rows, with its centroids then scaled
+    # to unit length, is a strong reference for the cost 1 - cos.
+    from sklearn.cluster import KMeans
+
+    unit = F.normalize(torch.from_numpy(_ml1m()), dim=1)
+    reference = KMeans(n_clusters=256, init="k-means++", n_init=1, random_state=0).fit(unit.numpy())
+    ref_centroids = F.normalize(torch.from_numpy(reference.cluster_centers_).float(), dim=1)
+    ref_cost = (1.0 - (unit @ ref_centroids.T).max(dim=1).values).double().sum().item()
+    ours = kmeans(unit, 256, sample_size=None, distance="cosine", generator=_gen(0))
+    assert ours.inertia <= 1.02 * ref_cost
+    our_cost = (1.0 - (unit @ ours.centroids.T).max(dim=1).values).double().sum().item()
+    assert ours.inertia == pytest.approx(our_cost, rel=1e-4)
+
+
+def test_parallel_seeding_no_worse_than_exhaustive_on_heavy_tailed_residuals():
+    # The residual after one level of l2 k-means is heavy-tailed: a few rows are far from everything.
+    # k-means|| weighs its candidates by the rows they stand for, so it must do as well as greedy
+    # k-means++ over every row (k-means++ on a uniform subsample instead wastes seeds on the tail
+    # and ends about 2% worse here).
+    x = torch.from_numpy(_ml1m())
+    first = kmeans(x, 256, sample_size=None, generator=_gen(0))
+    residual = x - first.centroids[first.codes]
+    for seed in (0, 1):
+        parallel = kmeans(residual, 256, sample_size=None, generator=_gen(seed))
+        exhaustive = kmeans(residual, 256, sample_size=None, generator=_gen(seed), init="k-means++")
+        assert parallel.inertia <= 1.01 * exhaustive.inertia
 
 
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
@@ -112,6 +148,38 @@ def test_tolerance_stops_early():
     assert many.inertia < stopped.inertia
 
 
+def test_weighted_seeding_ignores_zero_weight_rows():
+    # Four far-away blobs carry no weight: the seeds must all come from the four weighted blobs, one each.
+    x, labels, _ = _blobs(n_blobs=8, per_blob=20, dim=6, seed=14)
+    weights = (labels < 4).long()
+    chosen = _greedy_seeds(_Points(x, Distance.L2), 4, _gen(0), weights=weights)
+    assert sorted(labels[chosen].tolist()) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_few_distinct_rows_seed_every_distinct_row(distance):
+    # 6 distinct rows repeated 100 times, k = 9: more clusters than distinct rows. Every distinct row
+    # must get a centroid (the surplus ones stay duplicates) and nothing may turn NaN.
+    points = torch.randn(6, 4, generator=_gen(15)) * 10
+    if distance == "cosine":
+        points = F.normalize(points, dim=1)
+    x = points.repeat(100, 1)
+    result = kmeans(x, 9, distance=distance, generator=_gen(0))
+    assert torch.isfinite(result.centroids).all()
+    assert result.inertia == pytest.approx(0.0, abs=1e-4)
+    found = torch.cdist(points, result.centroids).min(dim=1).values
+    assert found.max() < 1e-3
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_identical_rows(distance):
+    # Every cost is zero after the first seed: k-means|| draws nothing and seeds from all rows instead.
+    x = torch.ones(200, 3)
+    result = kmeans(x, 4, distance=distance, generator=_gen(0))
+    assert torch.isfinite(result.centroids).all()
+    assert result.inertia == 0.0
+
+
 # ---------------------------------------------------------------------------- empty clusters
 
 
@@ -157,19 +225,28 @@ def test_fewer_rows_than_clusters_raises():
         kmeans(torch.randn(40), 4)
     with pytest.raises(ValueError, match="NaN"):
         kmeans(torch.full((40, 3), float("nan")), 4)
+    with pytest.raises(ValueError, match="init"):
+        kmeans(torch.randn(40, 3), 4, init="random")
 
 
 # ---------------------------------------------------------------------------- sampling, determinism
 
 
-def test_same_seed_same_result_and_seed_matters():
+@pytest.mark.parametrize("init", ["k-means||", "k-means++"])
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_same_seed_same_result_and_seed_matters(init, distance):
     x = torch.randn(3000, 8, generator=_gen(7))
-    a = kmeans(x, 16, sample_size=1000, generator=_gen(11))
-    b = kmeans(x, 16, sample_size=1000, generator=_gen(11))
-    c = kmeans(x, 16, sample_size=1000, generator=_gen(12))
+    a = kmeans(x, 16, sample_size=1000, generator=_gen(11), init=init, distance=distance)
+    b = kmeans(x, 16, sample_size=1000, generator=_gen(11), init=init, distance=distance)
+    c = kmeans(x, 16, sample_size=1000, generator=_gen(12), init=init, distance=distance)
     assert torch.equal(a.centroids, b.centroids) and torch.equal(a.codes, b.codes)
     assert a.inertia == b.inertia
     assert not torch.equal(a.centroids, c.centroids)
+
+
+def test_default_generator_is_reproducible():
+    x = torch.randn(2000, 5, generator=_gen(16))
+    assert torch.equal(kmeans(x, 32).centroids, kmeans(x, 32).centroids)
 
 
 def test_sample_is_random_not_the_first_rows():
