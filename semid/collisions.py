@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
@@ -111,20 +112,39 @@ def _free_slots(group: np.ndarray, rank: np.ndarray, taken_group: np.ndarray, ta
     return rank + (hi - lo)
 
 
+class SuffixOverflowError(ValueError):
+    """More items share a code tuple than the suffix vocabulary (suffix_size) can number."""
+
+    def __init__(self, message: str, *, size: int, codes: tuple[int, ...], suffix_size: int) -> None:
+        super().__init__(message)
+        self.size, self.codes, self.suffix_size = size, codes, suffix_size
+
+
+class SuffixOverflowWarning(UserWarning):
+    """Items beyond the suffix vocabulary of their tuple were remapped instead (overflow="remap")."""
+
+
+def _largest_overflow(
+    slots: np.ndarray, group: np.ndarray, taken_group: np.ndarray, codes: np.ndarray
+) -> tuple[int, tuple[int, ...], int]:
+    """(items on the tuple, the tuple, how many of them hold an ID already) for the row with the largest slot."""
+    worst = int(np.argmax(slots))
+    registered = int(np.count_nonzero(taken_group == group[worst]))
+    return int(np.count_nonzero(group == group[worst])) + registered, tuple(codes[worst].tolist()), registered
+
+
 def _check_suffix_bound(
     slots: np.ndarray, group: np.ndarray, taken_group: np.ndarray, codes: np.ndarray, suffix_size: int
 ) -> None:
-    """Raise if any suffix would not fit in the suffix vocabulary."""
+    """Raise SuffixOverflowError if any suffix would not fit in the suffix vocabulary."""
     if slots.size == 0 or slots.max() < suffix_size:
         return
-    worst = int(np.argmax(slots))
-    in_call = int(np.count_nonzero(group == group[worst]))
-    registered = int(np.count_nonzero(taken_group == group[worst]))
-    size = in_call + registered
+    size, tuple_, registered = _largest_overflow(slots, group, taken_group, codes)
     note = f" ({registered} of them already holding an ID)" if registered else ""
-    raise ValueError(
-        f"{size} items share the code tuple {tuple(codes[worst].tolist())}{note}, but suffix_size={suffix_size} "
-        f"allows only {suffix_size} IDs per tuple; use collision strategy 'remap' or a larger suffix size"
+    raise SuffixOverflowError(
+        f"{size} items share the code tuple {tuple_}{note}, but suffix_size={suffix_size} allows only "
+        f"{suffix_size} IDs per tuple; use collision strategy 'remap' or a larger suffix size",
+        size=size, codes=tuple_, suffix_size=suffix_size,
     )
 
 
@@ -175,6 +195,7 @@ def resolve_collisions(
     suffix_size: int = 256,
     last_level_distances: LastLevelDistances | None = None,
     taken: np.ndarray | None = None,
+    overflow: str = "raise",
 ) -> np.ndarray:
     """Final IDs for raw codes (n, L), unique among themselves and against `taken`.
 
@@ -184,7 +205,10 @@ def resolve_collisions(
 
     suffix -> (n, L + 1). The last column is the item's rank among the items of its tuple; with
     `taken`, the new items of a tuple take the smallest suffixes not yet taken for it, best rank first.
-    A tuple needing a suffix >= suffix_size raises ValueError.
+    A tuple needing a suffix >= suffix_size raises SuffixOverflowError (a ValueError); with
+    overflow="remap" the items ranked beyond the bound are instead remapped as below (nearest free code
+    of the last level in their prefix, then suffix 0), with a SuffixOverflowWarning that names the
+    largest tuple; every other item keeps its suffix. Only where their prefix is full does it still raise.
 
     remap -> (n, L) when every collision finds room. Colliding items (all but the best-ranked of a
     group, and all items whose tuple is already taken) claim, best rank_key first, the nearest code of
@@ -199,25 +223,66 @@ def resolve_collisions(
     none -> the codes unchanged (n, L).
     """
     strategy = _strategy(strategy)
+    if overflow not in ("raise", "remap"):
+        raise ValueError(f"overflow must be 'raise' or 'remap', got {overflow!r}")
     codes, rank_key, taken = _validate(codes, rank_key, codebook_sizes, suffix_size, taken)
     if strategy is CollisionStrategy.NONE:
         return codes.copy()
     if strategy is CollisionStrategy.SUFFIX:
-        return _suffix(codes, rank_key, codebook_sizes, suffix_size, taken)
+        return _suffix(codes, rank_key, codebook_sizes, suffix_size, taken, overflow, last_level_distances)
     return _remap(codes, rank_key, codebook_sizes, suffix_size, last_level_distances, taken)
 
 
 def _suffix(
-    codes: np.ndarray, rank_key: np.ndarray, sizes: Sequence[int], suffix_size: int, taken: np.ndarray
+    codes: np.ndarray,
+    rank_key: np.ndarray,
+    sizes: Sequence[int],
+    suffix_size: int,
+    taken: np.ndarray,
+    overflow: str,
+    last_level_distances: LastLevelDistances | None,
 ) -> np.ndarray:
+    """The suffix strategy; overflow="remap" remaps the items beyond the suffix bound (see
+    `resolve_collisions`) instead of raising."""
     n, levels = codes.shape
     group = tuple_group_ids(np.concatenate([codes, taken[:, :levels]]), sizes)
     new_group, taken_group = group[:n], group[n:]
     rank = _rank_in_group(new_group, rank_key)
     # Registered suffixes at or above suffix_size cannot block a valid one; clipping keeps packing small.
     slots = _free_slots(new_group, rank, taken_group, np.minimum(taken[:, levels], suffix_size))
-    _check_suffix_bound(slots, new_group, taken_group, codes, suffix_size)
-    return np.column_stack([codes, slots])
+    over = slots >= suffix_size
+    if overflow == "raise" or not over.any():
+        _check_suffix_bound(slots, new_group, taken_group, codes, suffix_size)
+        return np.column_stack([codes, slots])
+    if last_level_distances is None:
+        raise ValueError("overflow='remap' needs last_level_distances to choose the nearest free code")
+    size, tuple_, _ = _largest_overflow(slots, new_group, taken_group, codes)
+    warnings.warn(SuffixOverflowWarning(
+        f"{size} items share the code tuple {tuple_}, more than suffix_size={suffix_size} can number: the "
+        f"{int(over.sum())} items ranked beyond the suffix bound of their tuple move to the nearest free "
+        "last-level code of their prefix, as collision strategy 'remap' does. Set the collision strategy to "
+        "'remap' or the suffix size above the largest tuple to choose yourself (collisions.strategy, "
+        "collisions.suffix_size)."
+    ))
+    ids = np.column_stack([codes, slots])
+    ids[over] = _remap_overflow(ids, over, rank_key, sizes, suffix_size, last_level_distances, taken)
+    return ids
+
+
+def _remap_overflow(
+    ids: np.ndarray,
+    over: np.ndarray,
+    rank_key: np.ndarray,
+    sizes: Sequence[int],
+    suffix_size: int,
+    last_level_distances: LastLevelDistances,
+    taken: np.ndarray,
+) -> np.ndarray:
+    """(n_over, L + 1) IDs for the rows `over` of suffixed `ids`: remap against every other ID in use."""
+    rows = np.flatnonzero(over)
+    blocked = np.concatenate([taken, ids[~over]])  # the other new items keep their IDs: nobody may take them
+    moved = _remap(ids[rows, :-1], rank_key[rows], sizes, suffix_size, lambda r: last_level_distances(rows[r]), blocked)
+    return moved if moved.shape[1] == ids.shape[1] else np.column_stack([moved, np.zeros(len(rows), np.int64)])
 
 
 def _remap(
@@ -366,12 +431,13 @@ class IdRegistry:
         codebook_sizes: Sequence[int],
         suffix_size: int = 256,
         last_level_distances: LastLevelDistances | None = None,
+        overflow: str = "raise",
     ) -> np.ndarray:
         """Final IDs (n, id_length) for these items, registering the new ones.
 
         Known keys get their saved ID whatever their codes are now. The others are resolved with
         `resolve_collisions` against each other and against every saved ID. last_level_distances
-        receives row indices into this call's codes, as in `resolve_collisions`.
+        receives row indices into this call's codes, and `overflow` means, as in `resolve_collisions`.
         """
         keys = _key_series(keys)
         codes = np.asarray(codes)
@@ -402,6 +468,7 @@ class IdRegistry:
             suffix_size=suffix_size,
             last_level_distances=None if last_level_distances is None else new_rows_distances,
             taken=self._ids if len(self) else None,
+            overflow=overflow,
         )
         width = self.id_length if self.id_length is not None else fresh.shape[1]
         if fresh.shape[1] > width:

@@ -25,7 +25,7 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from semid.collisions import IdRegistry
+from semid.collisions import IdRegistry, SuffixOverflowError
 from semid.config import SemidConfig
 from semid.export import semantic_id_strings, token_strings, write_trie_json
 from semid.kmeans import sinkhorn_assign
@@ -127,7 +127,9 @@ class SemanticIdTokenizer:
         """Train on the items and give each of them its final ID.
 
         `checkpoint` names a resumable training checkpoint (written every `train.checkpoint_every` steps);
-        with resume=True training continues from it.
+        with resume=True training continues from it. A code tuple with more items than
+        collisions.suffix_size can number does not lose the training: its extra items are remapped, with a
+        SuffixOverflowWarning (see `_resolve`).
         """
         keys, emb = self._items(x, ids, id_col, emb_col)
         trainer = Trainer(self.config, torch.tensor(emb), checkpoint_path=checkpoint)
@@ -141,7 +143,15 @@ class SemanticIdTokenizer:
             "dead_code_resets": trainer.state.dead_code_resets,
         }
         self.registry = IdRegistry()
-        self._assign(keys, emb)
+        try:
+            self._assign(keys, emb)
+        except SuffixOverflowError as e:
+            raise SuffixOverflowError(
+                f"{e}. Even remapping found no free code in that prefix. The trained model is kept: set "
+                "tok.config = tok.config.with_overrides({'collisions.suffix_size': ...}) and call tok.encode(...), "
+                "or tok.save(...) it as it is",
+                size=e.size, codes=e.codes, suffix_size=e.suffix_size,
+            ) from e
         return self
 
     # ---- encoding -----------------------------------------------------------------------------
@@ -354,7 +364,11 @@ class SemanticIdTokenizer:
 
     def _resolve(self, keys: pl.Series, codes: np.ndarray, rank: np.ndarray,
                  fetch_rows: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-        """Final IDs from the registry; `fetch_rows` returns embeddings of given rows, needed only by remap."""
+        """Final IDs from the registry; `fetch_rows` returns embeddings of given rows, needed only by remap.
+
+        Items beyond the suffix bound of a crowded tuple are remapped with a SuffixOverflowWarning rather
+        than failing the call: a failure here would come after training, or after encoding a catalogue.
+        """
         model = self._fitted()
         device = self._device()
 
@@ -371,5 +385,5 @@ class SemanticIdTokenizer:
         return self.registry.assign(
             keys, codes, rank, self.config.collisions.strategy,
             codebook_sizes=model.codebook_sizes, suffix_size=self.config.collisions.suffix_size,
-            last_level_distances=last_level_distances,
+            last_level_distances=last_level_distances, overflow="remap",
         )

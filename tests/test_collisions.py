@@ -12,6 +12,8 @@ import torch
 from semid.collisions import (
     CollisionStrategy,
     IdRegistry,
+    SuffixOverflowError,
+    SuffixOverflowWarning,
     resolve_collisions,
     suffix_by_groupby,
     tuple_group_ids,
@@ -210,6 +212,44 @@ def test_suffix_bound_counts_registered_ids():
     np.testing.assert_array_equal(ids, [[0, 1, 2]])
     with pytest.raises(ValueError, match="^4 items share .*3 of them already holding an ID"):
         resolve_collisions(codes, np.zeros(1), "suffix", codebook_sizes=[2, 2], suffix_size=2, taken=taken)
+
+
+def test_suffix_overflow_remaps_only_the_items_beyond_the_bound(roomy):
+    codes, key = roomy.codes, roomy.rank_key
+    unbounded = resolve_collisions(codes, key, "suffix", codebook_sizes=roomy.sizes, suffix_size=4096)
+    biggest = int(unbounded[:, -1].max()) + 1
+    assert biggest > 2  # precondition: a bound of 2 leaves items over
+    with pytest.warns(SuffixOverflowWarning, match=rf"^{biggest} items share the code tuple .*'remap'"):
+        ids = resolve_collisions(codes, key, "suffix", codebook_sizes=roomy.sizes, suffix_size=2,
+                                 last_level_distances=roomy.last_level_distances, overflow="remap")
+    assert ids.shape == unbounded.shape and n_unique_rows(ids) == len(ids)
+    kept = unbounded[:, -1] < 2
+    np.testing.assert_array_equal(ids[kept], unbounded[kept])  # within the bound nothing changes
+    moved = np.flatnonzero(~kept)
+    np.testing.assert_array_equal(ids[moved, :2], codes[moved, :2])  # same prefix, a new last code, suffix 0
+    assert (ids[moved, 2] != codes[moved, 2]).all() and (ids[moved, 3] == 0).all()
+    # The moved items took tuples nobody else holds, the nearest still free when each chose (best rank first).
+    tuples = {tuple(t) for t in ids[kept, :3].tolist()}
+    dist = roomy.last_level_distances(moved)
+    for j in np.argsort(key[moved], kind="stable"):
+        i = moved[j]
+        in_use = {c for p0, p1, c in tuples if (p0, p1) == tuple(codes[i, :2])}
+        free = np.setdiff1d(np.arange(roomy.sizes[-1]), list(in_use))
+        assert ids[i, 2] == free[np.argmin(dist[j, free])]
+        tuples.add(tuple(ids[i, :3].tolist()))
+
+
+def test_suffix_overflow_still_raises_where_the_prefix_is_full(crowded):
+    codes, key = crowded.codes, crowded.rank_key
+    with pytest.raises(SuffixOverflowError, match="items share the code tuple") as e:
+        with pytest.warns(SuffixOverflowWarning):  # the remap is announced, then runs out of codes
+            resolve_collisions(codes, key, "suffix", codebook_sizes=crowded.sizes, suffix_size=2,
+                               last_level_distances=crowded.last_level_distances, overflow="remap")
+    assert isinstance(e.value, ValueError) and e.value.suffix_size == 2 and e.value.size > 2
+    with pytest.raises(ValueError, match="needs last_level_distances"):
+        resolve_collisions(codes, key, "suffix", codebook_sizes=crowded.sizes, suffix_size=2, overflow="remap")
+    with pytest.raises(ValueError, match="overflow must be"):
+        resolve_collisions(codes, key, "suffix", codebook_sizes=crowded.sizes, overflow="ignore")
 
 
 # ---------------------------------------------------------------- remap

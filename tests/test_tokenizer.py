@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from semid.distance import pairwise_distance
+from semid.collisions import SuffixOverflowError, SuffixOverflowWarning
 from semid.io import InputError
 from semid.metrics import collision_metrics
 from semid.rqvae import RQVAE, _linear
@@ -356,6 +357,35 @@ def test_evaluate_reports_every_design_metric(data, model_dir):
     assert all(0 <= e <= np.log2(16) + 1e-9 for e in report["entropy_bits"])
     agreement = report["prefix_agreement"]
     assert all(a >= b for a, b in zip(agreement, agreement[1:]))  # sharing d+1 codes implies sharing d
+
+
+# ---- a suffix vocabulary too small for the tuples ------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::semid.collisions.SuffixOverflowWarning")  # later calls overflow too
+def test_fit_remaps_what_the_suffix_cannot_number_and_keeps_every_id_unique(data, tiny_config, tmp_path):
+    tok = SemanticIdTokenizer(tiny_config({"collisions.suffix_size": 2, "quantizer.codebook_size": [16, 16, 64]}))
+    with pytest.warns(SuffixOverflowWarning, match=r"\d+ items share the code tuple .*suffix_size=2.*'remap'"):
+        tok.fit(_frame(data["a"], data["ids_a"]))
+    assert int(np.unique(tok.encode_raw(data["a"]), axis=0, return_counts=True)[1].max()) > 2  # it did overflow
+    ids = tok.encode(_frame(data["a"], data["ids_a"]))
+    assert ids.shape == (N_A, 4) and len(_rows(ids)) == N_A and ids[:, -1].max() < 2
+    both = np.concatenate([ids, tok.encode(_frame(data["b"], data["ids_b"]))])  # new items, the same rule
+    assert len(_rows(both)) == len(data["x"])
+    again = SemanticIdTokenizer.load(tok.save(tmp_path / "model"))
+    np.testing.assert_array_equal(again.encode(_frame(data["a"], data["ids_a"])), ids)
+
+
+def test_fit_keeps_the_trained_model_when_no_code_is_free(data, tiny_config):
+    """2 x 2 x 2 codes for 1200 items: every prefix is full, so remapping cannot help either."""
+    tok = SemanticIdTokenizer(tiny_config({"collisions.suffix_size": 4, "quantizer.codebook_size": 2}))
+    with pytest.raises(SuffixOverflowError, match=r"items share the code tuple .*The trained model is kept"):
+        with pytest.warns(SuffixOverflowWarning):  # the remap of the overflow came first, and ran out of codes
+            tok.fit(data["a"])
+    assert tok.model is not None and len(tok.registry) == 0
+    tok.config = tok.config.with_overrides({"collisions.suffix_size": 4096})
+    ids = tok.encode(data["a"])  # no training again
+    assert len(_rows(ids)) == N_A
 
 
 # ---- errors ---------------------------------------------------------------------------------------
