@@ -12,11 +12,9 @@ from enum import Enum
 import torch
 import torch.nn.functional as F
 
-# Rows per chunk are chosen so that one chunk's (rows, K) score matrix holds at most this many floats.
-# On a GPU 64 MiB keeps the device busy; on a CPU 2 MiB keeps the chunk in a core's L2 cache, so the
-# passes over it after the matrix product do not go out to main memory.
-_MAX_CHUNK_ELEMENTS = {"cpu": 1 << 19}
-_MAX_CHUNK_ELEMENTS_DEFAULT = 1 << 24
+# Rows per chunk are chosen so that one chunk's (rows, K) score matrix holds at most this many floats
+# (64 MiB): large enough to keep the GPU busy, small enough for a laptop.
+_MAX_CHUNK_ELEMENTS = 1 << 24
 # F.normalize's floor on a norm: a zero vector has no direction and is treated as one of length _EPS.
 _EPS = 1e-12
 
@@ -89,11 +87,6 @@ def _distance_from_score(x32: torch.Tensor, score: torch.Tensor, distance: Dista
     return (x32.pow(2).sum(-1) - 2.0 * score).clamp_min_(0.0)
 
 
-def _chunk_rows(x: torch.Tensor, k: int) -> int:
-    budget = _MAX_CHUNK_ELEMENTS.get(x.device.type, _MAX_CHUNK_ELEMENTS_DEFAULT)
-    return max(1, budget // max(k, 1))
-
-
 def nearest_code(
     x: torch.Tensor, codebook: torch.Tensor, distance: Distance | str, chunk_rows: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +98,7 @@ def nearest_code(
     distance = Distance(distance)
     x, codebook = x.detach(), codebook.detach()
     n, k = x.shape[0], codebook.shape[0]
-    chunk_rows = chunk_rows or _chunk_rows(x, k)
+    chunk_rows = chunk_rows or max(1, _MAX_CHUNK_ELEMENTS // max(k, 1))
     codes = torch.empty(n, dtype=torch.long, device=x.device)
     dists = torch.empty(n, dtype=torch.float32, device=x.device)
     with torch.autocast(device_type=x.device.type, enabled=False):

@@ -45,9 +45,9 @@ from semid.rqvae import RQVAE
 from semid.train import Trainer, resolve_device
 
 MODEL_FORMAT = "semid-model-v1"
-# Rows per encode block: on a CPU the block's activations stay in cache between layers (see
-# semid.rqvae); on a GPU each block is one host-to-device copy.
-_CPU_BLOCK_ROWS = 4096
+# Rows per encode block: on a CPU a block is a view of the input, sized as in semid.rqvae to bound the
+# activations; on a GPU each block is one host-to-device copy.
+_CPU_BLOCK_ROWS = 16384
 _DEVICE_BLOCK_ROWS = 65536
 # Rows per slice of an output table: bounds the memory of its per-item strings.
 _OUTPUT_SLICE_ROWS = 1 << 18
@@ -337,8 +337,8 @@ class SemanticIdTokenizer:
     def _row_blocks(self, emb: np.ndarray) -> Iterator[torch.Tensor]:
         """Row blocks of a float32 matrix as tensors on the model's device.
 
-        On a CPU each block is a view of `emb` (no copy), small enough that its activations stay in cache;
-        on a GPU a block is one host-to-device copy, large enough to keep the device busy.
+        On a CPU each block is a view of `emb` (no copy); on a GPU a block is one host-to-device copy, large
+        enough to keep the device busy.
         """
         device = self._device()
         rows = _CPU_BLOCK_ROWS if device.type == "cpu" else _DEVICE_BLOCK_ROWS
