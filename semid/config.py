@@ -51,7 +51,7 @@ class QuantizerConfig:
     kmeans_init: bool = True
     kmeans_iters: int = 25
     kmeans_sample: int = 65536  # rows of data used for k-means init (a seeded random sample)
-    refine_passes: int = 5  # rqkmeans only: joint refinement passes over all levels after greedy k-means
+    refine_passes: int = 3  # rqkmeans only: joint refinement passes over all levels after greedy k-means
     dead_code_reset: bool = True
     dead_code_decay: float = 0.9  # EMA decay of per-code assignment counts
     dead_code_threshold: float = 0.05  # dead when EMA count < threshold * batch_size / K

@@ -32,6 +32,10 @@ from semid.rqvae import RQVAE, RQVAEOutput
 # Keys whose larger value is better; every other evaluate key is minimised.
 _HIGHER_IS_BETTER = {"cosine", "unique_after"}
 CHECKPOINT_FORMAT = "semid-train-checkpoint-v1"
+# Training evaluations estimate prefix agreement from this many query items (all items when fewer). The
+# neighbour search is O(queries x N): on a 12k catalogue a full search costs more than fitting residual
+# k-means, and on 1M items it would take minutes. The final `evaluate` searches with its own, larger sample.
+MONITOR_QUERIES = 4096
 
 
 def resolve_device(name: str) -> torch.device:
@@ -286,7 +290,7 @@ class Trainer:
 
     def _evaluate(self, step: int, loss: float | None = None) -> dict[str, Any]:
         if self._neighbours is None and self.x.shape[0] > 1:
-            self._neighbours = nearest_neighbours(self.x)
+            self._neighbours = nearest_neighbours(self.x, max_items=MONITOR_QUERIES)
         report = quick_evaluate(self.model, self.x, self._neighbours)
         report.update(step=step, dead_code_resets=self.state.dead_code_resets)
         if loss is not None:

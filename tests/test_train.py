@@ -417,14 +417,17 @@ def test_rqkmeans_refinement_lowers_reconstruction_error(real_data, tiny_config)
 
 
 def test_training_evaluations_include_prefix_agreement(real_data, tiny_config):
-    """History entries carry every DESIGN.md code metric, prefix agreement included (cached neighbours)."""
+    """History entries carry every DESIGN.md code metric, prefix agreement included (cached neighbours,
+    from a seeded sample of MONITOR_QUERIES items when the corpus is larger)."""
     from semid.metrics import prefix_agreement
+    from semid.train import MONITOR_QUERIES
 
     x = _x(real_data)
     trainer = Trainer(tiny_config({"train.steps": 50, "train.eval_every": 25}), x)
     model = trainer.fit()
     entry = next(h for h in trainer.state.history if h["step"] == trainer.state.best_step)
     codes = encode_in_batches(model, trainer.x).numpy()
-    expected, _ = prefix_agreement(trainer.x.numpy(), codes)
+    expected, sampled = prefix_agreement(trainer.x.numpy(), codes, max_items=MONITOR_QUERIES)
     assert entry["prefix_agreement"] == pytest.approx(expected, abs=1e-9)
+    assert sampled == (len(x) > MONITOR_QUERIES)
     assert {"fvu", "collision_rate", "usage", "entropy_bits", "prefix_agreement"} <= set(entry)
