@@ -65,10 +65,10 @@ def _scores(x32: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor | None) 
 def _row_max_(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Largest value of each row and the lowest index that holds it. Overwrites `scores`.
 
-    On CPU, torch's max/argmax over a dimension runs a scalar loop, several times slower than the
-    vectorised amax; for codes of a 32-d latent it costs more than the matrix product itself. So the
-    lowest index is found with vectorised passes instead: mark every maximum with 1 (eq_), weight the marks
-    by K-1-index and take the largest weight. Inputs are finite (the readers refuse NaN and inf).
+    On CPU, torch's argmax over a dimension is far slower than amax (15x on (2048, 256) fp32 here); for
+    codes of a 32-d latent it cost more than the matrix product itself. So the lowest index is found with
+    passes as fast as amax instead: mark every maximum with 1 (eq_), weight the marks by K-1-index and
+    take the largest weight. Inputs are finite (the readers refuse NaN and inf).
     """
     best = scores.amax(dim=-1, keepdim=True)  # (n, 1)
     if scores.device.type != "cpu":
@@ -98,7 +98,8 @@ def nearest_code(
     distance = Distance(distance)
     x, codebook = x.detach(), codebook.detach()
     n, k = x.shape[0], codebook.shape[0]
-    chunk_rows = chunk_rows or max(1, _MAX_CHUNK_ELEMENTS // max(k, 1))
+    if chunk_rows is None:
+        chunk_rows = max(1, _MAX_CHUNK_ELEMENTS // max(k, 1))
     codes = torch.empty(n, dtype=torch.long, device=x.device)
     dists = torch.empty(n, dtype=torch.float32, device=x.device)
     with torch.autocast(device_type=x.device.type, enabled=False):
