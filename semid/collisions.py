@@ -17,7 +17,8 @@ key per tuple), O(N log N); only remap's greedy choices loop, and only over coll
 
 `IdRegistry` remembers every assigned ID by item key; new items are resolved against all saved IDs.
 Its keys are a polars string column (about 16 bytes plus the key's length per item, where Python str
-objects in an index cost 80 to 100 with the hash table), matched to queries with a hash join.
+objects in an index cost 80 to 100 with the hash table), looked up by binary search in a sorted copy
+made at the first lookup after a registration.
 
 The algorithms are numpy only; polars is imported where the registry needs it, so that training (which
 uses remapping for its uniqueness loss) runs where polars is not installed.
@@ -394,6 +395,7 @@ class IdRegistry:
         self.id_length = id_length
         self._keys = pl.Series("key", [], dtype=pl.String)
         self._ids = np.zeros((0, id_length or 0), dtype=np.int64)
+        self._sorted: tuple[pl.Series, np.ndarray] | None = None  # see _sorted_index
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -410,16 +412,26 @@ class IdRegistry:
         return known, ids
 
     def _rows(self, keys: pl.Series) -> np.ndarray:
-        """The registry row of each key, -1 where the key is unknown: (n,) int64, from one hash join."""
-        import polars as pl
-
+        """The registry row of each key, -1 where the key is unknown: (n,) int64, by binary search."""
         rows = np.full(len(keys), -1, dtype=np.int64)
         if len(self._keys) == 0 or len(keys) == 0:
             return rows
-        saved = pl.DataFrame({"key": self._keys, "row": pl.int_range(len(self._keys), dtype=pl.Int64, eager=True)})
-        hits = keys.to_frame("key").with_row_index("query").join(saved, on="key", how="inner")
-        rows[hits["query"].to_numpy()] = hits["row"].to_numpy()
+        ordered, order = self._sorted_index()
+        pos = np.minimum(ordered.search_sorted(keys, side="left").to_numpy(), len(ordered) - 1)  # (n,)
+        hit = (ordered.gather(pos) == keys).to_numpy()
+        rows[hit] = order[pos[hit]]
         return rows
+
+    def _sorted_index(self) -> tuple[pl.Series, np.ndarray]:
+        """The keys in sorted order and their registry rows, kept until the next registration.
+
+        A lookup is then a binary search per queried key: encoding a few items against millions of saved
+        ones costs microseconds, not a pass over every saved key.
+        """
+        if self._sorted is None:
+            order = self._keys.arg_sort().to_numpy()
+            self._sorted = (self._keys.gather(order), order)
+        return self._sorted
 
     def assign(
         self,
@@ -439,11 +451,13 @@ class IdRegistry:
         `resolve_collisions` against each other and against every saved ID. last_level_distances
         receives row indices into this call's codes, and `overflow` means, as in `resolve_collisions`.
         """
+        from semid.io import first_repeat
+
         keys = _key_series(keys)
         codes = np.asarray(codes)
         if codes.ndim != 2 or codes.shape[0] != len(keys):
             raise ValueError(f"codes must have one row per key ({len(keys)}), got shape {codes.shape}")
-        repeated = _first_repeat(keys)
+        repeated = first_repeat(keys)
         if repeated is not None:
             raise ValueError(f"item keys must be unique within one call; {repeated!r} repeats")
         levels = codes.shape[1]
@@ -492,6 +506,7 @@ class IdRegistry:
 
         self._keys = pl.concat([self._keys, keys.rename("key")], rechunk=False)
         self._ids = np.concatenate([self._ids, ids])
+        self._sorted = None
 
     def to_frame(self) -> pl.DataFrame:
         """The registry as a polars frame: key (str), id (list[int64])."""
@@ -511,6 +526,8 @@ class IdRegistry:
         """Read a registry written by `save`. An empty file gives a registry without a fixed length."""
         import polars as pl
 
+        from semid.io import first_repeat
+
         frame = pl.read_parquet(path)
         if {"key", "id"} - set(frame.columns):
             raise ValueError(f"{path} is not an ID registry: it needs columns 'key' and 'id', has {frame.columns}")
@@ -522,7 +539,7 @@ class IdRegistry:
         registry = cls(int(lengths[0]) if len(lengths) else None)
         if len(frame):
             keys = _key_series(frame["key"])
-            repeated = _first_repeat(keys)
+            repeated = first_repeat(keys)
             if repeated is not None:
                 raise ValueError(f"{path} lists the key {repeated!r} more than once")
             registry._keys = keys.rename("key")
@@ -555,9 +572,3 @@ def _key_series(keys: Sequence[str] | pl.Series) -> pl.Series:
     if series.null_count():
         raise ValueError(f"item keys must be strings, got {series.null_count()} missing values")
     return series
-
-
-def _first_repeat(keys: pl.Series) -> str | None:
-    """The first key that occurs more than once, or None when all are distinct."""
-    repeated = keys.is_duplicated()
-    return keys.filter(repeated)[0] if repeated.any() else None

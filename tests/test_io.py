@@ -147,7 +147,8 @@ def test_check_unique_ids_on_a_polars_column_words_repeats_like_validate_ids():
         check_unique_ids(pl.Series("item_id", ids))
     assert str(from_polars.value) == str(from_numpy.value)
     assert "4 ids occur more than once, e.g. 'a' (3x), 'b' (2x), 'c' (2x)" in str(from_polars.value)
-    check_unique_ids(pl.Series("item_id", ["x", "y"]))  # distinct: no error
+    for distinct in (["x", "y"], ["x"], []):  # no error
+        check_unique_ids(pl.Series("item_id", distinct, dtype=pl.String))
 
 
 @pytest.mark.parametrize(
