@@ -344,3 +344,21 @@ def test_cosine_init_keeps_cluster_means_not_unit_vectors(movies: torch.Tensor) 
     error = (x - quantizer.decode(codes)).pow(2).sum()
     unit_error = (x - F.normalize(codebook, dim=-1)[codes]).pow(2).sum()
     assert error < 0.8 * unit_error
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_init_from_data_returns_the_assignment_of_the_final_codebook(movies: torch.Tensor, distance: str) -> None:
+    """The returned codes are what the residual stack subtracts for the next level: for l2 the nearest
+    final codeword of each row (k-means' last assignment), for cosine the clusters whose mean vectors
+    became the codewords. Either way they agree with `encode` on almost every row."""
+    x = movies[:2000]
+    quantizer = Quantizer(x.shape[1], 32, distance=distance)
+    codes = quantizer.init_from_data(x, iters=25, generator=_gen(0))
+    assert codes.shape == (2000,) and codes.dtype == torch.long
+    codebook = quantizer.codebook.detach()
+    if distance == "cosine":
+        for code in torch.unique(codes)[:8].tolist():
+            torch.testing.assert_close(codebook[code], x[codes == code].mean(0), atol=1e-4, rtol=1e-4)
+    else:
+        assert (codes == quantizer.encode(x)).float().mean() > 0.999
+    assert (codes == quantizer.encode(x)).float().mean() > 0.95
