@@ -373,7 +373,7 @@ def test_uniqueness_targets_point_colliding_items_at_free_codes(real_data, tiny_
     # Each target is the codeword sum of the item's own prefix plus one last-level codeword, and that
     # tuple is used by no item.
     q = model.quantizer
-    prefix_sum = sum(level.decode(torch.from_numpy(codes[mask][:, i])) for i, level in enumerate(q.levels[:-1]))
+    prefix_sum = sum(level.decode(torch.from_numpy(codes[mask][:, i])) for i, level in enumerate(q.levels[:-1])).detach()
     last = trainer._unique_target[torch.from_numpy(mask)] - prefix_sum
     gap, last_codes = torch.cdist(last, q.levels[-1].codebook.detach()).min(dim=1)
     assert float(gap.max()) < 1e-3  # round-off of the float32 sums
