@@ -83,16 +83,11 @@ def within_group_residual_cosine(residuals: list[torch.Tensor], codes: np.ndarra
 
 
 def level_residuals(model, x: np.ndarray) -> tuple[np.ndarray, list[torch.Tensor]]:
-    """Raw codes and, per level, the residual that level quantized (model in eval mode)."""
+    """Raw codes and, per level, the residual that level quantized (the quantizer's own greedy walk)."""
     with torch.no_grad():
-        latent = model.latent(torch.from_numpy(x).to(next(model.parameters()).device)).float()
-        residual, codes, residuals = latent, [], []
-        for level in model.quantizer.levels:
-            residuals.append(residual.cpu())
-            level_codes = level.encode(residual)
-            codes.append(level_codes)
-            residual = residual - level.decode(level_codes)
-    return torch.stack(codes, dim=-1).cpu().numpy(), residuals
+        latent = model.latent(torch.from_numpy(x).to(next(model.parameters()).device))
+        steps = list(model.quantizer._walk(latent))
+    return torch.stack([codes for _, _, codes in steps], dim=-1).cpu().numpy(), [r.cpu() for _, r, _ in steps]
 
 
 def anatomy(model, x: np.ndarray) -> dict:

@@ -53,3 +53,19 @@ def test_nearest_neighbour_cosine_ignores_self_and_finds_duplicates() -> None:
     nn = ca.nearest_neighbour_cosine(x, block=3)  # a block boundary inside the data
     assert nn[0] > 0.999 and nn[2] > 0.999
     assert nn[1] == pytest.approx(0.001, abs=1e-3)  # its best other row is nearly orthogonal
+
+
+def test_level_residuals_follow_the_models_own_encoding() -> None:
+    """Codes equal RQVAE.encode, each level's residual is the previous one minus its codeword."""
+    from semid.config import SemidConfig
+    from semid.rqvae import RQVAE
+
+    config = SemidConfig.from_dict({"model": {"type": "rqkmeans"}, "quantizer": {"levels": 3, "codebook_size": 8}})
+    model = RQVAE(6, config.model, config.quantizer).eval()
+    x = np.random.default_rng(0).normal(size=(50, 6)).astype(np.float32)
+    codes, residuals = ca.level_residuals(model, x)
+    assert np.array_equal(codes, model.encode(torch.from_numpy(x)).numpy())
+    for level in range(1, 3):
+        previous = model.quantizer.levels[level - 1]
+        expected = residuals[level - 1] - previous.decode(torch.from_numpy(codes[:, level - 1])).detach()
+        torch.testing.assert_close(residuals[level], expected)
