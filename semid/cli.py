@@ -61,10 +61,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     tok = SemanticIdTokenizer(config).fit(items.embeddings, ids=items.ids, checkpoint=args.checkpoint, resume=args.resume)
     tok.save(args.out)
-    best = next((h for h in tok.history if h["step"] == tok.meta["best_step"]), {})  # the weights saved
+    final = tok.meta["final"]  # the saved model's codes
     print(f"trained on {len(items)} items in {time.perf_counter() - started:.1f} s; model saved to {args.out}")
-    if best:
-        print(f"fvu {best['fvu']:.4f}  collision_rate {best['collision_rate']:.4f}  (best step {tok.meta['best_step']})")
+    if final:
+        print(f"fvu {final['fvu']:.4f}  collision_rate {final['collision_rate']:.4f}  (best step {tok.meta['best_step']})")
     return 0
 
 

@@ -61,6 +61,13 @@ class QuantizerConfig:
     # tau = max(end, start * decay**step); 0 picks the decay that reaches `end` at half of train.steps
     gumbel_tau_decay: float = 0.0
     gumbel_hard: bool = False  # straight-through hard one-hot in the forward pass
+    # Prefix centres: once trained, the last level codes each item's residual relative to the mean residual
+    # of the items that share its prefix (a table fitted on the training items and saved with the model).
+    # Without them, items of one prefix share an offset that makes them pick the same last code; see
+    # bench/COLLISIONS.md. The centre of a group of n items is their residual sum / (n + shrinkage). A single
+    # level has no prefix, and no centres.
+    prefix_centres: bool = True
+    centre_shrinkage: float = 1.0
 
     def __post_init__(self) -> None:
         _choice("quantizer.distance", self.distance, ("l2", "cosine"))
@@ -71,6 +78,8 @@ class QuantizerConfig:
             raise ConfigError(f"quantizer.codebook_size lists {len(sizes)} sizes for {self.levels} levels")
         for size in sizes:
             _positive("quantizer.codebook_size", size)
+        if not self.centre_shrinkage >= 0:
+            raise ConfigError(f"quantizer.centre_shrinkage must be >= 0, got {self.centre_shrinkage}")
 
     def sizes(self) -> list[int]:
         """Codebook size of every level."""

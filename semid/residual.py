@@ -1,9 +1,19 @@
 """A residual stack of quantizers: level l quantizes what levels < l left over.
 
 Used inside the RQ-VAE on the encoder's latent, and alone as residual k-means on raw embeddings.
+
+Prefix centres. Every codebook is shared by all the prefixes before it, so a level-2 codeword is a mean
+over many level-1 groups and each (c1, c2) group keeps an offset of its own, about as large as the spread
+inside it. The last level, which tells the items of a group apart, sees that shared offset first and
+gives many of them the same code (bench/COLLISIONS.md). With prefix centres the last level quantizes the
+residual minus its group's centre, the group's mean residual shrunk towards zero: items of a group then
+point in different directions and spread over the last codebook. The centre table is fitted once on the
+training items and then frozen, so an item's code still depends only on the item and the model; a prefix
+not in the table has centre zero.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +51,14 @@ class ResidualQuantizer(nn.Module):
             )
             for size in config.sizes()
         )
+        # Prefix centres, empty until `fit_prefix_centres`: sorted prefix keys (G,) and their centres (G, d).
+        self.register_buffer("prefix_keys", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("prefix_centres", torch.zeros(0, dim))
+        sizes = config.sizes()
+        strides = [math.prod(sizes[i + 1 : -1]) for i in range(len(sizes) - 1)]
+        if math.prod(sizes[:-1]) >= 2**63:
+            raise ValueError(f"codebook sizes {sizes}: the number of prefixes does not fit a 64-bit key")
+        self.register_buffer("prefix_strides", torch.tensor(strides, dtype=torch.long), persistent=False)
 
     @property
     def codebook_sizes(self) -> list[int]:
@@ -50,7 +68,10 @@ class ResidualQuantizer(nn.Module):
         residual = e.float()
         quantized = torch.zeros_like(residual)
         codes, cb_losses, commit_losses, residuals, errors = [], [], [], [], []
-        for level in self.levels:
+        for i, level in enumerate(self.levels):
+            if i == self.last and self.has_centres:
+                centre = self._centre(torch.stack(codes, dim=-1))
+                residual, quantized = residual - centre, quantized + centre
             out = level(residual)
             residuals.append(residual.detach())
             quantized = quantized + out.quantized
@@ -69,12 +90,17 @@ class ResidualQuantizer(nn.Module):
 
     # ---- inference ----------------------------------------------------------------------------
     def _walk(self, e: torch.Tensor):
-        """Yield (level, residual it sees, its codes) with greedy nearest codewords on successive residuals."""
-        residual = e.float()
-        for level in self.levels:
-            codes = level.encode(residual)
-            yield level, residual, codes
-            residual = residual - level.decode(codes)
+        """Yield (level, residual it sees, its codes) with greedy nearest codewords on successive residuals.
+
+        The last level sees its residual minus the prefix centre (when fitted).
+        """
+        residual, codes = e.float(), []
+        for i, level in enumerate(self.levels):
+            if i == self.last and self.has_centres:
+                residual = residual - self._centre(torch.stack(codes, dim=-1))
+            codes.append(level.encode(residual))
+            yield level, residual, codes[-1]
+            residual = residual - level.decode(codes[-1])
 
     @torch.no_grad()
     def encode(self, e: torch.Tensor) -> torch.Tensor:
@@ -82,8 +108,65 @@ class ResidualQuantizer(nn.Module):
         return torch.stack([codes for _, _, codes in self._walk(e)], dim=-1)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """(n, L) codes -> (n, d) sum of their codewords."""
-        return sum(level.decode(codes[:, i]) for i, level in enumerate(self.levels))
+        """(n, L) codes -> (n, d) sum of their codewords (and of their prefix's centre)."""
+        total = sum(level.decode(codes[:, i]) for i, level in enumerate(self.levels))
+        if self.has_centres:
+            total = total + self._centre(codes[:, : self.last])
+        return total
+
+    # ---- prefix centres -----------------------------------------------------------------------
+    @property
+    def last(self) -> int:
+        return len(self.levels) - 1
+
+    @property
+    def has_centres(self) -> bool:
+        return self.prefix_keys.numel() > 0
+
+    def _prefix_key(self, prefix: torch.Tensor) -> torch.Tensor:
+        """(n, L-1) codes of the levels before the last -> (n,) int64 key, unique per prefix."""
+        return (prefix * self.prefix_strides).sum(-1)
+
+    def _centre(self, prefix: torch.Tensor) -> torch.Tensor:
+        """(n, L-1) prefixes -> (n, d) centres from the table; zero for a prefix the table does not hold."""
+        key = self._prefix_key(prefix)
+        position = torch.searchsorted(self.prefix_keys, key).clamp_max(self.prefix_keys.numel() - 1)
+        known = (self.prefix_keys[position] == key).unsqueeze(-1)
+        return torch.where(known, self.prefix_centres[position], torch.zeros((), device=key.device))
+
+    @torch.no_grad()
+    def fit_prefix_centres(self, e: torch.Tensor, shrinkage: float) -> int:
+        """Fit the centre table on the rows of e (the training items); returns the number of prefixes.
+
+        A group of n items gets centre sum / (n + shrinkage): a group of one item then keeps part of its
+        residual for the last level to code, so the table does not simply memorise single items, while
+        large groups get nearly their mean. The levels before the last are unaffected by the table, so
+        every item keeps its prefix; only last codes move. A single level has no prefix and gets no table.
+        """
+        self._drop_centres()
+        if self.last == 0:
+            return 0
+        residual, codes = e.float(), []
+        for level in self.levels[: self.last]:
+            codes.append(level.encode(residual))
+            residual = residual - level.decode(codes[-1])
+        keys, group = torch.unique(self._prefix_key(torch.stack(codes, dim=-1)), return_inverse=True)
+        sums = torch.zeros(keys.numel(), residual.shape[1], device=residual.device).index_add_(0, group, residual)
+        counts = torch.bincount(group, minlength=keys.numel()).unsqueeze(-1)
+        self.prefix_keys = keys
+        self.prefix_centres = sums / (counts + shrinkage)
+        return int(keys.numel())
+
+    def _drop_centres(self) -> None:
+        self.prefix_keys = self.prefix_keys[:0]
+        self.prefix_centres = self.prefix_centres[:0]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Take the centre table at its saved size (it varies by model); a model saved without one has none."""
+        for name in ("prefix_keys", "prefix_centres"):
+            saved = state_dict.setdefault(prefix + name, getattr(self, name)[:0])
+            setattr(self, name, getattr(self, name).new_empty(saved.shape))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def last_level_distances(self, e: torch.Tensor) -> torch.Tensor:
@@ -114,8 +197,10 @@ class ResidualQuantizer(nn.Module):
         revisiting them. Each pass here re-encodes greedily and then moves every codeword to the mean of
         what its items still miss once all *other* levels' codewords are subtracted, so early levels adapt
         to the later ones. That mean is the codeword plus the mean final residual of its items, so the
-        pass only keeps the final residual up to date as codewords move (no per-level targets).
+        pass only keeps the final residual up to date as codewords move (no per-level targets). Prefix
+        centres belong to the codebooks they were fitted with, so refinement drops them.
         """
+        self._drop_centres()
         e = e.float()
         for _ in range(passes):
             residual, codes = e, []

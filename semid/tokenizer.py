@@ -141,6 +141,7 @@ class SemanticIdTokenizer:
             "train_fingerprint": data_fingerprint(emb),
             "best_step": trainer.state.best_step,
             "dead_code_resets": trainer.state.dead_code_resets,
+            "final": trainer.state.final,
         }
         self.registry = IdRegistry()
         try:

@@ -99,6 +99,7 @@ class TrainState:
     best_weights: dict[str, torch.Tensor] | None = None
     evals_since_best: int = 0
     dead_code_resets: int = 0
+    final: dict[str, Any] = field(default_factory=dict)  # evaluation of the model `fit` returns
     init_seconds: float = 0.0
     loop_seconds: float = 0.0  # time in the training loop, evaluations included
 
@@ -267,7 +268,7 @@ class Trainer:
         model = self.model
         was_training = model.training
         model.eval()
-        latent = torch.cat([model.latent(self.x[i : i + 65536]).float() for i in range(0, self.x.shape[0], 65536)])
+        latent = self._latents()
         codes = model.quantizer.encode(latent)
         rank = (latent - model.quantizer.decode(codes)).pow(2).sum(-1)
 
@@ -305,10 +306,27 @@ class Trainer:
             self.state.evals_since_best += 1
         return report
 
+    @torch.no_grad()
+    def _latents(self) -> torch.Tensor:
+        """Encoder output of the whole corpus, in blocks that bound the activations' memory."""
+        return torch.cat([self.model.latent(self.x[i : i + 65536]).float() for i in range(0, self.x.shape[0], 65536)])
+
     def _finish(self) -> RQVAE:
+        """Load the best weights and fit the prefix centres on them; `state.final` evaluates the result.
+
+        The history keeps the evaluations that chose the weights; with prefix centres only `final` holds
+        the metrics of the codes the returned model gives.
+        """
         if self.state.best_weights is not None:
             self.model.load_state_dict(self.state.best_weights)
         self.model.eval()
+        q = self.config.quantizer
+        best = next((h for h in self.state.history if h["step"] == self.state.best_step), {})
+        if q.prefix_centres:
+            groups = self.model.quantizer.fit_prefix_centres(self._latents(), q.centre_shrinkage)
+            best = {**quick_evaluate(self.model, self.x, self._neighbours), "step": self.state.best_step,
+                    "prefix_centres": groups}
+        self.state.final = best
         return self.model
 
     # ---- checkpoints --------------------------------------------------------------------------

@@ -83,8 +83,9 @@ def test_train_encode_evaluate_round_trip(work):
     assert {p.name for p in model.iterdir()} == {"config.toml", "model.pt", "meta.json", "registry.parquet"}
     assert "model saved" in work["train_stdout"]
     meta = json.loads((model / "meta.json").read_text())
-    best = next(h for h in meta["history"] if h["step"] == meta["best_step"])
-    assert f"fvu {best['fvu']:.4f}" in work["train_stdout"]  # the figure of the weights that were saved
+    final = meta["final"]
+    assert final["step"] == meta["best_step"]
+    assert f"fvu {final['fvu']:.4f}" in work["train_stdout"]  # the figure of the model that was saved
 
     out = root / "ids.parquet"
     trie_path = root / "trie.json"

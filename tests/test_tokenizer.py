@@ -233,10 +233,17 @@ def _reference_codes(model: RQVAE, x: np.ndarray) -> tuple[np.ndarray, np.ndarra
     Also returns each row's smallest gap between its best and second-best distance over the levels, so
     that a test can tell a real disagreement from a near-tie that fp32 rounding may settle either way.
     """
+    quantizer = model.quantizer
+    centres = dict(zip(quantizer.prefix_keys.tolist(), quantizer.prefix_centres))  # prefix key -> centre
     with torch.no_grad():
         z = model.encoder(model.normalize(torch.from_numpy(x)))
         codes, gaps = [], []
-        for level in model.quantizer.levels:
+        for i, level in enumerate(quantizer.levels):
+            if i == len(quantizer.levels) - 1 and centres:  # the last level codes z minus the prefix's centre
+                keys = torch.zeros(len(z), dtype=torch.long)
+                for size, prefix_codes in zip(quantizer.codebook_sizes, codes):
+                    keys = keys * size + prefix_codes
+                z = z - torch.stack([centres.get(k, torch.zeros(z.shape[1])) for k in keys.tolist()])
             d = pairwise_distance(z, level.codebook, level.distance)
             two = d.topk(2, dim=-1, largest=False).values
             codes.append(d.argmin(-1))
@@ -254,6 +261,7 @@ def test_encode_gives_the_greedy_nearest_codewords_in_any_block_size(data, tiny_
     """The folded standardiser, the oneDNN layers, the blocks and the tie-break change no code."""
     config = tiny_config({**overrides, "train.steps": 20, "train.eval_every": 20, "collisions.strategy": "none"})
     tok = SemanticIdTokenizer(config).fit(data["a"])
+    assert tok.model.quantizer.has_centres
     x = data["x"]
     expected, gap = _reference_codes(tok.model, x)
     clear = gap > 1e-4

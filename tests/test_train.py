@@ -145,7 +145,8 @@ def test_load_checkpoint_rejects_corrupt_and_foreign_files(real_data, tiny_confi
 
 def test_returned_weights_are_the_reported_best(real_data, tiny_config):
     """A deliberately unstable run (constant lr 1.0), so that the best evaluation is not the last one."""
-    config = tiny_config({"train.lr": 1.0, "train.schedule": "constant", "train.eval_every": 10})
+    config = tiny_config({"train.lr": 1.0, "train.schedule": "constant", "train.eval_every": 10,
+                          "quantizer.prefix_centres": False})
     trainer = Trainer(config, _x(real_data))
     model = trainer.fit()
     history, state = trainer.state.history, trainer.state
@@ -157,6 +158,26 @@ def test_returned_weights_are_the_reported_best(real_data, tiny_config):
     assert again["fvu"] == pytest.approx(best["fvu"], abs=1e-6)
     assert again["collision_rate"] == best["collision_rate"]
     assert abs(again["fvu"] - history[-1]["fvu"]) > 1e-3  # really not the last weights
+    assert state.final == best
+
+
+def test_prefix_centres_are_fitted_on_the_best_weights_and_finally_evaluated(real_data, tiny_config):
+    """With prefix centres the returned model keeps the best weights' prefixes; `final` evaluates its codes."""
+    from semid.rqvae import RQVAE
+
+    config = tiny_config({"train.lr": 1.0, "train.schedule": "constant", "train.eval_every": 10})
+    trainer = Trainer(config, _x(real_data))
+    model = trainer.fit()
+    final = trainer.state.final
+    assert model.quantizer.has_centres and final["prefix_centres"] == model.quantizer.prefix_keys.numel()
+    assert final["step"] == trainer.state.best_step
+    again = quick_evaluate(model, trainer.x, trainer._neighbours)
+    assert {k: final[k] for k in again} == again
+    plain = RQVAE(trainer.x.shape[1], config.model, config.quantizer)
+    plain.load_state_dict(trainer.state.best_weights)  # the best weights, before centres were fitted
+    plain_codes, codes = plain.encode(trainer.x), model.encode(trainer.x)
+    assert torch.equal(plain_codes[:, :-1], codes[:, :-1])
+    assert not torch.equal(plain_codes[:, -1], codes[:, -1])
 
 
 def test_best_metric_higher_is_better_for_cosine():
@@ -305,6 +326,7 @@ def test_unknown_override_key_is_named():
     ({"train.steps": "many"}, "train.steps.*expected int"),
     ({"train.lr": True}, "train.lr"),
     ({"quantizer.codebook_size": [16, 16]}, "codebook_size lists 2 sizes for 3 levels"),
+    ({"quantizer.centre_shrinkage": -1.0}, "centre_shrinkage must be >= 0"),
 ])
 def test_bad_config_values_are_rejected(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -423,7 +445,7 @@ def test_training_evaluations_include_prefix_agreement(real_data, tiny_config):
     from semid.train import MONITOR_QUERIES
 
     x = _x(real_data)
-    trainer = Trainer(tiny_config({"train.steps": 50, "train.eval_every": 25}), x)
+    trainer = Trainer(tiny_config({"train.steps": 50, "train.eval_every": 25, "quantizer.prefix_centres": False}), x)
     model = trainer.fit()
     entry = next(h for h in trainer.state.history if h["step"] == trainer.state.best_step)
     codes = encode_in_batches(model, trainer.x).numpy()
