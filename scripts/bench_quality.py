@@ -86,6 +86,10 @@ class SemidSystem:
         }
         if forward is not None:
             overrides["quantizer.forward"] = forward
+        if model_type == "rqkmeans":
+            # Compared like for like with FAISS's residual quantizers: in the raw 384-d space a centre table
+            # holds part of each item's residual and flatters training-set fvu (bench/COLLISIONS.md).
+            overrides["quantizer.prefix_centres"] = False
         if self.steps is not None:
             overrides["train.steps"] = self.steps
         self.overrides = {**overrides, **self.extra}

@@ -251,3 +251,15 @@ def test_heldout_fvu_scores_rows_the_system_never_saw(tmp_path: Path) -> None:
     system = peers.FaissResidualQuantizer().fit(x[np.setdiff1d(np.arange(500), held)], 2, 16, 0)
     expected = ((x_held - system.reconstruct(x_held)) ** 2).sum() / ((x_held - x_held.mean(0)) ** 2).sum()
     assert row["heldout_fvu"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_semid_rqkmeans_is_benchmarked_without_prefix_centres(one_torch_thread) -> None:
+    """Like for like with FAISS: the benchmark's residual k-means has no centre table; the RQ-VAE keeps its."""
+    bench_quality = pytest.importorskip("bench_quality")
+    config = SCRIPTS.parent / "configs" / "default.toml"
+    x = np.random.default_rng(2).normal(size=(300, 8)).astype(np.float32)
+    kmeans = bench_quality.make_system("semid-rqkmeans", None, "cpu", config).fit(x, 2, 8, 0)
+    assert kmeans.overrides["quantizer.prefix_centres"] is False
+    assert not kmeans._tok.model.quantizer.has_centres
+    rqvae = bench_quality.make_system("semid-rqvae-rotation", 5, "cpu", config).fit(x, 2, 8, 0)
+    assert rqvae._tok.model.quantizer.has_centres
