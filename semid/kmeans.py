@@ -322,6 +322,17 @@ def _run_lloyd(points: _Points, centroids: torch.Tensor, *, iters: int, tol: flo
     return KMeansResult(centroids=centroids, inertia=inertia, codes=codes)
 
 
+def cluster_means(rows: torch.Tensor, codes: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """(k, d) mean of the rows each code holds; `fallback`'s row for a code that holds none.
+
+    Residual stacks keep codewords at their clusters' mean vectors (not unit directions) for cosine too,
+    because the next level quantizes what the codeword leaves over.
+    """
+    sums = torch.zeros_like(fallback).index_add_(0, codes, rows)
+    counts = torch.bincount(codes, minlength=fallback.shape[0]).unsqueeze(-1)
+    return torch.where(counts > 0, sums / counts.clamp_min(1), fallback)
+
+
 def _update(points: _Points, codes: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     """New centroids (k, d): the mean (direction, for cosine) of each cluster; empty ones re-seeded."""
     k = old.shape[0]

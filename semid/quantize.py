@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semid.distance import Distance, nearest_code, pairwise_distance
-from semid.kmeans import kmeans
+from semid.kmeans import cluster_means, kmeans
 
 # Below this norm a vector has no usable direction: the rotation trick falls back to STE for it.
 _TINY = 1e-6
@@ -203,9 +203,7 @@ class Quantizer(nn.Module):
         result = kmeans(e, self.codebook_size, iters=iters, distance=self.distance, sample_size=None, generator=generator)
         centroids = result.centroids
         if self.distance is Distance.COSINE:
-            sums = torch.zeros_like(centroids).index_add_(0, result.codes, e)
-            counts = torch.bincount(result.codes, minlength=self.codebook_size).unsqueeze(-1)
-            centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
+            centroids = cluster_means(e, result.codes, centroids)
         self.codebook.copy_(centroids)
         self.usage_ema.fill_(-1.0)
         return result.codes

@@ -21,6 +21,7 @@ from torch import nn
 
 from semid.config import QuantizerConfig
 from semid.distance import pairwise_distance
+from semid.kmeans import cluster_means
 from semid.quantize import Quantizer
 
 
@@ -142,6 +143,12 @@ class ResidualQuantizer(nn.Module):
         residual for the last level to code, so the table does not simply memorise single items, while
         large groups get nearly their mean. The levels before the last are unaffected by the table, so
         every item keeps its prefix; only last codes move. A single level has no prefix and gets no table.
+
+        The last codebook was trained on uncentred residuals; each of its codewords then moves to the mean of
+        the centred residuals it now codes (one Lloyd update, codes no item uses stay). Without it a lone
+        item, whose centred residual points the same way, keeps its code and is decoded as centre + the old
+        codeword, overshooting by the centre (Beauty: fvu 0.328 without the update, 0.300 with it, collisions
+        0.94% and 1.08%; more updates change neither).
         """
         self._drop_centres()
         if self.last == 0:
@@ -155,6 +162,9 @@ class ResidualQuantizer(nn.Module):
         counts = torch.bincount(group, minlength=keys.numel()).unsqueeze(-1)
         self.prefix_keys = keys
         self.prefix_centres = sums / (counts + shrinkage)
+        centred = residual - self.prefix_centres[group]
+        last = self.levels[self.last]
+        last.codebook.copy_(cluster_means(centred, last.encode(centred), last.codebook))
         return int(keys.numel())
 
     def _drop_centres(self) -> None:
@@ -208,9 +218,7 @@ class ResidualQuantizer(nn.Module):
                 codes.append(level.encode(residual))
                 residual = residual - level.decode(codes[-1])
             for level, level_codes in zip(self.levels, codes):
-                sums = torch.zeros_like(level.codebook).index_add_(0, level_codes, residual)
-                counts = torch.bincount(level_codes, minlength=level.codebook_size).unsqueeze(-1)
-                shift = sums / counts.clamp_min(1)  # (K, d), zero for codes no item uses
+                shift = cluster_means(residual, level_codes, torch.zeros_like(level.codebook))  # zero where unused
                 level.codebook.add_(shift)
                 residual = residual - shift[level_codes]
 
