@@ -16,6 +16,10 @@ from typing import Any, Callable
 import numpy as np
 
 DATA_SETS: tuple[str, ...] = ("beauty", "goodbooks", "ml-1m", "ml-100k", "scientific")
+# semid's residual k-means is compared like for like with FAISS's residual quantizers, which have no
+# prefix-centre table: in the raw 384-d space the table holds part of each item's residual and flatters
+# training-set fvu (bench/COLLISIONS.md).
+RQKMEANS_LIKE_FAISS: dict[str, Any] = {"quantizer.prefix_centres": False}
 
 
 def default_data_dir() -> Path:

@@ -35,6 +35,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from bench_common import (  # noqa: E402
     DATA_SETS,
+    RQKMEANS_LIKE_FAISS,
     best_of,
     default_data_dir,
     load_embeddings,
@@ -87,9 +88,7 @@ class SemidSystem:
         if forward is not None:
             overrides["quantizer.forward"] = forward
         if model_type == "rqkmeans":
-            # Compared like for like with FAISS's residual quantizers: in the raw 384-d space a centre table
-            # holds part of each item's residual and flatters training-set fvu (bench/COLLISIONS.md).
-            overrides["quantizer.prefix_centres"] = False
+            overrides.update(RQKMEANS_LIKE_FAISS)
         if self.steps is not None:
             overrides["train.steps"] = self.steps
         self.overrides = {**overrides, **self.extra}

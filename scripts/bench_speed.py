@@ -38,7 +38,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import best_of, default_data_dir, load_embeddings, write_json_atomic  # noqa: E402
+from bench_common import RQKMEANS_LIKE_FAISS, best_of, default_data_dir, load_embeddings, write_json_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TIGER = REPO / "configs" / "tiger.toml"
@@ -118,7 +118,7 @@ def cpu_fit(x: np.ndarray, repeats: int, seed: int) -> dict:
     from semid.tokenizer import SemanticIdTokenizer
 
     overrides = {"model.type": "rqkmeans", "train.device": "cpu", "train.progress": False, "train.seed": seed,
-                 "quantizer.levels": LEVELS, "quantizer.codebook_size": CODEBOOK}
+                 "quantizer.levels": LEVELS, "quantizer.codebook_size": CODEBOOK, **RQKMEANS_LIKE_FAISS}
     fitted: dict[str, object] = {}
 
     def fit_semid() -> None:
