@@ -321,7 +321,7 @@ def device_train(base: np.ndarray, device: torch.device, steps: int | None) -> d
     return {"config": "configs/default.toml", "items": len(base), "steps": state.step,
             "batch_size": config.train.batch_size, "init_seconds": round(state.init_seconds, 2),
             "loop_seconds": round(state.loop_seconds, 2), "steps_per_second": rate(state.step, state.loop_seconds),
-            "final_fvu": round(state.history[-1]["fvu"], 4), "cuda_graph": trainer.use_graph, "amp": trainer.use_amp,
+            "final_fvu": round(state.final["fvu"], 4), "cuda_graph": trainer.use_graph, "amp": trainer.use_amp,
             "notes": "loop_seconds includes the periodic full-corpus evaluations (train.eval_every)."}
 
 
