@@ -153,10 +153,8 @@ class ResidualQuantizer(nn.Module):
         self._drop_centres()
         if self.last == 0:
             return 0
-        residual, codes = e.float(), []
-        for level in self.levels[: self.last]:
-            codes.append(level.encode(residual))
-            residual = residual - level.decode(codes[-1])
+        *prefix_steps, (_, residual, _) = self._walk(e)  # without a table the last level sees the plain residual
+        codes = [level_codes for _, _, level_codes in prefix_steps]
         keys, group = torch.unique(self._prefix_key(torch.stack(codes, dim=-1)), return_inverse=True)
         sums = torch.zeros(keys.numel(), residual.shape[1], device=residual.device).index_add_(0, group, residual)
         counts = torch.bincount(group, minlength=keys.numel()).unsqueeze(-1)
