@@ -64,10 +64,10 @@ class QuantizerConfig:
     # Prefix centres: once trained, the last level codes each item's residual relative to the mean residual
     # of the items that share its prefix (a table fitted on the training items and saved with the model).
     # Without them, items of one prefix share an offset that makes them pick the same last code; see
-    # bench/COLLISIONS.md. The centre of a group of n items is their residual sum / (n + shrinkage). A single
-    # level has no prefix, and no centres.
+    # bench/COLLISIONS.md. A group of n >= 2 items gets centre sum / (n + shrinkage); a lone item gets none.
+    # A single level has no prefix, and no centres.
     prefix_centres: bool = True
-    centre_shrinkage: float = 1.0
+    centre_shrinkage: float = 0.0
 
     def __post_init__(self) -> None:
         _choice("quantizer.distance", self.distance, ("l2", "cosine"))
@@ -110,6 +110,10 @@ class TrainConfig:
     # prefix, and a loss of this weight pulls their latent there. 0 turns it off.
     uniqueness_weight: float = 0.0
     uniqueness_every: int = 100
+    # Decoder refit: after the best weights are chosen (and prefix centres fitted), the decoder alone trains
+    # this many more steps on the quantized latents of the final codes, from the rate training ended with
+    # down to zero. The encoder and the codes do not change. 0 turns it off.
+    decoder_refit_steps: int = 200
     checkpoint_every: int = 0  # write a resumable checkpoint every N steps (needs a checkpoint path); 0 = never
     progress: bool = True
 
@@ -119,6 +123,8 @@ class TrainConfig:
         _choice("train.schedule", self.schedule, ("cosine", "constant"))
         _positive("train.batch_size", self.batch_size)
         _positive("train.steps", self.steps)
+        if self.decoder_refit_steps < 0:
+            raise ConfigError(f"train.decoder_refit_steps must be >= 0, got {self.decoder_refit_steps}")
 
 
 @dataclass

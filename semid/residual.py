@@ -6,10 +6,10 @@ Prefix centres. Every codebook is shared by all the prefixes before it, so a lev
 over many level-1 groups and each (c1, c2) group keeps an offset of its own, about as large as the spread
 inside it. The last level, which tells the items of a group apart, sees that shared offset first and
 gives many of them the same code (bench/COLLISIONS.md). With prefix centres the last level quantizes the
-residual minus its group's centre, the group's mean residual shrunk towards zero: items of a group then
-point in different directions and spread over the last codebook. The centre table is fitted once on the
-training items and then frozen, so an item's code still depends only on the item and the model; a prefix
-not in the table has centre zero.
+residual minus its group's centre, the group's mean residual: items of a group then point in different
+directions and spread over the last codebook. Only groups of two or more items get a centre: a lone item
+has nothing to be told apart from. The table is fitted once on the training items and then frozen, so an
+item's code still depends only on the item and the model; a prefix not in the table has centre zero.
 """
 from __future__ import annotations
 
@@ -137,33 +137,34 @@ class ResidualQuantizer(nn.Module):
 
     @torch.no_grad()
     def fit_prefix_centres(self, e: torch.Tensor, shrinkage: float) -> int:
-        """Fit the centre table on the rows of e (the training items); returns the number of prefixes.
+        """Fit the centre table on the rows of e (the training items); returns the number of centres.
 
-        A group of n items gets centre sum / (n + shrinkage): a group of one item then keeps part of its
-        residual for the last level to code, so the table does not simply memorise single items, while
-        large groups get nearly their mean. The levels before the last are unaffected by the table, so
-        every item keeps its prefix; only last codes move. A single level has no prefix and gets no table.
+        A group of n >= 2 items gets centre sum / (n + shrinkage). With no shrinkage (the default) the
+        centred residuals of a group sum to zero, so under cosine distance a pair can never share a last
+        code: its two centred residuals point in opposite directions. A lone item gets no centre: it needs
+        no telling apart, and a centre would only store part of its own residual in the table, which then
+        memorises the item instead of its codes describing it. The levels before the last are unaffected
+        by the table, so every item keeps its prefix; only last codes move. A single level has no prefix
+        and gets no table.
 
-        The last codebook was trained on uncentred residuals; each of its codewords then moves to the mean of
-        the centred residuals it now codes (one Lloyd update, codes no item uses stay). Without it a lone
-        item, whose centred residual points the same way, keeps its code and is decoded as centre + the old
-        codeword, overshooting by the centre (Beauty: fvu 0.328 without the update, 0.300 with it, collisions
-        0.94% and 1.08%; more updates change neither).
+        The last codebook was trained on uncentred residuals; each of its codewords then moves to the mean
+        of the (centred) residuals it now codes: one Lloyd update; codes no item uses stay. More updates
+        change nothing measurable (bench/COLLISIONS.md).
         """
         self._drop_centres()
         if self.last == 0:
             return 0
-        *prefix_steps, (_, residual, _) = self._walk(e)  # without a table the last level sees the plain residual
+        *prefix_steps, (last, residual, _) = self._walk(e)  # without a table the last level sees the plain residual
         codes = [level_codes for _, _, level_codes in prefix_steps]
-        keys, group = torch.unique(self._prefix_key(torch.stack(codes, dim=-1)), return_inverse=True)
+        keys, group, counts = torch.unique(self._prefix_key(torch.stack(codes, dim=-1)), return_inverse=True,
+                                           return_counts=True)
         sums = torch.zeros(keys.numel(), residual.shape[1], device=residual.device).index_add_(0, group, residual)
-        counts = torch.bincount(group, minlength=keys.numel()).unsqueeze(-1)
-        self.prefix_keys = keys
-        self.prefix_centres = sums / (counts + shrinkage)
-        centred = residual - self.prefix_centres[group]
-        last = self.levels[self.last]
+        shared = counts > 1
+        self.prefix_keys = keys[shared]
+        self.prefix_centres = sums[shared] / (counts[shared].unsqueeze(-1) + shrinkage)
+        centred = residual - self._centre(torch.stack(codes, dim=-1)) if self.has_centres else residual
         last.codebook.copy_(cluster_means(centred, last.encode(centred), last.codebook))
-        return int(keys.numel())
+        return int(self.prefix_keys.numel())
 
     def _drop_centres(self) -> None:
         self.prefix_keys = self.prefix_keys[:0]

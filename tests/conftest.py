@@ -32,6 +32,7 @@ TINY_OVERRIDES: dict[str, Any] = {
     "train.batch_size": 256,
     "train.lr": 0.003,
     "train.eval_every": 50,
+    "train.decoder_refit_steps": 20,
     "train.progress": False,
 }
 

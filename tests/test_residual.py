@@ -147,9 +147,9 @@ def test_reset_dead_codes_reseeds_each_level_from_its_own_residuals() -> None:
 
 # ---- prefix centres ----------------------------------------------------------------------------------
 def _grouped_stack(distance: str = "cosine", shrinkage: float = 0.0):
-    """A 3-level stack on points whose (c1, c2) groups carry their own offset, with centres fitted."""
+    """A 3-level stack on 160 points in 64 prefixes (lone items, pairs and larger groups), centres fitted."""
     g = _gen(3)
-    x = torch.randn(600, 8, generator=g)
+    x = torch.randn(160, 8, generator=g)
     stack = ResidualQuantizer(8, QuantizerConfig(levels=3, codebook_size=[8, 8, 16], distance=distance, kmeans_iters=10))
     stack.init_from_data(x, _gen(4))
     plain = stack.encode(x)
@@ -157,17 +157,24 @@ def _grouped_stack(distance: str = "cosine", shrinkage: float = 0.0):
     return x, stack, plain, groups
 
 
+def _plain_last_residual(stack: ResidualQuantizer, x: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
+    """What the last level saw before centres: x minus the codewords of the levels before it."""
+    return x - stack.levels[0].decode(plain[:, 0]) - stack.levels[1].decode(plain[:, 1])
+
+
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
-def test_prefix_centres_are_shrunk_group_means_and_leave_prefixes_alone(distance: str) -> None:
+def test_prefix_centres_are_group_means_of_shared_prefixes_and_leave_prefixes_alone(distance: str) -> None:
     x, stack, plain, groups = _grouped_stack(distance, shrinkage=0.0)
     codes = stack.encode(x)
     torch.testing.assert_close(codes[:, :2], plain[:, :2], rtol=0, atol=0)  # only last codes may move
-    assert groups == len(torch.unique(plain[:, :2], dim=0)) == stack.prefix_keys.numel()
-    # With no shrinkage each group's centred last-level inputs sum to zero.
+    _, group, counts = torch.unique(codes[:, :2], dim=0, return_inverse=True, return_counts=True)
+    assert groups == int((counts > 1).sum()) == stack.prefix_keys.numel() and (counts == 1).any()
+    # With no shrinkage each shared group's centred last-level inputs sum to zero; a lone item keeps its residual.
     *_, (_, centred, _) = stack._walk(x)
-    _, group = torch.unique(codes[:, :2], dim=0, return_inverse=True)
-    sums = torch.zeros(groups, 8).index_add_(0, group, centred)
-    assert sums.abs().max() < 1e-4
+    sums = torch.zeros(counts.numel(), 8).index_add_(0, group, centred)
+    assert sums[counts > 1].abs().max() < 1e-4
+    lone = counts[group] == 1
+    torch.testing.assert_close(centred[lone], _plain_last_residual(stack, x, plain)[lone], rtol=0, atol=0)
     # decode adds the centre back: the reconstruction error is what the last level left.
     last = stack.levels[2]
     torch.testing.assert_close(x - stack.decode(codes), centred - last.decode(codes[:, 2]), atol=1e-5, rtol=0)
@@ -191,19 +198,31 @@ def test_fitting_centres_moves_last_codewords_to_the_means_of_what_they_code(shr
         torch.testing.assert_close(last.codebook.detach()[code], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_lone_items_keep_part_of_their_residual() -> None:
-    x, stack, plain, _ = _grouped_stack(shrinkage=1.0)  # a group of n items gets sum / (n + 1)
+def test_two_items_of_a_prefix_never_share_a_last_code_by_direction() -> None:
+    # A pair's centred residuals are exact opposites, so no codeword can be the nearest direction of both.
+    x, stack, plain, _ = _grouped_stack("cosine", shrinkage=0.0)
+    codes = stack.encode(x)
+    _, group, counts = torch.unique(plain[:, :2], dim=0, return_inverse=True, return_counts=True)
+    pairs = [torch.nonzero(group == g).squeeze(-1) for g in torch.nonzero(counts == 2).squeeze(-1)]
+    assert len(pairs) >= 3
     *_, (_, centred, _) = stack._walk(x)
-    residual = x - stack.levels[0].decode(plain[:, 0]) - stack.levels[1].decode(plain[:, 1])
-    singles = torch.unique(plain[:, :2], dim=0, return_counts=True)
-    for prefix in singles[0][singles[1] == 1][:5]:  # a lone item keeps half of its residual
-        row = (plain[:, :2] == prefix).all(-1)
-        torch.testing.assert_close(centred[row], residual[row] / 2)
+    for a, b in pairs:
+        torch.testing.assert_close(centred[a], -centred[b], rtol=0, atol=1e-5)
+        assert codes[a, 2] != codes[b, 2]
+
+
+def test_shrinkage_pulls_centres_towards_zero() -> None:
+    x, stack, plain, _ = _grouped_stack(shrinkage=1.0)  # a group of n >= 2 items gets sum / (n + 1)
+    residual = _plain_last_residual(stack, x, plain)
+    keys = stack._prefix_key(plain[:, :2])
+    for key, centre in zip(stack.prefix_keys[:5], stack.prefix_centres[:5]):
+        rows = keys == key
+        torch.testing.assert_close(centre, residual[rows].sum(0) / (rows.sum() + 1))
 
 
 def test_unknown_prefix_has_no_centre_and_eval_forward_matches_encode() -> None:
-    x, stack, _, _ = _grouped_stack(shrinkage=1.0)
-    stack.fit_prefix_centres(x[:40], 1.0)  # 40 items cannot fill the 64 prefixes
+    x, stack, _, _ = _grouped_stack(shrinkage=0.0)
+    stack.fit_prefix_centres(x[:60], 0.0)  # 60 items leave prefixes empty or to one item: no centre there
     probe = x
     codes = stack.encode(probe)
     known = torch.isin(stack._prefix_key(codes[:, :2]), stack.prefix_keys)
@@ -217,7 +236,7 @@ def test_unknown_prefix_has_no_centre_and_eval_forward_matches_encode() -> None:
 
 
 def test_prefix_centres_survive_a_state_dict_round_trip_and_old_state_dicts_load() -> None:
-    x, stack, _, _ = _grouped_stack(shrinkage=1.0)
+    x, stack, _, _ = _grouped_stack(shrinkage=0.0)
     fresh = ResidualQuantizer(8, stack.config)
     fresh.load_state_dict(stack.state_dict())  # the table has a model-dependent size
     torch.testing.assert_close(fresh.encode(x), stack.encode(x), rtol=0, atol=0)
@@ -229,14 +248,14 @@ def test_prefix_centres_survive_a_state_dict_round_trip_and_old_state_dicts_load
 
 
 def test_refine_drops_stale_prefix_centres() -> None:
-    x, stack, _, _ = _grouped_stack(shrinkage=1.0)
+    x, stack, _, _ = _grouped_stack(shrinkage=0.0)
     stack.refine(x, passes=1)
     assert not stack.has_centres
 
 
 def test_prefix_centres_lower_collisions_on_real_items() -> None:
     # Bundled goodbooks, residual k-means 3 x 64 by direction: measured 12.5% of items collide with plain
-    # residuals and 5.8% with centres (shrinkage 1), because items of a prefix no longer share an offset.
+    # residuals and 4.6% with centres, because items of a prefix no longer share an offset.
     from semid.io import read_items
     from semid.metrics import collision_metrics
 
@@ -246,7 +265,7 @@ def test_prefix_centres_lower_collisions_on_real_items() -> None:
     stack = ResidualQuantizer(384, QuantizerConfig(levels=3, codebook_size=64, distance="cosine", kmeans_iters=10))
     stack.init_from_data(x, _gen(0))
     before = collision_metrics(stack.encode(x).numpy())["collision_rate"]
-    stack.fit_prefix_centres(x, 1.0)
+    stack.fit_prefix_centres(x, 0.0)
     after = collision_metrics(stack.encode(x).numpy())["collision_rate"]
     assert after < 0.6 * before, (before, after)
 
@@ -256,5 +275,5 @@ def test_a_single_level_has_no_prefix_and_no_centres() -> None:
     stack = ResidualQuantizer(4, QuantizerConfig(levels=1, codebook_size=8, kmeans_iters=5))
     stack.init_from_data(x, _gen(6))
     codes = stack.encode(x)
-    assert stack.fit_prefix_centres(x, 1.0) == 0 and not stack.has_centres
+    assert stack.fit_prefix_centres(x, 0.0) == 0 and not stack.has_centres
     torch.testing.assert_close(stack.encode(x), codes, rtol=0, atol=0)
