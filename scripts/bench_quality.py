@@ -187,7 +187,7 @@ def format_row(row: dict[str, Any]) -> list[str]:
         row["system"],
         row["data"],
         f"{row['fvu']:.3f}",
-        f"{100 * row['collision_rate']:.1f}",
+        f"{100 * row['collision_rate']:.2f}",
         _per_level(row.get("entropy_bits"), ".2f"),
         _per_level([100 * u for u in row.get("usage", [])], ".0f"),
         f"{row['prefix_agreement'][0]:.3f}",
