@@ -155,14 +155,13 @@ class ResidualQuantizer(nn.Module):
         if self.last == 0:
             return 0
         *prefix_steps, (last, residual, _) = self._walk(e)  # without a table the last level sees the plain residual
-        codes = [level_codes for _, _, level_codes in prefix_steps]
-        keys, group, counts = torch.unique(self._prefix_key(torch.stack(codes, dim=-1)), return_inverse=True,
-                                           return_counts=True)
+        prefix = torch.stack([level_codes for _, _, level_codes in prefix_steps], dim=-1)
+        keys, group, counts = torch.unique(self._prefix_key(prefix), return_inverse=True, return_counts=True)
         sums = torch.zeros(keys.numel(), residual.shape[1], device=residual.device).index_add_(0, group, residual)
-        shared = counts > 1
-        self.prefix_keys = keys[shared]
-        self.prefix_centres = sums[shared] / (counts[shared].unsqueeze(-1) + shrinkage)
-        centred = residual - self._centre(torch.stack(codes, dim=-1)) if self.has_centres else residual
+        shared = (counts > 1).unsqueeze(-1)
+        centres = torch.where(shared, sums / (counts.unsqueeze(-1) + shrinkage), 0.0)  # (groups, d), lone: 0
+        self.prefix_keys, self.prefix_centres = keys[shared.squeeze(-1)], centres[shared.squeeze(-1)]
+        centred = residual - centres[group]
         last.codebook.copy_(cluster_means(centred, last.encode(centred), last.codebook))
         return int(self.prefix_keys.numel())
 

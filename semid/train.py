@@ -325,17 +325,19 @@ class Trainer:
         q, t = self.config.quantizer, self.config.train
         best = next((h for h in self.state.history if h["step"] == self.state.best_step), {})
         extra = {}
+        refit = self.model.is_autoencoder and t.decoder_refit_steps
+        latents = self._latents() if q.prefix_centres or refit else None  # the encoder is final: encode once
         if q.prefix_centres:
-            extra["prefix_centres"] = self.model.quantizer.fit_prefix_centres(self._latents(), q.centre_shrinkage)
-        if self.model.is_autoencoder and t.decoder_refit_steps:
-            self._refit_decoder(t.decoder_refit_steps)
+            extra["prefix_centres"] = self.model.quantizer.fit_prefix_centres(latents, q.centre_shrinkage)
+        if refit:
+            self._refit_decoder(latents, t.decoder_refit_steps)
             extra["decoder_refit_steps"] = t.decoder_refit_steps
         if extra:
             best = {**quick_evaluate(self.model, self.x, self._neighbours), "step": self.state.best_step, **extra}
         self.state.final = best
         return self.model
 
-    def _refit_decoder(self, steps: int) -> None:
+    def _refit_decoder(self, latents: torch.Tensor, steps: int) -> None:
         """Train the decoder alone on the quantized latents of the final codes, which stay fixed.
 
         The decoder learnt from the latents of an encoder and codebooks that moved under it until the last
@@ -348,7 +350,7 @@ class Trainer:
         """
         model, t = self.model, self.config.train
         with torch.no_grad():
-            inputs = torch.cat([model.quantizer.decode(model.quantizer.encode(z)) for z in self._latents().split(65536)])
+            inputs = torch.cat([model.quantizer.decode(model.quantizer.encode(z)) for z in latents.split(65536)])
         start_lr = t.lr * self.learning_rate(t.steps - 1)
         optimizer = torch.optim.AdamW(model.decoder.parameters(), lr=start_lr, weight_decay=0.0)
         rng = torch.Generator().manual_seed(t.seed)
