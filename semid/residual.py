@@ -158,9 +158,9 @@ class ResidualQuantizer(nn.Module):
         prefix = torch.stack([level_codes for _, _, level_codes in prefix_steps], dim=-1)
         keys, group, counts = torch.unique(self._prefix_key(prefix), return_inverse=True, return_counts=True)
         sums = torch.zeros(keys.numel(), residual.shape[1], device=residual.device).index_add_(0, group, residual)
-        shared = (counts > 1).unsqueeze(-1)
-        centres = torch.where(shared, sums / (counts.unsqueeze(-1) + shrinkage), 0.0)  # (groups, d), lone: 0
-        self.prefix_keys, self.prefix_centres = keys[shared.squeeze(-1)], centres[shared.squeeze(-1)]
+        shared = counts > 1  # (groups,)
+        centres = torch.where(shared.unsqueeze(-1), sums / (counts.unsqueeze(-1) + shrinkage), 0.0)  # lone: 0
+        self.prefix_keys, self.prefix_centres = keys[shared], centres[shared]
         centred = residual - centres[group]
         last.codebook.copy_(cluster_means(centred, last.encode(centred), last.codebook))
         return int(self.prefix_keys.numel())
