@@ -49,8 +49,12 @@ def _linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.
     return _ONEDNN_LINEAR(h, weight, bias, "none", [], "")
 
 
-def mlp(widths: list[int], activation: str, layer_norm: bool) -> nn.Sequential:
-    """Linear layers through `widths`; every hidden layer gets (LayerNorm and) the activation."""
+def mlp(widths: list[int], activation: str, layer_norm: bool, dropout: float = 0.0) -> nn.Sequential:
+    """Linear layers through `widths`; every hidden layer gets (LayerNorm,) the activation (and dropout).
+
+    Dropout adds a module only when it is on, so a model without it keeps the layer indices, and so the
+    checkpoint keys, it had before dropout existed.
+    """
     layers: list[nn.Module] = []
     for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
         layers.append(nn.Linear(d_in, d_out))
@@ -58,6 +62,8 @@ def mlp(widths: list[int], activation: str, layer_norm: bool) -> nn.Sequential:
             if layer_norm:
                 layers.append(nn.LayerNorm(d_out))
             layers.append(_ACTIVATIONS[activation]())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers)
 
 
@@ -78,8 +84,9 @@ class RQVAE(nn.Module):
         self.input_dim = input_dim
         self.is_autoencoder = model.type == "rqvae"
         if self.is_autoencoder:
-            self.encoder = mlp([input_dim, *model.hidden, model.latent_dim], model.activation, model.layer_norm)
-            self.decoder = mlp([model.latent_dim, *reversed(model.hidden), input_dim], model.activation, model.layer_norm)
+            shape = (model.activation, model.layer_norm, model.dropout)
+            self.encoder = mlp([input_dim, *model.hidden, model.latent_dim], *shape)
+            self.decoder = mlp([model.latent_dim, *reversed(model.hidden), input_dim], *shape)
             latent = model.latent_dim
         else:
             self.encoder, self.decoder = nn.Identity(), nn.Identity()

@@ -98,12 +98,47 @@ def test_same_seed_gives_same_result_and_another_seed_differs(real_data, tiny_co
     assert not torch.equal(c0, c2)
 
 
-def test_resume_from_checkpoint_matches_uninterrupted_run(real_data, tiny_config, tmp_path):
-    """Checkpoint at step 60 of 100 (the only multiple of 60); a new trainer resumes it and ends identical."""
+def test_dropout_acts_in_training_only_and_training_stays_reproducible(real_data, tiny_config):
+    x = _x(real_data)
+    config = tiny_config({"model.dropout": 0.3, "train.steps": 40, "train.eval_every": 20})
+    plain, dropped = Trainer(tiny_config({"train.steps": 40, "train.eval_every": 20}), x), Trainer(config, x)
+    dropouts = [m for m in dropped.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(dropouts) == 2 * len(config.model.hidden) and all(m.p == 0.3 for m in dropouts)
+    assert not any(isinstance(m, torch.nn.Dropout) for m in plain.model.modules())
+    # Dropout has no weights, so both models start alike, and the k-means init sees no dropout.
+    plain.initialize()
+    dropped.initialize()
+    _assert_same_state(plain.model.quantizer.state_dict(), dropped.model.quantizer.state_dict())
+    for a, b in zip(plain.model.parameters(), dropped.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+    runs = []
+    for _ in range(2):
+        trainer = Trainer(config, x)
+        runs.append((trainer.fit(), trainer))
+    (model, first), (other, second) = runs
+    _assert_same_state(model.state_dict(), other.state_dict())
+    assert first.state.history == second.state.history
+    rows = first.x[:500]
+    assert not model.training  # fit returns the model ready to encode
+    assert torch.equal(model.encode(rows), model.encode(rows))
+    model.train()
+    with torch.no_grad():
+        noisy = model.encoder(model.normalize(rows))
+        assert not torch.allclose(noisy, model.encoder(model.normalize(rows)))
+    model.eval()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_resume_from_checkpoint_matches_uninterrupted_run(real_data, tiny_config, tmp_path, dropout):
+    """Checkpoint at step 60 of 100 (the only multiple of 60); a new trainer resumes it and ends identical.
+
+    With dropout the masks come from torch's global generator, which the checkpoint carries.
+    """
     x = _x(real_data)
     ckpt = tmp_path / "train.ckpt"
     config = tiny_config({"train.steps": 100, "train.eval_every": 20, "train.checkpoint_every": 60,
-                          "quantizer.dead_code_every": 7})
+                          "quantizer.dead_code_every": 7, "model.dropout": dropout})
     full = Trainer(config, x, checkpoint_path=ckpt)
     full_model = full.fit()
     assert torch.load(ckpt, weights_only=True)["state"]["step"] == 60  # a genuine mid-run checkpoint
@@ -346,6 +381,8 @@ def test_unknown_override_key_is_named():
     ({"train.lr": True}, "train.lr"),
     ({"quantizer.codebook_size": [16, 16]}, "codebook_size lists 2 sizes for 3 levels"),
     ({"quantizer.centre_shrinkage": -1.0}, "centre_shrinkage must be >= 0"),
+    ({"model.dropout": 1.0}, r"model.dropout must be in \[0, 1\), got 1.0"),
+    ({"model.dropout": -0.1}, r"model.dropout must be in \[0, 1\)"),
 ])
 def test_bad_config_values_are_rejected(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
