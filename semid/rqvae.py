@@ -84,9 +84,9 @@ class RQVAE(nn.Module):
         self.input_dim = input_dim
         self.is_autoencoder = model.type == "rqvae"
         if self.is_autoencoder:
-            shape = (model.activation, model.layer_norm, model.dropout)
-            self.encoder = mlp([input_dim, *model.hidden, model.latent_dim], *shape)
-            self.decoder = mlp([model.latent_dim, *reversed(model.hidden), input_dim], *shape)
+            self.encoder = mlp([input_dim, *model.hidden, model.latent_dim], model.activation, model.layer_norm)
+            self.decoder = mlp([model.latent_dim, *reversed(model.hidden), input_dim], model.activation,
+                               model.layer_norm, model.decoder_dropout)
             latent = model.latent_dim
         else:
             self.encoder, self.decoder = nn.Identity(), nn.Identity()

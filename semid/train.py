@@ -154,7 +154,6 @@ class Trainer:
         """Standardiser and k-means codebooks from a seeded sample of the data (not just the first batch)."""
         q = self.config.quantizer
         self.model.fit_standardizer(self.x)
-        self.model.eval()  # codebooks start from the latents the trained model will encode with: no dropout
         if q.kmeans_init:
             init_rng = torch.Generator(device=self.device).manual_seed(self.config.train.seed)
             n = self.x.shape[0]

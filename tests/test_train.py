@@ -98,14 +98,14 @@ def test_same_seed_gives_same_result_and_another_seed_differs(real_data, tiny_co
     assert not torch.equal(c0, c2)
 
 
-def test_dropout_acts_in_training_only_and_training_stays_reproducible(real_data, tiny_config):
+def test_decoder_dropout_acts_in_training_only_and_training_stays_reproducible(real_data, tiny_config):
     x = _x(real_data)
-    config = tiny_config({"model.dropout": 0.3, "train.steps": 40, "train.eval_every": 20})
+    config = tiny_config({"model.decoder_dropout": 0.3, "train.steps": 40, "train.eval_every": 20})
     plain, dropped = Trainer(tiny_config({"train.steps": 40, "train.eval_every": 20}), x), Trainer(config, x)
-    dropouts = [m for m in dropped.model.modules() if isinstance(m, torch.nn.Dropout)]
-    assert len(dropouts) == 2 * len(config.model.hidden) and all(m.p == 0.3 for m in dropouts)
-    assert not any(isinstance(m, torch.nn.Dropout) for m in plain.model.modules())
-    # Dropout has no weights, so both models start alike, and the k-means init sees no dropout.
+    dropouts = [m for m in dropped.model.decoder if isinstance(m, torch.nn.Dropout)]
+    assert len(dropouts) == len(config.model.hidden) and all(m.p == 0.3 for m in dropouts)
+    assert not any(isinstance(m, torch.nn.Dropout) for m in [*dropped.model.encoder, *plain.model.modules()])
+    # Dropout has no weights: both models start alike, and so do their k-means codebooks.
     plain.initialize()
     dropped.initialize()
     _assert_same_state(plain.model.quantizer.state_dict(), dropped.model.quantizer.state_dict())
@@ -119,13 +119,13 @@ def test_dropout_acts_in_training_only_and_training_stays_reproducible(real_data
     (model, first), (other, second) = runs
     _assert_same_state(model.state_dict(), other.state_dict())
     assert first.state.history == second.state.history
-    rows = first.x[:500]
-    assert not model.training  # fit returns the model ready to encode
-    assert torch.equal(model.encode(rows), model.encode(rows))
+    codes = model.encode(first.x[:500])
+    assert not model.training  # fit returns the model ready to encode and decode
+    assert torch.equal(model.decode(codes), model.decode(codes))
     model.train()
     with torch.no_grad():
-        noisy = model.encoder(model.normalize(rows))
-        assert not torch.allclose(noisy, model.encoder(model.normalize(rows)))
+        latent = model.quantizer.decode(codes)
+        assert not torch.allclose(model.decoder(latent), model.decoder(latent))
     model.eval()
 
 
@@ -138,7 +138,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(real_data, tiny_config
     x = _x(real_data)
     ckpt = tmp_path / "train.ckpt"
     config = tiny_config({"train.steps": 100, "train.eval_every": 20, "train.checkpoint_every": 60,
-                          "quantizer.dead_code_every": 7, "model.dropout": dropout})
+                          "quantizer.dead_code_every": 7, "model.decoder_dropout": dropout})
     full = Trainer(config, x, checkpoint_path=ckpt)
     full_model = full.fit()
     assert torch.load(ckpt, weights_only=True)["state"]["step"] == 60  # a genuine mid-run checkpoint
@@ -381,8 +381,8 @@ def test_unknown_override_key_is_named():
     ({"train.lr": True}, "train.lr"),
     ({"quantizer.codebook_size": [16, 16]}, "codebook_size lists 2 sizes for 3 levels"),
     ({"quantizer.centre_shrinkage": -1.0}, "centre_shrinkage must be >= 0"),
-    ({"model.dropout": 1.0}, r"model.dropout must be in \[0, 1\), got 1.0"),
-    ({"model.dropout": -0.1}, r"model.dropout must be in \[0, 1\)"),
+    ({"model.decoder_dropout": 1.0}, r"model.decoder_dropout must be in \[0, 1\), got 1.0"),
+    ({"model.decoder_dropout": -0.1}, r"model.decoder_dropout must be in \[0, 1\)"),
 ])
 def test_bad_config_values_are_rejected(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
