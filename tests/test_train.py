@@ -405,7 +405,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @needs_cuda
 def test_cuda_bf16_training_is_finite(real_data, tiny_config):
-    config = tiny_config({"train.device": "cuda", "train.amp": True, "train.steps": 200, "train.eval_every": 50})
+    config = tiny_config({"train.device": "cuda", "train.amp": True, "train.steps": 200, "train.eval_every": 50,
+                          "model.decoder_dropout": 0.1})  # dropout inside the captured CUDA graph step
     trainer = Trainer(config, _x(real_data))
     model = trainer.fit()
     assert next(model.parameters()).is_cuda
