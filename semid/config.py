@@ -31,9 +31,10 @@ class ModelConfig:
     latent_dim: int = 32
     activation: str = "silu"  # "relu" | "gelu" | "silu"
     layer_norm: bool = False
-    # Dropout after every hidden activation of the decoder, in training only. On small catalogues the decoder
-    # otherwise memorises the training items' code tuples and reconstructs new items badly. The encoder gets
-    # none: noise there moves the codes themselves, and cost fvu and collisions (bench/HELDOUT.md).
+    # Dropout after every hidden activation of the decoder, in training only. Without it the decoder of a small
+    # catalogue memorises the training items' code tuples and reconstructs new items badly; with it, similar
+    # items share prefixes a little less often, so it is off by default. The encoder gets none: noise there
+    # moves the codes themselves and cost catalogue fvu (bench/HELDOUT.md).
     decoder_dropout: float = 0.0
     # Inputs are centred and scaled by one global factor before the encoder, so that learning rates and
     # distance scales behave the same whatever the embedding model's norm; outputs are mapped back.
