@@ -49,6 +49,7 @@ def _read_training_items(path: str, id_col: str, emb_col: str):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from semid import distributed
     from semid.tokenizer import SemanticIdTokenizer
 
     overrides = _parse_overrides(args.set)
@@ -59,10 +60,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _load_config(args.config, overrides)
     items = _read_training_items(args.data, args.id_col, args.emb_col)
     started = time.perf_counter()
-    tok = SemanticIdTokenizer(config).fit(items.embeddings, ids=items.ids, checkpoint=args.checkpoint, resume=args.resume)
+    try:  # under torchrun every process trains; rank 0 writes the model and reports
+        tok = SemanticIdTokenizer(config).fit(items.embeddings, ids=items.ids, checkpoint=args.checkpoint,
+                                              resume=args.resume)
+        ranks = distributed.current()
+    finally:
+        distributed.leave()
+    if not ranks.is_main:
+        return 0
     tok.save(args.out)
     final = tok.meta["final"]  # the saved model's codes
-    print(f"trained on {len(items)} items in {time.perf_counter() - started:.1f} s; model saved to {args.out}")
+    processes = f" by {ranks.world_size} processes" if ranks.active else ""
+    print(f"trained on {len(items)} items{processes} in {time.perf_counter() - started:.1f} s; model saved to {args.out}")
     if final:
         print(f"fvu {final['fvu']:.4f}  collision_rate {final['collision_rate']:.4f}  (best step {tok.meta['best_step']})")
     return 0

@@ -221,10 +221,14 @@ class ResidualQuantizer(nn.Module):
                 residual = residual - shift[level_codes]
 
     @torch.no_grad()
-    def reset_dead_codes(self, out: ResidualOutput, batch_size: int) -> int:
-        """Reseed each level's dead codes from that level's worst-quantized residuals of this batch."""
+    def reset_dead_codes(self, residuals: list[torch.Tensor], errors: list[torch.Tensor], batch_size: int) -> int:
+        """Reseed each level's dead codes from that level's worst-quantized residuals of a batch.
+
+        `residuals` and `errors` are a forward pass's per-level lists (`ResidualOutput`), possibly gathered
+        from several ranks; `batch_size` is the number of rows each level's usage counts were taken over.
+        """
         total = 0
-        for level, residual, error in zip(self.levels, out.residuals, out.errors):
+        for level, residual, error in zip(self.levels, residuals, errors):
             total += level.reseed(level.dead_codes(batch_size), residual, error)
         return total
 

@@ -4,10 +4,14 @@ Short enough to read in one sitting. The data set lives on the device as one ten
 are small: 1M x 384 fp32 is 1.5 GB), batches are slices of a seeded permutation, and the loop has no
 DataLoader and no per-item Python. The RNG that orders batches is a CPU generator whose state is
 checkpointed, so a resumed run replays exactly the batches an uninterrupted run would have seen.
+
+Under torchrun every rank runs this loop on its slice of each global batch (`semid.distributed` says
+what is shared and how); rank 0 evaluates, checkpoints and finishes, and hands the result to the others.
 """
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -19,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from semid.config import SemidConfig
+from semid import distributed
+from semid.config import ConfigError, SemidConfig
 from semid.metrics import (
     Neighbours,
     codebook_metrics,
@@ -32,7 +37,7 @@ from semid.rqvae import RQVAE, RQVAEOutput
 
 # Keys whose larger value is better; every other evaluate key is minimised.
 _HIGHER_IS_BETTER = {"cosine", "unique_after"}
-CHECKPOINT_FORMAT = "semid-train-checkpoint-v1"
+CHECKPOINT_FORMAT = "semid-train-checkpoint-v2"  # v2: RNG states per training process
 # Training evaluations estimate prefix agreement from this many query items (all items when fewer). The
 # neighbour search is O(queries x N): on a 12k catalogue a full search costs more than fitting residual
 # k-means, and on 1M items it would take minutes. The final `evaluate` searches with its own, larger sample.
@@ -109,11 +114,24 @@ class Trainer:
     def __init__(self, config: SemidConfig, x: torch.Tensor, checkpoint_path: str | Path | None = None) -> None:
         self.config = config
         self.device = resolve_device(config.train.device)
+        self.ranks = distributed.join(self.device.type)
+        if self.ranks.active and self.device.type == "cuda":  # one GPU per rank
+            self.device = torch.device("cuda", self.ranks.local_rank)
+            torch.cuda.set_device(self.device)
         self.x = x.to(self.device, dtype=torch.float32)
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         torch.manual_seed(config.train.seed)
         self.model = RQVAE(x.shape[1], config.model, config.quantizer).to(self.device)
-        self.batch_size = min(config.train.batch_size, self.x.shape[0])
+        # Identical initial weights on every rank (and DDP broadcasts rank 0's anyway); dropout and Gumbel noise
+        # then differ between ranks, as they would between the rows of one large batch.
+        torch.manual_seed(config.train.seed + self.ranks.rank)
+        world = self.ranks.world_size
+        if config.train.batch_size % world:
+            raise ConfigError(f"train.batch_size ({config.train.batch_size}) must be a multiple of the number of "
+                              f"training processes ({world})")
+        # The global batch; each rank trains on its own contiguous `local_batch` rows of it.
+        self.batch_size = max(world, min(config.train.batch_size, self.x.shape[0]) // world * world)
+        self.local_batch = self.batch_size // world
         self.batch_rng = torch.Generator().manual_seed(config.train.seed)
         self.permutation = torch.empty(0, dtype=torch.long)
         self.position = 0
@@ -121,11 +139,12 @@ class Trainer:
         self.use_amp = config.train.amp and self.device.type == "cuda"
         # A CUDA graph replays forward, backward and optimizer step as one launch: the step of a model this
         # small is otherwise bound by Python and kernel-launch overhead, not by the GPU.
+        # Not under DDP: its gradient all-reduce would have to be captured too.
         self.use_graph = (config.train.cuda_graph and self.device.type == "cuda" and config.train.optimizer == "adamw"
-                          and not config.train.compile)
+                          and not config.train.compile and not self.ranks.active)
         self.optimizer = self._make_optimizer() if self.model.is_autoencoder else None
         self.learning_rate = _LearningRate(config)
-        self._forward = torch.compile(self.model) if config.train.compile else self.model
+        self._forward: torch.nn.Module = self.model  # `fit` wraps it (DDP, torch.compile) once the weights are set
         self._graph: torch.cuda.CUDAGraph | None = None
         self._neighbours: Neighbours | None = None
         latent_dim = config.model.latent_dim if self.model.is_autoencoder else x.shape[1]
@@ -162,14 +181,32 @@ class Trainer:
                 self.model.quantizer.init_from_data(self.model.latent(self.x[sample]), init_rng)
 
     def _next_rows(self) -> torch.Tensor:
-        # The permutation is drawn on the CPU (same batches on every device) and moved once per epoch:
-        # a host-to-device copy per step would stall the GPU queue every step.
+        """This rank's rows of the next global batch.
+
+        The permutation is drawn on the CPU (same batches on every device and every rank) and moved once per
+        epoch: a host-to-device copy per step would stall the GPU queue every step.
+        """
         if self.position + self.batch_size > self.permutation.numel():
             self.permutation = torch.randperm(self.x.shape[0], generator=self.batch_rng).to(self.device)
             self.position = 0
-        rows = self.permutation[self.position : self.position + self.batch_size]
+        start = self.position + self.ranks.rank * self.local_batch
         self.position += self.batch_size
-        return rows
+        return self.permutation[start : start + self.local_batch]
+
+    def _wrap_model(self) -> torch.nn.Module:
+        """The module the training step calls: DDP across ranks (which first broadcasts rank 0's weights and
+        buffers, k-means codebooks included), compiled when asked."""
+        forward: torch.nn.Module = self.model
+        if self.ranks.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            # Buffers are synced once, at wrapping, and never again: the usage statistics are shared by
+            # `_reset_dead_codes` instead (newer torch names the option forward_sync_buffers).
+            parameters = inspect.signature(DistributedDataParallel).parameters
+            sync = "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
+            forward = DistributedDataParallel(self.model, device_ids=device_ids, **{sync: False})
+        return torch.compile(forward) if self.config.train.compile else forward
 
     def _optimize(self, rows: torch.Tensor) -> RQVAEOutput:
         """Forward, backward and optimizer step on x[rows]; gradients must be None on entry."""
@@ -222,9 +259,12 @@ class Trainer:
             if q.refine_passes:
                 sample = torch.randperm(self.x.shape[0], generator=self.batch_rng)[: q.kmeans_sample].to(self.device)
                 self.model.quantizer.refine(self.model.latent(self.x[sample]), q.refine_passes)
-            self._evaluate(step=0)
+            if self.ranks.is_main:
+                self._evaluate(step=0)
             return self._finish()
-        bar = tqdm(total=t.steps, initial=self.state.step, disable=not t.progress, desc="train", unit="step")
+        self._forward = self._wrap_model()
+        bar = tqdm(total=t.steps, initial=self.state.step, disable=not (t.progress and self.ranks.is_main),
+                   desc="train", unit="step")
         self.model.train()
         last = {}
         loop_started = time.perf_counter()
@@ -237,12 +277,15 @@ class Trainer:
                 self._update_uniqueness_targets()
             out = self._step(self._next_rows())
             if q.dead_code_reset and (step + 1) % q.dead_code_every == 0:
-                self.state.dead_code_resets += self.model.quantizer.reset_dead_codes(out.residual, self.batch_size)
+                self.state.dead_code_resets += self._reset_dead_codes(out)
             self.state.step += 1
             done = self.state.step == t.steps
             if (t.eval_every and self.state.step % t.eval_every == 0) or done:
-                last = self._evaluate(self.state.step, loss=out.loss.item())
-                if t.early_stopping and self.state.evals_since_best >= t.early_stopping:
+                loss = distributed.average_(out.loss.detach().float().clone(), self.ranks).item()
+                if self.ranks.is_main:
+                    last = self._evaluate(self.state.step, loss=loss)
+                if distributed.from_main(t.early_stopping and self.state.evals_since_best >= t.early_stopping,
+                                         self.ranks):
                     bar.update(1)
                     break
             if t.checkpoint_every and self.checkpoint_path and self.state.step % t.checkpoint_every == 0:
@@ -260,6 +303,20 @@ class Trainer:
             torch.cuda.synchronize()
         self.state.loop_seconds += time.perf_counter() - loop_started
         return self._finish()
+
+    @torch.no_grad()
+    def _reset_dead_codes(self, out: RQVAEOutput) -> int:
+        """Reseed dead codes as one process would with the global batch.
+
+        The usage EMA is linear in the counts, so the mean of the ranks' EMAs is the EMA of the global batch's
+        counts per `local_batch` rows; the reseeded rows are the worst of the gathered global batch.
+        """
+        quantizer = self.model.quantizer
+        for level in quantizer.levels:
+            distributed.average_(level.usage_ema, self.ranks)
+        residuals = [distributed.gather_rows(r, self.ranks) for r in out.residual.residuals]
+        errors = [distributed.gather_rows(e, self.ranks) for e in out.residual.errors]
+        return quantizer.reset_dead_codes(residuals, errors, self.local_batch)
 
     @torch.no_grad()
     def _update_uniqueness_targets(self) -> None:
@@ -317,8 +374,26 @@ class Trainer:
         the result.
 
         The history keeps the evaluations that chose the weights; only `final` holds the metrics of the model
-        `fit` returns.
+        `fit` returns. Across ranks, rank 0 (which holds the evaluations) does this and every rank then gets
+        its model and results.
         """
+        if self.ranks.is_main:
+            self._finish_main()
+        if self.ranks.active:
+            result = distributed.from_main(self._result() if self.ranks.is_main else None, self.ranks)
+            self.model.load_state_dict(result.pop("model"))
+            self.model.eval()
+            for key, value in result.items():
+                setattr(self.state, key, value)
+        return self.model
+
+    def _result(self) -> dict[str, Any]:
+        """What the other ranks need of rank 0's finished run; tensors on the CPU, whatever the devices."""
+        model = {k: v.cpu() for k, v in self.model.state_dict().items()}
+        keys = ("history", "best_step", "best_score", "final", "dead_code_resets")
+        return {"model": model, **{key: getattr(self.state, key) for key in keys}}
+
+    def _finish_main(self) -> None:
         if self.state.best_weights is not None:
             self.model.load_state_dict(self.state.best_weights)
         self.model.eval()
@@ -335,7 +410,6 @@ class Trainer:
         if extra:
             best = {**quick_evaluate(self.model, self.x, self._neighbours), "step": self.state.best_step, **extra}
         self.state.final = best
-        return self.model
 
     def _refit_decoder(self, latents: torch.Tensor, steps: int) -> None:
         """Train the decoder alone on the quantized latents of the final codes, which stay fixed.
@@ -368,8 +442,14 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self, path: str | Path | None = None) -> None:
+        """Write a resumable checkpoint (rank 0 writes; every rank must call this, to hand over its RNG)."""
         from semid.io import atomic_write
 
+        torch_rngs = distributed.gather_objects(torch.get_rng_state(), self.ranks)
+        cuda_rngs = distributed.gather_objects(torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
+                                               else None, self.ranks)
+        if not self.ranks.is_main:
+            return
         path = Path(path or self.checkpoint_path)
         payload = {
             "format": CHECKPOINT_FORMAT,
@@ -382,8 +462,8 @@ class Trainer:
             "position": self.position,
             "unique_target": self._unique_target.cpu(),
             "unique_mask": self._unique_mask.cpu(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "torch_rng": torch_rngs,  # one per rank: dropout and Gumbel noise
+            "cuda_rng": cuda_rngs,
         }
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
@@ -393,8 +473,11 @@ class Trainer:
             payload = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as exc:  # a truncated or foreign file: say which, not a pickle traceback
             raise ValueError(f"cannot read training checkpoint {path}: {exc}") from None
-        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        if not isinstance(payload, dict) or not str(payload.get("format", "")).startswith("semid-train-checkpoint"):
             raise ValueError(f"{path} is not a semid training checkpoint")
+        if payload["format"] != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is a {payload['format']} checkpoint; this semid reads {CHECKPOINT_FORMAT} "
+                             "(finish that run with the semid that started it, or train anew)")
         self.model.load_state_dict(payload["model"])
         if self.optimizer:
             self.optimizer.load_state_dict(payload["optimizer"])
@@ -403,9 +486,13 @@ class Trainer:
         self.permutation, self.position = payload["permutation"].to(self.device), payload["position"]
         self._unique_target.copy_(payload["unique_target"])
         self._unique_mask.copy_(payload["unique_mask"])
-        torch.set_rng_state(payload["torch_rng"])
-        if payload["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(payload["cuda_rng"])
+        torch_rngs, cuda_rngs = payload["torch_rng"], payload["cuda_rng"]
+        if len(torch_rngs) != self.ranks.world_size:
+            raise ValueError(f"{path} was written by a run of {len(torch_rngs)} training process(es); resume it "
+                             f"with as many (this run has {self.ranks.world_size})")
+        torch.set_rng_state(torch_rngs[self.ranks.rank])
+        if cuda_rngs[self.ranks.rank] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda_rngs[self.ranks.rank], self.device)
 
 
 class _LearningRate:

@@ -137,7 +137,7 @@ def test_reset_dead_codes_reseeds_each_level_from_its_own_residuals() -> None:
         stack.levels[1].codebook[4:] = 1e3  # level 1: codes 4..7 unreachable
     for _ in range(6):  # usage of the unreachable codes decays below the threshold
         out = stack(x)
-    total = stack.reset_dead_codes(out, batch_size=128)
+    total = stack.reset_dead_codes(out.residuals, out.errors, batch_size=128)
     assert int(stack.levels[1].resets) == 4
     assert total == int(stack.levels[0].resets) + 4
     revived = stack.levels[1].codebook.detach()[4:]
