@@ -43,7 +43,7 @@ def pairwise_distance(x: torch.Tensor, codebook: torch.Tensor, distance: Distanc
         return torch.addmm(x_sq + c_sq, x32, c32.T, alpha=-2.0).clamp_min_(0.0)
 
 
-def _score_terms(codebook: torch.Tensor, distance: Distance) -> tuple[torch.Tensor, torch.Tensor | None]:
+def score_terms(codebook: torch.Tensor, distance: Distance) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(D, K) matrix and optional (K,) bias such that x @ matrix + bias is largest at x's nearest codeword.
 
     The scores leave out what is the same for every codeword of a row: |x|^2 for l2 (|x - c|^2 =
@@ -80,7 +80,7 @@ def _row_max_(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _distance_from_score(x32: torch.Tensor, score: torch.Tensor, distance: Distance) -> torch.Tensor:
-    """Put back the per-row term `_score_terms` left out: the distance to the chosen codeword, (n,)."""
+    """Put back the per-row term `score_terms` left out: the distance to the chosen codeword, (n,)."""
     if distance is Distance.COSINE:
         return -score / x32.norm(dim=-1).clamp_min(_EPS)
     # Clamp: |x|^2 - 2 x.c + |c|^2 can round to a tiny negative number when x sits on a codeword.
@@ -103,7 +103,7 @@ def nearest_code(
     codes = torch.empty(n, dtype=torch.long, device=x.device)
     dists = torch.empty(n, dtype=torch.float32, device=x.device)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        matrix, bias = _score_terms(codebook, distance)
+        matrix, bias = score_terms(codebook, distance)
         for start in range(0, n, chunk_rows):
             stop = min(n, start + chunk_rows)
             x32 = x[start:stop].float()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from semid import fused
 from semid.config import QuantizerConfig
 from semid.distance import pairwise_distance
 from semid.kmeans import cluster_means
@@ -105,7 +106,9 @@ class ResidualQuantizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, e: torch.Tensor) -> torch.Tensor:
-        """(n, d) -> (n, L) codes."""
+        """(n, d) -> (n, L) codes; on a GPU one fused kernel walks every level (`semid.fused`)."""
+        if fused.usable(e):
+            return fused.residual_codes(self, e)
         return torch.stack([codes for _, _, codes in self._walk(e)], dim=-1)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

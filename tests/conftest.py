@@ -17,6 +17,10 @@ import torch
 from semid.config import SemidConfig
 
 torch.set_num_threads(1)
+# Without a GPU, Triton kernels (semid.fused) run in Triton's CPU interpreter, which must be chosen before
+# triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # SEMID_TEST_DATA points elsewhere, e.g. on a GPU machine that has no ../shared beside the checkout.
 DATA_DIR = Path(os.environ.get("SEMID_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))

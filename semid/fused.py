@@ -1,0 +1,155 @@
+"""Greedy residual encoding as one Triton kernel: every level's scores, argmax and residual update on chip.
+
+Encoding the quantizer stack in PyTorch writes and reads an (n, K) fp32 score matrix per level, and the
+residual, codeword and codes in between: about 15 KB per item for 3 x 256 codes, which caps a GPU at a
+few hundred million items per second before the encoder has done anything. Here each program loads a
+block of latents once, keeps the residual in registers through all levels, scans each codebook in chunks
+with a running maximum, gathers the chosen codeword, and writes only the (n, L) codes: about 150 bytes
+per item.
+
+It computes exactly what `ResidualQuantizer.encode` computes: the same scores (`semid.distance.score_terms`:
+x.c - |c|^2/2 for l2, x.c/|c| for cosine) in fp32 ("ieee", not TF32), ties to the lowest index, the prefix
+centre looked up by binary search in the same sorted key table, the same fp32 residual subtractions. Only
+the order of each dot product's sum differs, so a code can differ where two codewords tie to within
+round-off. Used on CUDA when Triton is importable (it ships with CUDA builds of torch); SEMID_FUSED=0 turns
+it off. The tests run it on the CPU through Triton's interpreter.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+from semid.distance import score_terms
+
+if TYPE_CHECKING:
+    from semid.residual import ResidualQuantizer
+
+tl = None  # triton.language once `_kernel` has imported it: the kernel body reads it from this module's globals
+_BLOCK_ROWS = 64
+_BLOCK_CODES = 64
+
+
+@functools.cache
+def available() -> bool:
+    """Whether Triton can be imported (CUDA builds of torch bring it; CPU builds do not)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def usable(e: torch.Tensor) -> bool:
+    """Whether `ResidualQuantizer.encode` of e should take the fused kernel."""
+    return e.is_cuda and available() and os.environ.get("SEMID_FUSED", "1") != "0"
+
+
+def _next_power_of_two(n: int, floor: int = 16) -> int:
+    return max(floor, 1 << (n - 1).bit_length())
+
+
+def _residual_encode(
+    e_ptr, search_ptr, bias_ptr, codeword_ptr, keys_ptr, centres_ptr, strides_ptr, codes_ptr, n,
+    D: tl.constexpr, D_PAD: tl.constexpr, K_PAD: tl.constexpr, LEVELS: tl.constexpr,
+    N_KEYS: tl.constexpr, SEARCH_STEPS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    BLOCK_CODES: tl.constexpr,
+):
+    """One block of rows through every level.
+
+    e (n, D) fp32; search (L, K_PAD, D): the score vectors; bias (L, K_PAD): the score offsets, -inf for
+    padding codes; codeword (L, K_PAD, D): what is subtracted; keys (N_KEYS,) sorted int64 prefix keys
+    with centres (N_KEYS, D), and strides (L - 1,) that make a prefix's key; codes (n, L) int64 output.
+    """
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < n
+    dims = tl.arange(0, D_PAD)
+    dim_ok = dims < D
+    chunk = tl.arange(0, BLOCK_CODES)
+    residual = tl.load(e_ptr + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
+                       other=0.0)
+    key = tl.zeros([BLOCK_ROWS], dtype=tl.int64)
+    for level in tl.static_range(LEVELS):
+        if N_KEYS > 0 and level == LEVELS - 1:  # prefix centre: binary search (lower bound) of the key
+            lo = tl.zeros([BLOCK_ROWS], dtype=tl.int64)
+            hi = tl.full([BLOCK_ROWS], N_KEYS, dtype=tl.int64)
+            for _ in tl.static_range(SEARCH_STEPS):
+                mid = (lo + hi) // 2
+                probe = tl.load(keys_ptr + mid, mask=mid < N_KEYS, other=0)
+                active = lo < hi
+                lo, hi = tl.where(active & (probe < key), mid + 1, lo), tl.where(active & (probe >= key), mid, hi)
+            at = tl.minimum(lo, N_KEYS - 1)
+            found = (tl.load(keys_ptr + at) == key) & row_ok
+            centre = tl.load(centres_ptr + at[:, None] * D + dims[None, :], mask=found[:, None] & dim_ok[None, :],
+                             other=0.0)
+            residual = residual - centre
+        best = tl.full([BLOCK_ROWS], float("-inf"), dtype=tl.float32)
+        code = tl.zeros([BLOCK_ROWS], dtype=tl.int64)
+        for start in tl.static_range(0, K_PAD, BLOCK_CODES):
+            codes_here = start + chunk
+            vectors = tl.load(search_ptr + (level * K_PAD + codes_here[None, :]) * D + dims[:, None],
+                              mask=dim_ok[:, None], other=0.0)  # (D_PAD, BLOCK_CODES)
+            scores = tl.dot(residual, vectors, input_precision="ieee")
+            scores = scores + tl.load(bias_ptr + level * K_PAD + codes_here)[None, :]
+            top = tl.max(scores, axis=1)
+            at_top = tl.argmax(scores, axis=1).to(tl.int64) + start
+            better = top > best  # strict: an earlier chunk keeps a tie, as the lowest index must
+            best = tl.where(better, top, best)
+            code = tl.where(better, at_top, code)
+        tl.store(codes_ptr + rows * LEVELS + level, code, mask=row_ok)
+        word = tl.load(codeword_ptr + (level * K_PAD + code[:, None]) * D + dims[None, :],
+                       mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        residual = residual - word
+        if level < LEVELS - 1:
+            key = key + code * tl.load(strides_ptr + level)
+
+
+@functools.cache
+def _kernel():
+    """The jitted kernel, built on first use so that CPU runs never import Triton."""
+    global tl
+    import triton
+    import triton.language as tl
+
+    return triton.jit(_residual_encode), triton.cdiv
+
+
+def _stack(per_level: list[torch.Tensor], k_pad: int, fill: float) -> torch.Tensor:
+    """Levels' (K_l, ...) tensors padded to k_pad rows with `fill` and stacked: (L, k_pad, ...)."""
+    out = per_level[0].new_full((len(per_level), k_pad, *per_level[0].shape[1:]), fill)
+    for i, t in enumerate(per_level):
+        out[i, : t.shape[0]] = t
+    return out
+
+
+@torch.no_grad()
+def residual_codes(stack: ResidualQuantizer, e: torch.Tensor) -> torch.Tensor:
+    """(n, d) latents -> (n, L) int64 codes of the greedy residual walk, in one kernel launch.
+
+    A CPU tensor needs Triton's interpreter (TRITON_INTERPRET=1 before triton is first imported, as the tests
+    set it): correct, slow, and there for the tests.
+    """
+    e = e.detach().float().contiguous()
+    n, d = e.shape
+    sizes = stack.codebook_sizes
+    k_pad = _next_power_of_two(max(sizes), _BLOCK_CODES)
+    terms = [score_terms(level.codebook.detach(), level.distance) for level in stack.levels]
+    search = _stack([matrix.T.contiguous() for matrix, _ in terms], k_pad, 0.0)  # (L, K_PAD, d)
+    bias = _stack([b if b is not None else torch.zeros(k, device=e.device) for (_, b), k in zip(terms, sizes)],
+                  k_pad, float("-inf"))
+    codewords = _stack([level.codebook.detach().float() for level in stack.levels], k_pad, 0.0)
+    # Empty tables still need a valid pointer: a one-row placeholder the kernel never reads.
+    keys = stack.prefix_keys if stack.has_centres else torch.zeros(1, dtype=torch.long, device=e.device)
+    centres = stack.prefix_centres.float() if stack.has_centres else torch.zeros(1, d, device=e.device)
+    strides = stack.prefix_strides if stack.prefix_strides.numel() else torch.zeros(1, dtype=torch.long,
+                                                                                      device=e.device)
+    n_keys = int(stack.prefix_keys.numel())
+    codes = torch.empty(n, len(sizes), dtype=torch.long, device=e.device)
+    if n == 0:
+        return codes
+    kernel, cdiv = _kernel()
+    kernel[(cdiv(n, _BLOCK_ROWS),)](
+        e, search, bias, codewords, keys.contiguous(), centres.contiguous(), strides, codes, n,
+        D=d, D_PAD=_next_power_of_two(d), K_PAD=k_pad, LEVELS=len(sizes), N_KEYS=n_keys,
+        SEARCH_STEPS=max(1, n_keys.bit_length()), BLOCK_ROWS=_BLOCK_ROWS, BLOCK_CODES=_BLOCK_CODES,
+    )
+    return codes

@@ -1,0 +1,93 @@
+"""The fused residual-encode kernel (semid.fused) gives the codes of the PyTorch walk.
+
+Without a GPU the kernel runs in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1), so CI checks
+the kernel's logic (chunked argmax, padding of K and D, the prefix-centre binary search) on every run; the
+CUDA test checks the compiled kernel where a GPU is present.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from semid import fused
+from semid.config import QuantizerConfig
+from semid.residual import ResidualQuantizer
+
+pytest.importorskip("triton", reason="Triton is not installed (CPU builds of torch come without it)")
+needs_interpreter = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU interpreter is used only without a GPU")
+
+
+def _stack(x: torch.Tensor, sizes: list[int], distance: str, centres: bool) -> ResidualQuantizer:
+    stack = ResidualQuantizer(x.shape[1], QuantizerConfig(levels=len(sizes), codebook_size=sizes, distance=distance))
+    stack.init_from_data(x, torch.Generator().manual_seed(0))
+    if centres:
+        assert stack.fit_prefix_centres(x, 0.0) > 0
+    return stack
+
+
+def _walk_codes(stack: ResidualQuantizer, x: torch.Tensor) -> torch.Tensor:
+    return torch.stack([codes for _, _, codes in stack._walk(x)], dim=-1)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+@pytest.mark.parametrize("sizes, centres", [([64, 64, 64], False), ([64, 64, 64], True), ([16, 100, 37], True),
+                                            ([256], False)])
+def test_kernel_gives_the_codes_of_the_pytorch_walk(real_data, distance, sizes, centres):
+    """Real 384-d embeddings (D padded to 512), codebook sizes that are not powers of two (K padded with -inf
+    scores), one level (no prefix), and a prefix-centre table searched inside the kernel."""
+    x = torch.from_numpy(real_data("ml-100k"))[:700]
+    stack = _stack(x, sizes, distance, centres)
+    expected = _walk_codes(stack, x)
+    assert torch.equal(fused.residual_codes(stack, x), expected)
+    if centres:  # the centres decide some last codes, so a kernel that ignored them would be caught
+        keys, table = stack.prefix_keys, stack.prefix_centres
+        stack._drop_centres()
+        assert not torch.equal(_walk_codes(stack, x), expected)
+        stack.prefix_keys, stack.prefix_centres = keys, table
+
+
+@needs_interpreter
+def test_kernel_on_a_latent_of_the_trained_default_shape_and_on_no_rows():
+    """A 64-d latent and 3 x 256 codes, cosine (configs/default.toml's shape), on seeded data with clusters."""
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(20, 64, generator=g) * 3
+    x = centres[torch.randint(0, 20, (3000,), generator=g)] + 0.3 * torch.randn(3000, 64, generator=g)
+    stack = _stack(x, [256, 256, 256], "cosine", centres=True)
+    assert torch.equal(fused.residual_codes(stack, x), _walk_codes(stack, x))
+    assert fused.residual_codes(stack, x[:0]).shape == (0, 3)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_ties_go_to_the_lowest_code_across_chunks(distance):
+    """Codewords 64..127 repeat 0..63 exactly, one chunk of the scan later: every tie is won by the copy with
+    the lower index, as in the PyTorch walk."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(300, 32, generator=g)
+    stack = _stack(x, [128, 128], distance, centres=False)
+    for level in stack.levels:
+        with torch.no_grad():
+            level.codebook[64:] = level.codebook[:64]
+    codes = fused.residual_codes(stack, x)
+    assert torch.equal(codes, _walk_codes(stack, x)) and int(codes.max()) < 64
+
+
+def test_encode_takes_the_kernel_only_on_a_gpu(monkeypatch):
+    x = torch.randn(8, 16)
+    assert not fused.usable(x)  # CPU tensors keep the PyTorch walk
+    if torch.cuda.is_available():
+        assert fused.usable(x.cuda())
+        monkeypatch.setenv("SEMID_FUSED", "0")
+        assert not fused.usable(x.cuda())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_kernel_matches_the_cpu_walk(real_data):
+    x = torch.from_numpy(real_data("beauty"))
+    stack = _stack(x[:8192], [256, 256, 256], "cosine", centres=True)
+    expected = _walk_codes(stack, x)
+    got = stack.cuda().encode(x.cuda()).cpu()  # through ResidualQuantizer.encode: the fused path
+    assert (got == expected).all(-1).float().mean().item() > 0.999  # only sub-round-off ties may differ
