@@ -11,8 +11,9 @@ CPU mode compares, on the same rows and through the calls a user makes:
 - fit: semid residual k-means (`model.type = "rqkmeans"`) against FAISS `ResidualQuantizer`, both 3 x 256 on
   the raw embeddings, with the fvu each reaches (`semid.metrics.reconstruction_metrics`).
 GPU mode measures `RQVAE.encode` on a large resampled catalogue already on the device, in fp32 and under
-bf16 autocast, against a plain-PyTorch encoder of the same shape that holds the same weights (MLP, then
-three chained argmins over 256 codes), and training steps/s of `semid.train.Trainer` on `configs/default.toml`.
+bf16 autocast, with and without the fused residual-encode kernel (`semid.fused`), against a plain-PyTorch
+encoder of the same shape that holds the same weights (MLP, then three chained argmins over 256 codes),
+and training steps/s of `semid.train.Trainer` on `configs/default.toml`.
 It imports neither polars, faiss nor vector_quantize_pytorch: those are needed by the CPU mode only.
 
 Every time is the best of --repeats runs after one warm-up run (see `bench_common.best_of`; the CPU encode
@@ -248,6 +249,23 @@ class ReferenceEncoder(nn.Module):
         return torch.stack(codes, -1)  # (n, L)
 
 
+def without_fused_kernel(encode: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`encode` with semid's fused residual-encode kernel switched off (SEMID_FUSED=0): the PyTorch walk."""
+
+    def unfused(x: torch.Tensor) -> torch.Tensor:
+        previous = os.environ.get("SEMID_FUSED")
+        os.environ["SEMID_FUSED"] = "0"
+        try:
+            return encode(x)
+        finally:
+            if previous is None:
+                os.environ.pop("SEMID_FUSED")
+            else:
+                os.environ["SEMID_FUSED"] = previous
+
+    return unfused
+
+
 def resampled(base: np.ndarray, n: int, device: torch.device, seed: int, noise: float = 0.05) -> torch.Tensor:
     """n rows of `base` drawn with replacement plus small seeded noise, made on the device: (n, D) fp32."""
     g = torch.Generator(device=device).manual_seed(seed)
@@ -284,7 +302,7 @@ def device_encode(base: np.ndarray, device: torch.device, args: argparse.Namespa
     model = Trainer(config, torch.from_numpy(base)).fit().eval()
     reference = ReferenceEncoder(model).to(device).eval()
     x = resampled(base, args.rows, device, args.seed)  # (n, D), on the device before any timing
-    systems = {"semid": model.encode, "reference": reference}
+    systems = {"semid": model.encode, "semid_unfused": without_fused_kernel(model.encode), "reference": reference}
     codes, seconds = {}, {}
     for amp in (False, True):
         for name, fn in systems.items():
@@ -301,7 +319,9 @@ def device_encode(base: np.ndarray, device: torch.device, args: argparse.Namespa
         "items_per_second": items,
         "ratio_semid_over_reference": {p: round(items[f"semid_{p}"] / items[f"reference_{p}"], 2) for p in ("fp32", "bf16")},
         "speedup_bf16_over_fp32": {n: round(items[f"{n}_bf16"] / items[f"{n}_fp32"], 2) for n in systems},
+        "ratio_fused_over_unfused": {p: round(items[f"semid_{p}"] / items[f"semid_unfused_{p}"], 2) for p in ("fp32", "bf16")},
         "code_agreement": {"semid_fp32_vs_reference_fp32": agreement("semid_fp32", "reference_fp32"),
+                           "semid_fp32_vs_semid_unfused_fp32": agreement("semid_fp32", "semid_unfused_fp32"),
                            "semid_bf16_vs_semid_fp32": agreement("semid_bf16", "semid_fp32"),
                            "reference_bf16_vs_reference_fp32": agreement("reference_bf16", "reference_fp32")},
     }
@@ -335,6 +355,7 @@ def run_device(base: np.ndarray, args: argparse.Namespace) -> dict:
     for name, value in result["encode"]["items_per_second"].items():
         print(f"  {name:16} {value:>14,.0f}")
     print(f"  semid / reference: {result['encode']['ratio_semid_over_reference']}")
+    print(f"  fused / unfused: {result['encode']['ratio_fused_over_unfused']}")
     print(f"  code agreement: {result['encode']['code_agreement']}")
     result["train"] = device_train(base, device, args.full_train_steps)
     t = result["train"]
