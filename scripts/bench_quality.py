@@ -141,10 +141,13 @@ def measure(
     With holdout > 0 the system is fitted on the other rows only and `heldout_fvu` is the fvu of the
     rows it never saw: an autoencoder's fvu on its own training items can be memorisation (on a few
     thousand items a large decoder learns each item from its unique code), and this figure tells the two
-    apart. Every other metric is then scored on the fitted rows, so `sequences` (row indices of the full
-    matrix) are only used without a holdout.
+    apart. What matters most about a new item is its ID, so two more figures score the held-out items'
+    codes: `heldout_prefix_agreement` (d = 1..L), the share of each held-out item's 10 nearest items (fitted
+    or held out) that share its first d codes, and `heldout_taken`, the share of held-out items whose raw
+    tuple a fitted item already has (those need collision handling). Every other metric is scored on the
+    fitted rows, so `sequences` (row indices of the full matrix) are only used without a holdout.
     """
-    from semid.metrics import evaluate_codes
+    from semid.metrics import evaluate_codes, nearest_neighbours, prefix_agreement_from_neighbours
 
     fit_rows, held_rows = holdout_split(x.shape[0], holdout, seed)
     x_fit = x[fit_rows] if len(held_rows) else x
@@ -164,6 +167,12 @@ def measure(
         row["holdout"] = holdout
         row["heldout_fvu"] = float(((x_held - system.reconstruct(x_held)) ** 2).sum()
                                    / ((x_held - x_held.mean(0)) ** 2).sum())
+        all_codes = np.empty((x.shape[0], levels), dtype=np.int64)
+        all_codes[fit_rows], all_codes[held_rows] = codes, system.encode(x_held)
+        neighbours = nearest_neighbours(x, queries=held_rows)
+        row["heldout_prefix_agreement"] = prefix_agreement_from_neighbours(all_codes, neighbours)
+        fitted = {tuple(c) for c in codes.tolist()}
+        row["heldout_taken"] = float(np.mean([tuple(c) in fitted for c in all_codes[held_rows].tolist()]))
     return row
 
 
@@ -172,7 +181,8 @@ def measure(
 # ----------------------------------------------------------------------------------------------------
 COLUMNS = (
     "system", "set", "fvu", "collision %", "entropy bits / level", "usage % / level",
-    "prefix agr. d=1", "seq. prefix agr. d=1", "held-out fvu", "train s", "encode items/s", "device",
+    "prefix agr. d=1", "seq. prefix agr. d=1", "held-out fvu", "held-out prefix agr. d=1", "held-out taken %",
+    "train s", "encode items/s", "device",
 )
 
 
@@ -193,6 +203,8 @@ def format_row(row: dict[str, Any]) -> list[str]:
         f"{row['prefix_agreement'][0]:.3f}",
         f"{seq[0]:.3f}" if seq else "-",
         f"{row['heldout_fvu']:.3f}" if "heldout_fvu" in row else "-",
+        f"{row['heldout_prefix_agreement'][0]:.3f}" if "heldout_prefix_agreement" in row else "-",
+        f"{100 * row['heldout_taken']:.2f}" if "heldout_taken" in row else "-",
         f"{row['train_s']:.1f}",
         f"{row['encode_items_per_s']:,.0f}",
         f"{row.get('device', '-')}",
@@ -263,7 +275,9 @@ def render_markdown(results: dict[str, Any], plot: Path | None, markdown_path: P
         "log2 K bits, 100 %); `prefix agr. d=1` is the share of each item's 10 nearest neighbours (cosine) "
         "that share its first code; `seq. prefix agr. d=1` the share of consecutive items in user "
         "sequences that do; `held-out fvu` is the fvu of items left out of fitting (`--holdout`), which "
-        "separates reconstruction from memorisation; `steps` applies to trained systems (vqtorch-rvq and semid RQ-VAE). Encode "
+        "separates reconstruction from memorisation; `held-out prefix agr. d=1` is the share of each held-out "
+        "item's 10 nearest items that share its first code, and `held-out taken %` the share of held-out items "
+        "whose raw tuple a fitted item already has; `steps` applies to trained systems (vqtorch-rvq and semid RQ-VAE). Encode "
         "speed is host arrays in and out, best of 3 after a warm-up.",
         "",
     ]

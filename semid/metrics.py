@@ -207,10 +207,12 @@ class Neighbours:
 
 
 def nearest_neighbours(
-    x: ArrayLike, *, k: int = 10, max_items: int = 50_000, seed: int = 0, device: str | torch.device | None = None
+    x: ArrayLike, *, k: int = 10, max_items: int = 50_000, seed: int = 0, device: str | torch.device | None = None,
+    queries: ArrayLike | None = None,
 ) -> Neighbours:
     """k-NN by cosine (excluding the item itself) for every item, or a seeded sample when N > max_items.
 
+    `queries` (row indices) searches for those items only, e.g. the items a model was not fitted on.
     Neighbours are searched among all N items. With N <= k every item uses its N - 1 other items; N = 1 has
     no neighbours and raises ValueError. An all-zero row has cosine 0 to everything, never NaN. Runs on
     `device`, by default x's device when x is a tensor, else the CPU; fp32 similarities in row chunks
@@ -231,7 +233,9 @@ def nearest_neighbours(
     if n < 2:
         raise ValueError("prefix_agreement needs at least 2 items: a single item has no neighbours")
     k_eff = min(k, n - 1)
-    sample = sample_queries(n, max_items, seed)
+    sample = sample_queries(n, max_items, seed) if queries is None else np.asarray(queries, dtype=np.int64)
+    if queries is not None and (sample.ndim != 1 or not ((0 <= sample) & (sample < n)).all()):
+        raise ValueError(f"queries must be a 1-D array of row indices in [0, {n})")
     queries = torch.arange(n, device=device) if sample is None else torch.from_numpy(sample).to(device)
     # Normalised once here rather than per chunk (as semid.distance would): for large N the repeated
     # (N, D) normalisation would cost as much as the chunk's matrix product. Zero rows stay zero.
@@ -244,7 +248,7 @@ def nearest_neighbours(
             sim = unit[rows] @ unit.T  # (q, n): cosine
         sim[torch.arange(rows.numel(), device=device), rows] = -float("inf")  # an item is not its own neighbour
         found.append(sim.topk(k_eff, dim=1).indices)  # (q, k)
-    return Neighbours(queries, torch.cat(found), sample is not None)
+    return Neighbours(queries, torch.cat(found) if found else queries.new_empty(0, k_eff), sample is not None)
 
 
 def prefix_agreement_from_neighbours(codes: ArrayLike, neighbours: Neighbours) -> list[float]:

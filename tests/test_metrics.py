@@ -20,7 +20,9 @@ from semid.metrics import (
     collision_metrics,
     evaluate_codes,
     format_report,
+    nearest_neighbours,
     prefix_agreement,
+    prefix_agreement_from_neighbours,
     read_sequences,
     reconstruction_metrics,
     sequence_prefix_agreement,
@@ -234,6 +236,18 @@ def test_prefix_agreement_sampled_path(ml100k):
     assert got == pytest.approx(_reference_prefix_agreement(x, codes, 10, queries), abs=2e-3)
     assert prefix_agreement(x, codes, max_items=300, seed=7)[0] == got
     assert prefix_agreement(x, codes, max_items=len(x))[1] is False
+
+
+def test_neighbours_of_chosen_queries(ml100k):
+    """`queries` scores only the given items (a held-out set, say) against neighbours among all items."""
+    x, _, codes = ml100k
+    queries = np.arange(0, len(x), 7)
+    neighbours = nearest_neighbours(x, queries=queries)
+    assert neighbours.indices.shape == (len(queries), 10) and not (neighbours.indices == torch.from_numpy(queries)[:, None]).any()
+    got = prefix_agreement_from_neighbours(codes, neighbours)
+    assert got == pytest.approx(_reference_prefix_agreement(x, codes, 10, queries), abs=2e-3)
+    with pytest.raises(ValueError, match="queries must be"):
+        nearest_neighbours(x, queries=np.array([len(x)]))
 
 
 def _two_clusters() -> np.ndarray:

@@ -251,6 +251,19 @@ def test_heldout_fvu_scores_rows_the_system_never_saw(tmp_path: Path) -> None:
     system = peers.FaissResidualQuantizer().fit(x[np.setdiff1d(np.arange(500), held)], 2, 16, 0)
     expected = ((x_held - system.reconstruct(x_held)) ** 2).sum() / ((x_held - x_held.mean(0)) ** 2).sum()
     assert row["heldout_fvu"] == pytest.approx(float(expected), rel=1e-5)
+    # The held-out items' IDs: neighbours among all 500 rows, scored with the codes of every row.
+    fit = np.setdiff1d(np.arange(500), held)
+    codes = np.empty((500, 2), dtype=np.int64)
+    codes[fit], codes[held] = system.encode(x[fit]), system.encode(x_held)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sims = unit @ unit.T
+    np.fill_diagonal(sims, -np.inf)
+    near = np.argsort(-sims[held], axis=1)[:, :10]  # (held, 10)
+    share = (codes[near][:, :, 0] == codes[held][:, None, 0]).mean()
+    assert row["heldout_prefix_agreement"][0] == pytest.approx(float(share), abs=0.01)
+    taken = {tuple(c) for c in codes[fit].tolist()}
+    assert row["heldout_taken"] == pytest.approx(np.mean([tuple(c) in taken for c in codes[held].tolist()]))
+    assert 0.5 < row["heldout_taken"] <= 1.0  # 16 x 16 tuples for 16 tight clusters: most new rows land on taken ones
 
 
 def test_semid_rqkmeans_is_benchmarked_without_prefix_centres(one_torch_thread) -> None:
