@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU checks of issue #5 as one prepared run on a lent device machine (H100/H200); about 4 minutes.
+#
+# The device image has torch and Triton but not polars, so everything here avoids it: the CUDA tests of
+# the trainer and the fused kernel, the default config timed on Beauty (bench_train.py), and encode
+# throughput with and without the fused kernel plus train steps/s (bench_speed.py --device cuda).
+#
+# Here, first (the shared data does not travel; .devdata is ignored, and carried):
+#   mkdir -p .devdata && cp ../shared/data/beauty.npy ../shared/data/ml-100k.npy .devdata/
+#   grep -qx '/.devdata/' .git/info/exclude || echo /.devdata/ >> .git/info/exclude
+# Then, with the device tool:  run(command="bash scripts/device_check.sh", carry=[".devdata"], timeout_s=540)
+# Results come back under $OUT: copy them into bench/<gpu>/ here and update bench/<gpu>/README.md.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 SEMID_TEST_DATA="$PWD/.devdata"
+out="${OUT:-bench/device}"
+mkdir -p "$out"
+status=0
+step() {  # step NAME COMMAND...: run it, log it, remember a failure, go on with the next step
+    local name=$1; shift
+    echo "== $name: $*"
+    local started=$SECONDS
+    "$@" 2>&1 | tee "$out/$name.log" || status=1
+    echo "== $name: $((SECONDS - started)) s"
+}
+step gpu nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+step versions python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+step cuda_tests python3 -m pytest -q -ra -p no:cacheprovider tests/test_fused.py tests/test_train.py -k "cuda or kernel or compiled"
+step train_default python3 scripts/bench_train.py --config configs/default.toml --data .devdata/beauty.npy \
+    --devices cuda --out "$out/train_default_beauty.json"
+step speed python3 scripts/bench_speed.py --device cuda --data .devdata/beauty.npy --out "$out/speed_cuda.json"
+exit $status
