@@ -490,9 +490,10 @@ class Trainer:
         if len(torch_rngs) != self.ranks.world_size:
             raise ValueError(f"{path} was written by a run of {len(torch_rngs)} training process(es); resume it "
                              f"with as many (this run has {self.ranks.world_size})")
-        torch.set_rng_state(torch_rngs[self.ranks.rank])
+        # RNG states are CPU byte tensors, whatever map_location moved them to.
+        torch.set_rng_state(torch_rngs[self.ranks.rank].cpu())
         if cuda_rngs[self.ranks.rank] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(cuda_rngs[self.ranks.rank], self.device)
+            torch.cuda.set_rng_state(cuda_rngs[self.ranks.rank].cpu(), self.device)
 
 
 class _LearningRate:

@@ -173,6 +173,10 @@ def test_load_checkpoint_rejects_corrupt_and_foreign_files(real_data, tiny_confi
     torch.save({"weights": torch.zeros(3)}, foreign)
     with pytest.raises(ValueError, match="not a semid training checkpoint"):
         Trainer(config, x, checkpoint_path=foreign).fit(resume=True)
+    older = tmp_path / "older.pt"  # a format this version does not read: named, not a KeyError
+    torch.save({"format": "semid-train-checkpoint-v1"}, older)
+    with pytest.raises(ValueError, match="is a semid-train-checkpoint-v1 checkpoint; this semid reads"):
+        Trainer(config, x, checkpoint_path=older).fit(resume=True)
 
 
 # ---- best weights and early stopping ----------------------------------------------------------
