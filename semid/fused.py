@@ -29,8 +29,10 @@ if TYPE_CHECKING:
     from semid.residual import ResidualQuantizer
 
 tl = None  # triton.language once `_kernel` has imported it: the kernel body reads it from this module's globals
-_BLOCK_ROWS = 64
 _BLOCK_CODES = 64
+# A program holds its rows' residuals, one chunk of score vectors and the chunk's scores in registers: at
+# most this many residual elements per program, so a raw 384-d input (rqkmeans) takes fewer rows per program.
+_BLOCK_ELEMENTS = 4096
 
 
 @functools.cache
@@ -60,7 +62,8 @@ def _residual_encode(
     padding codes; codeword (L, K_PAD, D): what is subtracted; keys (N_KEYS,) sorted int64 prefix keys
     with centres (N_KEYS, D), and strides (L - 1,) that make a prefix's key; codes (n, L) int64 output.
     """
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    # int64 offsets: rows * D passes 2^31 from 5.6M rows of a 384-d input
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
     row_ok = rows < n
     dims = tl.arange(0, D_PAD)
     dim_ok = dims < D
@@ -146,10 +149,12 @@ def residual_codes(stack: ResidualQuantizer, e: torch.Tensor) -> torch.Tensor:
     codes = torch.empty(n, len(sizes), dtype=torch.long, device=e.device)
     if n == 0:
         return codes
+    d_pad = _next_power_of_two(d)
+    block_rows = max(16, min(64, _BLOCK_ELEMENTS // d_pad))  # tl.dot needs at least 16 rows
     kernel, cdiv = _kernel()
-    kernel[(cdiv(n, _BLOCK_ROWS),)](
+    kernel[(cdiv(n, block_rows),)](
         e, search, bias, codewords, keys.contiguous(), centres.contiguous(), strides, codes, n,
-        D=d, D_PAD=_next_power_of_two(d), K_PAD=k_pad, LEVELS=len(sizes), N_KEYS=n_keys,
-        SEARCH_STEPS=max(1, n_keys.bit_length()), BLOCK_ROWS=_BLOCK_ROWS, BLOCK_CODES=_BLOCK_CODES,
+        D=d, D_PAD=d_pad, K_PAD=k_pad, LEVELS=len(sizes), N_KEYS=n_keys,
+        SEARCH_STEPS=max(1, n_keys.bit_length()), BLOCK_ROWS=block_rows, BLOCK_CODES=_BLOCK_CODES,
     )
     return codes
