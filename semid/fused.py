@@ -7,11 +7,12 @@ block of latents once, keeps the residual in registers through all levels, scans
 with a running maximum, gathers the chosen codeword, and writes only the (n, L) codes: about 150 bytes
 per item.
 
-It computes exactly what `ResidualQuantizer.encode` computes: the same scores (`semid.distance.score_terms`:
-x.c - |c|^2/2 for l2, x.c/|c| for cosine) in fp32 ("ieee", not TF32), ties to the lowest index, the prefix
-centre looked up by binary search in the same sorted key table, the same fp32 residual subtractions. Only
-the order of each dot product's sum differs, so a code can differ where two codewords tie to within
-round-off. Used on CUDA when Triton is importable (it ships with CUDA builds of torch); SEMID_FUSED=0 turns
+It computes what `ResidualQuantizer.encode` computes: the same scores (`semid.distance.score_terms`:
+x.c - |c|^2/2 for l2, x.c/|c| for cosine), ties to the lowest index, the prefix centre looked up by binary
+search in the same sorted key table, the same fp32 residual subtractions. The scores come from tensor
+cores in "tf32x3" (three TF32 products that carry about fp32's precision); plain fp32 ("ieee") products
+run on CUDA cores and, at these tile sizes, spill registers. So a code can differ where two codewords tie
+to within about 1e-6 of the score. Used on CUDA when Triton is importable (it ships with CUDA builds of torch); SEMID_FUSED=0 turns
 it off. The tests run it on the CPU through Triton's interpreter.
 """
 from __future__ import annotations
@@ -29,10 +30,11 @@ if TYPE_CHECKING:
     from semid.residual import ResidualQuantizer
 
 tl = None  # triton.language once `_kernel` has imported it: the kernel body reads it from this module's globals
-_BLOCK_CODES = 64
-# A program holds its rows' residuals, one chunk of score vectors and the chunk's scores in registers: at
-# most this many residual elements per program, so a raw 384-d input (rqkmeans) takes fewer rows per program.
-_BLOCK_ELEMENTS = 4096
+# A program keeps its rows' residuals, one chunk of score vectors and the chunk's scores in registers. These
+# (rows, codes) tiles compile for sm_90 without spilling (ptxas, 4 warps: 225 registers at d <= 32, 243 at
+# d <= 64); wider latents spill, so `usable` leaves them to PyTorch.
+_TILES = {32: (64, 64), 64: (64, 16)}
+_WIDEST_FUSED = max(_TILES)
 
 
 @functools.cache
@@ -42,8 +44,9 @@ def available() -> bool:
 
 
 def usable(e: torch.Tensor) -> bool:
-    """Whether `ResidualQuantizer.encode` of e should take the fused kernel."""
-    return e.is_cuda and available() and os.environ.get("SEMID_FUSED", "1") != "0"
+    """Whether `ResidualQuantizer.encode` of e should take the fused kernel: a CUDA latent of at most 64 dims."""
+    return (e.is_cuda and e.shape[-1] <= _WIDEST_FUSED and available()
+            and os.environ.get("SEMID_FUSED", "1") != "0")
 
 
 def _next_power_of_two(n: int, floor: int = 16) -> int:
@@ -91,7 +94,7 @@ def _residual_encode(
             codes_here = start + chunk
             vectors = tl.load(search_ptr + (level * K_PAD + codes_here[None, :]) * D + dims[:, None],
                               mask=dim_ok[:, None], other=0.0)  # (D_PAD, BLOCK_CODES)
-            scores = tl.dot(residual, vectors, input_precision="ieee")
+            scores = tl.dot(residual, vectors, input_precision="tf32x3")
             scores = scores + tl.load(bias_ptr + level * K_PAD + codes_here)[None, :]
             top = tl.max(scores, axis=1)
             at_top = tl.argmax(scores, axis=1).to(tl.int64) + start
@@ -134,7 +137,9 @@ def residual_codes(stack: ResidualQuantizer, e: torch.Tensor) -> torch.Tensor:
     e = e.detach().float().contiguous()
     n, d = e.shape
     sizes = stack.codebook_sizes
-    k_pad = _next_power_of_two(max(sizes), _BLOCK_CODES)
+    d_pad = _next_power_of_two(d)
+    block_rows, block_codes = _TILES.get(d_pad, (16, 16))
+    k_pad = _next_power_of_two(max(sizes), block_codes)
     terms = [score_terms(level.codebook.detach(), level.distance) for level in stack.levels]
     search = _stack([matrix.T.contiguous() for matrix, _ in terms], k_pad, 0.0)  # (L, K_PAD, d)
     bias = _stack([b if b is not None else torch.zeros(k, device=e.device) for (_, b), k in zip(terms, sizes)],
@@ -149,12 +154,10 @@ def residual_codes(stack: ResidualQuantizer, e: torch.Tensor) -> torch.Tensor:
     codes = torch.empty(n, len(sizes), dtype=torch.long, device=e.device)
     if n == 0:
         return codes
-    d_pad = _next_power_of_two(d)
-    block_rows = max(16, min(64, _BLOCK_ELEMENTS // d_pad))  # tl.dot needs at least 16 rows
     kernel, cdiv = _kernel()
     kernel[(cdiv(n, block_rows),)](
         e, search, bias, codewords, keys.contiguous(), centres.contiguous(), strides, codes, n,
         D=d, D_PAD=d_pad, K_PAD=k_pad, LEVELS=len(sizes), N_KEYS=n_keys,
-        SEARCH_STEPS=max(1, n_keys.bit_length()), BLOCK_ROWS=block_rows, BLOCK_CODES=_BLOCK_CODES,
+        SEARCH_STEPS=max(1, n_keys.bit_length()), BLOCK_ROWS=block_rows, BLOCK_CODES=block_codes,
     )
     return codes
