@@ -134,6 +134,7 @@ class SemanticIdTokenizer:
         keys, emb = self._items(x, ids, id_col, emb_col)
         trainer = Trainer(self.config, torch.tensor(emb), checkpoint_path=checkpoint)
         self.model = trainer.fit(resume=resume)
+        self.config = trainer.config  # with the steps this catalogue was trained for
         self.history = trainer.state.history
         self.meta = {
             "input_dim": int(emb.shape[1]),

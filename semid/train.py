@@ -112,7 +112,8 @@ class TrainState:
 
 class Trainer:
     def __init__(self, config: SemidConfig, x: torch.Tensor, checkpoint_path: str | Path | None = None) -> None:
-        self.config = config
+        # Resolved once for this catalogue (train.min_epochs), so the schedule, the loop and the saved config agree.
+        self.config = config = config.with_overrides({"train.steps": config.train.steps_for(x.shape[0])})
         self.device = resolve_device(config.train.device)
         self.ranks = distributed.join(self.device.type)
         if self.ranks.active and self.device.type == "cuda":  # one GPU per rank

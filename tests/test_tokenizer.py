@@ -445,3 +445,12 @@ def test_balanced_last_level_spreads_codes_and_keeps_ids_unique(data, model_dir)
     assert np.bincount(ids_balanced[:, 2], minlength=k_last).max() < np.bincount(ids_plain[:, 2], minlength=k_last).max()
     assert (ids_balanced[:, :2] == ids_plain[:, :2]).all()  # only the last level is rebalanced
     assert len(_rows(ids_balanced)) == len(x)
+
+
+def test_saved_config_records_the_steps_the_catalogue_was_trained_for(data, tiny_config, tmp_path):
+    """train.min_epochs resolves the steps for the catalogue; the saved model says how many it ran."""
+    tok = SemanticIdTokenizer(tiny_config({"train.steps": 10, "train.min_epochs": 3, "train.eval_every": 0}))
+    tok.fit(data["a"])
+    expected = -(-3 * len(data["a"]) // 256)  # ceil: 3 passes in 256-row batches
+    assert expected > 10 and tok.config.train.steps == expected
+    assert SemanticIdTokenizer.load(tok.save(tmp_path / "model")).config.train.steps == expected

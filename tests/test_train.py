@@ -514,3 +514,30 @@ def test_training_evaluations_include_prefix_agreement(real_data, tiny_config):
     assert entry["prefix_agreement"] == pytest.approx(expected, abs=1e-9)
     assert sampled == (len(x) > MONITOR_QUERIES)
     assert {"fvu", "collision_rate", "usage", "entropy_bits", "prefix_agreement"} <= set(entry)
+
+
+# ---- steps for larger catalogues (train.min_epochs) ---------------------------------------------
+
+
+def test_min_epochs_raises_steps_for_larger_catalogues_up_to_max_steps():
+    train = SemidConfig().with_overrides({"train.steps": 100, "train.batch_size": 50, "train.min_epochs": 10,
+                                          "train.max_steps": 1000}).train
+    assert train.steps_for(400) == 100  # 10 passes of 400 items are 80 steps: the floor of 100 holds
+    assert train.steps_for(1000) == 200  # 10 passes of 1,000 items in batches of 50
+    assert train.steps_for(10**6) == 1000  # bounded
+    assert train.steps_for(30) == 100  # a batch larger than the catalogue is the catalogue
+    assert SemidConfig().with_overrides({"train.steps": 100}).train.steps_for(10**6) == 100  # off by default
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        SemidConfig().with_overrides({"train.steps": 100, "train.max_steps": 50})
+    with pytest.raises(ConfigError, match="train.min_epochs"):
+        SemidConfig().with_overrides({"train.min_epochs": -1})
+
+
+def test_trainer_runs_the_steps_resolved_for_its_catalogue(real_data, tiny_config):
+    """The loop, the learning-rate schedule and the returned config all use the resolved number of steps."""
+    x = _x(real_data)  # ml-100k: 1,682 items, 256-row batches
+    trainer = Trainer(tiny_config({"train.steps": 20, "train.min_epochs": 5, "train.eval_every": 0}), x)
+    expected = math.ceil(5 * len(x) / 256)
+    assert trainer.config.train.steps == expected and trainer.learning_rate.steps == expected
+    trainer.fit()
+    assert trainer.state.step == expected and trainer.state.history[-1]["step"] == expected
