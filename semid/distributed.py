@@ -55,10 +55,11 @@ def join(device_type: str) -> Ranks:
 
     The backend follows the device: NCCL between GPUs, gloo between CPU processes.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if not dist.is_available():
             raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     return current()
 
 
