@@ -12,8 +12,8 @@ x.c - |c|^2/2 for l2, x.c/|c| for cosine), ties to the lowest index, the prefix 
 search in the same sorted key table, the same fp32 residual subtractions. The scores come from tensor
 cores in "tf32x3" (three TF32 products that carry about fp32's precision); plain fp32 ("ieee") products
 run on CUDA cores and, at these tile sizes, spill registers. So a code can differ where two codewords tie
-to within about 1e-6 of the score. Used on CUDA when Triton is importable (it ships with CUDA builds of torch); SEMID_FUSED=0 turns
-it off. The tests run it on the CPU through Triton's interpreter.
+to within about 1e-6 of the score. Used on CUDA when Triton is importable (it ships with CUDA builds of
+torch); SEMID_FUSED=0 turns it off. The tests run it on the CPU through Triton's interpreter.
 """
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def _residual_encode(
         word = tl.load(codeword_ptr + (level * K_PAD + code[:, None]) * D + dims[None, :],
                        mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         residual = residual - word
-        if level < LEVELS - 1:
+        if N_KEYS > 0 and level < LEVELS - 1:  # the prefix key is needed only to look up a centre
             key = key + code * tl.load(strides_ptr + level)
 
 
