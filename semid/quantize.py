@@ -198,7 +198,8 @@ class Quantizer(nn.Module):
         if e.shape[0] < self.codebook_size:
             raise ValueError(
                 f"k-means initialisation needs at least as many rows as codes: got {e.shape[0]} rows for "
-                f"K={self.codebook_size}; use fewer codes or more items"
+                f"K={self.codebook_size}; use fewer codes (quantizer.codebook_size) or more items, or turn "
+                f"quantizer.kmeans_init off"
             )
         result = kmeans(e, self.codebook_size, iters=iters, distance=self.distance, sample_size=None, generator=generator)
         centroids = result.centroids

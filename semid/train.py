@@ -293,12 +293,10 @@ class Trainer:
                 self.save_checkpoint()
             bar.update(1)
             if t.progress and (step % 25 == 0 or done):
-                bar.set_postfix(
-                    loss=f"{out.loss.item():.4f}",
-                    rec=f"{out.reconstruction_loss.item():.4f}",
-                    usage=f"{np.mean(last.get('usage', [float('nan')])):.2f}",
-                    coll=f"{last.get('collision_rate', float('nan')):.3f}",
-                )
+                shown = {"loss": f"{out.loss.item():.4f}", "rec": f"{out.reconstruction_loss.item():.4f}"}
+                if last:  # codebook usage and collisions exist only from the first evaluation on
+                    shown |= {"usage": f"{np.mean(last['usage']):.2f}", "coll": f"{last['collision_rate']:.3f}"}
+                bar.set_postfix(shown)
         bar.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
