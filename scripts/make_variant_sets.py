@@ -7,6 +7,11 @@ raw MiniLM mean-pooled vectors of one kind; the variants here change what a new 
 * `beauty-pca128`: Beauty projected on its top 128 principal axes (another dimension, centred, 86% of the
   variance), as pipelines that reduce embeddings before tokenising do;
 * `mixed`: the five sets stacked into one 29k-item catalogue of several domains.
+* `beauty-tfidf256`: not MiniLM at all: TF-IDF of Beauty's item texts reduced to 256 dimensions by truncated
+  SVD (latent semantic analysis), the embedding a team without a neural text model would use;
+* `beauty-cf64`: collaborative item factors: the truncated SVD of Beauty's item-by-user interaction matrix
+  (`beauty_sequences.txt`) to 64 dimensions, item rows scaled by the singular values, as semantic IDs built
+  on behaviour rather than content would use.
 
 The variants are written outside the repository (the shared sets' licences forbid shipping them), then
 benchmarked with `scripts/bench_quality.py --data-dir DIR --data NAME ...`; bench/VARIANTS.md has the results.
@@ -20,6 +25,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import polars as pl
+from scipy import sparse
+from sklearn.decomposition import TruncatedSVD
+from sklearn.feature_extraction.text import TfidfVectorizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import DATA_SETS, default_data_dir, load_embeddings  # noqa: E402
@@ -36,13 +45,33 @@ def pca(x: np.ndarray, dim: int) -> np.ndarray:
     return centred @ axes[:dim].T
 
 
+def text_lsa(texts: list[str], dim: int, seed: int = 0) -> np.ndarray:
+    """TF-IDF (words and word pairs, sublinear counts) reduced to `dim` dimensions by truncated SVD."""
+    tfidf = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True).fit_transform(texts)
+    return TruncatedSVD(dim, random_state=seed).fit_transform(tfidf)
+
+
+def interaction_factors(sequences: Path, n_items: int, dim: int, seed: int = 0) -> np.ndarray:
+    """Item factors U S of the truncated SVD of the binary item-by-user matrix of `user<TAB>row row ...` lines."""
+    items, users = [], []
+    for user, line in enumerate(sequences.read_text().splitlines()):
+        rows = {int(r) for r in line.split("\t", 1)[1].split()}
+        items.extend(rows)
+        users.extend([user] * len(rows))
+    matrix = sparse.csr_matrix((np.ones(len(items)), (items, users)), shape=(n_items, max(users) + 1))
+    return TruncatedSVD(dim, random_state=seed).fit_transform(matrix)
+
+
 def variants(data_dir: Path) -> dict[str, np.ndarray]:
     sets = {name: load_embeddings(name, data_dir) for name in DATA_SETS}
+    beauty_texts = pl.read_parquet(data_dir / "beauty.items.parquet")["text"].to_list()
     return {
         "beauty-unit": unit_rows(sets["beauty"]),
         "ml-1m-unit": unit_rows(sets["ml-1m"]),
         "beauty-pca128": pca(sets["beauty"], 128),
         "mixed": np.concatenate([sets[name] for name in DATA_SETS]),
+        "beauty-tfidf256": text_lsa(beauty_texts, 256),
+        "beauty-cf64": interaction_factors(data_dir / "beauty_sequences.txt", len(sets["beauty"]), 64),
     }
 
 
