@@ -7,6 +7,7 @@ raw MiniLM mean-pooled vectors of one kind; the variants here change what a new 
 * `beauty-pca128`: Beauty projected on its top 128 principal axes (another dimension, centred, 86% of the
   variance), as pipelines that reduce embeddings before tokenising do;
 * `mixed`: the five sets stacked into one 29k-item catalogue of several domains.
+* `ml-1m-600`, `beauty-3000`: seeded random subsets, catalogues only a few times the size of a codebook;
 * `beauty-tfidf256`: not MiniLM at all: TF-IDF of Beauty's item texts reduced to 256 dimensions by truncated
   SVD (latent semantic analysis), the embedding a team without a neural text model would use;
 * `beauty-cf64`: collaborative item factors: the truncated SVD of Beauty's item-by-user interaction matrix
@@ -45,6 +46,13 @@ def pca(x: np.ndarray, dim: int) -> np.ndarray:
     return centred @ axes[:dim].T
 
 
+def subsets(x_by_name: dict[str, np.ndarray], sizes: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+    """`<name>-<size>`: a seeded random choice of `size` rows of each named set, kept in row order."""
+    rng = np.random.default_rng(seed)
+    return {f"{name}-{size}": x_by_name[name][np.sort(rng.choice(len(x_by_name[name]), size, replace=False))]
+            for name, size in sizes.items()}
+
+
 def text_lsa(texts: list[str], dim: int, seed: int = 0) -> np.ndarray:
     """TF-IDF (words and word pairs, sublinear counts) reduced to `dim` dimensions by truncated SVD."""
     tfidf = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True).fit_transform(texts)
@@ -70,6 +78,7 @@ def variants(data_dir: Path) -> dict[str, np.ndarray]:
         "ml-1m-unit": unit_rows(sets["ml-1m"]),
         "beauty-pca128": pca(sets["beauty"], 128),
         "mixed": np.concatenate([sets[name] for name in DATA_SETS]),
+        **subsets(sets, {"ml-1m": 600, "beauty": 3000}),
         "beauty-tfidf256": text_lsa(beauty_texts, 256),
         "beauty-cf64": interaction_factors(data_dir / "beauty_sequences.txt", len(sets["beauty"]), 64),
     }

@@ -37,3 +37,13 @@ def test_text_lsa_places_texts_that_share_words_closer() -> None:
     similarity = unit @ unit.T
     assert similarity[0, 2] > similarity[0, 3]  # two lipsticks are closer than a lipstick and a shampoo
     assert similarity[3, 4] > similarity[3, 1]
+
+
+def test_subsets_are_seeded_distinct_rows_in_order() -> None:
+    x = {"a": np.arange(40, dtype=np.float32).reshape(20, 2), "b": np.ones((5, 3), np.float32)}
+    first, again = mv.subsets(x, {"a": 7, "b": 5}), mv.subsets(x, {"a": 7, "b": 5})
+    assert set(first) == {"a-7", "b-5"}
+    np.testing.assert_array_equal(first["a-7"], again["a-7"])
+    rows = first["a-7"][:, 0] / 2
+    assert len(set(rows)) == 7 and np.all(np.diff(rows) > 0)  # distinct rows of a, in their original order
+    assert not np.array_equal(first["a-7"], mv.subsets(x, {"a": 7}, seed=1)["a-7"])
