@@ -7,7 +7,8 @@ either: similar items land on the same tuple. This module turns raw codes into f
 * `suffix` (TIGER): append the item's rank within its group of identical tuples (alone -> 0).
 * `remap`: the best-ranked item of a group keeps its tuple; the others move to the nearest unused
   code of the last level within the same prefix, so IDs keep length L. Where a prefix is full, the
-  items that found no free code keep their tuple and get a suffix (see `resolve_collisions`).
+  items that found no free code keep their tuple and get a suffix; where that tuple has no suffix
+  left either, the nearest code of the prefix that has one (see `resolve_collisions`).
 * `none`: leave the codes as they are (collisions are only reported by the metrics).
 
 Ranking is always by `rank_key` (the item's distance to its codeword reconstruction, lower first)
@@ -218,8 +219,10 @@ def resolve_collisions(
     those rows' last residual to the last codebook; it is called for the colliding rows only, in
     blocks that keep each answer under 2**24 entries. If a prefix is full, the items left without a
     code keep their tuple and the result is (n, L + 1): suffix 0 for every other item, and for these
-    the smallest free suffixes of their tuple (1, 2, ... when nothing is registered), again bounded
-    by suffix_size.
+    the smallest free suffixes of their tuple (1, 2, ... when nothing is registered), below suffix_size.
+    Items that find none below it take the smallest free suffix of the nearest last-level code of their
+    prefix that has one, so a prefix holds up to K_last * suffix_size IDs; only a prefix that holds
+    them all raises SuffixOverflowError.
 
     none -> the codes unchanged (n, L).
     """
@@ -342,10 +345,63 @@ def _remap(
     blocked_slot = np.concatenate([np.minimum(taken[:, levels], suffix_size), np.zeros((~fallback).sum(), np.int64)])
     fb_group = new_group[fallback]
     slots = _free_slots(fb_group, _rank_in_group(fb_group, rank_key[fallback]), blocked_group, blocked_slot)
-    _check_suffix_bound(slots, fb_group, blocked_group, final[fallback], suffix_size)
     suffix = np.zeros(n, dtype=np.int64)
     suffix[fallback] = slots
-    return np.column_stack([final, suffix])
+    ids = np.column_stack([final, suffix])
+    spill = np.flatnonzero(fallback)[slots >= suffix_size]
+    if spill.size:
+        _spill_to_neighbour_tuples(ids, spill, rank_key, prefix[:n], taken, prefix[n:], suffix_size,
+                                   last_level_distances, k_last)
+    return ids
+
+
+def _spill_to_neighbour_tuples(
+    ids: np.ndarray,
+    spill: np.ndarray,
+    rank_key: np.ndarray,
+    prefix: np.ndarray,
+    taken: np.ndarray,
+    taken_prefix: np.ndarray,
+    suffix_size: int,
+    last_level_distances: LastLevelDistances,
+    k_last: int,
+) -> None:
+    """Give the rows `spill` of `ids`, whose own tuple has no suffix below suffix_size left, the smallest
+    free suffix of the nearest last-level code of their prefix that still has one (in place).
+
+    A prefix then holds up to k_last * suffix_size IDs rather than failing when one tuple is shared by more
+    items than suffix_size (hundreds of near-identical items do that). Best rank key first, then row order,
+    as everywhere. Raises SuffixOverflowError only when the whole prefix is full.
+    """
+    levels = taken.shape[1] - 1
+    spill = spill[np.lexsort((spill, rank_key[spill]))]
+    crowded = np.unique(prefix[spill])
+    is_spill = np.zeros(len(ids), dtype=bool)
+    is_spill[spill] = True
+    occupied: dict[tuple[int, int], set[int]] = {}  # (prefix, last code) -> suffixes in use
+    for table, table_prefix, rows in ((ids, prefix, np.flatnonzero(np.isin(prefix, crowded) & ~is_spill)),
+                                      (taken, taken_prefix, np.flatnonzero(np.isin(taken_prefix, crowded)))):
+        for p, code, suffix in zip(table_prefix[rows].tolist(), table[rows, levels - 1].tolist(),
+                                   table[rows, levels].tolist()):
+            occupied.setdefault((p, code), set()).add(suffix)
+    chunk = max(1, _MAX_DISTANCE_ELEMENTS // k_last)
+    for lo in range(0, spill.size, chunk):
+        block = spill[lo : lo + chunk]
+        for row, row_dist in zip(block.tolist(), _block_distances(last_level_distances, block, k_last)):
+            for code in np.argsort(row_dist, kind="stable").tolist():  # nearest first, lowest code on ties
+                used = occupied.setdefault((int(prefix[row]), code), set())
+                free = next(s for s in range(len(used) + 1) if s not in used)
+                if free < suffix_size:
+                    used.add(free)
+                    ids[row, levels - 1], ids[row, levels] = code, free
+                    break
+            else:
+                tuple_ = tuple(ids[row, : levels - 1].tolist())
+                raise SuffixOverflowError(
+                    f"the prefix {tuple_} is full: each of its {k_last} last-level codes already numbers "
+                    f"suffix_size={suffix_size} items; use a larger suffix size (collisions.suffix_size) or more codes",
+                    size=k_last * suffix_size, codes=tuple_, suffix_size=suffix_size,
+                )
 
 
 def _block_distances(last_level_distances: LastLevelDistances, rows: np.ndarray, k_last: int) -> np.ndarray:

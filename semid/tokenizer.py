@@ -149,7 +149,7 @@ class SemanticIdTokenizer:
             self._assign(keys, emb)
         except SuffixOverflowError as e:
             raise SuffixOverflowError(
-                f"{e}. Even remapping found no free code in that prefix. The trained model is kept: set "
+                f"{e}. The trained model is kept: set "
                 "tok.config = tok.config.with_overrides({'collisions.suffix_size': ...}) and call tok.encode(...), "
                 "or tok.save(...) it as it is",
                 size=e.size, codes=e.codes, suffix_size=e.suffix_size,

@@ -240,12 +240,14 @@ def test_suffix_overflow_remaps_only_the_items_beyond_the_bound(roomy):
 
 
 def test_suffix_overflow_still_raises_where_the_prefix_is_full(crowded):
+    """Suffix size 2 gives a prefix of 16 last-level codes room for 32 IDs; some prefixes hold more items."""
     codes, key = crowded.codes, crowded.rank_key
-    with pytest.raises(SuffixOverflowError, match="items share the code tuple") as e:
+    assert np.unique(codes[:, :2], axis=0, return_counts=True)[1].max() > 32
+    with pytest.raises(SuffixOverflowError, match=r"the prefix \(\d+, \d+\) is full") as e:
         with pytest.warns(SuffixOverflowWarning):  # the remap is announced, then runs out of codes
             resolve_collisions(codes, key, "suffix", codebook_sizes=crowded.sizes, suffix_size=2,
                                last_level_distances=crowded.last_level_distances, overflow="remap")
-    assert isinstance(e.value, ValueError) and e.value.suffix_size == 2 and e.value.size > 2
+    assert isinstance(e.value, ValueError) and e.value.suffix_size == 2 and e.value.size == 32
     with pytest.raises(ValueError, match="needs last_level_distances"):
         resolve_collisions(codes, key, "suffix", codebook_sizes=crowded.sizes, suffix_size=2, overflow="remap")
     with pytest.raises(ValueError, match="overflow must be"):
@@ -253,6 +255,43 @@ def test_suffix_overflow_still_raises_where_the_prefix_is_full(crowded):
 
 
 # ---------------------------------------------------------------- remap
+
+
+def one_crowded_tuple(n: int) -> tuple[np.ndarray, np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """n items on the tuple (1, 1, 3) of sizes (2, 2, 8), ranked by row; last-level distance |code - 3|."""
+    codes = np.tile([1, 1, 3], (n, 1))
+    distances = lambda rows: np.tile(np.abs(np.arange(8) - 3.0), (len(rows), 1))  # noqa: E731
+    return codes, np.arange(n, dtype=np.float64), distances
+
+
+@pytest.mark.parametrize("strategy, overflow", [("remap", "raise"), ("suffix", "remap")])
+def test_a_tuple_shared_beyond_the_suffix_bound_spills_into_the_nearest_codes(strategy, overflow):
+    """100 items on one tuple, suffix size 16: the prefix's 8 codes x 16 suffixes have room for 128 IDs.
+
+    Each item takes the smallest free suffix of the nearest code that still has one; its own tuple first.
+    """
+    codes, key, distances = one_crowded_tuple(100)
+    ids = resolve_collisions(codes, key, strategy, codebook_sizes=(2, 2, 8), suffix_size=16,
+                             last_level_distances=distances, overflow=overflow)
+    assert ids.shape == (100, 4) and n_unique_rows(ids) == 100
+    np.testing.assert_array_equal(ids[:, :2], codes[:, :2])  # the prefix never changes
+    assert ids[:, 3].max() < 16
+    per_code = dict(zip(*np.unique(ids[:, 2], return_counts=True)))
+    assert {int(c): int(k) for c, k in per_code.items()} == {3: 16, 2: 16, 4: 16, 1: 16, 5: 16, 0: 16, 6: 3, 7: 1}
+    # remap: the best item keeps the tuple and the next 7 take the free codes, nearest first; suffix: the
+    # best 16 number the tuple first. Then the tuple's free suffixes, then the spill, nearest code first.
+    head = [(3, 0), *[(c, 0) for c in (2, 4, 1, 5, 0, 6, 7)], *[(3, s) for s in range(1, 16)]]
+    if strategy == "suffix":
+        head = [*[(3, s) for s in range(16)], *[(c, 0) for c in (2, 4, 1, 5, 0, 6, 7)]]
+    spilled = [(c, s) for c in (2, 4, 1, 5, 0) for s in range(1, 16)] + [(6, 1), (6, 2)]
+    assert [tuple(r) for r in ids[:, 2:].tolist()] == head + spilled
+
+
+def test_a_full_prefix_raises_by_name():
+    codes, key, distances = one_crowded_tuple(129)  # one more than 8 codes x 16 suffixes
+    with pytest.raises(SuffixOverflowError, match=r"the prefix \(1, 1\) is full") as e:
+        resolve_collisions(codes, key, "remap", codebook_sizes=(2, 2, 8), suffix_size=16, last_level_distances=distances)
+    assert e.value.size == 128 and e.value.codes == (1, 1)
 
 
 def test_remap_keeps_length_and_picks_nearest_free_code(roomy):

@@ -387,13 +387,27 @@ def test_fit_remaps_what_the_suffix_cannot_number_and_keeps_every_id_unique(data
 def test_fit_keeps_the_trained_model_when_no_code_is_free(data, tiny_config):
     """2 x 2 x 2 codes for 1200 items: every prefix is full, so remapping cannot help either."""
     tok = SemanticIdTokenizer(tiny_config({"collisions.suffix_size": 4, "quantizer.codebook_size": 2}))
-    with pytest.raises(SuffixOverflowError, match=r"items share the code tuple .*The trained model is kept"):
+    with pytest.raises(SuffixOverflowError, match=r"the prefix \(\d, \d\) is full.*The trained model is kept"):
         with pytest.warns(SuffixOverflowWarning):  # the remap of the overflow came first, and ran out of codes
             tok.fit(data["a"])
     assert tok.model is not None and len(tok.registry) == 0
     tok.config = tok.config.with_overrides({"collisions.suffix_size": 4096})
     ids = tok.encode(data["a"])  # no training again
     assert len(_rows(ids)) == N_A
+
+
+def test_fit_numbers_hundreds_of_identical_items_within_the_suffix_bound(data, tiny_config):
+    """400 of 1200 items share one embedding (as items without metadata do): 400 > suffix_size = 64 items
+    on one tuple and more than the prefix's 16 codes can take, so the rest spill into its other codes."""
+    x = data["a"].copy()
+    x[:400] = x[0]
+    tok = SemanticIdTokenizer(tiny_config({"collisions.suffix_size": 64}))
+    with pytest.warns(SuffixOverflowWarning):
+        ids = tok.fit(x).encode(x)
+    assert len(_rows(ids)) == N_A and ids[:, -1].max() < 64
+    assert len(_rows(ids[:400, :2])) == 1  # the identical items keep one prefix
+    assert len(_rows(ids[:400, :3])) > 400 // 64  # ... and fill several of its codes
+    np.testing.assert_array_equal(tok.encode(x), ids)  # and keep those IDs
 
 
 # ---- errors ---------------------------------------------------------------------------------------
