@@ -1,6 +1,7 @@
 """Collision resolution and the ID registry: uniqueness, stability, nearest-free remap, determinism."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -271,8 +272,11 @@ def test_a_tuple_shared_beyond_the_suffix_bound_spills_into_the_nearest_codes(st
     Each item takes the smallest free suffix of the nearest code that still has one; its own tuple first.
     """
     codes, key, distances = one_crowded_tuple(100)
-    ids = resolve_collisions(codes, key, strategy, codebook_sizes=(2, 2, 8), suffix_size=16,
-                             last_level_distances=distances, overflow=overflow)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ids = resolve_collisions(codes, key, strategy, codebook_sizes=(2, 2, 8), suffix_size=16,
+                                 last_level_distances=distances, overflow=overflow)
+    assert [w.category for w in caught] == ([SuffixOverflowWarning] if strategy == "suffix" else [])
     assert ids.shape == (100, 4) and n_unique_rows(ids) == 100
     np.testing.assert_array_equal(ids[:, :2], codes[:, :2])  # the prefix never changes
     assert ids[:, 3].max() < 16

@@ -468,3 +468,19 @@ def test_saved_config_records_the_steps_the_catalogue_was_trained_for(data, tiny
     expected = -(-3 * len(data["a"]) // 256)  # ceil: 3 passes in 256-row batches
     assert expected > 10 and tok.config.train.steps == expected
     assert SemanticIdTokenizer.load(tok.save(tmp_path / "model")).config.train.steps == expected
+
+
+def test_fit_warns_when_a_few_items_hold_most_of_the_variance(data, tiny_config):
+    """Popularity-scaled rows, as collaborative factors have, get a HeavyTailWarning; real text embeddings none."""
+    import warnings
+
+    from semid.tokenizer import HeavyTailWarning
+
+    config = tiny_config({"train.steps": 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HeavyTailWarning)
+        SemanticIdTokenizer(config).fit(data["a"])
+    heavy = data["a"].copy()
+    heavy[:12] *= 30.0
+    with pytest.warns(HeavyTailWarning, match=r"the top 1% of items hold \d+% of the embeddings' variance"):
+        SemanticIdTokenizer(config).fit(heavy)
