@@ -379,6 +379,7 @@ def _spill_to_neighbour_tuples(
     is_spill = np.zeros(len(ids), dtype=bool)
     is_spill[spill] = True
     occupied: dict[tuple[int, int], set[int]] = {}  # (prefix, last code) -> suffixes in use
+    lowest_free: dict[tuple[int, int], int] = {}  # only grows, as suffixes are only ever added
     for table, table_prefix, rows in ((ids, prefix, np.flatnonzero(np.isin(prefix, crowded) & ~is_spill)),
                                       (taken, taken_prefix, np.flatnonzero(np.isin(taken_prefix, crowded)))):
         for p, code, suffix in zip(table_prefix[rows].tolist(), table[rows, levels - 1].tolist(),
@@ -389,8 +390,12 @@ def _spill_to_neighbour_tuples(
         block = spill[lo : lo + chunk]
         for row, row_dist in zip(block.tolist(), _block_distances(last_level_distances, block, k_last)):
             for code in np.argsort(row_dist, kind="stable").tolist():  # nearest first, lowest code on ties
-                used = occupied.setdefault((int(prefix[row]), code), set())
-                free = next(s for s in range(len(used) + 1) if s not in used)
+                tuple_key = (int(prefix[row]), code)
+                used = occupied.setdefault(tuple_key, set())
+                free = lowest_free.get(tuple_key, 0)
+                while free in used:
+                    free += 1
+                lowest_free[tuple_key] = free
                 if free < suffix_size:
                     used.add(free)
                     ids[row, levels - 1], ids[row, levels] = code, free

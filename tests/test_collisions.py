@@ -118,7 +118,7 @@ def ref_suffix(codes, rank_key, taken=None) -> np.ndarray:
     return out
 
 
-def ref_remap(codes, rank_key, k_last, dist_fn, taken=None) -> np.ndarray:
+def ref_remap(codes, rank_key, k_last, dist_fn, taken=None, suffix_size=None) -> np.ndarray:
     levels = codes.shape[1]
     taken_slots = ref_taken_slots(taken, levels)
     kept, movers = set(), []
@@ -147,8 +147,21 @@ def ref_remap(codes, rank_key, k_last, dist_fn, taken=None) -> np.ndarray:
     for i in set(range(len(codes))) - set(fallback):
         slots.setdefault(tuple(final[i]), set()).add(0)
     suffix = np.zeros(len(codes), dtype=np.int64)
+    spill = []
     for i in fallback:  # already in rank order
         suffix[i] = ref_smallest_free(slots, tuple(final[i]))
+        if suffix_size is not None and suffix[i] >= suffix_size:
+            slots[tuple(final[i])].discard(suffix[i])
+            spill.append(i)
+    for i in spill:  # then the nearest code of the prefix with a free suffix below the bound
+        row_dist = dist_fn(np.array([i]))[0]
+        for code in sorted(range(k_last), key=lambda c: (row_dist[c], c)):
+            tup = (*final[i][:-1], code)
+            free = ref_smallest_free(slots, tup)
+            if free < suffix_size:
+                final[i, -1], suffix[i] = code, free
+                break
+            slots[tup].discard(free)
     return np.column_stack([final, suffix])
 
 
@@ -289,6 +302,17 @@ def test_a_tuple_shared_beyond_the_suffix_bound_spills_into_the_nearest_codes(st
         head = [*[(3, s) for s in range(16)], *[(c, 0) for c in (2, 4, 1, 5, 0, 6, 7)]]
     spilled = [(c, s) for c in (2, 4, 1, 5, 0) for s in range(1, 16)] + [(6, 1), (6, 2)]
     assert [tuple(r) for r in ids[:, 2:].tolist()] == head + spilled
+
+
+def test_spilling_matches_the_plain_python_reference_on_real_codes(crowded):
+    """K=16 and suffix size 96: prefixes of up to 1,536 IDs; one tuple holds over 1,400 items."""
+    codes, key = crowded.codes, crowded.rank_key
+    assert np.unique(codes, axis=0, return_counts=True)[1].max() > 96
+    assert np.unique(codes[:, :2], axis=0, return_counts=True)[1].max() <= 16 * 96
+    ids = resolve_collisions(codes, key, "remap", codebook_sizes=crowded.sizes, suffix_size=96,
+                             last_level_distances=crowded.last_level_distances)
+    assert n_unique_rows(ids) == len(ids) and ids[:, 3].max() < 96
+    np.testing.assert_array_equal(ids, ref_remap(codes, key, 16, crowded.last_level_distances, suffix_size=96))
 
 
 def test_a_full_prefix_raises_by_name():
