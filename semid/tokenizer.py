@@ -147,7 +147,8 @@ class SemanticIdTokenizer:
                 f"the top 1% of items hold {share:.0%} of the embeddings' variance (heavy-tailed norms, as in "
                 "collaborative-filtering factors); semid codes such catalogues poorly: fvu 0.73 on Beauty's item "
                 "factors against 0.17 with unit-normalised rows (bench/VARIANTS.md). If the direction of an "
-                "embedding is what should group items, divide each row by its norm first"
+                "embedding is what should group items, divide each row by its norm first; otherwise "
+                "model.layer_norm = true keeps the training stable"
             ), stacklevel=2)
         trainer = Trainer(self.config, torch.tensor(emb), checkpoint_path=checkpoint)
         self.model = trainer.fit(resume=resume)
