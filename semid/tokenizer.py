@@ -138,7 +138,8 @@ class SemanticIdTokenizer:
         `checkpoint` names a resumable training checkpoint (written every `train.checkpoint_every` steps);
         with resume=True training continues from it. A code tuple with more items than
         collisions.suffix_size can number does not lose the training: its extra items are remapped, with a
-        SuffixOverflowWarning (see `_resolve`).
+        SuffixOverflowWarning (see `_resolve`). A catalogue whose variance sits in a few items (heavy-tailed
+        norms) gets a HeavyTailWarning before training: the default codes such items badly.
         """
         keys, emb = self._items(x, ids, id_col, emb_col)
         share = top_variance_share(emb)
