@@ -216,16 +216,24 @@ class Quantizer(nn.Module):
 
     @torch.no_grad()
     def reseed(self, dead: torch.Tensor, e: torch.Tensor, error: torch.Tensor) -> int:
-        """Move dead codes onto the rows of e that this level quantizes worst, and reset their usage.
+        """Move dead codes onto the rows of e that this level quantizes worst, then to the mean of the rows
+        of e they win (one Lloyd step), and reset their usage.
 
         The worst-served inputs are where a new codeword lowers the error most; random rows would mostly
-        land in regions that are already covered.
+        land in regions that are already covered. The Lloyd step gives each new codeword the length of what
+        it codes, as the k-means initialisation does. Left at the worst row, a codeword is as long as the
+        longest residuals, and under cosine distance short rows pointing its way pick it too: their residual
+        then grows instead of shrinking, and the commitment loss drags their latents outwards. Adam moves a
+        codeword by about the learning rate per step, too slowly to undo that, so on heavy-tailed inputs
+        (collaborative factors, bench/VARIANTS.md) latents and codewords grew without bound.
         """
         n_dead = min(int(dead.numel()), e.shape[0])
         if n_dead == 0:
             return 0
-        worst = torch.topk(error, n_dead).indices
-        self.codebook[dead[:n_dead]] = e[worst].float()
-        self.usage_ema[dead[:n_dead]] = -1.0
+        reseeded = dead[:n_dead]
+        e = e.float()
+        self.codebook[reseeded] = e[torch.topk(error, n_dead).indices]
+        self.codebook[reseeded] = cluster_means(e, self.encode(e), self.codebook)[reseeded]
+        self.usage_ema[reseeded] = -1.0
         self.resets += n_dead
         return n_dead

@@ -258,12 +258,60 @@ def test_reseed_uses_the_worst_quantized_inputs() -> None:
     assert quantizer.reseed(dead, points, out.error) == 3
     worst_three = torch.argsort(brute, descending=True)[:3]
     assert set(worst_three.tolist()) <= set(outliers.tolist())
-    torch.testing.assert_close(quantizer.codebook.detach()[dead], points[worst_three], rtol=0, atol=0)
+    seeded = centres.clone()
+    seeded[dead] = points[worst_three]
+    torch.testing.assert_close(quantizer.codebook.detach()[dead], _lloyd_means(points, seeded, "l2")[dead])
     untouched = [0, 1, 4, 5, 7]
     torch.testing.assert_close(quantizer.codebook.detach()[untouched], centres[untouched], rtol=0, atol=0)
     assert int(quantizer.resets) == 3
     # Freshly reseeded codes get a fresh start: they are not reported dead before they have been used.
     assert not set(quantizer.dead_codes(batch_size=160).tolist()) & set(dead.tolist())
+
+
+def _lloyd_means(points: torch.Tensor, codebook: torch.Tensor, distance: str) -> torch.Tensor:
+    """Brute-force Lloyd step in float64: each codeword to the mean of the points nearest it (kept if none)."""
+    p, c = points.double(), codebook.double()
+    if distance == "l2":
+        codes = torch.cdist(p, c).argmin(-1)
+    else:
+        codes = (F.normalize(p, dim=-1) @ F.normalize(c, dim=-1).T).argmax(-1)
+    means = c.clone()
+    for code in codes.unique():
+        means[code] = p[codes == code].mean(0)
+    return means.float()
+
+
+def test_cosine_reseed_takes_the_length_of_what_the_code_wins() -> None:
+    """Under cosine a reseeded code is picked by direction, so short rows pointing at a long outlier pick it.
+
+    Left at the outlier's length it would lengthen their residuals (the divergence on heavy-tailed factors,
+    bench/VARIANTS.md); after the Lloyd step it is the mean of what it codes, and lowers their error.
+    """
+    g = _gen(21)
+    direction = F.normalize(torch.randn(1, 8, generator=g), dim=-1)
+    short = 0.5 * direction + 0.05 * torch.randn(60, 8, generator=g)  # 60 short rows, all one way
+    others = F.normalize(torch.randn(40, 8, generator=g), dim=-1)  # served by the live codes below
+    outlier = 50.0 * direction
+    points = torch.cat([short, others, outlier])
+    quantizer = Quantizer(8, 41, distance="cosine").train()
+    with torch.no_grad():
+        quantizer.codebook[:40] = others
+        quantizer.codebook[40] = -direction[0]  # dead: points away from every row
+    out = quantizer(points)
+    assert int(torch.topk(out.error, 1).indices) == 100  # the outlier is the worst-served row
+    quantizer.usage_ema[40] = 0.0
+    assert quantizer.reseed(torch.tensor([40]), points, out.error) == 1
+    seeded = quantizer.codebook.detach().clone()
+    seeded[40] = outlier[0]
+    expected = _lloyd_means(points, seeded, "cosine")[40]
+    revived = quantizer.codebook.detach()[40]
+    torch.testing.assert_close(revived, expected)
+    winners = quantizer.encode(points) == 40
+    assert winners[:60].sum() >= 50 and winners[100]  # the short rows and the outlier share the new code
+    assert revived.norm() < 0.2 * outlier.norm()  # the length of the rows it codes, not the outlier's
+    served = points[winners]
+    left = lambda codeword: (served - codeword).pow(2).sum()  # noqa: E731 - squared error the code leaves
+    assert left(revived) < served.pow(2).sum() < left(outlier[0])  # the mean lowers it; the outlier raised it
 
 
 def test_dead_codes_far_from_the_data_are_revived_and_counted() -> None:

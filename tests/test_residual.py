@@ -137,12 +137,18 @@ def test_reset_dead_codes_reseeds_each_level_from_its_own_residuals() -> None:
         stack.levels[1].codebook[4:] = 1e3  # level 1: codes 4..7 unreachable
     for _ in range(6):  # usage of the unreachable codes decays below the threshold
         out = stack(x)
+    seeded = stack.levels[1].codebook.detach().clone()
     total = stack.reset_dead_codes(out.residuals, out.errors, batch_size=128)
     assert int(stack.levels[1].resets) == 4
     assert total == int(stack.levels[0].resets) + 4
-    revived = stack.levels[1].codebook.detach()[4:]
-    worst = torch.topk(out.errors[1], 4).indices
-    torch.testing.assert_close(revived, out.residuals[1][worst], rtol=0, atol=0)
+    # The revived codes start at level 1's four worst residuals (worst first), then each moves to the mean
+    # of the residuals it wins (`Quantizer.reseed`): level 1's own residuals, not level 0's.
+    residual, worst = out.residuals[1], torch.topk(out.errors[1], 4).indices
+    seeded[4:] = residual[worst]
+    won = torch.cdist(residual, seeded).argmin(-1)
+    for code in range(4, 8):
+        expected = residual[won == code].mean(0) if (won == code).any() else seeded[code]
+        torch.testing.assert_close(stack.levels[1].codebook.detach()[code], expected)
 
 
 # ---- prefix centres ----------------------------------------------------------------------------------
