@@ -103,6 +103,12 @@ class SemidSystem:
         return np.asarray(self._tok.reconstruct(x), dtype=np.float32)
 
     @property
+    def history(self) -> list[dict[str, Any]]:
+        """The training evaluations (step, fvu, collision_rate, loss), to see whether more steps would pay."""
+        keys = ("step", "fvu", "collision_rate", "loss")
+        return [{k: h[k] for k in keys if k in h} for h in self._tok.history]
+
+    @property
     def steps_run(self) -> int | None:
         """Training steps of the fitted RQ-VAE (None for residual k-means, which is not trained by SGD)."""
         config = self._tok.config
@@ -162,6 +168,8 @@ def measure(
     report = evaluate_codes(x_fit, x_hat, codes, [codebook_size] * levels,
                             sequences=None if len(held_rows) else sequences, seed=seed)
     row = {"train_s": train_s, "encode_items_per_s": x_fit.shape[0] / encode_s, **report}
+    if getattr(system, "history", None):  # semid's training evaluations; the peers keep none
+        row["history"] = system.history
     if len(held_rows):
         x_held = x[held_rows]
         row["holdout"] = holdout

@@ -276,3 +276,17 @@ def test_semid_rqkmeans_is_benchmarked_without_prefix_centres(one_torch_thread) 
     assert not kmeans._tok.model.quantizer.has_centres
     rqvae = bench_quality.make_system("semid-rqvae-rotation", 5, "cpu", config).fit(x, 2, 8, 0)
     assert rqvae._tok.model.quantizer.has_centres
+
+
+def test_semid_rows_record_the_training_history(one_torch_thread) -> None:
+    """A semid row carries its training evaluations, so a benchmark shows whether more steps would pay."""
+    bench_quality = pytest.importorskip("bench_quality")
+    config = SCRIPTS.parent / "configs" / "default.toml"
+    x = np.random.default_rng(3).normal(size=(300, 8)).astype(np.float32)
+    system = bench_quality.make_system("semid-rqvae-rotation", 20, "cpu", config,
+                                       {"train.eval_every": 10, "train.min_epochs": 0})
+    row = bench_quality.measure(system, x, 2, 8, seed=0, sequences=None)
+    assert [h["step"] for h in row["history"]] == [10, 20]
+    assert all(0.0 < h["fvu"] and 0.0 <= h["collision_rate"] <= 1.0 and h["loss"] > 0 for h in row["history"])
+    assert row["history"] == system.history
+    assert "history" not in bench_quality.measure(peers.FaissResidualQuantizer(), x, 2, 8, seed=0, sequences=None)
