@@ -393,7 +393,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--semid-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra semid config override, TOML value, e.g. train.batch_size=1024 (repeatable)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "quality.json")
-    p.add_argument("--plot", type=Path, default=REPO / "bench" / "quality.png")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="PNG of fvu against collision rate (default: beside --out, same name, .png): a run to a "
+                        "scratch --out never overwrites the committed plot")
     p.add_argument("--markdown", type=Path, default=None, help="also write a markdown table here")
     p.add_argument("--fresh", action="store_true", help="replace --out instead of merging into it")
     p.add_argument("--render-only", action="store_true", help="only re-render table, plot and markdown from --out")
@@ -410,6 +412,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.semid_set = dict(parse_override(item) for item in args.semid_set)
     except ValueError as err:
         p.error(str(err))
+    if args.plot is None:
+        args.plot = args.out.with_suffix(".png")
     return args
 
 

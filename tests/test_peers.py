@@ -214,6 +214,15 @@ def test_bench_quality_records_semid_failures_and_raises_peer_ones(tmp_path: Pat
         bench_quality.main(argv)
 
 
+def test_plot_defaults_to_beside_the_json(tmp_path: Path) -> None:
+    """A run to a scratch --out draws its plot beside it, never over the committed bench/quality.png."""
+    bench_quality = pytest.importorskip("bench_quality")
+    args = bench_quality.parse_args(["--data", "beauty", "--out", str(tmp_path / "scratch.json")])
+    assert args.plot == tmp_path / "scratch.png"
+    chosen = bench_quality.parse_args(["--data", "beauty", "--out", str(tmp_path / "a.json"), "--plot", "p.png"])
+    assert chosen.plot == Path("p.png")
+
+
 def test_parse_override_reads_toml_values() -> None:
     bench_quality = pytest.importorskip("bench_quality")
     assert bench_quality.parse_override("train.batch_size=1024") == ("train.batch_size", 1024)
