@@ -68,3 +68,23 @@ def tiny_config() -> Callable[..., SemidConfig]:
         return SemidConfig().with_overrides({**TINY_OVERRIDES, **(overrides or {})})
 
     return make
+
+
+@pytest.fixture(scope="session")
+def lloyd_step() -> Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]:
+    """`lloyd_step(points, codebook, "l2" | "cosine")` -> the codebook after one brute-force float64 Lloyd
+    step: each codeword at the mean of the points nearest it, unchanged where it has none. The reference
+    for dead-code reseeding."""
+
+    def step(points: torch.Tensor, codebook: torch.Tensor, distance: str) -> torch.Tensor:
+        p, c = points.double(), codebook.double()
+        if distance == "l2":
+            codes = torch.cdist(p, c).argmin(-1)
+        else:
+            codes = (torch.nn.functional.normalize(p, dim=-1) @ torch.nn.functional.normalize(c, dim=-1).T).argmax(-1)
+        means = c.clone()
+        for code in codes.unique():
+            means[code] = p[codes == code].mean(0)
+        return means.float()
+
+    return step

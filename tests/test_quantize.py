@@ -240,7 +240,7 @@ def test_codebook_loss_reaches_only_the_codebook_and_commitment_only_the_input()
 
 
 # ---- dead codes ---------------------------------------------------------------------------------------
-def test_reseed_uses_the_worst_quantized_inputs() -> None:
+def test_reseed_uses_the_worst_quantized_inputs(lloyd_step) -> None:
     points, centres = _blobs(8, 20, 4, spread=0.5, seed=13)
     quantizer = Quantizer(4, 8).train()
     with torch.no_grad():
@@ -260,7 +260,7 @@ def test_reseed_uses_the_worst_quantized_inputs() -> None:
     assert set(worst_three.tolist()) <= set(outliers.tolist())
     seeded = centres.clone()
     seeded[dead] = points[worst_three]
-    torch.testing.assert_close(quantizer.codebook.detach()[dead], _lloyd_means(points, seeded, "l2")[dead])
+    torch.testing.assert_close(quantizer.codebook.detach()[dead], lloyd_step(points, seeded, "l2")[dead])
     untouched = [0, 1, 4, 5, 7]
     torch.testing.assert_close(quantizer.codebook.detach()[untouched], centres[untouched], rtol=0, atol=0)
     assert int(quantizer.resets) == 3
@@ -268,20 +268,7 @@ def test_reseed_uses_the_worst_quantized_inputs() -> None:
     assert not set(quantizer.dead_codes(batch_size=160).tolist()) & set(dead.tolist())
 
 
-def _lloyd_means(points: torch.Tensor, codebook: torch.Tensor, distance: str) -> torch.Tensor:
-    """Brute-force Lloyd step in float64: each codeword to the mean of the points nearest it (kept if none)."""
-    p, c = points.double(), codebook.double()
-    if distance == "l2":
-        codes = torch.cdist(p, c).argmin(-1)
-    else:
-        codes = (F.normalize(p, dim=-1) @ F.normalize(c, dim=-1).T).argmax(-1)
-    means = c.clone()
-    for code in codes.unique():
-        means[code] = p[codes == code].mean(0)
-    return means.float()
-
-
-def test_cosine_reseed_takes_the_length_of_what_the_code_wins() -> None:
+def test_cosine_reseed_takes_the_length_of_what_the_code_wins(lloyd_step) -> None:
     """Under cosine a reseeded code is picked by direction, so short rows pointing at a long outlier pick it.
 
     Left at the outlier's length it would lengthen their residuals (the divergence on heavy-tailed factors,
@@ -303,7 +290,7 @@ def test_cosine_reseed_takes_the_length_of_what_the_code_wins() -> None:
     assert quantizer.reseed(torch.tensor([40]), points, out.error) == 1
     seeded = quantizer.codebook.detach().clone()
     seeded[40] = outlier[0]
-    expected = _lloyd_means(points, seeded, "cosine")[40]
+    expected = lloyd_step(points, seeded, "cosine")[40]
     revived = quantizer.codebook.detach()[40]
     torch.testing.assert_close(revived, expected)
     winners = quantizer.encode(points) == 40
