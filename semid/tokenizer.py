@@ -146,7 +146,7 @@ class SemanticIdTokenizer:
         if share > HEAVY_TAIL_SHARE:
             warnings.warn(HeavyTailWarning(
                 f"the top 1% of items hold {share:.0%} of the embeddings' variance (heavy-tailed norms, as in "
-                "collaborative-filtering factors); semid codes such catalogues poorly: fvu 0.59 on Beauty's item "
+                "collaborative-filtering factors); semid codes such catalogues poorly: fvu 0.5 to 0.6 on Beauty's item "
                 "factors against 0.17 with unit-normalised rows (bench/VARIANTS.md). If the direction of an "
                 "embedding is what should group items, divide each row by its norm first; otherwise "
                 "model.layer_norm = true codes them better (fvu 0.29)"
