@@ -81,7 +81,8 @@ def lloyd_step() -> Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]:
         if distance == "l2":
             codes = torch.cdist(p, c).argmin(-1)
         else:
-            codes = (torch.nn.functional.normalize(p, dim=-1) @ torch.nn.functional.normalize(c, dim=-1).T).argmax(-1)
+            unit_p, unit_c = (torch.nn.functional.normalize(v, dim=-1) for v in (p, c))
+            codes = (unit_p @ unit_c.T).argmax(-1)
         means = c.clone()
         for code in codes.unique():
             means[code] = p[codes == code].mean(0)
