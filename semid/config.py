@@ -32,6 +32,10 @@ class ModelConfig:
     latent_dim: int = 32
     activation: str = "silu"  # "relu" | "gelu" | "silu"
     layer_norm: bool = False
+    # Divide each encoder output by its root-mean-square element (RMSNorm without weights). The decoder can
+    # undo any scale the encoder gives the latent, so without this the latent scale drifts, and with it the
+    # weight of the codebook and commitment losses, which are taken in latent units (bench/VARIANTS.md).
+    latent_norm: bool = False
     # Dropout after every hidden activation of the decoder, in training only. Without it the decoder of a small
     # catalogue memorises the training items' code tuples and reconstructs new items badly; with it, similar
     # items share prefixes a little less often, so it is off by default. The encoder gets none: noise there

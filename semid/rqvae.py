@@ -85,6 +85,8 @@ class RQVAE(nn.Module):
         self.is_autoencoder = model.type == "rqvae"
         if self.is_autoencoder:
             self.encoder = mlp([input_dim, *model.hidden, model.latent_dim], model.activation, model.layer_norm)
+            if model.latent_norm:  # parameterless, so the checkpoint keys stay those of a model without it
+                self.encoder.append(nn.RMSNorm(model.latent_dim, elementwise_affine=False))
             self.decoder = mlp([model.latent_dim, *reversed(model.hidden), input_dim], model.activation,
                                model.layer_norm, model.decoder_dropout)
             latent = model.latent_dim

@@ -254,9 +254,9 @@ def _reference_codes(model: RQVAE, x: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 @pytest.mark.parametrize("overrides", [
     {},
-    {"quantizer.distance": "cosine", "model.activation": "silu", "model.layer_norm": True},
+    {"quantizer.distance": "cosine", "model.activation": "silu", "model.layer_norm": True, "model.latent_norm": True},
     {"model.type": "rqkmeans", "quantizer.distance": "cosine"},
-], ids=["l2-relu", "cosine-silu-layernorm", "rqkmeans"])
+], ids=["l2-relu", "cosine-silu-layernorm-latentnorm", "rqkmeans"])
 def test_encode_gives_the_greedy_nearest_codewords_in_any_block_size(data, tiny_config, overrides, monkeypatch):
     """The folded standardiser, the oneDNN layers, the blocks and the tie-break change no code."""
     config = tiny_config({**overrides, "train.steps": 20, "train.eval_every": 20, "collisions.strategy": "none"})
@@ -276,9 +276,10 @@ def test_encode_gives_the_greedy_nearest_codewords_in_any_block_size(data, tiny_
         np.testing.assert_array_equal(tok._raw(x)[0], codes)  # the path of encode() and encode_file()
 
 
-@pytest.mark.parametrize("layer_norm", [False, True])
-def test_latent_folds_the_standardiser_without_changing_values_or_gradients(data, tiny_config, layer_norm):
-    config = tiny_config({"model.layer_norm": layer_norm, "model.activation": "relu"})
+@pytest.mark.parametrize("norms", [{}, {"model.layer_norm": True}, {"model.latent_norm": True}],
+                         ids=["plain", "layernorm", "latentnorm"])
+def test_latent_folds_the_standardiser_without_changing_values_or_gradients(data, tiny_config, norms):
+    config = tiny_config({**norms, "model.activation": "relu"})
     model = RQVAE(data["x"].shape[1], config.model, config.quantizer)
     x = torch.from_numpy(data["x"][:300])
     model.fit_standardizer(x)
@@ -291,6 +292,26 @@ def test_latent_folds_the_standardiser_without_changing_values_or_gradients(data
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-4)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast standardises first, as training does
         assert model.latent(x).dtype == torch.bfloat16
+
+
+def test_latent_norm_gives_unit_rms_rows_and_gradients_orthogonal_to_them(data, tiny_config):
+    """RMSNorm's Jacobian at h is (I - u u^T) / rms(h) with u = h / |h|: a loss can move a latent's direction
+    through it but never its length, which is what keeps the latent scale from drifting."""
+    config = tiny_config({"model.latent_norm": True})
+    model = RQVAE(data["x"].shape[1], config.model, config.quantizer)
+    x = torch.from_numpy(data["x"][:300])
+    model.fit_standardizer(x)
+    before_norm = model.encoder[:-1](model.normalize(x)).detach().requires_grad_(True)
+    latent = model.encoder[-1](before_norm)
+    with torch.no_grad():
+        torch.testing.assert_close(model.latent(x), latent)
+        torch.testing.assert_close(model.latent(x * 3.0 - 1.0).pow(2).mean(-1), torch.ones(300))
+    assert before_norm.pow(2).mean(-1).std() > 0.01  # the rows had different scales before the norm
+    target = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
+    (grad,) = torch.autograd.grad(F.mse_loss(latent, target), before_norm)
+    radial = (grad * before_norm).sum(-1) / (grad.norm(dim=-1) * before_norm.norm(dim=-1))
+    assert radial.abs().max() < 1e-4
+    assert set(model.state_dict()) == set(RQVAE(data["x"].shape[1], tiny_config({}).model, config.quantizer).state_dict())
 
 
 def test_onednn_linear_matches_f_linear_and_steps_aside_for_gradients(monkeypatch):
