@@ -32,10 +32,11 @@ class ModelConfig:
     latent_dim: int = 32
     activation: str = "silu"  # "relu" | "gelu" | "silu"
     layer_norm: bool = False
-    # Divide each encoder output by its root-mean-square element (RMSNorm without weights). The decoder can
-    # undo any scale the encoder gives the latent, so without this the latent scale drifts, and with it the
-    # weight of the codebook and commitment losses, which are taken in latent units (bench/VARIANTS.md).
-    latent_norm: bool = False
+    # When > 0, every encoder output is rescaled to this root-mean-square element (RMSNorm without weights,
+    # times this constant). The decoder can undo any scale the encoder gives the latent, so without it the
+    # latent scale drifts, and with it the weight of the codebook, commitment and uniqueness losses, which are
+    # taken in latent units. The constant sets that weight once and for all (bench/VARIANTS.md).
+    latent_norm: float = 0.0
     # Dropout after every hidden activation of the decoder, in training only. Without it the decoder of a small
     # catalogue memorises the training items' code tuples and reconstructs new items badly; with it, similar
     # items share prefixes a little less often, so it is off by default. The encoder gets none: noise there
@@ -49,6 +50,8 @@ class ModelConfig:
         _choice("model.type", self.type, ("rqvae", "rqkmeans"))
         _choice("model.activation", self.activation, ("relu", "gelu", "silu"))
         _positive("model.latent_dim", self.latent_dim)
+        if self.latent_norm < 0:
+            raise ConfigError(f"model.latent_norm must be >= 0 (0 turns it off), got {self.latent_norm}")
         if not 0.0 <= self.decoder_dropout < 1.0:
             raise ConfigError(f"model.decoder_dropout must be in [0, 1), got {self.decoder_dropout}")
 

@@ -67,6 +67,20 @@ def mlp(widths: list[int], activation: str, layer_norm: bool, dropout: float = 0
     return nn.Sequential(*layers)
 
 
+class FixedRMS(nn.Module):
+    """Rescales each row to one root-mean-square element: only the row's direction passes, never its length."""
+
+    def __init__(self, rms: float) -> None:
+        super().__init__()
+        self.rms = rms
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(h, h.shape[-1:]) * self.rms
+
+    def extra_repr(self) -> str:
+        return f"rms={self.rms}"
+
+
 @dataclass
 class RQVAEOutput:
     x_hat: torch.Tensor  # (n, D) reconstruction, in standardised units
@@ -86,7 +100,7 @@ class RQVAE(nn.Module):
         if self.is_autoencoder:
             self.encoder = mlp([input_dim, *model.hidden, model.latent_dim], model.activation, model.layer_norm)
             if model.latent_norm:  # parameterless, so the checkpoint keys stay those of a model without it
-                self.encoder.append(nn.RMSNorm(model.latent_dim, elementwise_affine=False))
+                self.encoder.append(FixedRMS(model.latent_norm))
             self.decoder = mlp([model.latent_dim, *reversed(model.hidden), input_dim], model.activation,
                                model.layer_norm, model.decoder_dropout)
             latent = model.latent_dim

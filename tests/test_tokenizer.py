@@ -254,7 +254,7 @@ def _reference_codes(model: RQVAE, x: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 @pytest.mark.parametrize("overrides", [
     {},
-    {"quantizer.distance": "cosine", "model.activation": "silu", "model.layer_norm": True, "model.latent_norm": True},
+    {"quantizer.distance": "cosine", "model.activation": "silu", "model.layer_norm": True, "model.latent_norm": 0.5},
     {"model.type": "rqkmeans", "quantizer.distance": "cosine"},
 ], ids=["l2-relu", "cosine-silu-layernorm-latentnorm", "rqkmeans"])
 def test_encode_gives_the_greedy_nearest_codewords_in_any_block_size(data, tiny_config, overrides, monkeypatch):
@@ -276,7 +276,7 @@ def test_encode_gives_the_greedy_nearest_codewords_in_any_block_size(data, tiny_
         np.testing.assert_array_equal(tok._raw(x)[0], codes)  # the path of encode() and encode_file()
 
 
-@pytest.mark.parametrize("norms", [{}, {"model.layer_norm": True}, {"model.latent_norm": True}],
+@pytest.mark.parametrize("norms", [{}, {"model.layer_norm": True}, {"model.latent_norm": 0.5}],
                          ids=["plain", "layernorm", "latentnorm"])
 def test_latent_folds_the_standardiser_without_changing_values_or_gradients(data, tiny_config, norms):
     config = tiny_config({**norms, "model.activation": "relu"})
@@ -297,7 +297,7 @@ def test_latent_folds_the_standardiser_without_changing_values_or_gradients(data
 def test_latent_norm_gives_unit_rms_rows_and_gradients_orthogonal_to_them(data, tiny_config):
     """RMSNorm's Jacobian at h is (I - u u^T) / rms(h) with u = h / |h|: a loss can move a latent's direction
     through it but never its length, which is what keeps the latent scale from drifting."""
-    config = tiny_config({"model.latent_norm": True})
+    config = tiny_config({"model.latent_norm": 0.5})
     model = RQVAE(data["x"].shape[1], config.model, config.quantizer)
     x = torch.from_numpy(data["x"][:300])
     model.fit_standardizer(x)
@@ -305,7 +305,7 @@ def test_latent_norm_gives_unit_rms_rows_and_gradients_orthogonal_to_them(data, 
     latent = model.encoder[-1](before_norm)
     with torch.no_grad():
         torch.testing.assert_close(model.latent(x), latent)
-        torch.testing.assert_close(model.latent(x * 3.0 - 1.0).pow(2).mean(-1), torch.ones(300))
+        torch.testing.assert_close(model.latent(x * 3.0 - 1.0).pow(2).mean(-1).sqrt(), torch.full((300,), 0.5))
     assert before_norm.pow(2).mean(-1).std() > 0.01  # the rows had different scales before the norm
     target = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
     (grad,) = torch.autograd.grad(F.mse_loss(latent, target), before_norm)
