@@ -294,7 +294,7 @@ def test_latent_folds_the_standardiser_without_changing_values_or_gradients(data
         assert model.latent(x).dtype == torch.bfloat16
 
 
-def test_latent_norm_gives_unit_rms_rows_and_gradients_orthogonal_to_them(data, tiny_config):
+def test_latent_norm_fixes_each_rows_rms_and_leaves_no_radial_gradient(data, tiny_config):
     """RMSNorm's Jacobian at h is (I - u u^T) / rms(h) with u = h / |h|: a loss can move a latent's direction
     through it but never its length, which is what keeps the latent scale from drifting."""
     config = tiny_config({"model.latent_norm": 0.5})
