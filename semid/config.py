@@ -71,6 +71,10 @@ class QuantizerConfig:
     dead_code_decay: float = 0.9  # EMA decay of per-code assignment counts
     dead_code_threshold: float = 0.05  # dead when EMA count < threshold * batch_size / K
     dead_code_every: int = 20  # steps between dead-code checks
+    # Usage balance: weight of log K - H(mean soft assignment) per level, softmax(-distance / temperature)
+    # over each batch (L2 distances divided by the residual's mean square). 0 = off.
+    balance_weight: float = 0.0
+    balance_temperature: float = 0.05
     gumbel_tau_start: float = 1.0
     gumbel_tau_end: float = 0.01
     # tau = max(end, start * decay**step); 0 picks the decay that reaches `end` at half of train.steps
@@ -93,6 +97,10 @@ class QuantizerConfig:
             raise ConfigError(f"quantizer.codebook_size lists {len(sizes)} sizes for {self.levels} levels")
         for size in sizes:
             _positive("quantizer.codebook_size", size)
+        if not self.balance_weight >= 0:
+            raise ConfigError(f"quantizer.balance_weight must be >= 0, got {self.balance_weight}")
+        if not self.balance_temperature > 0:
+            raise ConfigError(f"quantizer.balance_temperature must be > 0, got {self.balance_temperature}")
         if not self.centre_shrinkage >= 0:
             raise ConfigError(f"quantizer.centre_shrinkage must be >= 0, got {self.centre_shrinkage}")
 

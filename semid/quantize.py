@@ -18,6 +18,7 @@ magnitudes and with them most of the reconstruction; here the magnitude of every
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -46,6 +47,7 @@ class QuantizerOutput:
     codebook_loss: torch.Tensor  # ||sg(e) - q||^2, mean over elements
     commitment_loss: torch.Tensor  # ||e - sg(q)||^2, mean over elements
     error: torch.Tensor  # (n,) detached squared L2 error ||e - q||^2, for dead-code reseeding
+    balance_loss: torch.Tensor  # log K - entropy of the batch's mean soft assignment (0 when off)
 
 
 def straight_through(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -110,6 +112,19 @@ def gumbel_softmax_weights(
     return one_hot + (soft - soft.detach())
 
 
+def usage_balance_loss(dist: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log K minus the entropy of the batch's mean soft assignment softmax(-dist / temperature): (n, k) -> ().
+
+    Zero when the batch spreads evenly over the codes, log K when it all goes to one. The nearest-code
+    counts themselves have no gradient; the soft assignment does, and lowering this loss moves latents
+    and codewords so that crowded codes give up their marginal rows to sparse ones. An item's code at
+    encode time still depends only on the item: the balancing happens to the model, during training.
+    """
+    mean_assignment = torch.softmax(-dist / temperature, dim=-1).mean(0)  # (k,)
+    entropy = -(mean_assignment * mean_assignment.clamp_min(1e-12).log()).sum()
+    return math.log(dist.shape[-1]) - entropy
+
+
 class Quantizer(nn.Module):
     """A codebook of K vectors of dimension d with a configurable distance and forward mode."""
 
@@ -123,6 +138,7 @@ class Quantizer(nn.Module):
         gumbel_hard: bool = False,
         dead_code_decay: float = 0.9,
         dead_code_threshold: float = 0.05,
+        balance_temperature: float = 0.0,
     ) -> None:
         super().__init__()
         self.dim, self.codebook_size = dim, codebook_size
@@ -132,6 +148,7 @@ class Quantizer(nn.Module):
         self.gumbel_hard = gumbel_hard
         self.dead_code_decay = dead_code_decay
         self.dead_code_threshold = dead_code_threshold
+        self.balance_temperature = balance_temperature  # 0: no usage-balance loss
         # Gumbel temperature: a buffer updated in place, so that a captured CUDA graph sees the schedule move.
         self.register_buffer("tau", torch.ones(()), persistent=False)
         self.codebook = nn.Parameter(torch.randn(codebook_size, dim) / dim**0.5)
@@ -172,7 +189,13 @@ class Quantizer(nn.Module):
         else:
             quantized = q.detach()
         error = (e.detach() - q.detach()).pow(2).sum(-1)
-        return QuantizerOutput(quantized, codes, q, codebook_loss, commitment_loss, error)
+        balance_loss = dist.new_zeros(())
+        if self.training and self.balance_temperature > 0:
+            # L2 distances carry the residual's scale; dividing by its mean square makes the temperature
+            # scale-free, as cosine distances (in [-1, 1]) already are.
+            scale = 1.0 if self.distance is Distance.COSINE else e.detach().pow(2).sum(-1).mean().clamp_min(1e-12)
+            balance_loss = usage_balance_loss(dist / scale, self.balance_temperature)
+        return QuantizerOutput(quantized, codes, q, codebook_loss, commitment_loss, error, balance_loss)
 
     @torch.no_grad()
     def _track_usage(self, codes: torch.Tensor) -> None:

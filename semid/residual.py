@@ -34,6 +34,7 @@ class ResidualOutput:
     commitment_losses: list[torch.Tensor]
     residuals: list[torch.Tensor]  # (n, d) per level: the input that level quantized (detached)
     errors: list[torch.Tensor]  # (n,) per level: squared error of that level's codeword
+    balance_losses: list[torch.Tensor]  # () per level: usage-balance loss (zero when off or not training)
 
 
 class ResidualQuantizer(nn.Module):
@@ -50,6 +51,7 @@ class ResidualQuantizer(nn.Module):
                 gumbel_hard=config.gumbel_hard,
                 dead_code_decay=config.dead_code_decay,
                 dead_code_threshold=config.dead_code_threshold,
+                balance_temperature=config.balance_temperature if config.balance_weight else 0.0,
             )
             for size in config.sizes()
         )
@@ -69,7 +71,7 @@ class ResidualQuantizer(nn.Module):
     def forward(self, e: torch.Tensor) -> ResidualOutput:
         residual = e.float()
         quantized = torch.zeros_like(residual)
-        codes, cb_losses, commit_losses, residuals, errors = [], [], [], [], []
+        codes, cb_losses, commit_losses, residuals, errors, balance = [], [], [], [], [], []
         for i, level in enumerate(self.levels):
             if i == self.last and self.has_centres:
                 centre = self._centre(torch.stack(codes, dim=-1))
@@ -81,14 +83,17 @@ class ResidualQuantizer(nn.Module):
             cb_losses.append(out.codebook_loss)
             commit_losses.append(out.commitment_loss)
             errors.append(out.error)
+            balance.append(out.balance_loss)
             # The next level sees the hard residual; its gradient still reaches the encoder through `residual`.
             residual = residual - out.codeword.detach()
-        return ResidualOutput(quantized, torch.stack(codes, dim=-1), cb_losses, commit_losses, residuals, errors)
+        return ResidualOutput(quantized, torch.stack(codes, dim=-1), cb_losses, commit_losses, residuals, errors,
+                              balance)
 
     def loss(self, out: ResidualOutput) -> torch.Tensor:
-        """Sum over levels of codebook loss + beta * commitment loss."""
-        beta = self.config.commitment
-        return sum(cb + beta * cm for cb, cm in zip(out.codebook_losses, out.commitment_losses))
+        """Sum over levels of codebook loss + beta * commitment loss + balance weight * usage-balance loss."""
+        beta, balance = self.config.commitment, self.config.balance_weight
+        return sum(cb + beta * cm + balance * bl
+                   for cb, cm, bl in zip(out.codebook_losses, out.commitment_losses, out.balance_losses))
 
     # ---- inference ----------------------------------------------------------------------------
     def _walk(self, e: torch.Tensor):

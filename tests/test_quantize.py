@@ -2,6 +2,8 @@
 losses, eval-mode behaviour, dead-code reseeding and the k-means initialisation of one codebook."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,8 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 
 from semid.distance import nearest_code, pairwise_distance
-from semid.quantize import ForwardMode, Quantizer, gumbel_softmax_weights, rotation_trick, straight_through
+from semid.quantize import (ForwardMode, Quantizer, gumbel_softmax_weights, rotation_trick, straight_through,
+                            usage_balance_loss)
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
@@ -237,6 +240,52 @@ def test_codebook_loss_reaches_only_the_codebook_and_commitment_only_the_input()
     out.commitment_loss.backward()
     assert quantizer.codebook.grad is None or not quantizer.codebook.grad.any()
     torch.testing.assert_close(e.grad, 2 * (e.detach() - q) / e.numel())
+
+
+# ---- usage balance -------------------------------------------------------------------------------------
+def test_usage_balance_loss_is_zero_when_even_and_log_k_when_all_rows_pick_one_code() -> None:
+    k = 8
+    even = torch.full((4 * k, k), 1.0)
+    even[torch.arange(4 * k), torch.arange(4 * k) % k] = -1.0  # each code nearest to 4 rows
+    crowded = torch.full((4 * k, k), 1.0)
+    crowded[:, 3] = -1.0
+    torch.testing.assert_close(usage_balance_loss(even, 1e-3), torch.tensor(0.0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(usage_balance_loss(crowded, 1e-3), torch.tensor(math.log(k)))
+    # A skewed assignment lies strictly between the two.
+    skewed = torch.randn(64, k, generator=_gen(0))
+    skewed[:, 0] -= 2.0
+    assert 0.0 < usage_balance_loss(skewed, 0.5).item() < math.log(k)
+
+
+def test_usage_balance_gradient_moves_rows_from_a_crowded_code_to_an_empty_one() -> None:
+    """Descending the balance loss alone, rows leave the code that all of them pick for the unused code."""
+    quantizer = Quantizer(2, 2, distance="cosine", balance_temperature=0.1).train()
+    with torch.no_grad():
+        quantizer.codebook.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    angles = torch.linspace(0.1, 0.6, 32)  # every row nearer code 0 (angle < pi / 4)
+    e = torch.stack([angles.cos(), angles.sin()], dim=-1).requires_grad_(True)
+    before = quantizer(e)
+    assert (before.codes == 0).all()
+    optimiser = torch.optim.SGD([e], lr=0.5)
+    for _ in range(200):
+        optimiser.zero_grad()
+        quantizer(e).balance_loss.backward()
+        optimiser.step()
+    after = quantizer(e)
+    assert after.balance_loss < 0.25 * before.balance_loss
+    assert 8 <= int((after.codes == 1).sum()) <= 24
+
+
+def test_usage_balance_loss_is_scale_free_under_l2_and_off_by_default_or_in_eval() -> None:
+    e = torch.randn(64, 4, generator=_gen(1))
+    quantizer = Quantizer(4, 8, distance="l2", balance_temperature=0.05).train()
+    base = quantizer(e).balance_loss
+    assert base > 0
+    with torch.no_grad():
+        quantizer.codebook.mul_(10.0)
+    torch.testing.assert_close(quantizer(10.0 * e).balance_loss, base)
+    assert quantizer.eval()(e).balance_loss == 0
+    assert Quantizer(4, 8).train()(e).balance_loss == 0
 
 
 # ---- dead codes ---------------------------------------------------------------------------------------

@@ -280,3 +280,15 @@ def test_a_single_level_has_no_prefix_and_no_centres() -> None:
     codes = stack.encode(x)
     assert stack.fit_prefix_centres(x, 0.0) == 0 and not stack.has_centres
     torch.testing.assert_close(stack.encode(x), codes, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.7])
+def test_stack_loss_adds_each_levels_balance_loss_at_its_weight(weight: float) -> None:
+    torch.manual_seed(0)
+    config = QuantizerConfig(levels=2, codebook_size=8, distance="cosine", balance_weight=weight)
+    stack = ResidualQuantizer(4, config).train()
+    out = stack(torch.randn(64, 4))
+    assert all((bl > 0) == (weight > 0) for bl in out.balance_losses)
+    expected = sum(cb + 0.25 * cm + weight * bl
+                   for cb, cm, bl in zip(out.codebook_losses, out.commitment_losses, out.balance_losses))
+    torch.testing.assert_close(stack.loss(out), expected)

@@ -388,6 +388,8 @@ def test_unknown_override_key_is_named():
     ({"model.decoder_dropout": 1.0}, r"model.decoder_dropout must be in \[0, 1\), got 1.0"),
     ({"model.decoder_dropout": -0.1}, r"model.decoder_dropout must be in \[0, 1\)"),
     ({"model.latent_norm": -1.0}, r"model.latent_norm must be >= 0 \(0 turns it off\), got -1.0"),
+    ({"quantizer.balance_weight": -0.5}, r"quantizer.balance_weight must be >= 0, got -0.5"),
+    ({"quantizer.balance_temperature": 0.0}, r"quantizer.balance_temperature must be > 0, got 0.0"),
 ])
 def test_bad_config_values_are_rejected(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
