@@ -11,6 +11,9 @@ rows. What is not a gradient is made identical explicitly:
 * dead-code statistics: the per-code usage EMA is linear in the counts, so the ranks' EMAs are averaged
   before each dead-code check, which gives the EMA of the global batch; dead codes are reseeded from the
   worst residuals of the gathered global batch;
+* not made identical: the usage-balance loss (`quantizer.balance_weight`) is taken over each rank's slice
+  of the batch. An entropy is not linear in the counts, so with it on, W ranks take nearly, not exactly,
+  the step of one process (an exact version needs a differentiable all-reduce of the soft assignments);
 * evaluations, early stopping, prefix centres, decoder refit and checkpoint files belong to rank 0, which
   broadcasts its decisions and the final model.
 
