@@ -147,7 +147,7 @@ class SemanticIdTokenizer:
             warnings.warn(HeavyTailWarning(
                 f"the top 1% of items hold {share:.0%} of the embeddings' variance (heavy-tailed norms, as in "
                 "collaborative-filtering factors); semid reconstructs such catalogues worse than residual k-means: "
-                "fvu 0.29 on Beauty's item factors against FAISS RQ's 0.05, though with 16x fewer collisions "
+                "fvu 0.30 on Beauty's item factors against FAISS RQ's 0.05, though with 12x fewer collisions "
                 "(bench/VARIANTS.md). If the direction of an embedding is what should group items, divide each "
                 "row by its norm first"
             ), stacklevel=2)
