@@ -193,8 +193,9 @@ class Quantizer(nn.Module):
         if self.training and self.balance_temperature > 0:
             # L2 distances carry the residual's scale; dividing by its mean square makes the temperature
             # scale-free, as cosine distances (in [-1, 1]) already are.
-            scale = 1.0 if self.distance is Distance.COSINE else e.detach().pow(2).sum(-1).mean().clamp_min(1e-12)
-            balance_loss = usage_balance_loss(dist / scale, self.balance_temperature)
+            if self.distance is not Distance.COSINE:
+                dist = dist / e.detach().pow(2).sum(-1).mean().clamp_min(1e-12)
+            balance_loss = usage_balance_loss(dist, self.balance_temperature)
         return QuantizerOutput(quantized, codes, q, codebook_loss, commitment_loss, error, balance_loss)
 
     @torch.no_grad()
