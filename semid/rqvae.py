@@ -160,12 +160,17 @@ class RQVAE(nn.Module):
         weight = first.weight / self.scale
         return weight, torch.addmv(first.bias, weight, self.mean, alpha=-1.0)
 
-    def forward(self, x: torch.Tensor) -> RQVAEOutput:
+    def forward(self, x: torch.Tensor, row_weights: torch.Tensor | None = None) -> RQVAEOutput:
+        """Training pass. `row_weights` (n,) weight each row's reconstruction error (importance sampling);
+        the latent-space losses stay plain means over the rows drawn."""
         target = self.normalize(x)
         latent = self.encoder(target).float()
         out = self.quantizer(latent)
         x_hat = self.decoder(out.quantized)
-        reconstruction = F.mse_loss(x_hat.float(), target)
+        if row_weights is None:
+            reconstruction = F.mse_loss(x_hat.float(), target)
+        else:
+            reconstruction = ((x_hat.float() - target).pow(2).mean(-1) * row_weights).mean()
         quantizer_loss = self.quantizer.loss(out)
         return RQVAEOutput(x_hat, latent, out.codes, reconstruction + quantizer_loss, reconstruction, quantizer_loss, out)
 

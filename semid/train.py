@@ -53,6 +53,22 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
+def norm_sampling_probabilities(x: torch.Tensor, share: float) -> torch.Tensor:
+    """(N, D) items -> (N,) probabilities of drawing each item into a batch: (1 - share) / N + share * w / sum(w).
+
+    w is the squared distance from the catalogue mean: an item's share of the variance that fvu divides by.
+    In collaborative-filtering factors the top 1% of items hold 60% of it, and uniform batches hold about ten
+    of them, so their error (most of fvu) is estimated from a few rows per step and training follows the noise;
+    drawn by w they fill a third of every batch. With share < 1 every item keeps a chance of at least
+    (1 - share) / N, which bounds its reconstruction weight 1 / (N p) by 1 / (1 - share).
+    """
+    w = (x.float() - x.float().mean(0)).pow(2).sum(-1).cpu().double()
+    uniform = torch.full_like(w, 1.0 / w.numel())
+    total = w.sum()
+    proportional = w / total if total > 0 else uniform
+    return ((1.0 - share) * uniform + share * proportional).float()
+
+
 def encode_in_batches(model: RQVAE, x: torch.Tensor, batch_size: int = 65536) -> torch.Tensor:
     """(n, D) -> (n, L) codes on x's device; batching bounds memory and never changes a code."""
     return torch.cat([model.encode(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
@@ -135,6 +151,13 @@ class Trainer:
         self.local_batch = self.batch_size // world
         self.batch_rng = torch.Generator().manual_seed(config.train.seed)
         self.permutation = torch.empty(0, dtype=torch.long)
+        # With train.norm_sampling the rows are drawn by these probabilities, and each row's reconstruction
+        # error is weighted by 1 / (N p) so that its expectation is still the catalogue's mean error.
+        self.row_probabilities: torch.Tensor | None = None
+        self.row_weights: torch.Tensor | None = None
+        if config.train.norm_sampling and self.model.is_autoencoder:
+            self.row_probabilities = norm_sampling_probabilities(self.x, config.train.norm_sampling)
+            self.row_weights = (1.0 / (self.x.shape[0] * self.row_probabilities)).to(self.device)
         self.position = 0
         self.state = TrainState()
         self.use_amp = config.train.amp and self.device.type == "cuda"
@@ -184,11 +207,17 @@ class Trainer:
     def _next_rows(self) -> torch.Tensor:
         """This rank's rows of the next global batch.
 
-        The permutation is drawn on the CPU (same batches on every device and every rank) and moved once per
-        epoch: a host-to-device copy per step would stall the GPU queue every step.
+        The order is drawn on the CPU (same batches on every device and every rank) and moved once per pass
+        of N rows: a host-to-device copy per step would stall the GPU queue every step. A pass is a
+        permutation, or under train.norm_sampling N rows drawn with replacement by `row_probabilities`.
         """
         if self.position + self.batch_size > self.permutation.numel():
-            self.permutation = torch.randperm(self.x.shape[0], generator=self.batch_rng).to(self.device)
+            n = self.x.shape[0]
+            if self.row_probabilities is None:
+                order = torch.randperm(n, generator=self.batch_rng)
+            else:
+                order = torch.multinomial(self.row_probabilities, n, replacement=True, generator=self.batch_rng)
+            self.permutation = order.to(self.device)
             self.position = 0
         start = self.position + self.ranks.rank * self.local_batch
         self.position += self.batch_size
@@ -213,7 +242,8 @@ class Trainer:
         """Forward, backward and optimizer step on x[rows]; gradients must be None on entry."""
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_amp,
                             cache_enabled=False):
-            out = self._forward(self.x[rows])
+            weights = None if self.row_weights is None else self.row_weights[rows]
+            out = self._forward(self.x[rows], weights)
         loss = out.loss
         if self.config.train.uniqueness_weight:
             pull = (out.latent - self._unique_target[rows]).pow(2).sum(-1) * self._unique_mask[rows]
