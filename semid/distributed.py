@@ -1,9 +1,10 @@
 """Data-parallel training over several processes (torchrun), and the few collectives it needs.
 
 Every rank holds the whole corpus (item embeddings are small: 10M x 384 fp32 is 15 GB) and the same
-seeded permutation, and trains on its own contiguous slice of each global batch. Gradients are averaged
-by DDP, so a step on W ranks with batch_size/W rows each is the step one process takes on batch_size
-rows. What is not a gradient is made identical explicitly:
+seeded row order (a permutation, or a draw by norm under train.norm_sampling), and trains on its own
+contiguous slice of each global batch. Gradients are averaged by DDP, so a step on W ranks with
+batch_size/W rows each is the step one process takes on batch_size rows. What is not a gradient is made
+identical explicitly:
 
 * the k-means codebooks: every rank initialises from the same sample, then DDP broadcasts rank 0's
   parameters and buffers when it wraps the model (float sums on a GPU are not bitwise reproducible, so

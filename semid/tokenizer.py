@@ -104,7 +104,7 @@ HEAVY_TAIL_SHARE = 0.2
 
 
 class HeavyTailWarning(UserWarning):
-    """A few items hold most of the catalogue's variance, which the default codes badly (see `fit`)."""
+    """A few items hold most of the catalogue's variance, and training samples uniformly (see `fit`)."""
 
 
 class SemanticIdTokenizer:
@@ -139,17 +139,19 @@ class SemanticIdTokenizer:
         with resume=True training continues from it. A code tuple with more items than
         collisions.suffix_size can number does not lose the training: its extra items are remapped, with a
         SuffixOverflowWarning (see `_resolve`). A catalogue whose variance sits in a few items (heavy-tailed
-        norms) gets a HeavyTailWarning before training: the default codes such items badly.
+        norms) gets a HeavyTailWarning before training unless the autoencoder draws its batches by norm
+        (train.norm_sampling), without which such items are coded badly.
         """
         keys, emb = self._items(x, ids, id_col, emb_col)
+        drawn_by_norm = self.config.model.type == "rqvae" and self.config.train.norm_sampling > 0
         share = top_variance_share(emb)
-        if share > HEAVY_TAIL_SHARE:
+        if share > HEAVY_TAIL_SHARE and not drawn_by_norm:
             warnings.warn(HeavyTailWarning(
                 f"the top 1% of items hold {share:.0%} of the embeddings' variance (heavy-tailed norms, as in "
-                "collaborative-filtering factors); semid reconstructs such catalogues worse than residual k-means: "
-                "fvu 0.30 on Beauty's item factors against FAISS RQ's 0.05, though with 12x fewer collisions "
-                "(bench/VARIANTS.md). If the direction of an embedding is what should group items, divide each "
-                "row by its norm first"
+                "collaborative-filtering factors), and training draws batches uniformly: few of those items reach "
+                "each batch, and semid reconstructs them badly (fvu 0.29 on Beauty's item factors against FAISS "
+                "RQ's 0.05). Train the autoencoder with train.norm_sampling = 0.5 (configs/default.toml), which "
+                "reached 0.03 there (bench/VARIANTS.md)"
             ), stacklevel=2)
         trainer = Trainer(self.config, torch.tensor(emb), checkpoint_path=checkpoint)
         self.model = trainer.fit(resume=resume)

@@ -1,8 +1,8 @@
 """Training loop: the whole corpus on the device, shuffled index batches, periodic full-corpus evaluation.
 
 Short enough to read in one sitting. The data set lives on the device as one tensor (item embeddings
-are small: 1M x 384 fp32 is 1.5 GB), batches are slices of a seeded permutation, and the loop has no
-DataLoader and no per-item Python. The RNG that orders batches is a CPU generator whose state is
+are small: 1M x 384 fp32 is 1.5 GB), batches are slices of a seeded permutation (or of a seeded draw by
+norm, `train.norm_sampling`), and the loop has no DataLoader and no per-item Python. The RNG that orders batches is a CPU generator whose state is
 checkpointed, so a resumed run replays exactly the batches an uninterrupted run would have seen.
 
 Under torchrun every rank runs this loop on its slice of each global batch (`semid.distributed` says

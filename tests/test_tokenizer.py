@@ -492,7 +492,8 @@ def test_saved_config_records_the_steps_the_catalogue_was_trained_for(data, tiny
 
 
 def test_fit_warns_when_a_few_items_hold_most_of_the_variance(data, tiny_config):
-    """Popularity-scaled rows, as collaborative factors have, get a HeavyTailWarning; real text embeddings none."""
+    """Popularity-scaled rows, as collaborative factors have, get a HeavyTailWarning when batches are drawn
+    uniformly; real text embeddings none, and neither does training with train.norm_sampling."""
     import warnings
 
     from semid.tokenizer import HeavyTailWarning
@@ -505,3 +506,6 @@ def test_fit_warns_when_a_few_items_hold_most_of_the_variance(data, tiny_config)
     heavy[:12] *= 30.0
     with pytest.warns(HeavyTailWarning, match=r"the top 1% of items hold \d+% of the embeddings' variance"):
         SemanticIdTokenizer(config).fit(heavy)
+    with warnings.catch_warnings():  # batches drawn by norm are the remedy the warning names
+        warnings.simplefilter("error", HeavyTailWarning)
+        SemanticIdTokenizer(config.with_overrides({"train.norm_sampling": 0.5})).fit(heavy)
