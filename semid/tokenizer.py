@@ -140,18 +140,18 @@ class SemanticIdTokenizer:
         collisions.suffix_size can number does not lose the training: its extra items are remapped, with a
         SuffixOverflowWarning (see `_resolve`). A catalogue whose variance sits in a few items (heavy-tailed
         norms) gets a HeavyTailWarning before training unless the autoencoder draws its batches by norm
-        (train.norm_sampling), without which such items are coded badly.
+        (train.norm_sampling_above), without which such items are coded badly.
         """
         keys, emb = self._items(x, ids, id_col, emb_col)
-        drawn_by_norm = self.config.model.type == "rqvae" and self.config.train.norm_sampling > 0
+        drawn_by_norm = self.config.model.type == "rqvae" and self.config.train.norm_sampling_above > 0
         share = top_variance_share(emb)
         if share > HEAVY_TAIL_SHARE and not drawn_by_norm:
             warnings.warn(HeavyTailWarning(
                 f"the top 1% of items hold {share:.0%} of the embeddings' variance (heavy-tailed norms, as in "
                 "collaborative-filtering factors), and training draws batches uniformly: few of those items reach "
                 "each batch, and semid reconstructs them badly (fvu 0.29 on Beauty's item factors against FAISS "
-                "RQ's 0.05). Train the autoencoder with train.norm_sampling = 0.5 (configs/default.toml), which "
-                "reached 0.03 there (bench/VARIANTS.md)"
+                "RQ's 0.05). Train the autoencoder with train.norm_sampling_above = 4 (configs/default.toml), which "
+                "draws such items more often and reached 0.03 there (bench/VARIANTS.md)"
             ), stacklevel=2)
         trainer = Trainer(self.config, torch.tensor(emb), checkpoint_path=checkpoint)
         self.model = trainer.fit(resume=resume)
