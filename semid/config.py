@@ -122,11 +122,12 @@ class TrainConfig:
     min_epochs: float = 0.0
     max_steps: int = 0
     lr: float = 0.001
-    # Heavy items: those whose squared distance from the catalogue mean exceeds this multiple of the average
-    # are drawn into batches in proportion to it, the rest uniformly (0: off; MiniLM items stay below 4x).
-    # The reconstruction term is reweighted by 1 / (N p), so it still estimates the catalogue's mean error;
-    # the latent-space terms follow the draw. See `semid.train.norm_sampling_probabilities`.
-    norm_sampling_above: float = 0.0
+    # On a heavy-tailed catalogue (a few items hold the variance, `semid.metrics.is_heavy_tailed`) this share
+    # of each batch is drawn in proportion to the item's squared distance from the mean, the rest uniformly
+    # (0: off). The reconstruction term is reweighted by 1 / (N p), so it still estimates the catalogue's mean
+    # error; the latent-space terms follow the draw. Other catalogues train on shuffled passes, whatever
+    # this says. See `semid.train.norm_sampling_probabilities`.
+    norm_sampling: float = 0.0
     optimizer: str = "adamw"  # "adamw" | "adagrad"
     weight_decay: float = 0.0
     schedule: str = "cosine"  # "cosine" | "constant"
@@ -155,9 +156,8 @@ class TrainConfig:
         _choice("train.schedule", self.schedule, ("cosine", "constant"))
         _positive("train.batch_size", self.batch_size)
         _positive("train.steps", self.steps)
-        if not self.norm_sampling_above >= 0:
-            raise ConfigError("train.norm_sampling_above must be >= 0 (0 turns it off), "
-                              f"got {self.norm_sampling_above}")
+        if not 0.0 <= self.norm_sampling <= 1.0:
+            raise ConfigError(f"train.norm_sampling must be in [0, 1], got {self.norm_sampling}")
         if self.decoder_refit_steps < 0:
             raise ConfigError(f"train.decoder_refit_steps must be >= 0, got {self.decoder_refit_steps}")
         if not self.min_epochs >= 0:

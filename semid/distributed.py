@@ -1,7 +1,7 @@
 """Data-parallel training over several processes (torchrun), and the few collectives it needs.
 
 Every rank holds the whole corpus (item embeddings are small: 10M x 384 fp32 is 15 GB) and the same
-seeded row order (a permutation, or a draw by norm under train.norm_sampling_above), and trains on its
+seeded row order (a permutation, or a draw by norm under train.norm_sampling), and trains on its
 own contiguous slice of each global batch. Gradients are averaged by DDP, so a step on W ranks with
 batch_size/W rows each is the step one process takes on batch_size rows. What is not a gradient is made
 identical explicitly:

@@ -41,7 +41,7 @@ from semid.io import (
     validate_ids,
     write_json_atomic,
 )
-from semid.metrics import evaluate_codes, top_variance_share
+from semid.metrics import evaluate_codes, is_heavy_tailed, top_variance_share
 from semid.rqvae import RQVAE
 from semid.train import Trainer, resolve_device
 
@@ -99,10 +99,6 @@ def data_fingerprint(x: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
 
 
-# Above this share of the variance in the top 1% of items, warn (text embeddings: 0.013 to 0.027).
-HEAVY_TAIL_SHARE = 0.2
-
-
 class HeavyTailWarning(UserWarning):
     """A few items hold most of the catalogue's variance, and training samples uniformly (see `fit`)."""
 
@@ -140,17 +136,17 @@ class SemanticIdTokenizer:
         collisions.suffix_size can number does not lose the training: its extra items are remapped, with a
         SuffixOverflowWarning (see `_resolve`). A catalogue whose variance sits in a few items (heavy-tailed
         norms) gets a HeavyTailWarning before training unless the autoencoder draws its batches by norm
-        (train.norm_sampling_above), without which such items are coded badly.
+        (train.norm_sampling), without which such items are coded badly.
         """
         keys, emb = self._items(x, ids, id_col, emb_col)
-        drawn_by_norm = self.config.model.type == "rqvae" and self.config.train.norm_sampling_above > 0
-        share = top_variance_share(emb)
-        if share > HEAVY_TAIL_SHARE and not drawn_by_norm:
+        drawn_by_norm = self.config.model.type == "rqvae" and self.config.train.norm_sampling > 0
+        if is_heavy_tailed(emb) and not drawn_by_norm:
+            share = top_variance_share(emb)
             warnings.warn(HeavyTailWarning(
                 f"the top 1% of items hold {share:.0%} of the embeddings' variance (heavy-tailed norms, as in "
                 "collaborative-filtering factors), and training draws batches uniformly: few of those items reach "
                 "each batch, and semid reconstructs them badly (fvu 0.29 on Beauty's item factors against FAISS "
-                "RQ's 0.05). Train the autoencoder with train.norm_sampling_above = 4 (configs/default.toml), which "
+                "RQ's 0.05). Train the autoencoder with train.norm_sampling = 0.5 (configs/default.toml), which "
                 "draws such items more often and reached 0.03 there (bench/VARIANTS.md)"
             ), stacklevel=2)
         trainer = Trainer(self.config, torch.tensor(emb), checkpoint_path=checkpoint)

@@ -493,7 +493,7 @@ def test_saved_config_records_the_steps_the_catalogue_was_trained_for(data, tiny
 
 def test_fit_warns_when_a_few_items_hold_most_of_the_variance(data, tiny_config):
     """Popularity-scaled rows, as collaborative factors have, get a HeavyTailWarning when batches are drawn
-    uniformly; real text embeddings none, and neither does training with train.norm_sampling_above."""
+    uniformly; real text embeddings none, and neither does training with train.norm_sampling."""
     import warnings
 
     from semid.tokenizer import HeavyTailWarning
@@ -508,4 +508,4 @@ def test_fit_warns_when_a_few_items_hold_most_of_the_variance(data, tiny_config)
         SemanticIdTokenizer(config).fit(heavy)
     with warnings.catch_warnings():  # batches drawn by norm are the remedy the warning names
         warnings.simplefilter("error", HeavyTailWarning)
-        SemanticIdTokenizer(config.with_overrides({"train.norm_sampling_above": 4.0})).fit(heavy)
+        SemanticIdTokenizer(config.with_overrides({"train.norm_sampling": 0.5})).fit(heavy)

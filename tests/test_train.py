@@ -26,6 +26,16 @@ def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
         assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
+def _heavy_tailed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x centred with a seeded 1% of its rows scaled 30x, as popularity scales collaborative factors; and
+    the mask of those rows."""
+    x = x - x.mean(0)
+    heavy = torch.zeros(x.shape[0], dtype=torch.bool)
+    heavy[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[: x.shape[0] // 100]] = True
+    x[heavy] *= 30
+    return x, heavy
+
+
 def _states_differ(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return any(not torch.equal(a[k], b[k]) for k in a)
 
@@ -129,18 +139,19 @@ def test_decoder_dropout_acts_in_training_only_and_training_stays_reproducible(r
     model.eval()
 
 
-@pytest.mark.parametrize("dropout, norm_sampling", [(0.0, 0.0), (0.3, 0.0), (0.0, 1.0)])
+@pytest.mark.parametrize("dropout, norm_sampling", [(0.0, 0.0), (0.3, 0.0), (0.0, 0.5)])
 def test_resume_from_checkpoint_matches_uninterrupted_run(real_data, tiny_config, tmp_path, dropout, norm_sampling):
     """Checkpoint at step 60 of 100 (the only multiple of 60); a new trainer resumes it and ends identical.
 
     With dropout the masks come from torch's global generator, which the checkpoint carries; with norm
-    sampling the rows are drawn from the checkpointed batch generator, as shuffled passes are.
+    sampling (on a heavy-tailed catalogue) the rows are drawn from the checkpointed batch generator, as
+    shuffled passes are.
     """
-    x = _x(real_data)
+    x = _heavy_tailed(_x(real_data))[0] if norm_sampling else _x(real_data)
     ckpt = tmp_path / "train.ckpt"
     config = tiny_config({"train.steps": 100, "train.eval_every": 20, "train.checkpoint_every": 60,
                           "quantizer.dead_code_every": 7, "model.decoder_dropout": dropout,
-                          "train.norm_sampling_above": norm_sampling})
+                          "train.norm_sampling": norm_sampling})
     full = Trainer(config, x, checkpoint_path=ckpt)
     full_model = full.fit()
     assert torch.load(ckpt, weights_only=True)["state"]["step"] == 60  # a genuine mid-run checkpoint
@@ -243,30 +254,29 @@ def test_decoder_refit_changes_only_the_decoder_and_lowers_reconstruction_error(
 # ---- norm sampling ----------------------------------------------------------------------------
 
 
-def test_norm_sampling_probabilities_draw_heavy_items_by_norm_and_keep_the_error_unbiased():
+def test_norm_sampling_probabilities_mix_uniform_and_squared_norm_and_keep_the_error_unbiased():
     x = torch.randn(500, 8, generator=torch.Generator().manual_seed(0))
     x[:5] *= 40  # a heavy tail: 1% of the rows
     w = (x - x.mean(0)).pow(2).sum(-1).double()
-    p = norm_sampling_probabilities(x, 4.0).double()
-    expected = w.clamp_min(4.0 * w.mean())
-    assert torch.allclose(p, expected / expected.sum(), atol=1e-7)
+    assert torch.allclose(norm_sampling_probabilities(x, 0.0), torch.full((500,), 1 / 500))
+    assert torch.allclose(norm_sampling_probabilities(x, 1.0).double(), w / w.sum(), atol=1e-7)
+    p = norm_sampling_probabilities(x, 0.5).double()
     assert math.isclose(p.sum().item(), 1.0, rel_tol=1e-6)
-    light = w <= 4.0 * w.mean()
-    assert torch.allclose(p[light], p[light][0].expand(int(light.sum())))  # the rest share one chance ...
-    assert (p[~light] > p[light][0]).all() and p[:5].sum() > 0.15  # ... below every heavy item's
+    assert torch.allclose(p, 0.5 / 500 + 0.5 * w / w.sum(), atol=1e-7)
+    assert p.min() >= 0.5 / 500 - 1e-9  # every item keeps a chance: its weight 1 / (N p) is at most 2
+    assert p[:5].sum() > 0.3  # the heavy rows fill a large share of each batch
     # The reweighted expectation of any per-row error is the plain mean over the catalogue.
     error = torch.rand(500, generator=torch.Generator().manual_seed(1)).double()
     weights = 1.0 / (500 * p)
     assert math.isclose((p * weights * error).sum().item(), error.mean().item(), rel_tol=1e-9)
-    # No item above the threshold: a uniform draw, which a shuffled pass already is.
-    assert norm_sampling_probabilities(x[5:], 4.0) is None
-    assert norm_sampling_probabilities(torch.ones(4, 3), 1.0) is None  # a constant catalogue has no variance
+    # A constant catalogue has no variance to follow: uniform, not NaN.
+    assert torch.allclose(norm_sampling_probabilities(torch.ones(4, 3), 0.7), torch.full((4,), 0.25))
 
 
 def test_norm_sampling_leaves_text_embeddings_exactly_as_without_it(real_data, tiny_config):
-    """No MiniLM item lies 4x the mean squared distance out, so training is bit-identical with the option."""
+    """Real text embeddings are not heavy-tailed, so they train on shuffled passes, bit-identically."""
     x = _x(real_data)
-    models = [Trainer(tiny_config({"train.norm_sampling_above": above}), x).fit() for above in (0.0, 4.0)]
+    models = [Trainer(tiny_config({"train.norm_sampling": share}), x).fit() for share in (0.0, 0.5)]
     _assert_same_state(models[0].state_dict(), models[1].state_dict())
 
 
@@ -286,23 +296,18 @@ def test_row_weights_scale_each_rows_reconstruction_term_only(real_data, tiny_co
 
 def test_norm_sampling_draws_heavy_rows_more_and_fits_a_heavy_tailed_catalogue_better(real_data, tiny_config):
     """1% of the items scaled 30x hold most of the variance. Uniform batches hold about two of them; drawn
-    by norm they fill a large share of each batch, and fvu falls (measured 0.70 -> 0.29 in 300 tiny steps)."""
-    x = _x(real_data)
-    x = x - x.mean(0)
-    heavy = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[: x.shape[0] // 100]
-    x[heavy] *= 30
-    is_heavy = torch.zeros(x.shape[0], dtype=torch.bool)
-    is_heavy[heavy] = True
+    by norm they fill most of each batch, and fvu falls (measured 0.70 -> 0.28 in 300 tiny steps)."""
+    x, is_heavy = _heavy_tailed(_x(real_data))
     fvu = {}
-    for above in (0.0, 4.0):
-        trainer = Trainer(tiny_config({"train.steps": 300, "train.norm_sampling_above": above}), x)
+    for share in (0.0, 0.5):
+        trainer = Trainer(tiny_config({"train.steps": 300, "train.norm_sampling": share}), x)
         drawn = torch.cat([trainer._next_rows() for _ in range(20)])
         heavy_share = is_heavy[drawn].float().mean().item()
-        assert (heavy_share < 0.05) if above == 0 else (heavy_share > 0.12), (above, heavy_share)
-        trainer = Trainer(tiny_config({"train.steps": 300, "train.norm_sampling_above": above}), x)
+        assert (heavy_share < 0.05) if share == 0 else (heavy_share > 0.3), (share, heavy_share)
+        trainer = Trainer(tiny_config({"train.steps": 300, "train.norm_sampling": share}), x)
         trainer.fit()
-        fvu[above] = trainer.state.final["fvu"]
-    assert fvu[4.0] < 0.7 * fvu[0.0], fvu
+        fvu[share] = trainer.state.final["fvu"]
+    assert fvu[0.5] < 0.7 * fvu[0.0], fvu
 
 
 def test_best_metric_higher_is_better_for_cosine():
@@ -457,7 +462,7 @@ def test_unknown_override_key_is_named():
     ({"model.latent_norm": -1.0}, r"model.latent_norm must be >= 0 \(0 turns it off\), got -1.0"),
     ({"quantizer.balance_weight": -0.5}, r"quantizer.balance_weight must be >= 0, got -0.5"),
     ({"quantizer.balance_temperature": 0.0}, r"quantizer.balance_temperature must be > 0, got 0.0"),
-    ({"train.norm_sampling_above": -1.0}, r"train.norm_sampling_above must be >= 0 \(0 turns it off\), got -1.0"),
+    ({"train.norm_sampling": 1.5}, r"train.norm_sampling must be in \[0, 1\], got 1.5"),
 ])
 def test_bad_config_values_are_rejected(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
