@@ -41,7 +41,7 @@ from semid.io import (
     validate_ids,
     write_json_atomic,
 )
-from semid.metrics import evaluate_codes, is_heavy_tailed, top_variance_share
+from semid.metrics import HEAVY_TAIL_SHARE, evaluate_codes, top_variance_share
 from semid.rqvae import RQVAE
 from semid.train import Trainer, resolve_device
 
@@ -140,8 +140,7 @@ class SemanticIdTokenizer:
         """
         keys, emb = self._items(x, ids, id_col, emb_col)
         drawn_by_norm = self.config.model.type == "rqvae" and self.config.train.norm_sampling > 0
-        if is_heavy_tailed(emb) and not drawn_by_norm:
-            share = top_variance_share(emb)
+        if not drawn_by_norm and (share := top_variance_share(emb)) > HEAVY_TAIL_SHARE:
             warnings.warn(HeavyTailWarning(
                 f"the top 1% of items hold {share:.0%} of the embeddings' variance (heavy-tailed norms, as in "
                 "collaborative-filtering factors), and training draws batches uniformly: few of those items reach "

@@ -54,7 +54,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@torch.no_grad()
 def norm_sampling_probabilities(x: torch.Tensor, share: float) -> torch.Tensor:
     """(N, D) items -> (N,) probabilities of drawing each item into a batch: (1 - share) / N + share * w / sum(w).
 
@@ -71,6 +70,7 @@ def norm_sampling_probabilities(x: torch.Tensor, share: float) -> torch.Tensor:
     return ((1.0 - share) * uniform + share * proportional).float()
 
 
+@torch.no_grad()
 def encode_in_batches(model: RQVAE, x: torch.Tensor, batch_size: int = 65536) -> torch.Tensor:
     """(n, D) -> (n, L) codes on x's device; batching bounds memory and never changes a code."""
     return torch.cat([model.encode(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
@@ -212,7 +212,8 @@ class Trainer:
 
         The order is drawn on the CPU (same batches on every device and every rank) and moved once per pass
         of N rows: a host-to-device copy per step would stall the GPU queue every step. A pass is a
-        permutation, or under train.norm_sampling N rows drawn with replacement by `row_probabilities`.
+        permutation, or (norm sampling of a heavy-tailed catalogue) N rows drawn with replacement by
+        `row_probabilities`.
         """
         if self.position + self.batch_size > self.permutation.numel():
             n = self.x.shape[0]
