@@ -484,10 +484,15 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @needs_cuda
-def test_cuda_bf16_training_is_finite(real_data, tiny_config):
+@pytest.mark.parametrize("heavy_tailed", [False, True])
+def test_cuda_bf16_training_is_finite(real_data, tiny_config, heavy_tailed):
+    """Dropout, and on a heavy-tailed catalogue the norm-sampled rows and their weights, inside the
+    captured CUDA graph step."""
     config = tiny_config({"train.device": "cuda", "train.amp": True, "train.steps": 200, "train.eval_every": 50,
-                          "model.decoder_dropout": 0.1})  # dropout inside the captured CUDA graph step
-    trainer = Trainer(config, _x(real_data))
+                          "model.decoder_dropout": 0.1, "train.norm_sampling": 0.5})
+    x = _heavy_tailed(_x(real_data))[0] if heavy_tailed else _x(real_data)
+    trainer = Trainer(config, x)
+    assert (trainer.row_weights is not None) == heavy_tailed
     model = trainer.fit()
     assert next(model.parameters()).is_cuda
     for name, tensor in model.state_dict().items():
