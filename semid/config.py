@@ -122,7 +122,7 @@ class TrainConfig:
     min_epochs: float = 0.0
     max_steps: int = 0
     lr: float = 0.001
-    # On a heavy-tailed catalogue (a few items hold the variance, `semid.metrics.is_heavy_tailed`) this share
+    # On a heavy-tailed catalogue (its top 1% of items hold more than 20% of the variance) this share
     # of each batch is drawn in proportion to the item's squared distance from the mean, the rest uniformly
     # (0: off). The reconstruction term is reweighted by 1 / (N p), so it still estimates the catalogue's mean
     # error; the latent-space terms follow the draw. Other catalogues train on shuffled passes, whatever

@@ -111,11 +111,6 @@ def reconstruction_metrics(x: ArrayLike, x_hat: ArrayLike) -> dict[str, float]:
 HEAVY_TAIL_SHARE = 0.2
 
 
-def is_heavy_tailed(x: ArrayLike) -> bool:
-    """Whether a few items hold the variance: the top 1% more than HEAVY_TAIL_SHARE of it."""
-    return top_variance_share(x) > HEAVY_TAIL_SHARE
-
-
 def top_variance_share(x: ArrayLike, fraction: float = 0.01) -> float:
     """Share of the total variance (squared distances to the mean) that the top `fraction` of rows hold.
 
@@ -127,6 +122,11 @@ def top_variance_share(x: ArrayLike, fraction: float = 0.01) -> float:
     mean = x.mean(axis=0, dtype=np.float64)
     block = 65536
     squared = np.concatenate([np.square(x[i : i + block] - mean).sum(axis=1) for i in range(0, len(x), block)])
+    return top_share(squared, fraction)
+
+
+def top_share(squared: np.ndarray, fraction: float = 0.01) -> float:
+    """Share of sum(squared) that its largest `fraction` of entries hold (0 when the sum is 0)."""
     total = squared.sum()
     if total == 0:
         return 0.0

@@ -27,13 +27,14 @@ from tqdm.auto import tqdm
 from semid import distributed
 from semid.config import ConfigError, SemidConfig
 from semid.metrics import (
+    HEAVY_TAIL_SHARE,
     Neighbours,
     codebook_metrics,
     collision_metrics,
-    is_heavy_tailed,
     nearest_neighbours,
     prefix_agreement_from_neighbours,
     reconstruction_metrics,
+    top_share,
 )
 from semid.rqvae import RQVAE, RQVAEOutput
 
@@ -54,20 +55,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def norm_sampling_probabilities(x: torch.Tensor, share: float) -> torch.Tensor:
-    """(N, D) items -> (N,) probabilities of drawing each item into a batch: (1 - share) / N + share * w / sum(w).
+def norm_sampling_probabilities(x: torch.Tensor, share: float) -> torch.Tensor | None:
+    """(N, D) items -> (N,) probabilities of drawing each item into a batch: (1 - share) / N + share * w / sum(w);
+    None when the catalogue is not heavy-tailed (its top 1% hold at most HEAVY_TAIL_SHARE of sum(w)).
 
     w is the squared distance from the catalogue mean: an item's share of the variance that fvu divides by.
     In collaborative-filtering factors the top 1% of items hold 60% of it, and a uniform batch holds about
     ten of them, so their error (most of fvu) is estimated from a few rows per step and training follows the
-    noise; drawn by w they fill a third of every batch. With share < 1 every item keeps a chance of at least
-    (1 - share) / N, which bounds its reconstruction weight 1 / (N p) by 1 / (1 - share).
+    noise; drawn by w they fill a third of every batch. Elsewhere the draw cost collisions (Beauty 1.02 ->
+    1.31 to 1.44%, bench/VARIANTS.md), so those catalogues keep shuffled passes. With share < 1 every item
+    keeps a chance of at least (1 - share) / N, which bounds its reconstruction weight 1 / (N p) by
+    1 / (1 - share).
     """
     w = (x.float() - x.float().mean(0)).pow(2).sum(-1).cpu().double()
+    if top_share(w.numpy()) <= HEAVY_TAIL_SHARE:
+        return None
     uniform = torch.full_like(w, 1.0 / w.numel())
-    total = w.sum()
-    proportional = w / total if total > 0 else uniform
-    return ((1.0 - share) * uniform + share * proportional).float()
+    return ((1.0 - share) * uniform + share * w / w.sum()).float()
 
 
 @torch.no_grad()
@@ -155,11 +159,12 @@ class Trainer:
         self.permutation = torch.empty(0, dtype=torch.long)
         # Under train.norm_sampling the rows of a heavy-tailed catalogue are drawn by these probabilities, and
         # each row's reconstruction error is weighted by 1 / (N p) so that its expectation is still the
-        # catalogue's mean. Elsewhere it cost collisions (Beauty 1.02 -> 1.31 to 1.44%, bench/VARIANTS.md).
+        # catalogue's mean.
         self.row_probabilities: torch.Tensor | None = None
         self.row_weights: torch.Tensor | None = None
-        if config.train.norm_sampling and self.model.is_autoencoder and is_heavy_tailed(x.detach().cpu().numpy()):
+        if config.train.norm_sampling and self.model.is_autoencoder:
             self.row_probabilities = norm_sampling_probabilities(self.x, config.train.norm_sampling)
+        if self.row_probabilities is not None:
             self.row_weights = (1.0 / (self.x.shape[0] * self.row_probabilities)).to(self.device)
         self.position = 0
         self.state = TrainState()
