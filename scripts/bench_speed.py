@@ -2,7 +2,7 @@
 
     python scripts/bench_speed.py                   # CPU: Beauty, host numpy in and out -> bench/speed_cpu.json
     python scripts/bench_speed.py --device cuda     # GPU: data already on the device   -> bench/speed_cuda.json
-    python scripts/bench_speed.py --only encode     # CPU: re-measure one part, keep the other in the file
+    python scripts/bench_speed.py --only encode     # CPU: re-measure one part (encode, fit, train), keep the others
 
 CPU mode compares, on the same rows and through the calls a user makes:
 - encode: semid's TIGER-shaped RQ-VAE (`configs/tiger.toml`: 384 -> 512-256-128 -> 32, 3 x 256 codes) via
@@ -10,6 +10,8 @@ CPU mode compares, on the same rows and through the calls a user makes:
   same shape (`scripts/peers.py`). Only speed is measured, so both are trained for a handful of steps.
 - fit: semid residual k-means (`model.type = "rqkmeans"`) against FAISS `ResidualQuantizer`, both 3 x 256 on
   the raw embeddings, with the fvu each reaches (`semid.metrics.reconstruction_metrics`).
+- train: training steps/s of semid's RQ-VAE against the vector-quantize-pytorch autoencoder, both of TIGER's
+  shape, and of semid's default recipe with bf16 autocast (where the CPU runs it natively) and without.
 GPU mode measures `RQVAE.encode` on a large resampled catalogue already on the device, in fp32 and under
 bf16 autocast, with and without the fused residual-encode kernel (`semid.fused`), against a plain-PyTorch
 encoder of the same shape that holds the same weights (MLP, then three chained argmins over 256 codes),
@@ -93,6 +95,58 @@ def cpu_encode(x: np.ndarray, steps: int, repeats: int, seed: int) -> dict:
                  "semid_model_encode is RQVAE.encode alone on a tensor view of the same array. Each "
                  "figure is the best of `repeats` rounds that time every system once, in turn.",
     }
+
+
+def cpu_train(x: np.ndarray, steps: int, repeats: int, seed: int) -> dict:
+    """Training steps/s on the CPU: semid against the vector-quantize-pytorch autoencoder of TIGER's shape, and
+    semid's default recipe with and without bf16 autocast (`train.amp`, on where the CPU runs bf16 natively)."""
+    from peers import VQPytorchRVQ
+
+    from semid.config import SemidConfig
+    from semid.train import Trainer, native_bf16
+
+    data = torch.from_numpy(x)
+
+    def semid_fit(config: Path, amp: bool) -> Callable[[], None]:
+        overrides = {**quick_overrides("cpu", steps), "train.seed": seed, "train.amp": amp, "train.min_epochs": 0,
+                     "train.decoder_refit_steps": 0}
+        return lambda: Trainer(SemidConfig.load(config).with_overrides(overrides), data).fit()
+
+    def vqtorch_fit() -> None:
+        VQPytorchRVQ(steps=steps, device="cpu").fit(x, LEVELS, CODEBOOK, seed)
+
+    native = native_bf16(torch.device("cpu"))
+    fits = {"semid_tiger_shape": semid_fit(TIGER, True), "vqtorch_rvq_tiger_shape": vqtorch_fit,
+            "semid_default_fp32": semid_fit(DEFAULT, False)}
+    if native:
+        fits["semid_default_bf16"] = semid_fit(DEFAULT, True)
+    seconds = best_of_interleaved(fits, repeats)
+    per_second = {name: rate(steps, s) for name, s in seconds.items()}
+    result = {
+        "steps_per_second": per_second,
+        "ratio_semid_over_vqtorch_tiger_shape": round(per_second["semid_tiger_shape"]
+                                                      / per_second["vqtorch_rvq_tiger_shape"], 2),
+        "native_bf16": native,
+        "steps": steps,
+        "notes": "Each figure is steps / wall seconds of a whole fit of `steps` steps of 1,024 items (initialisation "
+                 "and one evaluation included), best of `repeats` interleaved rounds. TIGER shape: 384 -> "
+                 "512-256-128 -> 32, 3 x 256 (semid: configs/tiger.toml, in bf16 where native); default: "
+                 "configs/default.toml (1024-512-256 -> 64).",
+    }
+    if native:
+        result["speedup_default_bf16_over_fp32"] = round(per_second["semid_default_bf16"]
+                                                         / per_second["semid_default_fp32"], 2)
+    return result
+
+
+def print_cpu_train(r: dict) -> None:
+    print(f"
+training, {r['steps']} steps of 1,024 items (steps/s; native bf16: {r['native_bf16']}):")
+    for name, value in r["steps_per_second"].items():
+        print(f"  {name:24} {value:>8.1f}")
+    print(f"  semid / vqtorch, TIGER shape: {r['ratio_semid_over_vqtorch_tiger_shape']}x")
+    if "speedup_default_bf16_over_fp32" in r:
+        print(f"  default, bf16 / fp32: {r['speedup_default_bf16_over_fp32']}x")
 
 
 def best_of_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -201,6 +255,9 @@ def run_cpu(x: np.ndarray, args: argparse.Namespace) -> dict:
     if args.only in (None, "fit"):
         result["fit"] = cpu_fit(x, args.repeats, args.seed)
         print_cpu_fit(result["fit"])
+    if args.only in (None, "train"):
+        result["train"] = cpu_train(x, args.cpu_train_steps, args.repeats, args.seed)
+        print_cpu_train(result["train"])
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
 
@@ -398,11 +455,12 @@ def main() -> None:
                         help="GPU: steps of the train-speed run (0: the config's own, 3000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="JSON output (default: bench/speed_<device>.json)")
-    parser.add_argument("--only", choices=["encode", "fit"],
+    parser.add_argument("--cpu-train-steps", type=int, default=150, help="CPU: steps of each timed training run")
+    parser.add_argument("--only", choices=["encode", "fit", "train"],
                         help="CPU: measure one part and update it in the existing output, keeping the other")
     args = parser.parse_args()
-    if args.repeats < 1 or args.train_steps < 1 or args.rows < 1 or args.batch < 1:
-        parser.error("--repeats, --train-steps, --rows and --batch must be positive")
+    if min(args.repeats, args.train_steps, args.rows, args.batch, args.cpu_train_steps) < 1:
+        parser.error("--repeats, --train-steps, --cpu-train-steps, --rows and --batch must be positive")
     if args.only and args.device != "cpu":
         parser.error("--only applies to the CPU mode")
     x = load_data(args.data, args.data_dir)

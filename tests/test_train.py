@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from semid.config import ConfigError, SemidConfig, tomllib  # tomllib, or tomli on Python 3.10
-from semid.train import Trainer, encode_in_batches, norm_sampling_probabilities, quick_evaluate, score
+import semid.train
+from semid.train import Trainer, encode_in_batches, native_bf16, norm_sampling_probabilities, quick_evaluate, score
 
 
 def _x(real_data, name: str = "ml-100k") -> torch.Tensor:
@@ -477,6 +478,44 @@ def test_config_file_errors(tmp_path):
     bad.write_text("[model\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         SemidConfig.load(bad)
+
+
+# ---- bf16 on the CPU ------------------------------------------------------------------------------
+
+
+def test_native_bf16_is_cuda_or_a_cpu_with_bf16_instructions(monkeypatch):
+    assert native_bf16(torch.device("cuda"))
+    assert not native_bf16(torch.device("meta"))
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
+    assert not native_bf16(torch.device("cpu"))
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert native_bf16(torch.device("cpu"))
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # a build without the probes
+        monkeypatch.delattr(torch.cpu, probe)
+    assert not native_bf16(torch.device("cpu"))
+
+
+def test_cpu_step_autocasts_to_bf16_only_where_native_and_learns_as_well(real_data, tiny_config, monkeypatch):
+    """Where bf16 is native (forced here, whatever this CPU has) the step's matrix products run in bf16; the
+    model learns about as well as in fp32. train.amp = false keeps fp32."""
+    x = _x(real_data, "ml-1m")
+    config = tiny_config({"train.steps": 200})
+    results = {}
+    for native, amp in [(False, True), (True, True), (True, False)]:
+        monkeypatch.setattr(semid.train, "native_bf16", lambda device, native=native: native)
+        trainer = Trainer(config.with_overrides({"train.amp": amp}), x)
+        assert trainer.use_amp == (native and amp)
+        assert trainer.optimizer.defaults["fused"]  # the CPU takes the fused AdamW kernel
+        seen = []
+        hook = trainer.model.encoder[0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+        trainer.fit()
+        hook.remove()
+        # Only the training step calls the encoder module (evaluation folds the standardiser into fp32 products).
+        assert seen == [torch.bfloat16 if trainer.use_amp else torch.float32] * config.train.steps
+        results[trainer.use_amp] = trainer.state.final["fvu"]
+    assert results[True] < 0.9 and results[False] < 0.9
+    assert abs(results[True] - results[False]) < 0.05
 
 
 # ---- CUDA -------------------------------------------------------------------------------------
