@@ -71,7 +71,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     tok.save(args.out)
     final = tok.meta["final"]  # the saved model's codes
     processes = f" by {ranks.world_size} processes" if ranks.active else ""
-    print(f"trained on {len(items)} items{processes} in {time.perf_counter() - started:.1f} s; model saved to {args.out}")
+    on = f"{tok.meta['train_device']}, {tok.meta['train_precision']}"
+    print(f"trained on {len(items)} items{processes} ({on}) in {time.perf_counter() - started:.1f} s; "
+          f"model saved to {args.out}")
     if final:
         print(f"fvu {final['fvu']:.4f}  collision_rate {final['collision_rate']:.4f}  (best step {tok.meta['best_step']})")
     return 0

@@ -157,6 +157,9 @@ class SemanticIdTokenizer:
             "n_train_items": int(emb.shape[0]),
             "train_fingerprint": data_fingerprint(emb),
             "best_step": trainer.state.best_step,
+            # where and how it trained: the same seed gives the same model only on the same kind of device
+            "train_device": trainer.device.type,
+            "train_precision": "bf16 autocast" if trainer.use_amp else "fp32",
             "dead_code_resets": trainer.state.dead_code_resets,
             "final": trainer.state.final,
         }

@@ -182,7 +182,8 @@ class Trainer:
             self.row_weights = (1.0 / (self.x.shape[0] * self.row_probabilities)).to(self.device)
         self.position = 0
         self.state = TrainState()
-        self.use_amp = config.train.amp and native_bf16(self.device)
+        # residual k-means has no MLP, so no matrix products to cast
+        self.use_amp = config.train.amp and native_bf16(self.device) and self.model.is_autoencoder
         # A CUDA graph replays forward, backward and optimizer step as one launch: the step of a model this
         # small is otherwise bound by Python and kernel-launch overhead, not by the GPU.
         # Not under DDP: its gradient all-reduce would have to be captured too.

@@ -516,6 +516,7 @@ def test_cpu_step_autocasts_to_bf16_only_where_native_and_learns_as_well(real_da
         results[trainer.use_amp] = trainer.state.final["fvu"]
     assert results[True] < 0.9 and results[False] < 0.9
     assert abs(results[True] - results[False]) < 0.05
+    assert not Trainer(config.with_overrides({"model.type": "rqkmeans"}), x).use_amp  # nothing to cast there
 
 
 # ---- CUDA -------------------------------------------------------------------------------------
