@@ -109,6 +109,11 @@ class SemidSystem:
         return [{k: h[k] for k in keys if k in h} for h in self._tok.history]
 
     @property
+    def precision(self) -> str:
+        """How the model trained: "bf16 autocast" (a GPU, or a CPU that runs bf16 natively) or "fp32"."""
+        return self._tok.meta["train_precision"]
+
+    @property
     def steps_run(self) -> int | None:
         """Training steps of the fitted RQ-VAE (None for residual k-means, which is not trained by SGD)."""
         config = self._tok.config
@@ -215,7 +220,7 @@ def format_row(row: dict[str, Any]) -> list[str]:
         f"{100 * row['heldout_taken']:.2f}" if "heldout_taken" in row else "-",
         f"{row['train_s']:.1f}",
         f"{row['encode_items_per_s']:,.0f}",
-        f"{row.get('device', '-')}",
+        f"{row.get('device', '-')}" + (" bf16" if row.get("precision") == "bf16 autocast" else ""),
     ]
 
 
@@ -479,6 +484,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row["semid_config"] = os.path.relpath(system.config, REPO)
                 row["semid_overrides"] = system.overrides
                 row["semid_set"] = system.extra
+                row["precision"] = system.precision
             results["results"] = _without(results["results"], name, data) + [row]
             results["failures"] = _without(results.get("failures", []), name, data)
             write_json_atomic(args.out, results)

@@ -170,13 +170,15 @@ def test_bench_quality_end_to_end(tmp_path: Path) -> None:
               "--out", str(out), "--plot", str(plot), "--markdown", str(md)]
     assert bench_quality.main([*common, "--systems", "faiss-rq"]) == 0
     assert bench_quality.main([*common, "--systems", "faiss-rkmeans"]) == 0
+    assert bench_quality.main([*common, "--systems", "semid-rqkmeans", "--device", "cpu"]) == 0
     rows = json.loads(out.read_text())["results"]
-    assert sorted(r["system"] for r in rows) == ["faiss-rkmeans", "faiss-rq"]
+    assert sorted(r["system"] for r in rows) == ["faiss-rkmeans", "faiss-rq", "semid-rqkmeans"]
+    assert [r["precision"] for r in rows if r["system"] == "semid-rqkmeans"] == ["fp32"]  # no MLP, nothing cast
     for r in rows:
         assert 0.0 < r["fvu"] < 1.0 and len(r["entropy_bits"]) == 2 and "sequence_prefix_agreement" in r
     assert plot.stat().st_size > 0
     text = md.read_text()
-    assert "faiss-rq" in text and "faiss-rkmeans" in text and "## toy" in text
+    assert all(name in text for name in ("faiss-rq", "faiss-rkmeans", "semid-rqkmeans", "## toy"))
 
 
 def test_bench_quality_rejects_unknown_set(tmp_path: Path) -> None:
