@@ -140,8 +140,7 @@ def cpu_train(x: np.ndarray, steps: int, repeats: int, seed: int) -> dict:
 
 
 def print_cpu_train(r: dict) -> None:
-    print(f"
-training, {r['steps']} steps of 1,024 items (steps/s; native bf16: {r['native_bf16']}):")
+    print(f"\ntraining, {r['steps']} steps of 1,024 items (steps/s; native bf16: {r['native_bf16']}):")
     for name, value in r["steps_per_second"].items():
         print(f"  {name:24} {value:>8.1f}")
     print(f"  semid / vqtorch, TIGER shape: {r['ratio_semid_over_vqtorch_tiger_shape']}x")
