@@ -15,6 +15,7 @@ import copy
 import inspect
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,9 +207,12 @@ class Trainer:
         if self.use_graph:  # the learning rate must live on the device for a captured step to see changes
             lr = torch.tensor(t.lr, device=self.device)
             return torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=t.weight_decay, capturable=True)
-        # On a CPU the fused kernel updates every parameter in one pass: 1.5 ms a step here instead of 7 ms.
-        fused = self.device.type == "cpu"
-        return torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=fused)
+        return self._adamw(self.model.parameters(), t.lr, t.weight_decay)
+
+    def _adamw(self, parameters: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+        """AdamW; on a CPU the fused kernel, which updates every parameter in one pass (1.5 ms a step here
+        instead of 7 ms)."""
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=self.device.type == "cpu")
 
     def _set_learning_rate(self, step: int) -> None:
         lr = self.config.train.lr * self.learning_rate(step)
@@ -481,7 +485,7 @@ class Trainer:
         with torch.no_grad():
             inputs = torch.cat([model.quantizer.decode(model.quantizer.encode(z)) for z in latents.split(65536)])
         start_lr = t.lr * self.learning_rate(t.steps - 1)
-        optimizer = torch.optim.AdamW(model.decoder.parameters(), lr=start_lr, weight_decay=0.0)
+        optimizer = self._adamw(model.decoder.parameters(), start_lr, 0.0)
         rng = torch.Generator().manual_seed(t.seed)
         batch = min(self.batch_size, inputs.shape[0])
         for step in range(steps):
