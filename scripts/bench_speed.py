@@ -456,7 +456,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="JSON output (default: bench/speed_<device>.json)")
     parser.add_argument("--cpu-train-steps", type=int, default=150, help="CPU: steps of each timed training run")
     parser.add_argument("--only", choices=["encode", "fit", "train"],
-                        help="CPU: measure one part and update it in the existing output, keeping the other")
+                        help="CPU: measure one part and update it in the existing output, keeping the others")
     args = parser.parse_args()
     if min(args.repeats, args.train_steps, args.rows, args.batch, args.cpu_train_steps) < 1:
         parser.error("--repeats, --train-steps, --cpu-train-steps, --rows and --batch must be positive")

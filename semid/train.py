@@ -57,7 +57,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matrix products run natively on this device: CUDA, or a CPU with AVX512-BF16 or AMX.
+    """Whether bf16 matrix products run natively on this device: CUDA (the GPUs semid targets, Ampere and
+    later, have bf16 tensor cores), or a CPU with AVX512-BF16 or AMX.
 
     There bf16 autocast about halves the step of the default model (2-core AMD EPYC: 0.146 -> 0.075 s), as it
     does on a GPU. A CPU without these instructions emulates bf16 and would run slower, so it stays in fp32.
