@@ -10,7 +10,10 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from semid.tokenizer import SemanticIdTokenizer
 
 BUNDLED_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "goodbooks.parquet"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.toml"
@@ -71,12 +74,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     tok.save(args.out)
     final = tok.meta["final"]  # the saved model's codes
     processes = f" by {ranks.world_size} processes" if ranks.active else ""
-    on = f"{tok.meta['train_device']}, {tok.meta['train_precision']}"
-    print(f"trained on {len(items)} items{processes} ({on}) in {time.perf_counter() - started:.1f} s; "
-          f"model saved to {args.out}")
+    seconds = time.perf_counter() - started
+    print(f"trained on {len(items)} items{processes} ({_trained_on(tok)}) in {seconds:.1f} s; model saved to {args.out}")
     if final:
         print(f"fvu {final['fvu']:.4f}  collision_rate {final['collision_rate']:.4f}  (best step {tok.meta['best_step']})")
     return 0
+
+
+def _trained_on(tok: SemanticIdTokenizer) -> str:
+    """"cpu, bf16 autocast": the device and precision a model trained with, which a seed's result depends on."""
+    return f"{tok.meta['train_device']}, {tok.meta['train_precision']}"
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -137,7 +144,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     report["train_seconds"] = round(train_s, 2)
     write_json_atomic(report, out / "report.json")
     print(format_report(report))
-    print(f"\ntrained in {train_s:.1f} s; encoded {summary['n_items']} items")
+    print(f"\ntrained in {train_s:.1f} s ({_trained_on(tok)}); encoded {summary['n_items']} items")
     print(f"outputs in {out}/: model/ (config, weights, registry), ids.parquet (with LLM tokens), trie.json, report.json")
     return 0
 

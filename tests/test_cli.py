@@ -78,6 +78,25 @@ def work(real_data, tmp_path_factory) -> dict[str, Path]:
 # ---- round trip --------------------------------------------------------------------------------
 
 
+def test_demo_runs_the_main_job_on_the_bundled_sample(tmp_path, capsys):
+    """`semid demo` (the README's first command) trains, encodes, evaluates and reports on the bundled
+    goodbooks sample; here with a tiny model and a few steps, the demo's own schedule being a minute."""
+    from semid.cli import main
+
+    out = tmp_path / "demo"
+    tiny = ["model.hidden=[64]", "model.latent_dim=16", "train.steps=30", "train.eval_every=30",
+            "train.progress=false", "train.decoder_refit_steps=0"]
+    assert main(["demo", "--out", str(out), "--device", "cpu", *[f"--set={s}" for s in tiny]]) == 0
+    printed = capsys.readouterr().out
+    assert "semid demo: 10000 items of dimension 384" in printed and "(cpu, " in printed
+    assert {p.name for p in out.iterdir()} == {"model", "ids.parquet", "trie.json", "report.json"}
+    ids = pl.read_parquet(out / "ids.parquet")
+    assert ids.height == 10_000 and ids["semantic_id"].n_unique() == 10_000  # no two books share an ID
+    report = json.loads((out / "report.json").read_text())
+    assert DESIGN_KEYS - {"sequence_prefix_agreement"} <= report.keys() and report["unique_after"] == 1.0
+    assert f"fvu (fraction of variance unexplained)  {report['fvu']:.4f}" in printed
+
+
 def test_train_encode_evaluate_round_trip(work):
     root, model = work["root"], work["model"]
     assert {p.name for p in model.iterdir()} == {"config.toml", "model.pt", "meta.json", "registry.parquet"}
