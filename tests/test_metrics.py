@@ -18,6 +18,7 @@ from semid.distance import nearest_code
 from semid.metrics import (
     codebook_metrics,
     collision_metrics,
+    duplicate_rate,
     evaluate_codes,
     format_report,
     nearest_neighbours,
@@ -32,7 +33,7 @@ from semid.metrics import (
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REPORT_KEYS = {
-    "n_items", "mse", "fvu", "cosine", "collision_rate", "colliding_items", "max_group", "usage",
+    "n_items", "mse", "fvu", "cosine", "collision_rate", "duplicate_rate", "colliding_items", "max_group", "usage",
     "entropy_bits", "prefix_agreement", "prefix_agreement_sampled", "unique_after", "id_length",
 }
 
@@ -389,6 +390,31 @@ def _suffix_ids(codes: np.ndarray) -> np.ndarray:
     return np.concatenate([codes, np.array(suffix)[:, None]], axis=1)
 
 
+def test_duplicate_rate_counts_repeated_rows_and_bounds_any_per_item_code(ml100k):
+    """Identical rows count once (also when one holds -0.0 where the other holds 0.0); rows that differ
+    in one float32 ulp count apart. And it is the floor, reached: codes that are each row's nearest row of
+    the catalogue itself (a function of the row alone, distinct for distinct rows) collide exactly that
+    much, and coarser per-row codes more."""
+    x = np.array([[0.0, 1.0], [-0.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [2.0, 0.5]], dtype=np.float32)
+    assert duplicate_rate(x) == pytest.approx(1 - 3 / 6)
+    nudged = x.copy()
+    nudged[3, 0] = np.nextafter(np.float32(1.0), np.float32(2.0))
+    assert duplicate_rate(nudged) == pytest.approx(1 - 4 / 6)
+    assert duplicate_rate(torch.from_numpy(x)) == duplicate_rate(x.astype(np.float64))
+
+    real, _, _ = ml100k
+    doubled = np.concatenate([real, real[:100]])  # 100 more rows that each repeat one
+    base = duplicate_rate(real)
+    assert duplicate_rate(doubled) == pytest.approx(1 - (1 - base) * len(real) / len(doubled))
+    rows = torch.from_numpy(doubled)
+    own_row = nearest_code(rows, rows, "l2")[0].numpy()[:, None]
+    assert collision_metrics(own_row)["collision_rate"] == pytest.approx(duplicate_rate(doubled))
+    coarser = nearest_code(rows, rows[:1000], "l2")[0].numpy()[:, None]
+    assert collision_metrics(coarser)["collision_rate"] > duplicate_rate(doubled)
+    with pytest.raises(ValueError, match="NaN"):
+        duplicate_rate(np.array([[np.nan, 1.0]]))
+
+
 def test_evaluate_codes_combines_the_metrics(ml100k):
     x, x_hat, codes = ml100k
     sequences = read_sequences(DATA / "ml-100k_sequences.txt")
@@ -399,6 +425,7 @@ def test_evaluate_codes_combines_the_metrics(ml100k):
     assert report["unique_after"] == 1.0 and report["id_length"] == 4
     for part in (reconstruction_metrics(x, x_hat), collision_metrics(codes), codebook_metrics(codes, [8, 16, 16])):
         assert {key: report[key] for key in part} == part
+    assert report["duplicate_rate"] == duplicate_rate(x) > 0  # ml-100k holds 18 exact-duplicate pairs
     assert report["prefix_agreement"] == prefix_agreement(x, codes)[0]
     assert report["sequence_prefix_agreement"] == sequence_prefix_agreement(codes, sequences)
 
@@ -436,7 +463,7 @@ def test_format_report(ml100k):
     # Values start in one column.
     value_lines = [line for line in text.splitlines() if line.startswith("  ")]
     columns = {re.match(r"  \S.*?\s{2,}(?=\S)", line).end() for line in value_lines}
-    assert len(value_lines) == 11 and len(columns) == 1
+    assert len(value_lines) == 12 and len(columns) == 1
     unsampled = format_report(evaluate_codes(x, x_hat, codes, 16))
     assert "sample" not in unsampled
 

@@ -163,7 +163,9 @@ def test_bench_quality_end_to_end(tmp_path: Path) -> None:
     bench_quality = pytest.importorskip("bench_quality")
     pytest.importorskip("semid.metrics")
     rng = np.random.default_rng(5)
-    np.save(tmp_path / "toy.npy", rng.normal(size=(300, 8)).astype(np.float32))
+    toy = rng.normal(size=(300, 8)).astype(np.float32)
+    toy[[1, 2]] = toy[0]  # three items with one embedding: collisions cannot go below 2 / 300
+    np.save(tmp_path / "toy.npy", toy)
     (tmp_path / "toy_sequences.txt").write_text("u1\t0 1 2 3\nu2\t5 4\n")
     out, plot, md = tmp_path / "q.json", tmp_path / "q.png", tmp_path / "R.md"
     common = ["--data", "toy", "--data-dir", str(tmp_path), "--levels", "2", "--codebook-size", "8",
@@ -179,6 +181,8 @@ def test_bench_quality_end_to_end(tmp_path: Path) -> None:
     assert plot.stat().st_size > 0
     text = md.read_text()
     assert all(name in text for name in ("faiss-rq", "faiss-rkmeans", "semid-rqkmeans", "## toy"))
+    assert "0.67% of items repeat another's embedding" in text
+    assert all(r["duplicate_rate"] == pytest.approx(2 / 300) and r["collision_rate"] >= 2 / 300 for r in rows)
 
 
 def test_bench_quality_rejects_unknown_set(tmp_path: Path) -> None:
