@@ -175,7 +175,9 @@ def duplicate_rate(x: ArrayLike) -> float:
     forces: ml-100k's 1.07% is all duplicates, and the 29k-item mixed catalogue of bench/VARIANTS.md
     cannot go below 4.9%. Rows are compared bytewise after folding -0.0 into 0.0.
     """
-    x_np = np.ascontiguousarray(_float_matrix(x, "x") + 0.0)  # float64 holds every float32 row exactly
+    arr = _to_numpy(x)
+    dtype = arr.dtype.type if np.issubdtype(arr.dtype, np.floating) else np.float64  # compared as stored
+    x_np = np.ascontiguousarray(_float_matrix(arr, "x", dtype=dtype) + dtype(0))  # a copy, -0.0 folded
     rows = x_np.view(np.dtype((np.void, x_np.dtype.itemsize * x_np.shape[1]))).ravel()  # one opaque key per row
     return float(1.0 - np.unique(rows).size / x_np.shape[0])
 
