@@ -261,10 +261,12 @@ def render_markdown(results: dict[str, Any], plot: Path | None, markdown_path: P
     for data in dict.fromkeys(r["data"] for r in rows):
         subset = [r for r in rows if r["data"] == data]
         first = subset[0]
-        floor = next((r["duplicate_rate"] for r in subset if "duplicate_rate" in r), None)
-        floor_note = "" if floor is None else f"; {100 * floor:.2f}% of items repeat another's embedding, the floor of collision %"
+        floor = next((r["duplicate_rate"] for r in subset if "duplicate_rate" in r), None)  # older result files lack it
+        floor_note = ("" if floor is None else
+                      f"; {100 * floor:.2f}% of items repeat another's embedding, the floor of collision %")
+        shape = f"{first['n_items']:,} items, {first['levels']} levels x {first['codebook_size']} codes"
         lines += [
-            f"## {data} ({first['n_items']:,} items, {first['levels']} levels x {first['codebook_size']} codes{floor_note})",
+            f"## {data} ({shape}{floor_note})",
             "",
             "| " + " | ".join(COLUMNS[:1] + COLUMNS[2:]) + " | steps |",
             "|" + "---|" * (len(COLUMNS) - 1) + "---|",

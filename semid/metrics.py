@@ -440,7 +440,9 @@ _LABELS = {
 }
 _SECTIONS = {
     "reconstruction": ("mse", "fvu", "cosine"),
-    "codes (before collision handling)": ("collision_rate", "duplicate_rate", "colliding_items", "max_group", "usage", "entropy_bits"),
+    "codes (before collision handling)": (
+        "collision_rate", "duplicate_rate", "colliding_items", "max_group", "usage", "entropy_bits",
+    ),
     "semantics": ("prefix_agreement", "sequence_prefix_agreement"),
     "final IDs": ("unique_after", "id_length"),
 }
