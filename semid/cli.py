@@ -106,7 +106,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     tok = SemanticIdTokenizer.load(args.model, device=args.device)
     items = _read_training_items(args.data, args.id_col, args.emb_col)
     sequences = read_sequences(args.sequences) if args.sequences else None
-    report = tok.evaluate(items.embeddings, ids=items.ids, sequences=sequences)
+    report = tok.evaluate(items.embeddings, ids=items.ids, sequences=sequences,
+                          progress=not args.quiet and sys.stderr.isatty())
     print(format_report(report))
     if args.json:
         write_json_atomic(report, args.json)
@@ -197,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequences", help="user sequences (user<TAB>row row ...) for sequence_prefix_agreement")
     p.add_argument("--plot", help="write a PNG of code usage per level (needs matplotlib)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quiet", action="store_true", help="no progress bar (there is none unless stderr is a terminal)")
     columns(p)
     p.set_defaults(func=cmd_evaluate)
 

@@ -138,9 +138,10 @@ class TrainConfig:
     eval_every: int = 1000
     best_metric: str = "fvu"  # any scalar evaluate() key; lower is better except where noted in train.py
     early_stopping: int = 0  # stop after this many evaluations without improvement; 0 = never
-    # Uniqueness loss: every `uniqueness_every` steps the whole corpus is encoded, items that share a code
-    # tuple (all but the best-placed of each group) get as target the nearest free last-level code of their
-    # prefix, and a loss of this weight pulls their latent there. 0 turns it off.
+    # Uniqueness loss: every `uniqueness_every` steps (at least one pass over the catalogue, see
+    # `uniqueness_interval`) the whole corpus is encoded, items that share a code tuple (all but the
+    # best-placed of each group) get as target the nearest free last-level code of their prefix, and a loss
+    # of this weight pulls their latent there. 0 turns it off.
     uniqueness_weight: float = 0.0
     uniqueness_every: int = 100
     # Decoder refit: after the best weights are chosen (and prefix centres fitted), the decoder alone trains
@@ -174,6 +175,17 @@ class TrainConfig:
         passes = math.ceil(self.min_epochs * n_items / min(self.batch_size, max(n_items, 1)))
         steps = max(self.steps, passes)
         return min(steps, self.max_steps) if self.max_steps else steps
+
+    def uniqueness_interval(self, n_items: int) -> int:
+        """Steps between refreshes of the uniqueness targets: `uniqueness_every`, but at least one pass of
+        batch_size rows over n_items.
+
+        A refresh encodes the whole catalogue, while an item's target is used only when the item is drawn,
+        about once a pass: refreshing more often costs a full encode for targets that mostly go unused. It
+        changes nothing up to 102k items at the default batch of 1,024; on 500k items every 100 steps spent
+        10 s a refresh on a 2-core CPU, as long as the 100 steps themselves.
+        """
+        return max(self.uniqueness_every, math.ceil(n_items / min(self.batch_size, max(n_items, 1))))
 
 
 @dataclass

@@ -20,10 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 # Query rows per chunk in `prefix_agreement` are chosen so one chunk's (rows, N) similarity matrix holds
-# at most this many floats (64 MiB in fp32): the N x N matrix is never built at once.
-_MAX_CHUNK_ELEMENTS = 1 << 24
+# at most this many floats (256 MiB in fp32): the N x N matrix is never built at once. A smaller chunk makes
+# the matrix product too thin to run at full speed: 50,000 queries into 500k items took 251 s at 64 MiB
+# (33 rows a chunk) and 173 s at 128 rows on a 2-core CPU.
+_MAX_CHUNK_ELEMENTS = 1 << 26
+# Entries per row block of the numpy metrics (`_row_blocks`).
+_BLOCK_ELEMENTS = 1 << 22
 
 ArrayLike = Any  # numpy array, torch tensor, or anything np.asarray accepts
 
@@ -47,16 +52,26 @@ def _check_matrix_shape(shape: tuple[int, ...], name: str) -> None:
         raise ValueError(f"{name} is empty (shape {tuple(shape)}); metrics need at least one item")
 
 
-def _float_matrix(a: ArrayLike, name: str, dtype: type[np.floating] = np.float64) -> np.ndarray:
-    """Validated (N, D) float matrix of the given dtype (float64 by default, for exact sums)."""
+def _float_matrix(a: ArrayLike, name: str, dtype: type[np.floating] | None = np.float64) -> np.ndarray:
+    """Validated (N, D) float matrix of the given dtype (float64 by default, for exact sums); dtype=None keeps
+    a float matrix's own dtype (integers become float64), so a large float32 catalogue is not copied."""
     arr = _to_numpy(a)
     _check_matrix_shape(arr.shape, name)
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise ValueError(f"{name} must hold numbers, got dtype {arr.dtype}")
+    if dtype is None:
+        dtype = arr.dtype.type if np.issubdtype(arr.dtype, np.floating) else np.float64
     arr = arr.astype(dtype, copy=False)
     if not np.isfinite(arr).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     return arr
+
+
+def _row_blocks(n: int, d: int) -> list[slice]:
+    """Row slices of an (n, d) matrix of at most _BLOCK_ELEMENTS entries each: the float64 temporaries of a
+    metric over a large catalogue stay a few tens of MB instead of several copies of the catalogue."""
+    rows = max(1, _BLOCK_ELEMENTS // d)
+    return [slice(lo, lo + rows) for lo in range(0, n, rows)]
 
 
 def _code_matrix(codes: ArrayLike, name: str = "codes") -> np.ndarray:
@@ -91,18 +106,22 @@ def reconstruction_metrics(x: ArrayLike, x_hat: ArrayLike) -> dict[str, float]:
     fvu is undefined when every x_i is the same point (zero total variance, e.g. N = 1); it is then
     returned as NaN rather than raising, so the other metrics of a report stay available.
     """
-    x_np = _float_matrix(x, "x")
-    x_hat_np = _float_matrix(x_hat, "x_hat")
+    x_np = _float_matrix(x, "x", dtype=None)
+    x_hat_np = _float_matrix(x_hat, "x_hat", dtype=None)
     if x_hat_np.shape != x_np.shape:
         raise ValueError(f"x_hat has shape {x_hat_np.shape} but x has shape {x_np.shape}; they must match")
-    sq_err = np.square(x_np - x_hat_np).sum(axis=1)  # (n,)
-    total = np.square(x_np - x_np.mean(axis=0)).sum()
-    sse = sq_err.sum()
-    fvu = sse / total if total > 0 else float("nan")
+    n, d = x_np.shape
+    mean = x_np.mean(axis=0, dtype=np.float64)  # (d,)
+    sse = total = cosine_sum = 0.0
+    for rows in _row_blocks(n, d):  # float64 sums, one block of rows at a time
+        a, b = x_np[rows].astype(np.float64), x_hat_np[rows].astype(np.float64)
+        sse += float(np.square(a - b).sum())
+        total += float(np.square(a - mean).sum())
+        cosine_sum += float(_row_cosine(a, b).sum())
     return {
-        "mse": float(sq_err.mean() / x_np.shape[1]),
-        "fvu": float(fvu),
-        "cosine": float(_row_cosine(x_np, x_hat_np).mean()),
+        "mse": sse / (n * d),
+        "fvu": sse / total if total > 0 else float("nan"),
+        "cosine": cosine_sum / n,
     }
 
 
@@ -120,8 +139,7 @@ def top_variance_share(x: ArrayLike, fraction: float = 0.01) -> float:
     """
     x = _float_matrix(x, "x", dtype=np.float32)
     mean = x.mean(axis=0, dtype=np.float64)
-    block = 65536
-    squared = np.concatenate([np.square(x[i : i + block] - mean).sum(axis=1) for i in range(0, len(x), block)])
+    squared = np.concatenate([np.square(x[rows] - mean).sum(axis=1) for rows in _row_blocks(*x.shape)])
     return top_share(squared, fraction)
 
 
@@ -175,9 +193,8 @@ def duplicate_rate(x: ArrayLike) -> float:
     forces: ml-100k's 1.07% is all duplicates, and the 29k-item mixed catalogue of bench/VARIANTS.md
     cannot go below 4.9%. Rows are compared bytewise after folding -0.0 into 0.0.
     """
-    arr = _to_numpy(x)
-    dtype = arr.dtype.type if np.issubdtype(arr.dtype, np.floating) else np.float64  # compared as stored
-    x_np = np.ascontiguousarray(_float_matrix(arr, "x", dtype=dtype) + dtype(0))  # a copy, -0.0 folded
+    x_np = _float_matrix(x, "x", dtype=None)  # compared as stored
+    x_np = np.ascontiguousarray(x_np + x_np.dtype.type(0))  # a copy, -0.0 folded
     rows = x_np.view(np.dtype((np.void, x_np.dtype.itemsize * x_np.shape[1]))).ravel()  # one opaque key per row
     return float(1.0 - np.unique(rows).size / x_np.shape[0])
 
@@ -251,7 +268,7 @@ class Neighbours:
 
 def nearest_neighbours(
     x: ArrayLike, *, k: int = 10, max_items: int = 50_000, seed: int = 0, device: str | torch.device | None = None,
-    queries: ArrayLike | None = None,
+    queries: ArrayLike | None = None, progress: bool = False,
 ) -> Neighbours:
     """k-NN by cosine (excluding the item itself) for every item, or a seeded sample when N > max_items.
 
@@ -259,7 +276,8 @@ def nearest_neighbours(
     Neighbours are searched among all N items. With N <= k every item uses its N - 1 other items; N = 1 has
     no neighbours and raises ValueError. An all-zero row has cosine 0 to everything, never NaN. Runs on
     `device`, by default x's device when x is a tensor, else the CPU; fp32 similarities in row chunks
-    (never a full N x N matrix).
+    (never a full N x N matrix). Its cost is queries x N x D: minutes on a laptop CPU for 50,000 queries
+    into 500k items, hence the optional progress bar.
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
@@ -285,12 +303,15 @@ def nearest_neighbours(
     unit = F.normalize(x_t, dim=1)  # (n, d)
     chunk_rows = max(1, _MAX_CHUNK_ELEMENTS // n)
     found = []
+    bar = tqdm(total=queries.numel(), disable=not progress, desc="neighbours", unit="item")
     for start in range(0, queries.numel(), chunk_rows):
         rows = queries[start : start + chunk_rows]  # (q,)
         with torch.autocast(device_type=unit.device.type, enabled=False):  # fp32 even inside a caller's autocast
             sim = unit[rows] @ unit.T  # (q, n): cosine
         sim[torch.arange(rows.numel(), device=device), rows] = -float("inf")  # an item is not its own neighbour
         found.append(sim.topk(k_eff, dim=1).indices)  # (q, k)
+        bar.update(rows.numel())
+    bar.close()
     return Neighbours(queries, torch.cat(found) if found else queries.new_empty(0, k_eff), sample is not None)
 
 
@@ -311,6 +332,7 @@ def prefix_agreement(
     max_items: int = 50_000,
     seed: int = 0,
     device: str | torch.device | None = None,
+    progress: bool = False,
 ) -> tuple[list[float], bool]:
     """Share of each item's k nearest other items (cosine, input space) that share its first d codes.
 
@@ -320,7 +342,7 @@ def prefix_agreement(
     """
     n = x.shape[0] if hasattr(x, "shape") else len(x)
     _check_same_items(n, codes if isinstance(codes, (np.ndarray, torch.Tensor)) else np.asarray(codes), "codes")
-    neighbours = nearest_neighbours(x, k=k, max_items=max_items, seed=seed, device=device)
+    neighbours = nearest_neighbours(x, k=k, max_items=max_items, seed=seed, device=device, progress=progress)
     return prefix_agreement_from_neighbours(codes, neighbours), neighbours.sampled
 
 
@@ -390,12 +412,15 @@ def evaluate_codes(
     sequences: Sequence[np.ndarray] | None = None,
     max_items: int = 50_000,
     seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Every DESIGN.md metric in one JSON-ready dict, plus `n_items` and `prefix_agreement_sampled`.
 
     codes are the tuples before collision handling; final_ids the IDs after it (defaults to codes, as
     with the `none` strategy). `sequence_prefix_agreement` is computed on the first L columns of the
-    final IDs and is present only when sequences are given.
+    final IDs and is present only when sequences are given. `device` and `progress` are those of the
+    neighbour search behind prefix_agreement, the one metric whose cost grows as N^2.
     """
     codes_np = _code_matrix(codes)
     n, levels = codes_np.shape
@@ -405,7 +430,8 @@ def evaluate_codes(
         raise ValueError(f"final_ids have {final_np.shape[1]} columns but codes have {levels} levels")
 
     recon = reconstruction_metrics(x, x_hat)
-    agreement, sampled = prefix_agreement(x, codes_np, max_items=max_items, seed=seed)
+    agreement, sampled = prefix_agreement(x, codes_np, max_items=max_items, seed=seed, device=device,
+                                          progress=progress)
     report: dict[str, Any] = {
         "n_items": n,
         **recon,

@@ -250,14 +250,18 @@ class SemanticIdTokenizer:
 
     # ---- evaluation ---------------------------------------------------------------------------
     def evaluate(self, x: Any, ids: Sequence[str] | None = None, *, sequences: Sequence[np.ndarray] | None = None,
-                 id_col: str | None = "item_id", emb_col: str = "embedding") -> dict[str, Any]:
-        """Every DESIGN.md metric on these items; final IDs come from the registry (registering new items)."""
+                 id_col: str | None = "item_id", emb_col: str = "embedding", progress: bool = False) -> dict[str, Any]:
+        """Every DESIGN.md metric on these items; final IDs come from the registry (registering new items).
+
+        The neighbour search behind prefix_agreement runs on the model's device (on a GPU, a fraction of a
+        second where a CPU needs minutes for 500k items); `progress` shows a bar for it.
+        """
         keys, emb = self._items(x, ids, id_col, emb_col)
         raw = self._raw(emb)
         codes = raw[0]
         final = self._assign(keys, emb, raw)
         report = evaluate_codes(emb, self.decode(codes), codes, self._fitted().codebook_sizes,
-                                final_ids=final, sequences=sequences)
+                                final_ids=final, sequences=sequences, device=self._device(), progress=progress)
         report["collision_strategy"] = self.config.collisions.strategy
         return report
 

@@ -193,6 +193,7 @@ class Trainer:
                           and not config.train.compile and not self.ranks.active)
         self.optimizer = self._make_optimizer() if self.model.is_autoencoder else None
         self.learning_rate = _LearningRate(config)
+        self.uniqueness_interval = config.train.uniqueness_interval(self.x.shape[0])
         self._forward: torch.nn.Module = self.model  # `fit` wraps it (DDP, torch.compile) once the weights are set
         self._graph: torch.cuda.CUDAGraph | None = None
         self._neighbours: Neighbours | None = None
@@ -335,7 +336,7 @@ class Trainer:
             out = None  # drop the previous step's autograd graph before the next one is built or captured
             self.model.quantizer.set_tau(self._gumbel_tau(step))
             self._set_learning_rate(step)
-            if t.uniqueness_weight and step % t.uniqueness_every == 0:
+            if t.uniqueness_weight and step % self.uniqueness_interval == 0:
                 self._update_uniqueness_targets()
             out = self._step(self._next_rows())
             if q.dead_code_reset and (step + 1) % q.dead_code_every == 0:

@@ -137,7 +137,7 @@ def test_train_encode_evaluate_round_trip(work):
     report_path = root / "report.json"
     sequences = DATA_DIR / "ml-100k_sequences.txt"
     result = semid("evaluate", "--model", model, "--data", work["parquet"], "--json", report_path,
-                   "--sequences", sequences, cwd=root)
+                   "--sequences", sequences, "--quiet", cwd=root)
     assert result.returncode == 0, result.stderr
     assert "fvu" in result.stdout
     report = json.loads(report_path.read_text())

@@ -14,6 +14,8 @@ import pytest
 import torch
 from sklearn.neighbors import NearestNeighbors
 
+import semid.metrics
+
 from semid.distance import nearest_code
 from semid.metrics import (
     codebook_metrics,
@@ -138,6 +140,16 @@ def test_reconstruction_zero_rows_and_constant_input():
     assert math.isnan(reconstruction_metrics(constant, constant)["fvu"])  # no variance to explain
 
 
+def test_reconstruction_in_row_blocks_equals_one_block(ml100k, monkeypatch):
+    """A large catalogue is summed in row blocks, so its float64 temporaries are one block's; the blocks
+    (7 rows here, the last one short) give the metrics of a single pass."""
+    x, x_hat, _ = ml100k
+    whole = reconstruction_metrics(x, x_hat)
+    monkeypatch.setattr(semid.metrics, "_BLOCK_ELEMENTS", 7 * x.shape[1] + 3)
+    assert len(x) % 7 and reconstruction_metrics(x, x_hat) == pytest.approx(whole, rel=1e-12)
+    assert reconstruction_metrics(x.astype(np.float64), x_hat) == pytest.approx(whole, rel=1e-12)
+
+
 def test_reconstruction_accepts_torch(ml100k):
     x, x_hat, _ = ml100k
     assert reconstruction_metrics(torch.from_numpy(x), torch.from_numpy(x_hat)) == reconstruction_metrics(x, x_hat)
@@ -251,6 +263,23 @@ def test_neighbours_of_chosen_queries(ml100k):
     assert got == pytest.approx(_reference_prefix_agreement(x, codes, 10, queries), abs=2e-3)
     with pytest.raises(ValueError, match="queries must be"):
         nearest_neighbours(x, queries=np.array([len(x)]))
+
+
+def test_neighbour_search_in_chunks_with_a_progress_bar(ml100k, monkeypatch, capsys):
+    """Chunks of 50 query rows find neighbours as close as one chunk does, and the bar counts every query."""
+    x, _, _ = ml100k
+    unit = torch.nn.functional.normalize(torch.from_numpy(x), dim=1)
+
+    def similarities(found):  # (q, k) cosine of each query to its neighbours, robust to the order of exact ties
+        return torch.einsum("qd,qkd->qk", unit[found.queries], unit[found.indices])
+
+    whole = nearest_neighbours(x)
+    assert "neighbours" not in capsys.readouterr().err  # no bar unless asked
+    monkeypatch.setattr(semid.metrics, "_MAX_CHUNK_ELEMENTS", 50 * len(x))
+    chunked = nearest_neighbours(x, progress=True)
+    assert torch.allclose(similarities(chunked), similarities(whole), atol=1e-6)
+    err = capsys.readouterr().err
+    assert "neighbours" in err and f"{len(x)}/{len(x)}" in err
 
 
 def _two_clusters() -> np.ndarray:

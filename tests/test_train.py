@@ -658,6 +658,23 @@ def test_min_epochs_raises_steps_for_larger_catalogues_up_to_max_steps():
         SemidConfig().with_overrides({"train.min_epochs": -1})
 
 
+def test_uniqueness_targets_refresh_at_most_once_a_pass():
+    train = SemidConfig().with_overrides({"train.uniqueness_every": 100, "train.batch_size": 1024}).train
+    assert train.uniqueness_interval(12_101) == 100  # Beauty: 12 steps a pass, the configured interval holds
+    assert train.uniqueness_interval(500_000) == 489  # one pass of 1,024-row batches
+    assert train.uniqueness_interval(300) == 100  # a batch larger than the catalogue is the catalogue
+
+
+def test_trainer_refreshes_uniqueness_targets_once_a_pass_on_a_large_catalogue(real_data, tiny_config, monkeypatch):
+    x = _x(real_data, "ml-1m")  # 3,883 items in 64-row batches: 61 steps a pass, above uniqueness_every
+    config = tiny_config({"train.uniqueness_weight": 1.0, "train.uniqueness_every": 10, "train.batch_size": 64,
+                          "train.steps": 130, "train.eval_every": 0, "train.decoder_refit_steps": 0})
+    refreshed = []
+    monkeypatch.setattr(Trainer, "_update_uniqueness_targets", lambda self: refreshed.append(self.state.step))
+    Trainer(config, x).fit()
+    assert refreshed == [0, 61, 122]
+
+
 def test_trainer_runs_the_steps_resolved_for_its_catalogue(real_data, tiny_config):
     """The loop, the learning-rate schedule and the returned config all use the resolved number of steps."""
     x = _x(real_data)  # ml-100k: 1,682 items, 256-row batches
