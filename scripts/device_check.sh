@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU checks of issue #5 as one prepared run on a lent device machine (H100/H200); about 4 minutes.
+# The GPU checks of issue #5 as one prepared run on a lent device machine (H100/H200); about 5 minutes.
 #
 # The device image has torch and Triton but not polars, so everything here avoids it: the CUDA tests of
 # the trainer and the fused kernel, the default config timed on Beauty (bench_train.py), and encode
-# throughput with and without the fused kernel plus train steps/s (bench_speed.py --device cuda).
+# throughput with and without the fused kernel plus train steps/s (bench_speed.py --device cuda), and the
+# cost of each phase on a 500k-item synthetic catalogue (bench_scale.py).
 #
 # Here, first (the shared data does not travel; .devdata is ignored, and carried):
 #   mkdir -p .devdata && cp ../shared/data/beauty.npy ../shared/data/ml-100k.npy .devdata/
@@ -28,4 +29,6 @@ step cuda_tests python3 -m pytest -q -ra -p no:cacheprovider tests/test_fused.py
 step train_default python3 scripts/bench_train.py --config configs/default.toml --data .devdata/beauty.npy \
     --devices cuda --out "$out/train_default_beauty.json"
 step speed python3 scripts/bench_speed.py --device cuda --data .devdata/beauty.npy --out "$out/speed_cuda.json"
+step scale python3 scripts/bench_scale.py --data-dir .devdata --n 500000 --steps 1000 --device cuda \
+    --out "$out/scale_cuda_500k.json"
 exit $status

@@ -95,7 +95,7 @@ def validate_ids(ids: Any, *, name: str = "item ids") -> np.ndarray:
         raise InputError(f"{name} must be one-dimensional, got shape {arr.shape}")
     if nulls.any():
         first = int(np.argmax(nulls))
-        raise InputError(f"{name} contain {int(nulls.sum())} nulls (first at row {first})")
+        raise InputError(f"{name}: {int(nulls.sum())} missing (null) ids, the first at row {first}")
     if arr.dtype.kind not in "OUiu":
         raise InputError(f"{name} must be strings or integers, got {arr.dtype}")
     arr = arr.astype(str)  # (n,)

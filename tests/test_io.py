@@ -161,7 +161,7 @@ def test_check_unique_ids_on_a_polars_column_words_repeats_like_validate_ids():
     ],
 )
 def test_null_ids_are_refused(ids):
-    with pytest.raises(InputError, match=r"1 nulls \(first at row 1\)"):
+    with pytest.raises(InputError, match=r"1 missing \(null\) ids, the first at row 1"):
         validate_ids(ids)
 
 
@@ -284,7 +284,7 @@ def test_duplicate_and_null_ids_in_parquet(tmp_path):
     with pytest.raises(InputError, match=r"column 'item_id' in .* must be unique: 1 ids.*'a' \(2x\)"):
         read_items(path)
     path = _write_rows(tmp_path / "n.parquet", [[1.0], [2.0]], ids=["a", None])
-    with pytest.raises(InputError, match="nulls"):
+    with pytest.raises(InputError, match="missing \\(null\\) ids"):
         read_items(path)
 
 
