@@ -141,7 +141,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     train_s = time.perf_counter() - started
     tok.save(out / "model")
     summary = tok.encode_file(data, out / "ids.parquet", progress=False, trie=out / "trie.json")
-    report = tok.evaluate(items.embeddings, ids=items.ids)
+    report = tok.evaluate(items.embeddings, ids=items.ids, progress=False)
     report["train_seconds"] = round(train_s, 2)
     write_json_atomic(report, out / "report.json")
     print(format_report(report))

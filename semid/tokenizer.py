@@ -250,12 +250,16 @@ class SemanticIdTokenizer:
 
     # ---- evaluation ---------------------------------------------------------------------------
     def evaluate(self, x: Any, ids: Sequence[str] | None = None, *, sequences: Sequence[np.ndarray] | None = None,
-                 id_col: str | None = "item_id", emb_col: str = "embedding", progress: bool = False) -> dict[str, Any]:
+                 id_col: str | None = "item_id", emb_col: str = "embedding",
+                 progress: bool | None = None) -> dict[str, Any]:
         """Every DESIGN.md metric on these items; final IDs come from the registry (registering new items).
 
         The neighbour search behind prefix_agreement runs on the model's device (on a GPU, a fraction of a
-        second where a CPU needs minutes for 500k items); `progress` shows a bar for it.
+        second where a CPU needs minutes for 500k items); `progress` shows a bar for it, by default when
+        training shows one (train.progress).
         """
+        if progress is None:
+            progress = self.config.train.progress
         keys, emb = self._items(x, ids, id_col, emb_col)
         raw = self._raw(emb)
         codes = raw[0]

@@ -388,6 +388,19 @@ def test_evaluate_reports_every_design_metric(data, model_dir):
     assert all(a >= b for a, b in zip(agreement, agreement[1:]))  # sharing d+1 codes implies sharing d
 
 
+def test_evaluate_shows_the_neighbour_search_bar_when_training_shows_one(data, model_dir, capsys):
+    tok = SemanticIdTokenizer.load(model_dir("suffix", True))
+    assert tok.config.train.progress is False  # the tiny config
+    quiet = tok.evaluate(data["a"])
+    assert "neighbours" not in capsys.readouterr().err
+    tok.config = tok.config.with_overrides({"train.progress": True})
+    shown = tok.evaluate(data["a"])
+    assert f"{N_A}/{N_A}" in capsys.readouterr().err
+    assert shown["prefix_agreement"] == quiet["prefix_agreement"]
+    tok.evaluate(data["a"], progress=False)
+    assert "neighbours" not in capsys.readouterr().err
+
+
 # ---- a suffix vocabulary too small for the tuples ------------------------------------------------
 
 
