@@ -121,7 +121,7 @@ def full_default_estimate(config: SemidConfig, n: int, meter: PhaseMeter, step_s
     t = config.train
     steps = t.steps_for(n)
     refreshes = math.ceil(steps / t.uniqueness_interval(n)) if t.uniqueness_weight else 0
-    evaluations = steps // t.eval_every if t.eval_every else 1
+    evaluations = math.ceil(steps / t.eval_every) if t.eval_every else 1  # the last step is always evaluated
     parts = {
         "initialize": meter.mean_seconds("initialize"),
         "steps": steps * step_seconds,

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 # the matrix product too thin to run at full speed: 50,000 queries into 500k items took 251 s at 64 MiB
 # (33 rows a chunk) and 173 s at 128 rows on a 2-core CPU.
 _MAX_CHUNK_ELEMENTS = 1 << 26
-# Entries per row block of the numpy metrics (`_row_blocks`).
+# Entries per row block of the numpy metrics (`_row_slices`).
 _BLOCK_ELEMENTS = 1 << 22
 
 ArrayLike = Any  # numpy array, torch tensor, or anything np.asarray accepts
@@ -67,7 +67,7 @@ def _float_matrix(a: ArrayLike, name: str, dtype: type[np.floating] | None = np.
     return arr
 
 
-def _row_blocks(n: int, d: int) -> list[slice]:
+def _row_slices(n: int, d: int) -> list[slice]:
     """Row slices of an (n, d) matrix of at most _BLOCK_ELEMENTS entries each: the float64 temporaries of a
     metric over a large catalogue stay a few tens of MB instead of several copies of the catalogue."""
     rows = max(1, _BLOCK_ELEMENTS // d)
@@ -113,7 +113,7 @@ def reconstruction_metrics(x: ArrayLike, x_hat: ArrayLike) -> dict[str, float]:
     n, d = x_np.shape
     mean = x_np.mean(axis=0, dtype=np.float64)  # (d,)
     sse = total = cosine_sum = 0.0
-    for rows in _row_blocks(n, d):  # float64 sums, one block of rows at a time
+    for rows in _row_slices(n, d):  # float64 sums, one block of rows at a time
         a, b = x_np[rows].astype(np.float64), x_hat_np[rows].astype(np.float64)
         sse += float(np.square(a - b).sum())
         total += float(np.square(a - mean).sum())
@@ -139,7 +139,7 @@ def top_variance_share(x: ArrayLike, fraction: float = 0.01) -> float:
     """
     x = _float_matrix(x, "x", dtype=np.float32)
     mean = x.mean(axis=0, dtype=np.float64)
-    squared = np.concatenate([np.square(x[rows] - mean).sum(axis=1) for rows in _row_blocks(*x.shape)])
+    squared = np.concatenate([np.square(x[rows] - mean).sum(axis=1) for rows in _row_slices(*x.shape)])
     return top_share(squared, fraction)
 
 

@@ -58,9 +58,11 @@ def test_full_default_estimate_adds_the_measured_costs_of_the_run_the_default_wo
     estimate = bench_scale.full_default_estimate(config, 500_000, meter, step_seconds=0.07)
     assert estimate["steps"] == 16_000  # max_steps bounds the 300 passes
     assert estimate["refreshes"] == math.ceil(16_000 / 489)
-    assert estimate["evaluations"] == 16_000 // config.train.eval_every
+    assert estimate["evaluations"] == 16_000 // config.train.eval_every  # 500 divides 16,000: no extra last one
     expected = 3.0 + 16_000 * 0.07 + estimate["refreshes"] * 10.0 + estimate["evaluations"] * 16.0 + 30.0
     assert estimate["total_seconds"] == pytest.approx(expected)
+    odd = config.with_overrides({"train.eval_every": 700})  # 22 evaluations on the way, and the last step's
+    assert bench_scale.full_default_estimate(odd, 500_000, meter, step_seconds=0.07)["evaluations"] == 23
 
 
 def test_bench_scale_end_to_end_on_a_small_catalogue(real_data, tmp_path) -> None:
