@@ -254,8 +254,8 @@ class SemanticIdTokenizer:
                  progress: bool | None = None) -> dict[str, Any]:
         """Every DESIGN.md metric on these items; final IDs come from the registry (registering new items).
 
-        The neighbour search behind prefix_agreement runs on the model's device (on a GPU, a fraction of a
-        second where a CPU needs minutes for 500k items); `progress` shows a bar for it, by default when
+        The neighbour search behind prefix_agreement runs on the model's device: for 500k items it is 19 TFLOP
+        in fp32, minutes on a laptop CPU and seconds on a GPU. `progress` shows a bar for it, by default when
         training shows one (train.progress).
         """
         if progress is None:
