@@ -172,7 +172,7 @@ class TrainConfig:
         On Beauty (12k items, batch 1024) 4,000 steps are 340 passes; on a 29k catalogue the same steps
         were 140 passes and fvu was still falling (0.473; 8,000 steps: 0.426, bench/VARIANTS.md).
         """
-        passes = math.ceil(self.min_epochs * n_items / min(self.batch_size, max(n_items, 1)))
+        passes = math.ceil(self.min_epochs * n_items / self._batch_rows(n_items))
         steps = max(self.steps, passes)
         return min(steps, self.max_steps) if self.max_steps else steps
 
@@ -185,7 +185,11 @@ class TrainConfig:
         changes nothing up to 102k items at the default batch of 1,024; on 500k items every 100 steps spent
         10 s a refresh on a 2-core CPU, as long as the 100 steps themselves.
         """
-        return max(self.uniqueness_every, math.ceil(n_items / min(self.batch_size, max(n_items, 1))))
+        return max(self.uniqueness_every, math.ceil(n_items / self._batch_rows(n_items)))
+
+    def _batch_rows(self, n_items: int) -> int:
+        """Rows of one batch on n_items: batch_size, or the whole catalogue when it is smaller."""
+        return min(self.batch_size, max(n_items, 1))
 
 
 @dataclass
