@@ -6,18 +6,28 @@ Every error reaches the user as one line on stderr naming the problem, with a no
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
     from semid.tokenizer import SemanticIdTokenizer
 
-BUNDLED_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "goodbooks.parquet"
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.toml"
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
+
+
+def _shipped(package_dir: str, source_dir: str, name: str) -> Path:
+    """A file that ships with semid: package data of an installed wheel, else the source tree's own copy
+    (pyproject.toml maps the repository's configs/ and data/ into the package)."""
+    package = Path(__file__).resolve().parent
+    installed = package / package_dir / name
+    return installed if installed.is_file() else package.parent / source_dir / name
+
+
+BUNDLED_SAMPLE = _shipped("sample", "data", "goodbooks.parquet")
+DEFAULT_CONFIG = _shipped("configs", "configs", "default.toml")
+DEMO_CONFIG = _shipped("configs", "configs", "demo.toml")
 
 
 def _parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
@@ -37,11 +47,12 @@ def _parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def _load_config(path: str | None, overrides: dict[str, Any], fallback: Path = DEFAULT_CONFIG):
-    """The named config, else the bundled one (when running from a source tree), else built-in defaults."""
+    """The named config, else the bundled one; never silently the dataclass defaults, which are not a recipe."""
     from semid.config import SemidConfig
 
-    base = SemidConfig.load(path) if path else (SemidConfig.load(fallback) if fallback.is_file() else SemidConfig())
-    return base.with_overrides(overrides)
+    if not path and not fallback.is_file():
+        raise FileNotFoundError(f"the bundled config {fallback} is missing from this install; pass --config")
+    return SemidConfig.load(path or fallback).with_overrides(overrides)
 
 
 def _read_training_items(path: str, id_col: str, emb_col: str):
@@ -53,8 +64,10 @@ def _read_training_items(path: str, id_col: str, emb_col: str):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from semid import distributed
+    from semid.modeldir import check_save_target
     from semid.tokenizer import SemanticIdTokenizer
 
+    check_save_target(args.out, args.overwrite)  # now, not after the training it would throw away
     overrides = _parse_overrides(args.set)
     if args.device:
         overrides["train.device"] = args.device
@@ -71,7 +84,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         distributed.leave()
     if not ranks.is_main:
         return 0
-    tok.save(args.out)
+    tok.save(args.out, overwrite=args.overwrite)
     final = tok.meta["final"]  # the saved model's codes
     processes = f" by {ranks.world_size} processes" if ranks.active else ""
     seconds = time.perf_counter() - started
@@ -87,13 +100,16 @@ def _trained_on(tok: SemanticIdTokenizer) -> str:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
+    from semid.modeldir import registry_lock
     from semid.tokenizer import SemanticIdTokenizer
 
-    tok = SemanticIdTokenizer.load(args.model, device=args.device)
-    summary = tok.encode_file(args.data, args.out, batch_size=args.batch_size, id_col=args.id_col,
-                              emb_col=args.emb_col, progress=not args.quiet and sys.stderr.isatty(), trie=args.trie)
-    if summary["new_items"]:
-        tok.save_registry(args.model)  # new IDs are remembered, so they never change later
+    # From reading the registry to saving it, one encode at a time per model: new IDs are remembered (so
+    # they never change later), and a concurrent encode can neither hand out the same ones nor drop them.
+    with registry_lock(args.model):
+        tok = SemanticIdTokenizer.load(args.model, device=args.device)
+        summary = tok.encode_file(args.data, args.out, batch_size=args.batch_size, id_col=args.id_col,
+                                  emb_col=args.emb_col, progress=not args.quiet and sys.stderr.isatty(),
+                                  trie=args.trie, save_registry_to=args.model)
     print(f"encoded {summary['n_items']} items ({summary['new_items']} new) to {args.out}")
     return 0
 
@@ -139,7 +155,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     tok = SemanticIdTokenizer(config).fit(items.embeddings, ids=items.ids)
     train_s = time.perf_counter() - started
-    tok.save(out / "model")
+    tok.save(out / "model", overwrite=True)  # the demo's own output: a rerun replaces it
     summary = tok.encode_file(data, out / "ids.parquet", progress=False, trie=out / "trie.json")
     report = tok.evaluate(items.embeddings, ids=items.ids, progress=False)
     report["train_seconds"] = round(train_s, 2)
@@ -162,16 +178,24 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semid", description="Semantic IDs for generative recommenders.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    # --debug also after the command (`semid train --debug ...`); SUPPRESS keeps a top-level one from being reset
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[debug], **kwargs)
 
     def columns(p: argparse.ArgumentParser) -> None:
         p.add_argument("--id-col", default="item_id", help="parquet id column (default: item_id)")
         p.add_argument("--emb-col", default="embedding", help="parquet embedding column (default: embedding)")
 
-    p = sub.add_parser("train", help="train a tokenizer and save it to a model directory")
+    p = command("train", help="train a tokenizer and save it to a model directory")
     p.add_argument("--config", help="TOML config (default: configs/default.toml)")
     p.add_argument("--data", required=True, help=".npy matrix or .parquet with id and embedding columns")
-    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--out", required=True, help="model directory to write (a new one, or see --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the model already in --out, and the registry of IDs it handed out")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.steps=2000")
@@ -180,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     columns(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("encode", help="give every item of a file its semantic ID (streams in batches)")
+    p = command("encode", help="give every item of a file its semantic ID (streams in batches)")
     p.add_argument("--model", required=True, help="model directory written by `semid train`")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="output parquet: item_id, codes, semantic_id, tokens")
@@ -191,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     columns(p)
     p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("evaluate", help="print the metric report of a model on a data set")
+    p = command("evaluate", help="print the metric report of a model on a data set")
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--json", help="also write the report as JSON here")
@@ -202,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     columns(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("demo", help="train, encode and evaluate on the bundled goodbooks sample")
+    p = command("demo", help="train, encode and evaluate on the bundled goodbooks sample")
     p.add_argument("--out", default="semid-demo", help="output directory (default: ./semid-demo)")
     p.add_argument("--data", help="use another parquet instead of the bundled sample")
     p.add_argument("--config")
@@ -210,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("embed", help="embed an item-text parquet with sentence-transformers (optional extra)")
+    p = command("embed", help="embed an item-text parquet with sentence-transformers (optional extra)")
     p.add_argument("--data", required=True, help="parquet with an id column and a text column")
     p.add_argument("--out", required=True, help="output parquet: item_id, embedding")
     p.add_argument("--text-col", default="text")
@@ -222,9 +246,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "resume", False) and not args.checkpoint:
+        parser.error("--resume needs --checkpoint PATH, the checkpoint to continue from")
+
+    def one_line_warning(message, category, *_args, **_kwargs) -> None:
+        print(f"semid {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
     try:
-        return args.func(args)
+        with warnings.catch_warnings():  # restores the warning display for a caller of main()
+            warnings.showwarning = one_line_warning
+            return args.func(args)
     except KeyboardInterrupt:
         print("semid: interrupted", file=sys.stderr)
         return 130

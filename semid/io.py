@@ -302,6 +302,16 @@ def _parquet_checked(p: Path, id_col: str | None, emb_col: str) -> pl.LazyFrame:
     return pl.scan_parquet(p).select([c for c in (id_col, emb_col) if c is not None])
 
 
+def parquet_column_type(path: str | os.PathLike, column: str) -> pl.DataType:
+    """The type an id column of `path` goes back out as: its own integer type, else a string.
+
+    Ids are keyed as strings inside semid; an output that turned integer ids into strings would no longer
+    join to the table it came from.
+    """
+    dtype = pl.read_parquet_schema(path)[column]
+    return dtype if dtype.is_integer() else pl.String
+
+
 def _collect(lf: pl.LazyFrame, p: Path) -> pl.DataFrame:
     try:
         return lf.collect()
@@ -443,9 +453,23 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"cannot write {type(o).__name__} to JSON")
 
 
+def _finite_or_null(obj: Any) -> Any:
+    """obj with every NaN or infinite float replaced by None: bare NaN is not JSON, and strict readers fail."""
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    if isinstance(obj, np.ndarray) and obj.dtype.kind == "f":
+        return _finite_or_null(obj.tolist())
+    return obj
+
+
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """Write JSON (numpy scalars and arrays allowed) atomically, indented for humans."""
-    text = json.dumps(obj, indent=2, default=_json_default) + "\n"  # serialise first: a bad object writes nothing
+    """Write strict JSON (numpy scalars and arrays allowed; NaN and inf as null) atomically, indented for humans."""
+    # serialise first: a bad object writes nothing
+    text = json.dumps(_finite_or_null(obj), indent=2, default=_json_default, allow_nan=False) + "\n"
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -35,6 +34,7 @@ from semid.io import (
     ParquetShardWriter,
     check_unique_ids,
     count_items,
+    parquet_column_type,
     iter_item_batches,
     read_rows,
     to_numpy_embeddings,
@@ -42,22 +42,25 @@ from semid.io import (
     write_json_atomic,
 )
 from semid.metrics import HEAVY_TAIL_SHARE, evaluate_codes, top_variance_share
+from semid.modeldir import (
+    FILES,
+    MODEL_FORMAT,
+    ModelDirError,
+    check_save_target,
+    file_stamp,
+    registry_lock,
+    replace_dir,
+    staging_dir,
+)
 from semid.rqvae import RQVAE
 from semid.train import Trainer, resolve_device
 
-MODEL_FORMAT = "semid-model-v1"
 # Rows per encode block: on a CPU a block is a view of the input, sized as in semid.rqvae to bound the
 # activations; on a GPU each block is one host-to-device copy.
 _CPU_BLOCK_ROWS = 16384
 _DEVICE_BLOCK_ROWS = 65536
 # Rows per slice of an output table: bounds the memory of its per-item strings.
 _OUTPUT_SLICE_ROWS = 1 << 18
-_FILES = ("config.toml", "model.pt", "meta.json", "registry.parquet")
-
-
-class ModelDirError(ValueError):
-    """A directory that is not a complete, readable semid model."""
-
 
 def semid_version() -> str:
     try:
@@ -95,8 +98,17 @@ def write_id_table(item_ids: pl.Series, ids: np.ndarray, out: str | os.PathLike)
             }))
 
 
-def data_fingerprint(x: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _weights_problem(exc: Exception) -> str:
+    """torch's reason a weights file did not load, on one line, without its advice to unpickle arbitrary
+    objects (weights_only=False), which would run code from a file that semid did not write."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        return "it holds Python objects, not only tensors (semid writes tensors only)"
+    return " ".join(text.split())[:400]
 
 
 class HeavyTailWarning(UserWarning):
@@ -112,6 +124,9 @@ class SemanticIdTokenizer:
         self.registry = IdRegistry()
         self.history: list[dict[str, Any]] = []
         self.meta: dict[str, Any] = {}
+        # The model directory whose registry this one was read from or written to, and that file's stamp
+        # then: `save_registry` refuses to overwrite a registry that changed since.
+        self._registry_source: tuple[Path, list[int] | None] | None = None
 
     @classmethod
     def from_config(cls, config: str | os.PathLike | SemidConfig, overrides: dict[str, Any] | None = None):
@@ -139,6 +154,8 @@ class SemanticIdTokenizer:
         (train.norm_sampling), without which such items are coded badly.
         """
         keys, emb = self._items(x, ids, id_col, emb_col)
+        if not np.ptp(emb, axis=0).any():
+            raise InputError(f"all {len(emb)} embeddings are the same vector: nothing tells the items apart")
         drawn_by_norm = self.config.model.type == "rqvae" and self.config.train.norm_sampling > 0
         if not drawn_by_norm and (share := top_variance_share(emb)) > HEAVY_TAIL_SHARE:
             warnings.warn(HeavyTailWarning(
@@ -155,7 +172,7 @@ class SemanticIdTokenizer:
         self.meta = {
             "input_dim": int(emb.shape[1]),
             "n_train_items": int(emb.shape[0]),
-            "train_fingerprint": data_fingerprint(emb),
+            "train_fingerprint": trainer.data_fingerprint,
             "best_step": trainer.state.best_step,
             # where and how it trained: the same seed gives the same model only on the same kind of device
             "train_device": trainer.device.type,
@@ -184,11 +201,15 @@ class SemanticIdTokenizer:
 
     def encode_file(self, path: str | os.PathLike, out: str | os.PathLike, *, batch_size: int = 65536,
                     id_col: str = "item_id", emb_col: str = "embedding", progress: bool = True,
-                    trie: str | os.PathLike | None = None) -> dict[str, Any]:
+                    trie: str | os.PathLike | None = None,
+                    save_registry_to: str | os.PathLike | None = None) -> dict[str, Any]:
         """Stream a .npy or .parquet catalogue in batches and write `item_id, codes, semantic_id, tokens` parquet.
 
         `tokens` is the LLM token string (`<a_12><b_201><c_7><d_0>`); `trie` also writes the prefix trie of the
-        IDs as JSON, for constrained decoding.
+        IDs as JSON, for constrained decoding. `item_id` keeps the input's id type (integers stay integers).
+
+        `save_registry_to` (a model directory) saves the registry there when items are new, before any output
+        is written: an output whose IDs were never recorded would let a later encode hand them out again.
 
         Embeddings are held one batch at a time; only the codes, rank keys and ids of all items stay in
         memory for the global collision pass, ids as one polars string column. The output is written in
@@ -196,6 +217,10 @@ class SemanticIdTokenizer:
         number.
         """
         model = self._fitted()
+        if Path(out).suffix.lower() != ".parquet":
+            raise InputError(f"the output {out} must be a .parquet file")
+        if Path(out).absolute() == Path(path).absolute():
+            raise InputError(f"the output {out} is the input file; write the IDs to another path")
         is_npy = Path(path).suffix.lower() == ".npy"
         n = count_items(path, id_col=None if is_npy else id_col, emb_col=emb_col)
         batches = iter_item_batches(path, batch_size, id_col=None if is_npy else id_col, emb_col=emb_col,
@@ -214,9 +239,11 @@ class SemanticIdTokenizer:
             item_ids, keys = pl.int_range(n, eager=True).alias("item_id"), content_keys(keys)
         else:
             check_unique_ids(keys)  # each batch was checked alone; this catches repeats across batches
-            item_ids = keys.alias("item_id")
+            item_ids = keys.alias("item_id").cast(parquet_column_type(path, id_col))
         known_before = len(self.registry)
         final = self._resolve(keys, codes, ranks, lambda rows: read_rows(path, rows, emb_col=emb_col))
+        if save_registry_to is not None and len(self.registry) > known_before:
+            self.save_registry(save_registry_to)
         write_id_table(item_ids, final, out)
         if trie is not None:
             write_trie_json(final, trie)
@@ -236,6 +263,12 @@ class SemanticIdTokenizer:
         levels = len(model.codebook_sizes)
         if ids.ndim != 2 or ids.shape[1] < levels:
             raise InputError(f"decode needs IDs of shape (n, >= {levels}), got {ids.shape}")
+        if ids.dtype.kind == "f" and np.isfinite(ids).all() and (ids == np.round(ids)).all():
+            ids = ids.astype(np.int64)  # whole numbers that came through a float column
+        if ids.dtype.kind not in "iu":
+            raise InputError(f"decode needs integer codes, got {ids.dtype} values")
+        if len(ids) == 0:
+            return np.zeros((0, self.meta["input_dim"]), dtype=np.float32)
         codes = torch.as_tensor(ids[:, :levels], dtype=torch.long, device=self._device())
         for level, size in enumerate(model.codebook_sizes):
             bad = (codes[:, level] < 0) | (codes[:, level] >= size)
@@ -270,44 +303,59 @@ class SemanticIdTokenizer:
         return report
 
     # ---- persistence --------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write a self-describing model directory atomically: it appears complete or not at all."""
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write a self-describing model directory atomically: it appears complete or not at all.
+
+        An existing model is replaced only with overwrite=True, and anything else that exists (a file, a
+        directory with other contents) never is: the registry inside a model is the record of every ID it
+        handed out, and `check_save_target` says why a target is refused.
+        """
         model = self._fitted()
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        target = check_save_target(path, overwrite)
+        staging = staging_dir(target)
         try:
             self.config.save(staging / "config.toml")
             torch.save({k: v.cpu() for k, v in model.state_dict().items()}, staging / "model.pt")
             self.registry.save(staging / "registry.parquet")
             write_json_atomic(
                 {"format": MODEL_FORMAT, "semid_version": semid_version(),
-                 "codebook_sizes": model.codebook_sizes, "history": self.history, **self.meta},
+                 "codebook_sizes": model.codebook_sizes, "history": self.history, **self.meta,
+                 "config_sha256": _sha256(staging / "config.toml")},
                 staging / "meta.json",
             )
-            if target.exists():
-                retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-                os.replace(target, retired / "model")
-                os.replace(staging, target)
-                shutil.rmtree(retired)
-            else:
-                os.replace(staging, target)
+            replace_dir(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        self._registry_source = (target, file_stamp(target / "registry.parquet"))
         return target
 
     def save_registry(self, path: str | os.PathLike) -> None:
-        """Update only the registry of a saved model directory (after encoding new items), atomically."""
-        self.registry.save(Path(path) / "registry.parquet")
+        """Update only the registry of a saved model directory (after encoding new items), atomically.
+
+        Refused when the registry there changed since this tokenizer loaded or saved it: another process
+        has registered items meanwhile, and writing this copy would drop them while both had handed out
+        IDs. Under `registry_lock` (as `semid encode` holds it) that cannot happen.
+        """
+        root = Path(path).absolute()
+        file = root / "registry.parquet"
+        with registry_lock(root):
+            source, stamp = self._registry_source or (None, None)
+            if source == root and file_stamp(file) != stamp:
+                raise ModelDirError(
+                    f"the registry in {path} changed since this tokenizer loaded it (another encode?); nothing was "
+                    "written: load the model again and encode these items anew"
+                )
+            self.registry.save(file)
+            self._registry_source = (root, file_stamp(file))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | None = None) -> "SemanticIdTokenizer":
-        """Read a directory written by `save`; anything truncated or foreign is a ModelDirError."""
+        """Read a directory written by `save`; anything truncated, edited or foreign is a ModelDirError."""
         root = Path(path)
         if not root.is_dir():
             raise ModelDirError(f"model directory not found: {root}")
-        missing = [name for name in _FILES if not (root / name).is_file()]
+        missing = [name for name in FILES if not (root / name).is_file()]
         if missing:
             raise ModelDirError(f"{root} is not a semid model directory: missing {', '.join(missing)}")
         try:
@@ -316,23 +364,31 @@ class SemanticIdTokenizer:
             raise ModelDirError(f"{root}/meta.json is corrupt: {exc}") from None
         if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
             raise ModelDirError(f"{root} is not a semid model directory (meta.json has no '{MODEL_FORMAT}' format)")
+        if not isinstance(meta.get("input_dim"), int):
+            raise ModelDirError(f"{root}/meta.json is incomplete: it has no input_dim")
+        # Models saved before the digest existed have none; any other mismatch means the file is not the
+        # one the weights were trained with, and loading it would build another architecture or encoder.
+        if meta.get("config_sha256", _sha256(root / "config.toml")) != _sha256(root / "config.toml"):
+            raise ModelDirError(f"{root}/config.toml is not the config this model was saved with (edited or truncated)")
         config = SemidConfig.load(root / "config.toml")
         if device is not None:
             config = config.with_overrides({"train.device": device})
         tok = cls(config)
-        model = RQVAE(int(meta["input_dim"]), config.model, config.quantizer)
+        model = RQVAE(meta["input_dim"], config.model, config.quantizer)
         try:
             state = torch.load(root / "model.pt", map_location="cpu", weights_only=True)
             model.load_state_dict(state)
         except Exception as exc:
-            raise ModelDirError(f"{root}/model.pt is truncated, corrupt or from another model: {exc}") from None
+            raise ModelDirError(f"{root}/model.pt is truncated, corrupt or from another model: {_weights_problem(exc)}") from None
         try:
             tok.registry = IdRegistry.load(root / "registry.parquet")
         except Exception as exc:
             raise ModelDirError(f"{root}/registry.parquet is unreadable: {exc}") from None
+        tok._registry_source = (root.absolute(), file_stamp(root / "registry.parquet"))
         tok.model = model.to(resolve_device(config.train.device)).eval()
         tok.history = meta.pop("history", [])
-        tok.meta = {k: v for k, v in meta.items() if k not in ("format", "semid_version", "codebook_sizes")}
+        tok.meta = {k: v for k, v in meta.items()
+                    if k not in ("format", "semid_version", "codebook_sizes", "config_sha256")}
         return tok
 
     # ---- internals ----------------------------------------------------------------------------

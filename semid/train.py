@@ -12,6 +12,8 @@ what is shared and how); rank 0 evaluates, checkpoints and finishes, and hands t
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import inspect
 import math
 import time
@@ -41,7 +43,7 @@ from semid.rqvae import RQVAE, RQVAEOutput
 
 # Keys whose larger value is better; every other evaluate key is minimised.
 _HIGHER_IS_BETTER = {"cosine", "unique_after"}
-CHECKPOINT_FORMAT = "semid-train-checkpoint-v2"  # v2: RNG states per training process
+CHECKPOINT_FORMAT = "semid-train-checkpoint-v3"  # v2: RNG states per training process; v3: data fingerprint
 # Training evaluations estimate prefix agreement from this many query items (all items when fewer). The
 # neighbour search is O(queries x N): on a 12k catalogue a full search costs more than fitting residual
 # k-means, and on 1M items it would take minutes. The final `evaluate` searches with its own, larger sample.
@@ -200,6 +202,11 @@ class Trainer:
         latent_dim = config.model.latent_dim if self.model.is_autoencoder else x.shape[1]
         self._unique_target = torch.zeros(self.x.shape[0], latent_dim, device=self.device)
         self._unique_mask = torch.zeros(self.x.shape[0], device=self.device)
+
+    @functools.cached_property
+    def data_fingerprint(self) -> str:
+        """SHA-256 of the training rows: names the catalogue a model or a checkpoint was trained on."""
+        return hashlib.sha256(self.x.cpu().numpy().tobytes()).hexdigest()
 
     # ---- set-up -------------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -514,6 +521,7 @@ class Trainer:
         path = Path(path or self.checkpoint_path)
         payload = {
             "format": CHECKPOINT_FORMAT,
+            "data": {"shape": list(self.x.shape), "sha256": self.data_fingerprint},
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
@@ -539,6 +547,10 @@ class Trainer:
         if payload["format"] != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is a {payload['format']} checkpoint; this semid reads {CHECKPOINT_FORMAT} "
                              "(finish that run with the semid that started it, or train anew)")
+        data = payload["data"]
+        if data["shape"] != list(self.x.shape) or data["sha256"] != self.data_fingerprint:
+            raise ValueError(f"{path} was written while training on other data ({data['shape']} rows x dims, "
+                             f"this run has {list(self.x.shape)}); resume with the same items, in the same order")
         self.model.load_state_dict(payload["model"])
         if self.optimizer:
             self.optimizer.load_state_dict(payload["optimizer"])

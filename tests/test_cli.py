@@ -318,3 +318,49 @@ def test_debug_flag_shows_the_traceback(work, tmp_path):
     with pytest.raises(ModelDirError, match="not found"):
         main(["--debug", "encode", "--model", str(tmp_path / "absent"), "--data", str(work["npy"]),
               "--out", str(tmp_path / "ids.parquet")])
+    with pytest.raises(ModelDirError, match="not found"):  # after the command too
+        main(["encode", "--model", str(tmp_path / "absent"), "--data", str(work["npy"]),
+              "--out", str(tmp_path / "ids.parquet"), "--debug"])
+
+
+def test_resume_without_a_checkpoint_is_a_usage_error(tmp_path, capsys):
+    from semid.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", "x.npy", "--out", str(tmp_path / "m"), "--resume"])
+    assert exit_info.value.code == 2 and "--resume needs --checkpoint" in capsys.readouterr().err
+
+
+def test_warnings_print_as_one_line_and_leave_the_warning_display_alone(monkeypatch, capsys):
+    import warnings
+
+    import semid.cli
+
+    def warns(args):
+        warnings.warn(UserWarning("a crowded tuple\nwas remapped"))
+        return 0
+
+    monkeypatch.setattr(semid.cli, "cmd_evaluate", warns)
+    display = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert semid.cli.main(["evaluate", "--model", "m", "--data", "d.npy"]) == 0
+    assert capsys.readouterr().err == "semid evaluate: warning: a crowded tuple was remapped\n"
+    assert warnings.showwarning is display
+
+
+def test_the_files_the_command_ships_with_go_into_the_wheel():
+    """`semid train` without --config and `semid demo` read these after `pip install` too: pyproject must map
+    each into the package (a wheel without them once made `train` fall back to other defaults)."""
+    import fnmatch
+
+    from semid.cli import BUNDLED_SAMPLE, DEFAULT_CONFIG, DEMO_CONFIG
+    from semid.config import tomllib
+
+    setuptools = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"]
+    shipped = {Path(source): package for package, source in setuptools["package-dir"].items()}
+    for path in (BUNDLED_SAMPLE, DEFAULT_CONFIG, DEMO_CONFIG):
+        assert path.is_file(), path
+        package = shipped[Path(path.parent.name)]
+        assert package in setuptools["packages"]
+        assert any(fnmatch.fnmatch(path.name, glob) for glob in setuptools["package-data"][package]), path

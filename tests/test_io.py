@@ -418,6 +418,16 @@ def test_write_json_atomic_handles_numpy_and_refuses_unknown(tmp_path):
     assert not (tmp_path / "bad.json").exists()
 
 
+def test_write_json_atomic_writes_strict_json(tmp_path):
+    """NaN and inf (a metric of a degenerate set) become null: bare NaN is not JSON."""
+    target = tmp_path / "r.json"
+    write_json_atomic({"fvu": float("nan"), "cosine": np.float32("inf"), "usage": np.array([1.0, np.nan]),
+                       "steps": [{"loss": -np.inf}]}, target)
+    text = target.read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}")) == {
+        "fvu": None, "cosine": None, "usage": [1.0, None], "steps": [{"loss": None}]}
+
+
 def test_write_parquet_atomic_lazy(tmp_path):
     x = _matrix(20, 3)
     target = tmp_path / "lazy.parquet"

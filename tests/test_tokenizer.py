@@ -369,11 +369,44 @@ def test_decode_reconstructs_in_input_units(data, model_dir):
     (np.zeros((4, 2), dtype=np.int64), "shape"),
     (np.array([[0, 0, 16]]), "level 3 out of range"),
     (np.array([[0, -1, 0]]), "level 2 out of range"),
+    (np.array([[1.7, 2.2, 3.9, 0.0]]), "integer codes, got float64"),
+    (np.array([[np.nan, 0, 0]]), "integer codes"),
+    (np.array([["a", "b", "c"]]), "integer codes, got <U1"),
 ])
 def test_decode_validates_its_input(data, model_dir, bad, pattern):
     tok = SemanticIdTokenizer.load(model_dir("suffix", True))
     with pytest.raises(InputError, match=pattern):
         tok.decode(bad)
+
+
+def test_decode_takes_whole_floats_and_empty_input(data, model_dir):
+    tok = SemanticIdTokenizer.load(model_dir("suffix", True))
+    raw = tok.encode_raw(data["a"][:5])
+    np.testing.assert_array_equal(tok.decode(raw.astype(np.float64)), tok.decode(raw))  # e.g. read from a CSV
+    empty = tok.decode(np.zeros((0, 4), dtype=np.int64))
+    assert empty.shape == (0, data["a"].shape[1]) and empty.dtype == np.float32
+
+
+def test_fit_refuses_a_catalogue_of_one_repeated_row(data, tiny_config):
+    with pytest.raises(InputError, match="all 50 embeddings are the same vector"):
+        SemanticIdTokenizer(tiny_config()).fit(np.repeat(data["a"][:1], 50, axis=0))
+
+
+def test_encode_file_keeps_integer_ids_and_refuses_a_bad_output_path(data, model_dir, tmp_path):
+    tok = SemanticIdTokenizer.load(model_dir("suffix", True))
+    source = tmp_path / "int_ids.parquet"
+    pl.DataFrame({"item_id": np.arange(100, 160, dtype=np.int64),
+                  "embedding": pl.Series(data["b"][:60].tolist(), dtype=pl.List(pl.Float32))}).write_parquet(source)
+    out = tmp_path / "ids.parquet"
+    tok.encode_file(source, out, progress=False)
+    written = pl.read_parquet(out)
+    assert written.schema["item_id"] == pl.Int64  # joins back to the source table
+    assert written["item_id"].to_list() == list(range(100, 160))
+    with pytest.raises(InputError, match="is the input file"):
+        tok.encode_file(source, source, progress=False)
+    with pytest.raises(InputError, match="must be a .parquet file"):
+        tok.encode_file(source, tmp_path / "ids.csv", progress=False)
+    assert pl.read_parquet(source).height == 60 and not (tmp_path / "ids.csv").exists()
 
 
 def test_evaluate_reports_every_design_metric(data, model_dir):

@@ -193,6 +193,19 @@ def test_load_checkpoint_rejects_corrupt_and_foreign_files(real_data, tiny_confi
         Trainer(config, x, checkpoint_path=older).fit(resume=True)
 
 
+def test_a_checkpoint_resumes_only_on_the_data_it_was_written_with(real_data, tiny_config, tmp_path):
+    """Resuming on other items would continue a model fitted to the old ones as if nothing changed."""
+    x = _x(real_data)
+    config = tiny_config({"train.steps": 20, "train.checkpoint_every": 10})
+    ckpt = tmp_path / "train.ckpt"
+    Trainer(config, x, checkpoint_path=ckpt).fit()
+    shuffled = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))]  # same shape, other order
+    for other in (shuffled, x[:-7]):
+        with pytest.raises(ValueError, match="written while training on other data"):
+            Trainer(config, other, checkpoint_path=ckpt).fit(resume=True)
+    Trainer(config, x.clone(), checkpoint_path=ckpt).fit(resume=True)  # the same rows resume
+
+
 # ---- best weights and early stopping ----------------------------------------------------------
 
 

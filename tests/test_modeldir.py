@@ -1,0 +1,211 @@
+"""The model directory is the record of every ID handed out: what may replace it, and who may extend it.
+
+Uses the bundled goodbooks sample (shipped in data/), so it runs on a fresh clone without ../shared.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from semid.cli import BUNDLED_SAMPLE, main
+from semid.io import read_items
+from semid.modeldir import ModelDirError, check_save_target, registry_lock
+from semid.tokenizer import SemanticIdTokenizer
+
+N_FIT = 400
+
+
+@pytest.fixture(scope="module")
+def items():
+    table = read_items(BUNDLED_SAMPLE)
+    return table.ids, table.embeddings
+
+
+@pytest.fixture(scope="module")
+def fitted(items, tiny_config, tmp_path_factory) -> Path:
+    ids, x = items
+    tok = SemanticIdTokenizer(tiny_config({"train.steps": 30, "train.decoder_refit_steps": 0}))
+    tok.fit(x[:N_FIT], ids=ids[:N_FIT])
+    return tok.save(tmp_path_factory.mktemp("fitted") / "model")
+
+
+@pytest.fixture
+def model(fitted, tmp_path) -> Path:
+    """A private copy of the fitted model directory."""
+    import shutil
+
+    return Path(shutil.copytree(fitted, tmp_path / "model"))
+
+
+def _frame(ids, x) -> pl.DataFrame:
+    return pl.DataFrame({"item_id": ids, "embedding": pl.Series(x.tolist(), dtype=pl.List(pl.Float32))})
+
+
+# ---- what a save may replace ----------------------------------------------------------------------
+
+
+def test_save_refuses_what_is_not_a_model_and_replaces_a_model_only_when_asked(model, tmp_path):
+    tok = SemanticIdTokenizer.load(model)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(ModelDirError, match="not a semid model; refusing"):
+        tok.save(precious, overwrite=True)
+    assert (precious / "notes.txt").read_text() == "keep me"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(ModelDirError, match="existing file"):
+        tok.save(a_file)
+    with pytest.raises(ModelDirError, match="already holds a semid model"):
+        tok.save(model)
+    (tmp_path / "empty").mkdir()
+    assert tok.save(tmp_path / "empty").joinpath("model.pt").is_file()  # an empty directory is fine
+    before = (model / "model.pt").stat().st_ino
+    tok.save(model, overwrite=True)
+    assert (model / "model.pt").stat().st_ino != before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging or retired copies left
+
+
+def test_save_refuses_the_current_directory(model, tmp_path, monkeypatch):
+    monkeypatch.chdir(model)
+    with pytest.raises(ModelDirError, match="current directory"):
+        check_save_target(".", overwrite=True)
+    with pytest.raises(ModelDirError, match="current directory"):
+        check_save_target(model.parent, overwrite=True)
+
+
+def test_saved_directory_mode_follows_the_umask(model, tmp_path):
+    old = os.umask(0o022)
+    try:
+        target = SemanticIdTokenizer.load(model).save(tmp_path / "shared_model")
+    finally:
+        os.umask(old)
+    assert target.stat().st_mode & 0o777 == 0o755  # readable by the services that encode with it
+
+
+def test_train_checks_its_output_before_training(items, tmp_path, monkeypatch, capsys):
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started although the output cannot be written")
+
+    monkeypatch.setattr(SemanticIdTokenizer, "fit", no_training)
+    data = tmp_path / "items.npy"
+    np.save(data, items[1][:50])
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a directory would have to be")
+    for out, problem in ((precious, "refusing to replace it"), (blocker / "model", "cannot write a model directory")):
+        assert main(["train", "--data", str(data), "--out", str(out)]) == 1
+        assert problem in capsys.readouterr().err
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_train_overwrite_flag_replaces_a_model(items, model, tmp_path, capsys, tiny_config):
+    data = tmp_path / "items.npy"
+    np.save(data, items[1][:300])
+    config = tmp_path / "tiny.toml"
+    config.write_text(tiny_config({"train.steps": 5, "train.decoder_refit_steps": 0}).to_toml())
+    args = ["train", "--config", str(config), "--data", str(data), "--out", str(model)]
+    assert main(args) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    assert json.loads((model / "meta.json").read_text())["n_train_items"] == 300
+
+
+# ---- the registry: saved before any output, and one writer at a time ------------------------------
+
+
+def test_encode_records_new_ids_before_writing_the_output(items, model, tmp_path, monkeypatch, capsys):
+    from semid.collisions import IdRegistry
+
+    ids, x = items
+    new = tmp_path / "new.parquet"
+    _frame(ids[N_FIT : N_FIT + 100], x[N_FIT : N_FIT + 100]).write_parquet(new)
+
+    def failing_save(self, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(IdRegistry, "save", failing_save)
+    out = tmp_path / "ids.parquet"
+    assert main(["encode", "--model", str(model), "--data", str(new), "--out", str(out)]) == 1
+    assert "disk full" in capsys.readouterr().err
+    assert not out.exists()  # no output whose IDs the registry does not hold
+    monkeypatch.undo()
+    assert main(["encode", "--model", str(model), "--data", str(new), "--out", str(out)]) == 0
+    assert len(pl.read_parquet(model / "registry.parquet")) == N_FIT + 100
+
+
+def test_a_registry_that_changed_since_loading_is_not_overwritten(items, model):
+    ids, x = items
+    first, second = SemanticIdTokenizer.load(model), SemanticIdTokenizer.load(model)
+    first.encode(x[N_FIT : N_FIT + 50], ids=ids[N_FIT : N_FIT + 50])
+    first.save_registry(model)
+    second.encode(x[N_FIT + 50 : N_FIT + 80], ids=ids[N_FIT + 50 : N_FIT + 80])
+    with pytest.raises(ModelDirError, match="changed since this tokenizer loaded it"):
+        second.save_registry(model)
+    saved = pl.read_parquet(model / "registry.parquet")
+    assert len(saved) == N_FIT + 50 and ids[N_FIT] in saved["key"].to_list()  # the first encode's items kept
+    first.encode(x[N_FIT + 80 : N_FIT + 90], ids=ids[N_FIT + 80 : N_FIT + 90])
+    first.save_registry(model)  # its own save updated its stamp: a second save of the same tokenizer is fine
+    assert len(pl.read_parquet(model / "registry.parquet")) == N_FIT + 60
+
+
+def test_registry_lock_excludes_another_process(model, tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys
+            from semid.modeldir import registry_lock
+            with registry_lock({str(model)!r}):
+                print("locked", flush=True)
+                sys.stdin.readline()
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with open(model / ".registry.lock", "a") as handle:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        holder.communicate("\n", timeout=60)
+    with registry_lock(model), registry_lock(model):  # free again, and re-entrant within a process
+        pass
+
+
+# ---- what a load accepts ----------------------------------------------------------------------------
+
+
+def test_an_edited_or_emptied_config_is_refused(model):
+    (model / "config.toml").write_text("")
+    with pytest.raises(ModelDirError, match="config.toml is not the config this model was saved with"):
+        SemanticIdTokenizer.load(model)
+
+
+def test_a_model_saved_before_the_config_digest_still_loads(model, items):
+    meta = json.loads((model / "meta.json").read_text())
+    del meta["config_sha256"]
+    (model / "meta.json").write_text(json.dumps(meta))
+    assert SemanticIdTokenizer.load(model).encode_raw(items[1][:5]).shape == (5, 3)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: (m / "meta.json").write_text(json.dumps({"format": "semid-model-v1"})), "has no input_dim"),
+    (lambda m: __import__("torch").save({"x": [1, object]}, m / "model.pt"), "Python objects, not only tensors"),
+    (lambda m: __import__("torch").save({"encoder.0.weight": __import__("torch").zeros(1)}, m / "model.pt"),
+     "Missing key"),
+])
+def test_damaged_model_files_are_named_with_the_reason(model, damage, message):
+    damage(model)
+    with pytest.raises(ModelDirError, match=message) as info:
+        SemanticIdTokenizer.load(model)
+    assert "weights_only=False" not in str(info.value) and "\n" not in str(info.value)
