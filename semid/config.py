@@ -49,11 +49,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _choice("model.type", self.type, ("rqvae", "rqkmeans"))
         _choice("model.activation", self.activation, ("relu", "gelu", "silu"))
+        for width in self.hidden:  # an empty list is a linear encoder and decoder
+            _positive("model.hidden", width, note=" (every width)")
         _positive("model.latent_dim", self.latent_dim)
-        if self.latent_norm < 0:
-            raise ConfigError(f"model.latent_norm must be >= 0 (0 turns it off), got {self.latent_norm}")
-        if not 0.0 <= self.decoder_dropout < 1.0:
-            raise ConfigError(f"model.decoder_dropout must be in [0, 1), got {self.decoder_dropout}")
+        _in_range("model.latent_norm", self.latent_norm, note=" (0 turns it off)")
+        _in_range("model.decoder_dropout", self.decoder_dropout, 0, 1)
 
 
 @dataclass
@@ -96,13 +96,24 @@ class QuantizerConfig:
         if len(sizes) != self.levels:
             raise ConfigError(f"quantizer.codebook_size lists {len(sizes)} sizes for {self.levels} levels")
         for size in sizes:
-            _positive("quantizer.codebook_size", size)
-        if not self.balance_weight >= 0:
-            raise ConfigError(f"quantizer.balance_weight must be >= 0, got {self.balance_weight}")
-        if not self.balance_temperature > 0:
-            raise ConfigError(f"quantizer.balance_temperature must be > 0, got {self.balance_temperature}")
-        if not self.centre_shrinkage >= 0:
-            raise ConfigError(f"quantizer.centre_shrinkage must be >= 0, got {self.centre_shrinkage}")
+            _positive("quantizer.codebook_size", size, note=" (every size)")
+        _in_range("quantizer.commitment", self.commitment, note=" (0 turns it off)")
+        _in_range("quantizer.kmeans_iters", self.kmeans_iters, note=" (0: the seeding alone)")
+        _positive("quantizer.kmeans_sample", self.kmeans_sample)
+        _in_range("quantizer.refine_passes", self.refine_passes, note=" (0 turns it off)")
+        # At 1 the counts never move from their starting expectation, so no code is ever found dead.
+        _in_range("quantizer.dead_code_decay", self.dead_code_decay, 0, 1)
+        _in_range("quantizer.dead_code_threshold", self.dead_code_threshold)
+        _positive("quantizer.dead_code_every", self.dead_code_every)
+        _in_range("quantizer.balance_weight", self.balance_weight)
+        _positive("quantizer.balance_temperature", self.balance_temperature)
+        _positive("quantizer.gumbel_tau_start", self.gumbel_tau_start)
+        # The schedule only anneals downwards: tau = max(end, start * decay**step).
+        _in_range("quantizer.gumbel_tau_end", self.gumbel_tau_end, 0, self.gumbel_tau_start, low_open=True,
+                  high_open=False, note=" (0 < end <= quantizer.gumbel_tau_start)")
+        _in_range("quantizer.gumbel_tau_decay", self.gumbel_tau_decay, 0, 1, high_open=False,
+                  note=" (0 picks it from train.steps)")
+        _in_range("quantizer.centre_shrinkage", self.centre_shrinkage)
 
     def sizes(self) -> list[int]:
         """Codebook size of every level."""
@@ -155,14 +166,22 @@ class TrainConfig:
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _choice("train.optimizer", self.optimizer, ("adamw", "adagrad"))
         _choice("train.schedule", self.schedule, ("cosine", "constant"))
+        # torch.manual_seed takes a 64-bit int; beyond that it fails with a message that names no key.
+        _in_range("train.seed", self.seed, -2**63, 2**63 - 1, high_open=False)
         _positive("train.batch_size", self.batch_size)
         _positive("train.steps", self.steps)
-        if not 0.0 <= self.norm_sampling <= 1.0:
-            raise ConfigError(f"train.norm_sampling must be in [0, 1], got {self.norm_sampling}")
-        if self.decoder_refit_steps < 0:
-            raise ConfigError(f"train.decoder_refit_steps must be >= 0, got {self.decoder_refit_steps}")
-        if not self.min_epochs >= 0:
-            raise ConfigError(f"train.min_epochs must be >= 0, got {self.min_epochs}")
+        _in_range("train.min_epochs", self.min_epochs, note=" (0 turns it off)")
+        _in_range("train.max_steps", self.max_steps, note=" (0: no bound)")
+        _positive("train.lr", self.lr)
+        _in_range("train.norm_sampling", self.norm_sampling, 0, 1, high_open=False)
+        _in_range("train.weight_decay", self.weight_decay)
+        _in_range("train.warmup_steps", self.warmup_steps)
+        _in_range("train.eval_every", self.eval_every, note=" (0: only at the end)")
+        _in_range("train.early_stopping", self.early_stopping, note=" (0: never)")
+        _in_range("train.uniqueness_weight", self.uniqueness_weight, note=" (0 turns it off)")
+        _positive("train.uniqueness_every", self.uniqueness_every)
+        _in_range("train.decoder_refit_steps", self.decoder_refit_steps, note=" (0 turns it off)")
+        _in_range("train.checkpoint_every", self.checkpoint_every, note=" (0: never)")
         if self.max_steps and self.max_steps < self.steps:
             raise ConfigError(f"train.max_steps ({self.max_steps}) must be 0 or at least train.steps ({self.steps})")
 
@@ -263,9 +282,26 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"config key '{key}' is {value!r}; choose one of {', '.join(allowed)}")
 
 
-def _positive(key: str, value: int) -> None:
-    if value <= 0:
-        raise ConfigError(f"config key '{key}' must be positive, got {value}")
+def _positive(key: str, value: float, note: str = "") -> None:
+    _in_range(key, value, low_open=True, note=note)
+
+
+def _in_range(key: str, value: float, low: float = 0, high: float = math.inf, *, low_open: bool = False,
+              high_open: bool = True, note: str = "") -> None:
+    """A value outside [low, high) (or the open/closed variant) is a ConfigError that names the key.
+
+    One `not (above and below)` test rejects NaN too, which fails every comparison, and the default open
+    infinite bound rejects inf: no key has a use for either, and torch would otherwise fail far from the
+    config with a message that names no key (Invalid learning rate: -1.0), or train on NaN.
+    """
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (above and below):
+        if high == math.inf:
+            allowed = f"{'>' if low_open else '>='} {low}"
+        else:
+            allowed = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"{key} must be {allowed}{note}, got {value}")
 
 
 def _toml_value(value: Any) -> str:

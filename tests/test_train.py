@@ -470,7 +470,7 @@ def test_unknown_override_key_is_named():
     ({"quantizer.forward": "magic"}, "quantizer.forward.*magic"),
     ({"collisions.strategy": "drop"}, "collisions.strategy.*drop"),
     ({"train.device": "tpu"}, "train.device"),
-    ({"train.steps": 0}, "train.steps.*positive"),
+    ({"train.steps": 0}, r"train.steps must be > 0, got 0"),
     ({"train.steps": "many"}, "train.steps.*expected int"),
     ({"train.lr": True}, "train.lr"),
     ({"quantizer.codebook_size": [16, 16]}, "codebook_size lists 2 sizes for 3 levels"),

@@ -1,0 +1,132 @@
+"""Every numeric config key rejects values it has no use for, naming the key; every shipped config loads."""
+from __future__ import annotations
+
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from semid.config import ConfigError, SemidConfig  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+NAN, INF = math.nan, math.inf
+
+BAD_VALUES = [
+    ("model.hidden", [64, 0]),
+    ("model.latent_dim", 0),
+    ("model.latent_norm", -0.5),
+    ("model.latent_norm", INF),
+    ("model.latent_norm", NAN),
+    ("model.decoder_dropout", 1.0),
+    ("model.decoder_dropout", NAN),
+    ("quantizer.levels", 0),
+    ("quantizer.codebook_size", -4),
+    ("quantizer.commitment", -1.0),
+    ("quantizer.commitment", NAN),
+    ("quantizer.commitment", INF),
+    ("quantizer.kmeans_iters", -1),
+    ("quantizer.kmeans_sample", -1),
+    ("quantizer.kmeans_sample", 0),
+    ("quantizer.refine_passes", -1),
+    ("quantizer.dead_code_decay", 1.0),
+    ("quantizer.dead_code_decay", -0.1),
+    ("quantizer.dead_code_threshold", -0.05),
+    ("quantizer.dead_code_threshold", INF),
+    ("quantizer.dead_code_every", 0),
+    ("quantizer.balance_weight", INF),
+    ("quantizer.balance_temperature", 0.0),
+    ("quantizer.balance_temperature", NAN),
+    ("quantizer.gumbel_tau_start", 0.0),
+    ("quantizer.gumbel_tau_start", INF),
+    ("quantizer.gumbel_tau_end", 0.0),
+    ("quantizer.gumbel_tau_end", 2.0),  # above the default start, 1.0: the schedule would never anneal
+    ("quantizer.gumbel_tau_decay", 1.5),
+    ("quantizer.gumbel_tau_decay", -0.5),
+    ("quantizer.centre_shrinkage", NAN),
+    ("train.seed", 2**64),
+    ("train.batch_size", 0),
+    ("train.steps", 0),
+    ("train.steps", -5),
+    ("train.min_epochs", INF),
+    ("train.max_steps", -1),
+    ("train.lr", -1.0),
+    ("train.lr", 0.0),
+    ("train.lr", NAN),
+    ("train.lr", INF),
+    ("train.norm_sampling", NAN),
+    ("train.weight_decay", -1.0),
+    ("train.weight_decay", NAN),
+    ("train.warmup_steps", -1),
+    ("train.eval_every", -3),
+    ("train.early_stopping", -1),
+    ("train.uniqueness_weight", -1.0),
+    ("train.uniqueness_weight", NAN),
+    ("train.uniqueness_every", 0),
+    ("train.decoder_refit_steps", -1),
+    ("train.checkpoint_every", -1),
+    ("collisions.suffix_size", 0),
+    # The loader takes ints where floats are expected, never floats for ints, bools for numbers or strings.
+    ("train.steps", 100.0),
+    ("train.lr", True),
+    ("train.amp", 1),
+    ("model.standardize", "yes"),
+]
+
+
+@pytest.mark.parametrize("key, value", BAD_VALUES, ids=[f"{k}={v!r}" for k, v in BAD_VALUES])
+def test_bad_value_is_rejected_naming_the_key(key, value):
+    with pytest.raises(ConfigError, match=re.escape(key)) as info:
+        SemidConfig().with_overrides({key: value})
+    shown = value[-1] if isinstance(value, list) else value  # a list names its offending element
+    assert f"{shown!r}" in str(info.value), "the message shows the value got"
+
+
+# Edge values that mean something: 0 as "off", the closed ends of intervals, an empty hidden list.
+GOOD_VALUES = [
+    ("model.hidden", []),
+    ("model.latent_norm", 0.0),
+    ("model.decoder_dropout", 0.0),
+    ("quantizer.commitment", 0.0),
+    ("quantizer.kmeans_iters", 0),
+    ("quantizer.refine_passes", 0),
+    ("quantizer.dead_code_decay", 0.0),
+    ("quantizer.dead_code_threshold", 0.0),
+    ("quantizer.gumbel_tau_end", 1.0),  # equal to the start: a constant temperature
+    ("quantizer.gumbel_tau_decay", 1.0),
+    ("train.seed", -1),
+    ("train.min_epochs", 0),
+    ("train.max_steps", 0),
+    ("train.norm_sampling", 1.0),
+    ("train.weight_decay", 0),  # an int where a float is expected
+    ("train.eval_every", 0),
+    ("train.early_stopping", 0),
+    ("train.uniqueness_weight", 0.0),
+    ("train.decoder_refit_steps", 0),
+    ("train.checkpoint_every", 0),
+    ("train.steps", 10**12),  # no bound without train.max_steps
+]
+
+
+@pytest.mark.parametrize("key, value", GOOD_VALUES, ids=[f"{k}={v!r}" for k, v in GOOD_VALUES])
+def test_meaningful_edge_value_is_accepted(key, value):
+    section, _, name = key.partition(".")
+    assert getattr(getattr(SemidConfig().with_overrides({key: value}), section), name) == value
+
+
+def test_bad_value_in_a_file_is_rejected_naming_the_key(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[train]\nlr = -1.0\n")
+    with pytest.raises(ConfigError, match=r"train.lr must be > 0, got -1.0"):
+        SemidConfig.load(path)
+
+
+def test_every_shipped_config_loads():
+    paths = sorted(CONFIGS.glob("*.toml"))
+    assert paths, f"no configs under {CONFIGS}"
+    for path in paths:
+        config = SemidConfig.load(path)
+        assert SemidConfig.from_dict(config.to_dict()) == config, path.name
