@@ -284,7 +284,9 @@ def _open_npy(p: Path, expected_dim: int | None) -> np.ndarray:
     try:
         mm = np.load(p, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as e:
-        raise InputError(f"cannot read {p} as .npy: {e}") from e
+        # numpy takes a file without the .npy header for a pickle, and suggests unpickling it: never safe here
+        reason = "it has no .npy header, or holds Python objects" if "pickle" in str(e) else e
+        raise InputError(f"cannot read {p} as .npy: {reason}") from e
     if not isinstance(mm, np.ndarray):
         raise InputError(f"{p} is not a single .npy array")
     # One row is enough to check dtype, rank, emptiness and dimension; other shapes fail before any read.

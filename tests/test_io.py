@@ -295,8 +295,9 @@ def test_corrupt_files(tmp_path):
         read_items(bad)
     bad_npy = tmp_path / "bad.npy"
     bad_npy.write_text("not npy")
-    with pytest.raises(InputError, match="cannot read .* as .npy"):
+    with pytest.raises(InputError, match="cannot read .* as .npy: it has no .npy header") as info:
         read_items(bad_npy)
+    assert "allow_pickle" not in str(info.value)  # numpy's advice to unpickle an unknown file is not passed on
 
 
 def test_npy_with_wrong_rank_fails_before_reading(tmp_path):
