@@ -217,6 +217,10 @@ def _pandas_to_table(df: Any, id_col: str | None, emb_col: str) -> ItemTable:
     _check_columns(list(map(str, df.columns)), id_col, emb_col, where)
     values = df[emb_col].to_numpy()  # (n,) objects: lists or arrays
     nulls = _null_mask(values)
+    scalar = next((i for i, (v, null) in enumerate(zip(values, nulls)) if not null and np.ndim(v) != 1), None)
+    if scalar is not None:
+        raise InputError(f"column '{emb_col}' in {where} must hold one list of numbers per row; row {scalar} holds "
+                         f"{type(values[scalar]).__name__} {values[scalar]!r:.40}")
     lengths = np.fromiter((0 if null else len(v) for v, null in zip(values, nulls)), dtype=np.int64, count=len(values))
     _check_rows(nulls, lengths, where, 0)
     matrix = np.stack([np.asarray(v) for v in values]) if len(values) else np.empty((0, 0))  # (n, d)

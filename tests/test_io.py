@@ -515,6 +515,8 @@ def test_to_numpy_from_pandas_frame():
         to_numpy_embeddings(pd.DataFrame({"item_id": ["a"], "vec": [[1.0]]}))
     with pytest.raises(InputError, match="must be unique"):
         to_numpy_embeddings(pd.DataFrame({"item_id": ["a", "a"], "embedding": [[1.0], [2.0]]}))
+    with pytest.raises(InputError, match="one list of numbers per row; row 0 holds float"):
+        to_numpy_embeddings(pd.DataFrame({"item_id": ["a", "b"], "embedding": [0.5, 0.7]}))
 
 
 def test_works_without_pyarrow(tmp_path):
