@@ -7,8 +7,10 @@ either: similar items land on the same tuple. This module turns raw codes into f
 * `suffix` (TIGER): append the item's rank within its group of identical tuples (alone -> 0).
 * `remap`: the best-ranked item of a group keeps its tuple; the others move to the nearest unused
   code of the last level within the same prefix, so IDs keep length L. Where a prefix is full, the
-  items that found no free code keep their tuple and get a suffix; where that tuple has no suffix
-  left either, the nearest code of the prefix that has one (see `resolve_collisions`).
+  items that found no free code move to the nearest prefix (level L-1 code) that has one, keeping
+  length L (keep_length, what the registry asks for); or, where IDs have room for a suffix, keep their
+  tuple and get a suffix, and where that tuple has no suffix left either, the nearest code of the
+  prefix that has one (see `resolve_collisions`).
 * `none`: leave the codes as they are (collisions are only reported by the metrics).
 
 Ranking is always by `rank_key` (the item's distance to its codeword reconstruction, lower first)
@@ -46,6 +48,8 @@ _INT64_MAX = np.iinfo(np.int64).max
 _MAX_DISTANCE_ELEMENTS = 1 << 24
 
 LastLevelDistances = Callable[[np.ndarray], np.ndarray]
+# (rows, their leading codes (len(rows), l)) -> (len(rows), K_l): see `resolve_collisions`.
+LevelDistances = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 class CollisionStrategy(str, Enum):
@@ -120,6 +124,27 @@ class SuffixOverflowError(ValueError):
     def __init__(self, message: str, *, size: int, codes: tuple[int, ...], suffix_size: int) -> None:
         super().__init__(message)
         self.size, self.codes, self.suffix_size = size, codes, suffix_size
+
+
+class PrefixFullError(ValueError):
+    """Remap keeps IDs at length L, and every such ID that starts with an item's first L - 2 codes is taken."""
+
+    def __init__(self, message: str, *, codes: tuple[int, ...], capacity: int) -> None:
+        super().__init__(message)
+        self.codes, self.capacity = codes, capacity
+
+
+def _prefix_full(codes: tuple[int, ...], sizes: Sequence[int]) -> PrefixFullError:
+    """The error for IDs of length L that start with `codes` all being taken, with advice for a CLI user."""
+    levels, rest = len(sizes), [int(k) for k in sizes[len(codes):]]
+    capacity = math.prod(rest)
+    where = f" that start with the codes {codes}" if codes else ""
+    return PrefixFullError(
+        f"collision strategy 'remap' keeps IDs at length {levels}, but all {capacity} IDs{where} "
+        f"({' x '.join(map(str, rest))} codes) are taken; train a new model with collisions.strategy = \"suffix\" "
+        f"(IDs of length {levels + 1}, numbering the items of a tuple) or with more codes (quantizer.codebook_size)",
+        codes=codes, capacity=capacity,
+    )
 
 
 class SuffixOverflowWarning(UserWarning):
@@ -198,6 +223,8 @@ def resolve_collisions(
     last_level_distances: LastLevelDistances | None = None,
     taken: np.ndarray | None = None,
     overflow: str = "raise",
+    keep_length: bool = False,
+    level_distances: LevelDistances | None = None,
 ) -> np.ndarray:
     """Final IDs for raw codes (n, L), unique among themselves and against `taken`.
 
@@ -223,18 +250,27 @@ def resolve_collisions(
     Items that find none below it take the smallest free suffix of the nearest last-level code of their
     prefix that has one, so a prefix holds up to K_last * suffix_size IDs; only a prefix that holds
     them all raises SuffixOverflowError.
+    With keep_length=True, remap always returns (n, L): the items left without a code in their full
+    prefix move to the nearest prefix that has one, under the same first L - 2 codes (see
+    `_spill_to_neighbour_prefixes`), and only where all of those are full does it raise PrefixFullError (a
+    ValueError). That needs `level_distances(rows, codes)`: for codes (len(rows), l), l < L, the
+    (len(rows), K_l) distances at level l from the residual those leading codes leave (with the prefix
+    centre at the last level, as decoding them would), asked for the moving rows only.
 
     none -> the codes unchanged (n, L).
     """
     strategy = _strategy(strategy)
     if overflow not in ("raise", "remap"):
         raise ValueError(f"overflow must be 'raise' or 'remap', got {overflow!r}")
+    if keep_length and strategy is CollisionStrategy.SUFFIX:
+        raise ValueError("keep_length applies to collision strategy 'remap'; 'suffix' always appends a suffix")
     codes, rank_key, taken = _validate(codes, rank_key, codebook_sizes, suffix_size, taken)
     if strategy is CollisionStrategy.NONE:
         return codes.copy()
     if strategy is CollisionStrategy.SUFFIX:
         return _suffix(codes, rank_key, codebook_sizes, suffix_size, taken, overflow, last_level_distances)
-    return _remap(codes, rank_key, codebook_sizes, suffix_size, last_level_distances, taken)
+    return _remap(codes, rank_key, codebook_sizes, suffix_size, last_level_distances, taken, keep_length,
+                  level_distances)
 
 
 def _suffix(
@@ -296,6 +332,8 @@ def _remap(
     suffix_size: int,
     last_level_distances: LastLevelDistances | None,
     taken: np.ndarray,
+    keep_length: bool = False,
+    level_distances: LevelDistances | None = None,
 ) -> np.ndarray:
     n, levels = codes.shape
     k_last = int(sizes[-1])
@@ -315,27 +353,20 @@ def _remap(
     # used[p, c]: the tuple (prefix p, code c) is taken, for the prefixes that movers live in.
     prefix = tuple_group_ids(tuples[:, :-1], sizes[:-1])  # (n + m,)
     touched, mover_slot = np.unique(prefix[movers], return_inverse=True)
-    pos = np.minimum(np.searchsorted(touched, prefix), touched.size - 1)
-    hit = touched[pos] == prefix
+    pos, hit = _positions(touched, prefix)
     used = np.zeros((touched.size, k_last), dtype=bool)
     used[pos[hit], tuples[hit, -1]] = True
 
     final = codes.copy()
+    code = _claim_nearest_free(movers, mover_slot.reshape(-1), used, last_level_distances)
+    final[movers[code >= 0], -1] = code[code >= 0]
     fallback = np.zeros(n, dtype=bool)
-    chunk = max(1, _MAX_DISTANCE_ELEMENTS // k_last)
-    for lo in range(0, movers.size, chunk):
-        block = movers[lo : lo + chunk]
-        dist = _block_distances(last_level_distances, block, k_last)  # (block, k_last)
-        for row, slot, row_dist in zip(block, mover_slot.reshape(-1)[lo : lo + chunk], dist):
-            # Greedy and sequential by nature: this loop runs over colliding items only.
-            free = np.flatnonzero(~used[slot])
-            if free.size == 0:
-                fallback[row] = True
-                continue
-            code = free[np.argmin(row_dist[free])]  # argmin keeps the lowest code among equal distances
-            used[slot, code] = True
-            final[row, -1] = code
+    fallback[movers[code < 0]] = True
     if not fallback.any():
+        return final
+    if keep_length:
+        _spill_to_neighbour_prefixes(final, np.flatnonzero(fallback), rank_key, taken[:, :levels], sizes,
+                                     level_distances)
         return final
 
     # Fallback items keep their tuple; every other new item holds suffix 0 of its (final) tuple.
@@ -353,6 +384,96 @@ def _remap(
         _spill_to_neighbour_tuples(ids, spill, rank_key, prefix[:n], taken, prefix[n:], suffix_size,
                                    last_level_distances, k_last)
     return ids
+
+
+def _positions(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(position in sorted_keys, found) for each of keys: which rows of a table over sorted_keys they own."""
+    pos = np.minimum(np.searchsorted(sorted_keys, keys), sorted_keys.size - 1)
+    return pos, sorted_keys[pos] == keys
+
+
+def _claim_nearest_free(
+    rows: np.ndarray, slots: np.ndarray, used: np.ndarray, distances: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """For `rows` in this order, claim in used[slot] (one bool row of codes per prefix) the free code nearest
+    by distances(rows) (len(rows), K); returns the codes, -1 where the prefix had none left.
+
+    Greedy and sequential by nature, so it loops over the rows that move only; the distances are asked for
+    in blocks that keep each answer under _MAX_DISTANCE_ELEMENTS entries.
+    """
+    k = used.shape[1]
+    codes = np.full(rows.size, -1, dtype=np.int64)
+    chunk = max(1, _MAX_DISTANCE_ELEMENTS // k)
+    for lo in range(0, rows.size, chunk):
+        block = rows[lo : lo + chunk]
+        for j, slot, row_dist in zip(range(lo, lo + block.size), slots[lo : lo + chunk],
+                                     _block_distances(distances, block, k)):
+            free = np.flatnonzero(~used[slot])
+            if free.size:
+                codes[j] = free[np.argmin(row_dist[free])]  # argmin keeps the lowest code among equal distances
+                used[slot, codes[j]] = True
+    return codes
+
+
+def _spill_to_neighbour_prefixes(
+    ids: np.ndarray,
+    spill: np.ndarray,
+    rank_key: np.ndarray,
+    taken: np.ndarray,
+    sizes: Sequence[int],
+    level_distances: LevelDistances | None,
+) -> None:
+    """Give the rows `spill` of `ids` (n, L), whose prefix has no free last code, the nearest tuple that no
+    other row of `ids` nor of `taken` (m, L) holds (in place).
+
+    A suffix would make the ID longer than a registry of length L holds, so the item changes one level
+    higher instead, the least it can while keeping its first L - 2 codes: its level L-1 code becomes the
+    nearest one, by its distance at that level, whose prefix still has a free last code, and there it
+    takes the free last code nearest to the residual that prefix leaves, so the ID decodes as close to the
+    item as the free tuples allow. The items that found a code in their own prefix chose first; these
+    follow, best rank key first, then row order. Which prefix an item gets depends only on how many codes
+    each prefix has left, so every item's prefix is chosen first and the last codes are then claimed as
+    in the prefix's own remap. Raises PrefixFullError where every tuple under an item's first L - 2 codes
+    (for L = 1, the codebook) is taken.
+    """
+    n, levels = ids.shape
+    spill = spill[np.lexsort((spill, rank_key[spill]))]
+    if levels == 1:
+        raise _prefix_full((), sizes)
+    if level_distances is None:
+        raise ValueError("collision strategy 'remap' needs level_distances to move an item whose prefix is full "
+                         "to the nearest prefix with a free code")
+    k_prev, k_last = int(sizes[-2]), int(sizes[-1])
+    staying = np.ones(n, dtype=bool)
+    staying[spill] = False
+    tuples = np.concatenate([ids[staying], taken])  # every tuple in use
+    # A prefix is (slot of its first L - 2 codes among the spilled items', level L-1 code), packed.
+    head = tuple_group_ids(np.concatenate([ids[spill, :-2], tuples[:, :-2]]), sizes[:-2])
+    touched, spill_slot = np.unique(head[: spill.size], return_inverse=True)
+    pos, hit = _positions(touched, head[spill.size :])
+    # (prefix, last code) pairs in use, once each (taken may list a tuple with several suffixes)
+    in_use = np.unique(np.column_stack([pos[hit] * k_prev + tuples[hit, -2], tuples[hit, -1]]), axis=0)
+    n_used = np.bincount(in_use[:, 0], minlength=touched.size * k_prev)  # (prefix,) codes taken
+
+    chosen = np.empty(spill.size, dtype=np.int64)  # each item's new prefix
+    chunk = max(1, _MAX_DISTANCE_ELEMENTS // k_prev)
+    for lo in range(0, spill.size, chunk):
+        block = spill[lo : lo + chunk]
+        dist = _block_distances(lambda rows: level_distances(rows, ids[rows, :-2]), block, k_prev)
+        for j, slot, order in zip(range(lo, lo + block.size), spill_slot.reshape(-1)[lo : lo + chunk],
+                                  np.argsort(dist, axis=1, kind="stable")):  # nearest first, lowest code on ties
+            room = slot * k_prev + order[n_used[slot * k_prev + order] < k_last]
+            if room.size == 0:
+                raise _prefix_full(tuple(ids[spill[j], :-2].tolist()), sizes)
+            chosen[j] = room[0]
+            n_used[room[0]] += 1
+    ids[spill, -2] = chosen % k_prev
+    prefixes, prefix_slot = np.unique(chosen, return_inverse=True)
+    pos, hit = _positions(prefixes, in_use[:, 0])
+    used = np.zeros((prefixes.size, k_last), dtype=bool)
+    used[pos[hit], in_use[hit, 1]] = True
+    ids[spill, -1] = _claim_nearest_free(spill, prefix_slot.reshape(-1), used,
+                                         lambda rows: level_distances(rows, ids[rows, :-1]))
 
 
 def _spill_to_neighbour_tuples(
@@ -409,13 +530,13 @@ def _spill_to_neighbour_tuples(
                 )
 
 
-def _block_distances(last_level_distances: LastLevelDistances, rows: np.ndarray, k_last: int) -> np.ndarray:
-    """Ask the caller for the last-level distances of some rows and check the answer's shape."""
-    dist = np.asarray(last_level_distances(rows))
-    if dist.shape != (rows.size, k_last):
+def _block_distances(distances: Callable[[np.ndarray], np.ndarray], rows: np.ndarray, k: int) -> np.ndarray:
+    """Ask the caller for the distances of some rows at one level and check the answer's shape."""
+    dist = np.asarray(distances(rows))
+    if dist.shape != (rows.size, k):
         raise ValueError(
-            f"last_level_distances returned shape {dist.shape}, expected ({rows.size}, {k_last}) "
-            "(one row per requested item, one column per last-level code)"
+            f"a distance callback returned shape {dist.shape}, expected ({rows.size}, {k}) "
+            "(one row per requested item, one column per code of the level)"
         )
     return dist
 
@@ -440,12 +561,15 @@ class IdRegistry:
     """Item key (str) -> final ID (tuple of ints); saved with the model so IDs never change.
 
     Every ID in a registry has the same length, fixed by the first assignment (or by `id_length`):
-    L + 1 with "suffix", L with "remap" unless that first call needed a fallback suffix, L with
-    "none". A later result shorter by one (remap without fallback, or none, on a registry of length
-    L + 1) is stored with suffix 0; for remap that cannot clash, as remap only hands out tuples no
-    saved ID uses ("none" promises no uniqueness at all). A result longer than the registry's IDs
-    (suffix, or a remap fallback, on a registry of length L) raises ValueError: create the registry
-    with id_length=L + 1 to leave room for suffixes.
+    L + 1 with "suffix", L with "none", and L with "remap": remap keeps length L (keep_length in
+    `resolve_collisions`), on a registry of length L and on a new one, so that the length follows from
+    the strategy and the model rather than from whether some prefix happened to be full at fit, and a
+    later call can always extend the registry by the same rule. Only a first call for which no IDs of
+    length L suffice (PrefixFullError) fixes length L + 1 and falls back to suffixes. On a registry of
+    length L + 1 remap falls back to suffixes where a prefix is full, and a result shorter by one (remap
+    without fallback, or none) is stored with suffix 0; for remap that cannot clash, as remap only hands
+    out tuples no saved ID uses ("none" promises no uniqueness at all). Suffixed IDs on a registry of
+    length L raise ValueError: create the registry with id_length=L + 1 to leave room for suffixes.
     """
 
     def __init__(self, id_length: int | None = None) -> None:
@@ -505,12 +629,14 @@ class IdRegistry:
         suffix_size: int = 256,
         last_level_distances: LastLevelDistances | None = None,
         overflow: str = "raise",
+        level_distances: LevelDistances | None = None,
     ) -> np.ndarray:
         """Final IDs (n, id_length) for these items, registering the new ones.
 
         Known keys get their saved ID whatever their codes are now. The others are resolved with
-        `resolve_collisions` against each other and against every saved ID. last_level_distances
-        receives row indices into this call's codes, and `overflow` means, as in `resolve_collisions`.
+        `resolve_collisions` against each other and against every saved ID, with keep_length for remap
+        as the class docstring says. The distance callbacks receive row indices into this call's codes,
+        and they and `overflow` mean what they do in `resolve_collisions`.
         """
         from semid.io import first_repeat
 
@@ -532,19 +658,31 @@ class IdRegistry:
         if rank_key.shape != (len(keys),):
             raise ValueError(f"rank_key must have one value per key, shape ({len(keys)},), got {rank_key.shape}")
 
-        def new_rows_distances(rows: np.ndarray) -> np.ndarray:
-            return last_level_distances(new[rows])  # rows index codes[new]; the caller indexes codes
+        def on_new_rows(distances: Callable[..., np.ndarray] | None) -> Callable[..., np.ndarray] | None:
+            # rows index codes[new]; the caller indexes codes
+            return None if distances is None else lambda rows, *leading: distances(new[rows], *leading)
 
-        fresh = resolve_collisions(
-            codes[new],
-            rank_key[new],
-            strategy,
-            codebook_sizes=codebook_sizes,
-            suffix_size=suffix_size,
-            last_level_distances=None if last_level_distances is None else new_rows_distances,
-            taken=self._ids if len(self) else None,
-            overflow=overflow,
-        )
+        def resolve(keep_length: bool) -> np.ndarray:
+            return resolve_collisions(
+                codes[new],
+                rank_key[new],
+                strategy,
+                codebook_sizes=codebook_sizes,
+                suffix_size=suffix_size,
+                last_level_distances=on_new_rows(last_level_distances),
+                taken=self._ids if len(self) else None,
+                overflow=overflow,
+                keep_length=keep_length,
+                level_distances=on_new_rows(level_distances),
+            )
+
+        remap = _strategy(strategy) is CollisionStrategy.REMAP
+        try:
+            fresh = resolve(keep_length=remap and self.id_length in (None, levels))
+        except PrefixFullError:
+            if self.id_length is not None:
+                raise
+            fresh = resolve(keep_length=False)  # no IDs of length L suffice: this first call fixes L + 1
         width = self.id_length if self.id_length is not None else fresh.shape[1]
         if fresh.shape[1] > width:
             raise ValueError(

@@ -193,6 +193,22 @@ class ResidualQuantizer(nn.Module):
         *_, (last, residual, _) = self._walk(e)
         return pairwise_distance(residual, last.codebook, last.distance)
 
+    @torch.no_grad()
+    def level_distances(self, e: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """(n, d) rows and (n, l) leading codes, l < L -> (n, K_l) distances at level l under those codes.
+
+        The residual is what the given codes leave (minus their prefix's centre at the last level), as
+        `decode` would reconstruct them, not the rows' own greedy codes: collision remapping uses it to
+        rank the codes of a prefix it moves an item to (`semid.collisions`).
+        """
+        residual = e.float()
+        for level, level_codes in zip(self.levels, codes.unbind(-1)):
+            residual = residual - level.decode(level_codes)
+        depth = codes.shape[-1]
+        if depth == self.last and self.has_centres:
+            residual = residual - self._centre(codes)
+        return pairwise_distance(residual, self.levels[depth].codebook, self.levels[depth].distance)
+
     # ---- codebook health ----------------------------------------------------------------------
     @torch.no_grad()
     def init_from_data(self, e: torch.Tensor, generator: torch.Generator) -> None:

@@ -457,10 +457,17 @@ class SemanticIdTokenizer:
         model = self._fitted()
         device = self._device()
 
+        def latent(rows: np.ndarray) -> torch.Tensor:
+            return model.latent(torch.from_numpy(np.ascontiguousarray(fetch_rows(rows), dtype=np.float32)).to(device))
+
         @torch.no_grad()
         def last_level_distances(rows: np.ndarray) -> np.ndarray:
-            x = torch.from_numpy(np.ascontiguousarray(fetch_rows(rows), dtype=np.float32)).to(device)
-            return model.quantizer.last_level_distances(model.latent(x)).cpu().numpy()
+            return model.quantizer.last_level_distances(latent(rows)).cpu().numpy()
+
+        @torch.no_grad()
+        def level_distances(rows: np.ndarray, leading: np.ndarray) -> np.ndarray:
+            """Remap moves an item whose prefix is full to another prefix: distances under the given codes."""
+            return model.quantizer.level_distances(latent(rows), torch.from_numpy(leading).to(device)).cpu().numpy()
 
         if self.config.collisions.balanced_last_level:
             codes = codes.copy()
@@ -470,5 +477,5 @@ class SemanticIdTokenizer:
         return self.registry.assign(
             keys, codes, rank, self.config.collisions.strategy,
             codebook_sizes=model.codebook_sizes, suffix_size=self.config.collisions.suffix_size,
-            last_level_distances=last_level_distances, overflow="remap",
+            last_level_distances=last_level_distances, overflow="remap", level_distances=level_distances,
         )

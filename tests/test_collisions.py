@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -13,6 +12,7 @@ import torch
 from semid.collisions import (
     CollisionStrategy,
     IdRegistry,
+    PrefixFullError,
     SuffixOverflowError,
     SuffixOverflowWarning,
     resolve_collisions,
@@ -21,8 +21,6 @@ from semid.collisions import (
 )
 from semid.distance import nearest_code, pairwise_distance
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
 
 @dataclass
 class RealCodes:
@@ -30,37 +28,41 @@ class RealCodes:
 
     codes: np.ndarray  # (n, levels) int64
     rank_key: np.ndarray  # (n,) squared distance to the reconstruction
-    last_residual: torch.Tensor  # (n, d): what the last level quantizes
-    last_codebook: torch.Tensor  # (k_last, d)
+    x: torch.Tensor  # (n, d): the embeddings
+    codebooks: list[torch.Tensor]  # (k, d) per level
     sizes: tuple[int, ...]
 
+    def level_distances(self, rows: np.ndarray, leading: np.ndarray) -> np.ndarray:
+        """Distances at level leading.shape[1] from what the leading codes leave of the rows."""
+        residual = self.x[torch.as_tensor(rows)]
+        for codebook, codes in zip(self.codebooks, torch.as_tensor(leading).unbind(-1)):
+            residual = residual - codebook[codes]
+        return pairwise_distance(residual, self.codebooks[leading.shape[1]], "l2").numpy()
+
     def last_level_distances(self, rows: np.ndarray) -> np.ndarray:
-        return pairwise_distance(self.last_residual[torch.as_tensor(rows)], self.last_codebook, "l2").numpy()
+        return self.level_distances(rows, self.codes[rows, :-1])
 
 
 def quantize(x: np.ndarray, sizes: tuple[int, ...], seed: int = 0) -> RealCodes:
     """Per-level nearest code over successive residuals; codebooks are jittered random rows."""
     gen = torch.Generator().manual_seed(seed)
     residual = torch.from_numpy(x)
-    codes = []
+    codes, codebooks = [], []
     for k in sizes:
         codebook = residual[torch.randperm(len(residual), generator=gen)[:k]]
         # Jitter so that no item sits exactly on a codeword: exact zeros would tie many rank keys.
         codebook = codebook + 0.05 * codebook.std() * torch.randn(codebook.shape, generator=gen)
         code, _ = nearest_code(residual, codebook, "l2")
         codes.append(code)
-        last_residual, last_codebook = residual, codebook
+        codebooks.append(codebook)
         residual = residual - codebook[code]
     rank_key = residual.double().pow(2).sum(1).numpy()
-    return RealCodes(torch.stack(codes, 1).numpy(), rank_key, last_residual, last_codebook, sizes)
+    return RealCodes(torch.stack(codes, 1).numpy(), rank_key, torch.from_numpy(x), codebooks, sizes)
 
 
 @pytest.fixture(scope="module")
-def beauty() -> np.ndarray:
-    path = DATA / "beauty.npy"
-    if not path.exists():
-        pytest.skip(f"real data not found at {path}")
-    x = np.load(path)
+def beauty(real_data) -> np.ndarray:
+    x = real_data("beauty")  # conftest: found under SEMID_TEST_DATA too, as from a worktree elsewhere
     _, first = np.unique(x, axis=0, return_index=True)  # the catalogue lists a few items twice
     x = x[np.sort(first)]
     return (x - x.mean(0)).astype(np.float32)
@@ -404,6 +406,173 @@ def test_remap_needs_distances_only_when_something_collides():
         )
 
 
+# ---------------------------------------------------------------- remap keeping length L
+
+
+def ref_remap_keep_length(codes, rank_key, sizes, level_dist, taken=None) -> np.ndarray:
+    """Plain Python, one item at a time: remap within the prefix, then each item left on a full prefix (best
+    rank first) takes the nearest level L-1 code, by its own distances, whose prefix has a free last code,
+    and there the free last code nearest under that prefix. Raises LookupError where none is free."""
+    levels = len(sizes)
+    ids = ref_remap(codes, rank_key, sizes[-1], lambda r: level_dist(r, codes[r, :-1]), taken)
+    if ids.shape[1] == levels:
+        return ids
+    final, spill = ids[:, :-1].copy(), [i for i in ref_order(rank_key) if ids[i, -1] > 0]
+    used = {tuple(r) for r, s in zip(final.tolist(), ids[:, -1]) if s == 0} | set(ref_taken_slots(taken, levels))
+    for i in spill:
+        if levels == 1:
+            raise LookupError(())
+        head = tuple(codes[i, :-2].tolist())
+        d_prev = level_dist(np.array([i]), codes[[i], :-2])[0]
+        for c in sorted(range(sizes[-2]), key=lambda c: (d_prev[c], c)):
+            free = [k for k in range(sizes[-1]) if (*head, c, k) not in used]
+            if free:
+                d_last = level_dist(np.array([i]), np.array([[*head, c]]))[0]
+                final[i, -2:] = c, min(free, key=lambda k: (d_last[k], k))
+                used.add(tuple(final[i].tolist()))
+                break
+        else:
+            raise LookupError(head)
+    return final
+
+
+def hashed_level_distances(sizes):
+    """Coarse distances (ties happen) that depend on the row, the leading codes and the code."""
+    def distances(rows, leading):
+        key = rows * 31 + (leading * np.arange(1, leading.shape[1] + 1) * 17).sum(1)
+        return ((key[:, None] * 7 + np.arange(sizes[leading.shape[1]]) * 11) % 5).astype(float)
+    return distances
+
+
+def remap_at_length(codes, key, sizes, distances, taken=None, **kwargs):
+    return resolve_collisions(codes, key, "remap", codebook_sizes=sizes, taken=taken, keep_length=True,
+                              last_level_distances=lambda r: distances(r, codes[r, :-1]),
+                              level_distances=distances, **kwargs)
+
+
+CROWDED_SIZES = [(3, 4, 4), (8, 4), (2, 2, 3, 3)]
+
+
+def crowded_case(sizes, seed):
+    """18 + seed items whose codes before the last level are 0 or 1, rank keys with ties, 6 registered IDs."""
+    rng = np.random.default_rng(seed)
+    n = 18 + seed
+    codes = np.stack([rng.integers(0, 2 if j < len(sizes) - 1 else k, n) for j, k in enumerate(sizes)], 1)
+    key = np.round(rng.random(n), 1)  # rounded: ties go by row order
+    taken = np.unique(np.stack([rng.integers(0, k, 6) for k in sizes], 1), axis=0)
+    return codes, key, hashed_level_distances(sizes), taken
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("sizes", CROWDED_SIZES)
+def test_remap_at_length_l_matches_the_item_by_item_reference(sizes, seed):
+    """Random crowded cases with registered IDs: the same IDs as the plain-Python reference, or both find
+    an exhausted head. The reference chooses prefix and code item by item; semid chooses every prefix first."""
+    codes, key, distances, taken = crowded_case(sizes, seed)
+    n = len(codes)
+    try:
+        want = ref_remap_keep_length(codes, key, sizes, distances, taken)
+    except LookupError as e:
+        with pytest.raises(PrefixFullError) as got:
+            remap_at_length(codes, key, sizes, distances, taken)
+        assert got.value.codes == e.args[0]
+        return
+    ids = remap_at_length(codes, key, sizes, distances, taken)
+    np.testing.assert_array_equal(ids, want)
+    assert ids.shape == codes.shape and n_unique_rows(np.concatenate([ids, taken])) == n + len(taken)
+
+
+def test_remap_at_length_l_covers_both_outcomes():
+    """The premise of the test above: its cases spill into other prefixes, and some exhaust a head."""
+    outcomes = []
+    for sizes in CROWDED_SIZES:
+        for seed in range(12):
+            codes, key, distances, taken = crowded_case(sizes, seed)
+            try:
+                ids = ref_remap_keep_length(codes, key, sizes, distances, taken)
+                outcomes.append("spilled" if (ids[:, :-1] != codes[:, :-1]).any() else "in prefix")
+            except LookupError:
+                outcomes.append("full")
+    assert outcomes.count("spilled") >= 10 and outcomes.count("full") >= 3
+
+
+def test_an_item_of_a_full_prefix_moves_to_the_nearest_prefix_by_its_level_distances():
+    """Sizes (2, 4, 2): the prefix (0, 0) is full. Its level-1 distances rank the codes 3, 0, 1, 2."""
+    def distances(rows, leading):
+        if leading.shape[1] == 1:  # level 1: code 3 is nearest, then its own code 0 (full), then 1
+            return np.tile([1.0, 2.0, 5.0, 0.5], (len(rows), 1))
+        # last level: under the prefix (0, 3) code 0 is nearer, anywhere else code 1
+        return np.array([[0.0, 1.0] if tuple(p) == (0, 3) else [1.0, 0.0] for p in leading.tolist()])
+
+    taken = np.array([[0, 0, 0], [0, 0, 1], [0, 3, 1]])  # (0, 3) has code 0 free, so the first item goes there
+    codes = np.array([[0, 0, 1], [0, 0, 0], [0, 0, 0]])
+    ids = remap_at_length(codes, np.array([0.3, 0.1, 0.2]), (2, 4, 2), distances, taken)
+    # By rank: row 1 takes (0, 3, 0); then row 2 finds (0, 3) full and takes (0, 1) (its own 0 is full),
+    # code 1 there; row 0 then the other code of (0, 1).
+    np.testing.assert_array_equal(ids, [[0, 1, 0], [0, 3, 0], [0, 1, 1]])
+
+
+def test_remap_at_length_l_raises_by_name_where_the_head_is_full():
+    """Sizes (3, 2, 2): 4 IDs start with each first code. The registry holds all of (1, ...)."""
+    taken = np.array([[1, 0, 0], [1, 0, 1], [1, 1, 0], [1, 1, 1]])
+    distances = hashed_level_distances((3, 2, 2))
+    ids = remap_at_length(np.array([[1, 1, 0], [2, 1, 0]]), np.zeros(2), (3, 2, 2), distances, taken[:3])
+    np.testing.assert_array_equal(ids, [[1, 1, 1], [2, 1, 0]])  # room for one under (1,)
+    with pytest.raises(PrefixFullError, match=r"^collision strategy 'remap' keeps IDs at length 3, but all 4 IDs "
+                       r"that start with the codes \(1,\) \(2 x 2 codes\) are taken; train a new model with "
+                       r'collisions.strategy = "suffix" .*\(quantizer.codebook_size\)$') as e:
+        remap_at_length(np.array([[1, 1, 0], [2, 1, 0]]), np.zeros(2), (3, 2, 2), distances, taken)
+    assert isinstance(e.value, ValueError) and e.value.codes == (1,) and e.value.capacity == 4
+    with pytest.raises(PrefixFullError, match=r"all 3 IDs \(3 codes\) are taken") as e:  # L = 1: the codebook
+        remap_at_length(np.array([[0], [0]]), np.zeros(2), (3,), distances, np.array([[1], [2]]))
+    assert e.value.codes == ()
+    with pytest.raises(ValueError, match="needs level_distances"):
+        resolve_collisions(np.array([[1, 0, 0]]), np.zeros(1), "remap", codebook_sizes=(3, 2, 2), taken=taken[:2],
+                           keep_length=True, last_level_distances=lambda r: np.zeros((len(r), 2)))
+    with pytest.raises(ValueError, match="keep_length applies to collision strategy 'remap'"):
+        resolve_collisions(np.array([[1, 1, 0]]), np.zeros(1), "suffix", codebook_sizes=(3, 2, 2), keep_length=True)
+
+
+@pytest.fixture(scope="module")
+def full_prefixes(beauty) -> RealCodes:
+    """4,000 items, sizes (4, 128, 16): 60 prefixes hold more than 16 items, no first code more than 2,048."""
+    return quantize(beauty[:4000], (4, 128, 16))
+
+
+def test_a_registry_of_length_l_moves_new_items_of_full_prefixes_to_nearby_prefixes(full_prefixes):
+    """Real codes in two calls: every ID of length L, unique, old ones unchanged, as the reference says,
+    and the same in a second run."""
+    rc = full_prefixes
+    codes, key, sizes = rc.codes, rc.rank_key, rc.sizes
+    keys = np.array([f"item{i}" for i in range(len(codes))])
+    a, b = np.arange(0, len(codes), 2), np.arange(1, len(codes), 2)
+    _, per_prefix = np.unique(codes[:, :2], axis=0, return_counts=True)
+    assert (per_prefix > sizes[-1]).sum() > 20 and np.unique(codes[:, 0], return_counts=True)[1].max() <= 128 * 16
+
+    def run():
+        reg = IdRegistry()
+        out = []
+        for rows in (a, b):
+            out.append(reg.assign(keys[rows], codes[rows], key[rows], "remap", codebook_sizes=sizes,
+                                  last_level_distances=lambda r, rows=rows: rc.last_level_distances(rows[r]),
+                                  level_distances=lambda r, lead, rows=rows: rc.level_distances(rows[r], lead)))
+        return reg, out
+
+    reg, (ids_a, ids_b) = run()
+    assert reg.id_length == 3 and ids_a.shape == (len(a), 3) and ids_b.shape == (len(b), 3)
+    assert n_unique_rows(np.concatenate([ids_a, ids_b])) == len(codes)
+    np.testing.assert_array_equal(reg.lookup(keys[a])[1], ids_a)  # the second call changed no old ID
+    for rows, ids, taken in ((a, ids_a, None), (b, ids_b, ids_a)):
+        want = ref_remap_keep_length(codes[rows], key[rows], sizes, lambda r, lead: rc.level_distances(rows[r], lead),
+                                     taken)
+        np.testing.assert_array_equal(ids, want)
+    moved = (ids_b[:, :2] != codes[b, :2]).any(1)
+    assert moved.sum() > 50 and (ids_b[:, 0] == codes[b, 0]).all()  # spilled items keep their first code
+    _, (again_a, again_b) = run()
+    np.testing.assert_array_equal(again_a, ids_a)
+    np.testing.assert_array_equal(again_b, ids_b)
+
+
 # ---------------------------------------------------------------- determinism, none, detection
 
 
@@ -473,9 +642,12 @@ def test_registry_keeps_old_ids_and_gives_new_items_fresh_ones(crowded, strategy
     kwargs = dict(codebook_sizes=crowded.sizes, suffix_size=4096)
     reg = IdRegistry()
     ids_a = reg.assign(
-        keys[a], codes[a], key[a], strategy, last_level_distances=lambda r: crowded.last_level_distances(a[r]), **kwargs
+        keys[a], codes[a], key[a], strategy, last_level_distances=lambda r: crowded.last_level_distances(a[r]),
+        level_distances=lambda r, leading: crowded.level_distances(a[r], leading), **kwargs
     )
     assert n_unique_rows(ids_a) == len(a)
+    # Remap too: 16 x 16 IDs under each first code cannot hold A's items, so the first call fixes length L + 1.
+    assert reg.id_length == 4
     # Batch B mixes 50 known items (with scrambled codes: their saved ID wins) and every new one.
     mixed = np.concatenate([a[:50], b])
     scrambled = codes[mixed].copy()
@@ -486,6 +658,7 @@ def test_registry_keeps_old_ids_and_gives_new_items_fresh_ones(crowded, strategy
         key[mixed],
         strategy,
         last_level_distances=lambda r: crowded.last_level_distances(mixed[r]),
+        level_distances=lambda r, leading: crowded.level_distances(mixed[r], leading),
         **kwargs,
     )
     np.testing.assert_array_equal(ids_b[:50], ids_a[:50])
@@ -532,21 +705,32 @@ def test_registry_keys_are_strings_and_a_callers_series_stays_as_it_was():
 
 def test_registry_id_length_rule():
     def remap(reg, keys, codes, rank_key):
-        def far(rows):  # code 1 is always nearer than code 0
+        def far(rows, leading=None):  # code 1 is always nearer than code 0, at either level
             return np.tile([5.0, 0.0], (len(rows), 1))
 
         codes, rank_key = np.array(codes), np.array(rank_key)
-        return reg.assign(keys, codes, rank_key, "remap", codebook_sizes=[2, 2], last_level_distances=far)
+        return reg.assign(keys, codes, rank_key, "remap", codebook_sizes=[2, 2], last_level_distances=far,
+                          level_distances=far)
 
-    # Remap with room: length L is fixed; a suffix would not fit later.
+    # Remap: length L is fixed; a suffix would not fit later.
     reg = IdRegistry()
     ids = remap(reg, ["a", "b"], [[0, 0], [0, 0]], [0.1, 0.2])
     np.testing.assert_array_equal(ids, [[0, 0], [0, 1]])
     with pytest.raises(ValueError, match="length 3 .* holds IDs of length 2"):
         reg.assign(["c"], np.array([[1, 0]]), np.zeros(1), "suffix", codebook_sizes=[2, 2])
-    with pytest.raises(ValueError, match=r"IdRegistry\(id_length=3\)"):  # prefix 0 is full: fallback needed
-        remap(reg, ["c"], [[0, 1]], [0.0])
-    assert len(reg) == 2
+    # The prefix 0 is full: c moves to prefix 1, at length L (this used to fail, asking for id_length=3).
+    np.testing.assert_array_equal(remap(reg, ["c"], [[0, 1]], [0.0]), [[1, 1]])
+    np.testing.assert_array_equal(remap(reg, ["d"], [[0, 0]], [0.0]), [[1, 0]])
+    with pytest.raises(PrefixFullError, match=r"all 4 IDs \(2 x 2 codes\) are taken"):  # nothing left
+        remap(reg, ["e"], [[1, 1]], [0.0])
+    assert len(reg) == 4 and reg.id_length == 2
+    # A first call keeps length L by the same rule; only where no IDs of length L suffice does it fix L + 1.
+    reg = IdRegistry()
+    np.testing.assert_array_equal(remap(reg, ["a", "b", "c"], [[0, 0]] * 3, [0.1, 0.2, 0.3]), [[0, 0], [0, 1], [1, 1]])
+    reg = IdRegistry()
+    ids = remap(reg, list("abcde"), [[0, 0]] * 5, [0.1, 0.2, 0.3, 0.4, 0.5])
+    np.testing.assert_array_equal(ids, [[0, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 2], [0, 0, 3]])  # the old fallback
+    assert reg.id_length == 3
     # A registry made with room for a suffix stores remap IDs with suffix 0 and can fall back later.
     reg = IdRegistry(id_length=3)
     ids = remap(reg, ["a", "b"], [[0, 0], [0, 0]], [0.1, 0.2])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from semid.config import QuantizerConfig
-from semid.distance import nearest_code
+from semid.distance import nearest_code, pairwise_distance
 from semid.residual import ResidualQuantizer
 
 # Per-level codebook sizes of the real-data stacks: three levels of 256 as in the default config, and a
@@ -236,6 +236,29 @@ def test_unknown_prefix_has_no_centre_and_eval_forward_matches_encode() -> None:
     out = stack(probe)
     torch.testing.assert_close(out.codes, codes, rtol=0, atol=0)
     torch.testing.assert_close(out.quantized, stack.decode(codes))
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_level_distances_follow_the_given_codes_and_their_prefix_centre(distance: str) -> None:
+    """Remap ranks the codes of a prefix it moves an item to by these (semid.collisions)."""
+    x, stack, _, _ = _grouped_stack(distance)
+    codes = stack.encode(x)
+    last = stack.levels[2]
+    # Under the rows' own codes: what the levels see when encoding.
+    torch.testing.assert_close(stack.level_distances(x, codes[:, :2]), stack.last_level_distances(x))
+    torch.testing.assert_close(stack.level_distances(x, codes[:, :0]), pairwise_distance(x, stack.levels[0].codebook,
+                                                                                        distance))
+    # Under another prefix: what its codewords and its centre leave.
+    moved = torch.stack([codes[:, 0], (codes[:, 1] + 1) % 8], 1)
+    centre = stack._centre(moved)
+    assert (centre.abs().sum(-1) > 0).any()
+    residual = x - stack.levels[0].decode(moved[:, 0]) - stack.levels[1].decode(moved[:, 1]) - centre
+    dist = stack.level_distances(x, moved)
+    torch.testing.assert_close(dist, pairwise_distance(residual, last.codebook, distance))
+    if distance == "l2":  # the nearest code is the one whose ID, decoded, is nearest the item
+        errors = torch.stack([(x - stack.decode(torch.cat([moved, torch.full_like(moved[:, :1], c)], 1))).pow(2).sum(-1)
+                              for c in range(16)], 1)
+        torch.testing.assert_close(dist, errors, atol=1e-4, rtol=1e-4)
 
 
 def test_prefix_centres_survive_a_state_dict_round_trip_and_old_state_dicts_load() -> None:

@@ -103,14 +103,20 @@ def test_remap_makes_ids_unique_within_the_same_prefix(data, model_dir):
     raw = tok.encode_raw(x)
     assert collision_metrics(raw)["collision_rate"] > 0
     final = _encode(tok, x, data["ids_a"], True)
-    assert np.unique(final, axis=0).shape[0] == N_A
-    np.testing.assert_array_equal(final[:, : levels - 1], raw[:, : levels - 1])  # only the last level moves
-    assert (final[:, levels - 1] < 16).all()
-    # An item alone in its tuple keeps it, and the ID stays of length L (plus a 0 suffix at most).
+    assert final.shape == (N_A, levels) and np.unique(final, axis=0).shape[0] == N_A  # length L, always
+    # Only the last level moves, except for the items a full prefix (over 16) has no code for: they move to
+    # another level-2 code under the same first code.
+    np.testing.assert_array_equal(final[:, 0], raw[:, 0])
+    _, in_prefix, per_prefix = np.unique(raw[:, :2], axis=0, return_inverse=True, return_counts=True)
+    overflow = np.maximum(per_prefix - 16, 0)
+    left = final[:, 1] != raw[:, 1]
+    assert overflow.sum() > 0 and left.sum() == overflow.sum()  # the premise, and no other item leaves
+    assert (per_prefix[in_prefix[left]] > 16).all()
+    # An item alone in its tuple keeps it.
     _, group, counts = np.unique(raw, axis=0, return_inverse=True, return_counts=True)
     alone = counts[group] == 1
-    np.testing.assert_array_equal(final[alone, :levels], raw[alone])
-    moved = (final[:, :levels] != raw).any(axis=1)
+    np.testing.assert_array_equal(final[alone], raw[alone])
+    moved = (final != raw).any(axis=1)
     assert 0 < moved.sum() <= N_A - len(counts)
     assert tok.evaluate(_frame(x, data["ids_a"]))["unique_after"] == 1.0
 
@@ -475,6 +481,35 @@ def test_fit_numbers_hundreds_of_identical_items_within_the_suffix_bound(data, t
     assert len(_rows(ids[:400, :2])) == 1  # the identical items keep one prefix
     assert len(_rows(ids[:400, :3])) > 400 // 64  # ... and fill several of its codes
     np.testing.assert_array_equal(tok.encode(x), ids)  # and keep those IDs
+
+
+def test_remap_gives_hundreds_of_near_copies_on_a_full_prefix_ids_of_length_l(data, tiny_config, tmp_path):
+    """Remap fitted where no prefix was full saves IDs of length L. Encoding 300 noisy copies of one item
+    (more than the 16 codes of its prefix) then moves the overflow to nearby prefixes, still at length L,
+    rather than failing the whole encode for want of a suffix. Through encode_file, as `semid encode` does."""
+    fit_x = data["a"][:300]
+    tok = SemanticIdTokenizer(tiny_config({"collisions.strategy": "remap", "quantizer.codebook_size": [16, 32, 16]}))
+    fit_ids = tok.fit(fit_x).encode(fit_x)
+    # Precondition: nothing left its prefix at fit, so a length L registry was what the old rule fixed too.
+    assert tok.registry.id_length == 3
+    np.testing.assert_array_equal(fit_ids[:, :2], tok.encode_raw(fit_x)[:, :2])
+    copies = data["b"][0] + 1e-3 * data["b"].std() * np.random.default_rng(0).standard_normal((300, data["b"].shape[1]))
+    source = tmp_path / "copies.npy"
+    np.save(source, copies.astype(np.float32))
+    raw = tok.encode_raw(np.load(source))
+    assert np.unique(raw[:, :2], axis=0, return_counts=True)[1].max() > 16  # their prefix overflows
+    path = tok.save(tmp_path / "model")
+
+    def encode_copies(name: str) -> np.ndarray:
+        fresh = SemanticIdTokenizer.load(path)
+        fresh.encode_file(source, tmp_path / f"{name}.parquet", progress=False)
+        np.testing.assert_array_equal(fresh.encode(fit_x), fit_ids)  # the saved IDs stay as they were
+        return np.array(pl.read_parquet(tmp_path / f"{name}.parquet")["codes"].to_list())
+
+    ids = encode_copies("first")
+    assert ids.shape == (300, 3) and len(_rows(ids)) == 300 and not _rows(ids) & _rows(fit_ids)
+    assert (ids[:, 0] == raw[:, 0]).all() and (ids[:, 1] != raw[:, 1]).any()  # moved at level 2, kept level 1
+    np.testing.assert_array_equal(encode_copies("second"), ids)  # deterministic
 
 
 # ---- errors ---------------------------------------------------------------------------------------
