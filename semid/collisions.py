@@ -298,8 +298,8 @@ def _suffix(
         raise ValueError("overflow='remap' needs last_level_distances to choose the nearest free code")
     size, tuple_, _ = _largest_overflow(slots, new_group, taken_group, codes)
     warnings.warn(SuffixOverflowWarning(
-        f"{size} items share the code tuple {tuple_}, more than suffix_size={suffix_size} can number: the "
-        f"{int(over.sum())} items ranked beyond the suffix bound of their tuple move to the nearest free "
+        f"{size} items share the code tuple {tuple_}, more than suffix_size={suffix_size} can number; over all "
+        f"such crowded tuples, the {int(over.sum())} items ranked beyond the suffix bound move to the nearest free "
         "last-level code of their prefix, as collision strategy 'remap' does. Set the collision strategy to "
         "'remap' or the suffix size above the largest tuple to choose yourself (collisions.strategy, "
         "collisions.suffix_size)."
@@ -584,6 +584,11 @@ class IdRegistry:
 
     def __len__(self) -> int:
         return len(self._keys)
+
+    @property
+    def keys(self) -> pl.Series:
+        """The registered item keys, in registration order."""
+        return self._keys
 
     def lookup(self, keys: Sequence[str] | pl.Series) -> tuple[np.ndarray, np.ndarray]:
         """(known (n,) bool, ids (n, id_length) int64 with rows of -1 for unknown keys)."""

@@ -74,6 +74,9 @@ def row_digests(x: np.ndarray) -> list[str]:
     return [hashlib.blake2b(row.tobytes(), digest_size=12).hexdigest() for row in np.ascontiguousarray(x)]
 
 
+_CONTENT_KEY = r"^[0-9a-f]{24}#\d+$"  # what content_keys makes
+
+
 def content_keys(digests: Sequence[str] | pl.Series) -> pl.Series:
     """Item keys from row digests; the k-th repeat of identical rows gets '#k', so keys are unique."""
     frame = pl.DataFrame({"d": digests}, schema={"d": pl.String})
@@ -109,6 +112,10 @@ def _weights_problem(exc: Exception) -> str:
     if "Weights only load failed" in text:
         return "it holds Python objects, not only tensors (semid writes tensors only)"
     return " ".join(text.split())[:400]
+
+
+class UnnamedItemsWarning(UserWarning):
+    """Rows without ids given to a model whose registry knows its items by id (see `_content_keys`)."""
 
 
 class HeavyTailWarning(UserWarning):
@@ -236,7 +243,7 @@ class SemanticIdTokenizer:
         keys, codes, ranks = pl.concat(key_parts, rechunk=False), np.concatenate(code_parts), np.concatenate(rank_parts)
         del key_parts, code_parts, rank_parts
         if is_npy:
-            item_ids, keys = pl.int_range(n, eager=True).alias("item_id"), content_keys(keys)
+            item_ids, keys = pl.int_range(n, eager=True).alias("item_id"), self._content_keys(keys)
         else:
             check_unique_ids(keys)  # each batch was checked alone; this catches repeats across batches
             item_ids = keys.alias("item_id").cast(parquet_column_type(path, id_col))
@@ -416,8 +423,22 @@ class SemanticIdTokenizer:
             frame_ids = validate_ids(ids)
             if len(frame_ids) != len(emb):
                 raise InputError(f"got {len(frame_ids)} ids for {len(emb)} embeddings")
-        keys = pl.Series("key", frame_ids) if frame_ids is not None else content_keys(row_digests(emb))
+        keys = pl.Series("key", frame_ids) if frame_ids is not None else self._content_keys(row_digests(emb))
         return keys, emb
+
+    def _content_keys(self, digests: Sequence[str] | pl.Series) -> pl.Series:
+        """Keys of rows that come without ids. A registry of items known by id has none of these keys, so
+        every such row would be a new item and get a new ID, known items included: that deserves a warning.
+        Keys are in registration order, so content keys registered after named ones are in the tail."""
+        keys = self.registry.keys
+        sample = pl.concat([keys.head(100), keys.tail(100)])
+        if len(sample) and not sample.str.contains(_CONTENT_KEY).any():
+            warnings.warn(UnnamedItemsWarning(
+                "this model's registry knows its items by id, and these rows come without ids: each is keyed by its "
+                "embedding instead, so an item it knows gets a new ID here; pass the ids (ids=, or a parquet with "
+                "an id column) to give known items their saved IDs"
+            ), stacklevel=3)
+        return content_keys(digests)
 
     def _row_blocks(self, emb: np.ndarray) -> Iterator[torch.Tensor]:
         """Row blocks of a float32 matrix as tensors on the model's device.

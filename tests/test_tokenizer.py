@@ -428,7 +428,7 @@ def test_evaluate_reports_every_design_metric(data, model_dir):
 
 
 def test_evaluate_shows_the_neighbour_search_bar_when_training_shows_one(data, model_dir, capsys):
-    tok = SemanticIdTokenizer.load(model_dir("suffix", True))
+    tok = SemanticIdTokenizer.load(model_dir("suffix", False))
     assert tok.config.train.progress is False  # the tiny config
     quiet = tok.evaluate(data["a"])
     assert "neighbours" not in capsys.readouterr().err
@@ -590,3 +590,19 @@ def test_fit_warns_when_a_few_items_hold_most_of_the_variance(data, tiny_config)
     with warnings.catch_warnings():  # batches drawn by norm are the remedy the warning names
         warnings.simplefilter("error", HeavyTailWarning)
         SemanticIdTokenizer(config.with_overrides({"train.norm_sampling": 0.5})).fit(heavy)
+
+
+def test_rows_without_ids_on_a_model_that_knows_its_items_by_id_are_warned(data, model_dir):
+    from semid.tokenizer import UnnamedItemsWarning
+
+    named = SemanticIdTokenizer.load(model_dir("suffix", True))
+    with pytest.warns(UnnamedItemsWarning, match="pass the ids"):
+        named.encode(data["a"][:10])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnnamedItemsWarning)
+        named.encode(data["a"][:10])  # those rows are registered now, by content: no warning
+        named.encode(_frame(data["a"][:10], data["ids_a"][:10]))
+        SemanticIdTokenizer.load(model_dir("suffix", False)).encode(data["a"][:10])  # a model of unnamed rows
+
