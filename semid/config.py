@@ -172,7 +172,7 @@ class TrainConfig:
         _positive("train.steps", self.steps)
         _in_range("train.min_epochs", self.min_epochs, note=" (0 turns it off)")
         _in_range("train.max_steps", self.max_steps, note=" (0: no bound)")
-        _positive("train.lr", self.lr)
+        _in_range("train.lr", self.lr, note=" (0 freezes the weights)")
         _in_range("train.norm_sampling", self.norm_sampling, 0, 1, high_open=False)
         _in_range("train.weight_decay", self.weight_decay)
         _in_range("train.warmup_steps", self.warmup_steps)

@@ -99,10 +99,22 @@ def registry_lock(model_dir: str | os.PathLike) -> Iterator[None]:
     """Hold the model directory's registry lock: one process at a time reads, extends and saves the registry.
 
     Advisory (flock), released when the process exits however it exits; re-entrant within a process, so
-    `save_registry` can take it inside a caller that already holds it. A no-op where flock is missing.
+    `save_registry` can take it inside a caller that already holds it. A no-op where flock is missing, and
+    in a directory this process cannot write (a model baked into a read-only image): encoding items it
+    already knows needs no lock there, and saving new ones fails on its own with the reason.
     """
     root = Path(model_dir).absolute()
-    if fcntl is None or root in _held:
+    if not root.is_dir():
+        raise ModelDirError(f"model directory not found: {model_dir}")
+    handle = None
+    if fcntl is not None and root not in _held:
+        try:
+            handle = open(root / _LOCK_NAME, "a")
+        except OSError:
+            pass
+    with handle or contextlib.nullcontext():
+        if handle is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the handle closes
         _held[root] = _held.get(root, 0) + 1
         try:
             yield
@@ -110,17 +122,6 @@ def registry_lock(model_dir: str | os.PathLike) -> Iterator[None]:
             _held[root] -= 1
             if not _held[root]:
                 del _held[root]
-        return
-    if not root.is_dir():
-        raise ModelDirError(f"model directory not found: {model_dir}")
-    with open(root / _LOCK_NAME, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        _held[root] = 1
-        try:
-            yield
-        finally:
-            del _held[root]
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def file_stamp(path: Path) -> list[int] | None:

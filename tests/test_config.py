@@ -54,7 +54,6 @@ BAD_VALUES = [
     ("train.min_epochs", INF),
     ("train.max_steps", -1),
     ("train.lr", -1.0),
-    ("train.lr", 0.0),
     ("train.lr", NAN),
     ("train.lr", INF),
     ("train.norm_sampling", NAN),
@@ -98,6 +97,7 @@ GOOD_VALUES = [
     ("quantizer.gumbel_tau_end", 1.0),  # equal to the start: a constant temperature
     ("quantizer.gumbel_tau_decay", 1.0),
     ("train.seed", -1),
+    ("train.lr", 0.0),  # frozen weights: the early-stopping tests train with it
     ("train.min_epochs", 0),
     ("train.max_steps", 0),
     ("train.norm_sampling", 1.0),

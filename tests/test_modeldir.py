@@ -209,3 +209,14 @@ def test_damaged_model_files_are_named_with_the_reason(model, damage, message):
     with pytest.raises(ModelDirError, match=message) as info:
         SemanticIdTokenizer.load(model)
     assert "weights_only=False" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_encode_of_known_items_works_where_the_lock_cannot_be_created(items, model, tmp_path, capsys):
+    """A model directory the process cannot write (here: the lock's name taken by a directory) still encodes."""
+    (model / ".registry.lock").mkdir()
+    ids, x = items
+    known = tmp_path / "known.parquet"
+    _frame(ids[:50], x[:50]).write_parquet(known)
+    assert main(["encode", "--model", str(model), "--data", str(known), "--out", str(tmp_path / "ids.parquet")]) == 0
+    assert "(0 new)" in capsys.readouterr().out
+
