@@ -120,7 +120,7 @@ def test_meaningful_edge_value_is_accepted(key, value):
 def test_bad_value_in_a_file_is_rejected_naming_the_key(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("[train]\nlr = -1.0\n")
-    with pytest.raises(ConfigError, match=r"train.lr must be > 0, got -1.0"):
+    with pytest.raises(ConfigError, match=r"train.lr must be >= 0 \(0 freezes the weights\), got -1.0"):
         SemidConfig.load(path)
 
 
