@@ -28,10 +28,11 @@ uses remapping for its uniqueness loss) runs where polars is not installed.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from enum import Enum
 from pathlib import Path
 
@@ -589,6 +590,19 @@ class IdRegistry:
     def keys(self) -> pl.Series:
         """The registered item keys, in registration order."""
         return self._keys
+
+    @contextlib.contextmanager
+    def provisional(self) -> Iterator[IdRegistry]:
+        """Assignments made inside are undone on exit: the IDs new items would get, without registering them.
+
+        Registering only ever replaces the key column and ID array by longer copies, so the ones held here
+        are the registry as it was.
+        """
+        saved = self._keys, self._ids, self.id_length, self._sorted
+        try:
+            yield self
+        finally:
+            self._keys, self._ids, self.id_length, self._sorted = saved
 
     def lookup(self, keys: Sequence[str] | pl.Series) -> tuple[np.ndarray, np.ndarray]:
         """(known (n,) bool, ids (n, id_length) int64 with rows of -1 for unknown keys)."""

@@ -292,7 +292,8 @@ class SemanticIdTokenizer:
     def evaluate(self, x: Any, ids: Sequence[str] | None = None, *, sequences: Sequence[np.ndarray] | None = None,
                  id_col: str | None = "item_id", emb_col: str = "embedding",
                  progress: bool | None = None) -> dict[str, Any]:
-        """Every DESIGN.md metric on these items; final IDs come from the registry (registering new items).
+        """Every DESIGN.md metric on these items. Final IDs come from the registry; new items get the IDs
+        `encode` would give them, but are not registered: measuring a model leaves it as it was.
 
         The neighbour search behind prefix_agreement runs on the model's device: for 500k items it is 19 TFLOP
         in fp32, minutes on a laptop CPU and seconds on a GPU. `progress` shows a bar for it, by default when
@@ -303,7 +304,8 @@ class SemanticIdTokenizer:
         keys, emb = self._items(x, ids, id_col, emb_col)
         raw = self._raw(emb)
         codes = raw[0]
-        final = self._assign(keys, emb, raw)
+        with self.registry.provisional():
+            final = self._assign(keys, emb, raw)
         report = evaluate_codes(emb, self.decode(codes), codes, self._fitted().codebook_sizes,
                                 final_ids=final, sequences=sequences, device=self._device(), progress=progress)
         report["collision_strategy"] = self.config.collisions.strategy

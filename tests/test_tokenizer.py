@@ -606,3 +606,14 @@ def test_rows_without_ids_on_a_model_that_knows_its_items_by_id_are_warned(data,
         named.encode(_frame(data["a"][:10], data["ids_a"][:10]))
         SemanticIdTokenizer.load(model_dir("suffix", False)).encode(data["a"][:10])  # a model of unnamed rows
 
+
+def test_evaluate_scores_new_items_without_registering_them(data, model_dir):
+    tok = SemanticIdTokenizer.load(model_dir("suffix", True))
+    before = len(tok.registry)
+    new = _frame(data["b"][:200], data["ids_b"][:200])
+    report = tok.evaluate(new)
+    assert len(tok.registry) == before and not tok.registry.lookup(data["ids_b"][:1])[0].any()
+    ids = tok.encode(new)  # what encode then gives them is what evaluate scored
+    assert report["unique_after"] == len(_rows(ids)) / 200 == 1.0
+    assert len(tok.registry) == before + 200
+
