@@ -259,7 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = one_line_warning
             return args.func(args)
     except KeyboardInterrupt:
-        print("semid: interrupted", file=sys.stderr)
+        checkpoint = getattr(args, "checkpoint", None)
+        left = f"; the checkpoint {checkpoint} resumes it (--resume)" if checkpoint and Path(checkpoint).exists() else ""
+        print(f"\nsemid {args.command}: interrupted{left}", file=sys.stderr)
         return 130
     except Exception as exc:  # one line for the user; --debug for the traceback
         if args.debug:

@@ -24,6 +24,9 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
 
 
+# LLM tokens name each position of an ID by a letter (semid.export.LEVEL_PREFIXES, a-z): L levels and a suffix.
+MAX_LEVELS = 25
+
 @dataclass
 class ModelConfig:
     # "rqvae": encoder -> residual quantizer -> decoder. "rqkmeans": the quantizer alone on the raw input.
@@ -91,7 +94,7 @@ class QuantizerConfig:
     def __post_init__(self) -> None:
         _choice("quantizer.distance", self.distance, ("l2", "cosine"))
         _choice("quantizer.forward", self.forward, ("ste", "rotation", "gumbel"))
-        _positive("quantizer.levels", self.levels)
+        _in_range("quantizer.levels", self.levels, 1, MAX_LEVELS, high_open=False)
         sizes = self.sizes()
         if len(sizes) != self.levels:
             raise ConfigError(f"quantizer.codebook_size lists {len(sizes)} sizes for {self.levels} levels")
@@ -159,7 +162,7 @@ class TrainConfig:
     # this many more steps on the quantized latents of the final codes, from the rate training ended with
     # down to zero. The encoder and the codes do not change. 0 turns it off.
     decoder_refit_steps: int = 200
-    checkpoint_every: int = 0  # write a resumable checkpoint every N steps (needs a checkpoint path); 0 = never
+    checkpoint_every: int = 0  # write a resumable checkpoint every N steps (needs a checkpoint path); 0 = at evaluations
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -181,7 +184,7 @@ class TrainConfig:
         _in_range("train.uniqueness_weight", self.uniqueness_weight, note=" (0 turns it off)")
         _positive("train.uniqueness_every", self.uniqueness_every)
         _in_range("train.decoder_refit_steps", self.decoder_refit_steps, note=" (0 turns it off)")
-        _in_range("train.checkpoint_every", self.checkpoint_every, note=" (0: never)")
+        _in_range("train.checkpoint_every", self.checkpoint_every, note=" (0: at every evaluation)")
         if self.max_steps and self.max_steps < self.steps:
             raise ConfigError(f"train.max_steps ({self.max_steps}) must be 0 or at least train.steps ({self.steps})")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -84,7 +85,8 @@ def _draw_groups(ax: Any, group_sizes: np.ndarray, n: int, collisions: dict[str,
 
 
 def plot_codebook_usage(codes: np.ndarray, codebook_sizes: Sequence[int] | int, path: str | os.PathLike) -> None:
-    """Write a PNG: per level the sorted code-usage curve, plus the tuple group-size distribution.
+    """Write a figure (PNG, or the format the path's suffix names: .pdf, .svg): per level the sorted
+    code-usage curve, plus the tuple group-size distribution.
 
     codes: (N, L) integer codes before collision handling; codebook_sizes: K per level, or one K for all.
     Raises ValueError for malformed codes or codes outside [0, K), ImportError without matplotlib.
@@ -99,4 +101,5 @@ def plot_codebook_usage(codes: np.ndarray, codebook_sizes: Sequence[int] | int, 
     _draw_groups(axes[-1], _row_group_counts(codes_np), n, collision_metrics(codes_np))
     fig.suptitle(f"Codebook usage: {n} items, {levels} levels", fontsize=12)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    image_format = Path(path).suffix.lstrip(".").lower() or "png"  # savefig refuses a format it cannot write
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=image_format, dpi=110))

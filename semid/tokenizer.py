@@ -153,6 +153,9 @@ class SemanticIdTokenizer:
     ) -> "SemanticIdTokenizer":
         """Train on the items and give each of them its final ID.
 
+        Fitting starts a new model and a new registry: a fitted or loaded tokenizer forgets the IDs it held
+        (their directory keeps them), and `save` writes the new model to a directory of its own.
+
         `checkpoint` names a resumable training checkpoint (written every `train.checkpoint_every` steps);
         with resume=True training continues from it. A code tuple with more items than
         collisions.suffix_size can number does not lose the training: its extra items are remapped, with a
@@ -188,6 +191,7 @@ class SemanticIdTokenizer:
             "final": trainer.state.final,
         }
         self.registry = IdRegistry()
+        self._registry_source = None  # a new model: no saved directory's registry is this one
         try:
             self._assign(keys, emb)
         except SuffixOverflowError as e:
@@ -342,15 +346,22 @@ class SemanticIdTokenizer:
     def save_registry(self, path: str | os.PathLike) -> None:
         """Update only the registry of a saved model directory (after encoding new items), atomically.
 
-        Refused when the registry there changed since this tokenizer loaded or saved it: another process
-        has registered items meanwhile, and writing this copy would drop them while both had handed out
-        IDs. Under `registry_lock` (as `semid encode` holds it) that cannot happen.
+        Refused unless this tokenizer was loaded from that directory or last saved there, and fitted on
+        nothing since (a fit starts a new registry, which belongs with the new weights, not the saved ones);
+        and refused when the registry there changed since: another process has registered items meanwhile,
+        and writing this copy would drop them while both had handed out IDs. Under `registry_lock` (as
+        `semid encode` holds it) that cannot happen.
         """
         root = Path(path).absolute()
         file = root / "registry.parquet"
         with registry_lock(root):
             source, stamp = self._registry_source or (None, None)
-            if source == root and file_stamp(file) != stamp:
+            if source != root:
+                raise ModelDirError(
+                    f"{path} holds another model than this tokenizer (it was not loaded from there, or was fitted "
+                    "since): its registry belongs with its own weights; save(path, overwrite=True) replaces the model"
+                )
+            if file_stamp(file) != stamp:
                 raise ModelDirError(
                     f"the registry in {path} changed since this tokenizer loaded it (another encode?); nothing was "
                     "written: load the model again and encode these items anew"

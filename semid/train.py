@@ -161,6 +161,8 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.x = x.to(self.device, dtype=torch.float32)
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        # A path without train.checkpoint_every still gets checkpoints: at every evaluation (else at the end).
+        self.checkpoint_every = config.train.checkpoint_every or config.train.eval_every or config.train.steps
         torch.manual_seed(config.train.seed)
         self.model = RQVAE(x.shape[1], config.model, config.quantizer).to(self.device)
         # Identical initial weights on every rank (and DDP broadcasts rank 0's anyway); dropout and Gumbel noise
@@ -322,6 +324,9 @@ class Trainer:
         started = time.perf_counter()
         if resume:
             self.load_checkpoint()
+        elif self.checkpoint_path is not None and self.checkpoint_path.exists():
+            raise ValueError(f"training checkpoint {self.checkpoint_path} already exists: resume it (--resume, "
+                             "resume=True), or remove it to start a new run")
         else:
             self.initialize()
             self.state.init_seconds = time.perf_counter() - started
@@ -358,7 +363,7 @@ class Trainer:
                                          self.ranks):
                     bar.update(1)
                     break
-            if t.checkpoint_every and self.checkpoint_path and self.state.step % t.checkpoint_every == 0:
+            if self.checkpoint_path and self.state.step % self.checkpoint_every == 0:
                 self.save_checkpoint()
             bar.update(1)
             if t.progress and (step % 25 == 0 or done):
@@ -547,6 +552,10 @@ class Trainer:
         if payload["format"] != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is a {payload['format']} checkpoint; this semid reads {CHECKPOINT_FORMAT} "
                              "(finish that run with the semid that started it, or train anew)")
+        changed = _config_changes(payload["config"], self.config.to_dict())
+        if changed:
+            raise ValueError(f"{path} was written by a run with another config ({', '.join(changed)}); resume with "
+                             "the config it started with")
         data = payload["data"]
         if data["shape"] != list(self.x.shape) or data["sha256"] != self.data_fingerprint:
             raise ValueError(f"{path} was written while training on other data ({data['shape']} rows x dims, "
@@ -567,6 +576,17 @@ class Trainer:
         torch.set_rng_state(torch_rngs[self.ranks.rank].cpu())
         if cuda_rngs[self.ranks.rank] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(cuda_rngs[self.ranks.rank].cpu(), self.device)
+
+
+# Keys that change how a run is watched or where it runs, not what it computes.
+_RESUMABLE_CHANGES = {"train.progress", "train.device", "train.checkpoint_every"}
+
+
+def _config_changes(saved: dict[str, dict[str, Any]], current: dict[str, dict[str, Any]]) -> list[str]:
+    """`section.key: saved -> current` for every key that differs, but for those a resume may change."""
+    return [f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
+            for section, values in current.items() for key, value in values.items()
+            if f"{section}.{key}" not in _RESUMABLE_CHANGES and saved.get(section, {}).get(key) != value]
 
 
 class _LearningRate:

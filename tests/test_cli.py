@@ -367,3 +367,18 @@ def test_the_files_the_command_ships_with_go_into_the_wheel():
         package = shipped[Path(path.parent.name)]
         assert package in setuptools["packages"]
         assert any(fnmatch.fnmatch(path.name, glob) for glob in setuptools["package-data"][package]), path
+
+
+def test_an_interrupted_command_names_itself_and_the_checkpoint_it_left(tmp_path, monkeypatch, capsys):
+    import semid.cli
+
+    checkpoint = tmp_path / "train.ckpt"
+    checkpoint.write_bytes(b"a checkpoint")
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(semid.cli, "cmd_train", interrupted)
+    args = ["train", "--data", "x.npy", "--out", str(tmp_path / "m"), "--checkpoint", str(checkpoint)]
+    assert semid.cli.main(args) == 130
+    assert capsys.readouterr().err == f"\nsemid train: interrupted; the checkpoint {checkpoint} resumes it (--resume)\n"

@@ -130,3 +130,15 @@ def test_every_shipped_config_loads():
     for path in paths:
         config = SemidConfig.load(path)
         assert SemidConfig.from_dict(config.to_dict()) == config, path.name
+
+
+def test_levels_stop_where_token_names_do():
+    """Every position of an ID, a suffix included, needs a token letter: a deeper model could not be encoded."""
+    from semid.config import MAX_LEVELS
+    from semid.export import LEVEL_PREFIXES
+
+    assert MAX_LEVELS + 1 == len(LEVEL_PREFIXES)
+    SemidConfig().with_overrides({"quantizer.levels": MAX_LEVELS, "quantizer.codebook_size": 2})
+    with pytest.raises(ConfigError, match=r"quantizer.levels must be in \[1, 25\], got 26"):
+        SemidConfig().with_overrides({"quantizer.levels": MAX_LEVELS + 1, "quantizer.codebook_size": 2})
+

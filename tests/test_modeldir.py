@@ -220,3 +220,16 @@ def test_encode_of_known_items_works_where_the_lock_cannot_be_created(items, mod
     assert main(["encode", "--model", str(model), "--data", str(known), "--out", str(tmp_path / "ids.parquet")]) == 0
     assert "(0 new)" in capsys.readouterr().out
 
+
+def test_a_refitted_tokenizer_cannot_save_its_registry_over_the_old_model(items, model):
+    ids, x = items
+    tok = SemanticIdTokenizer.load(model)
+    before = (model / "registry.parquet").read_bytes()
+    tok.fit(x[N_FIT : 2 * N_FIT], ids=ids[N_FIT : 2 * N_FIT])
+    with pytest.raises(ModelDirError, match="holds another model than this tokenizer"):
+        tok.save_registry(model)
+    fresh = SemanticIdTokenizer(tok.config)
+    with pytest.raises(ModelDirError, match="holds another model"):
+        fresh.save_registry(model)
+    assert (model / "registry.parquet").read_bytes() == before
+

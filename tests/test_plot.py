@@ -106,3 +106,13 @@ def test_missing_matplotlib_names_the_extra(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import now raises ImportError
     with pytest.raises(ImportError, match=r"pip install 'semid\[plot\]'"):
         plot_codebook_usage(_random_codes(10, [4]), 4, tmp_path / "x.png")
+
+
+def test_the_suffix_picks_the_format(tmp_path: Path) -> None:
+    codes = _random_codes(200, [8, 8])
+    plot_codebook_usage(codes, 8, tmp_path / "u.pdf")
+    plot_codebook_usage(codes, 8, tmp_path / "u.svg")
+    plot_codebook_usage(codes, 8, tmp_path / "u")  # no suffix: PNG
+    assert (tmp_path / "u.pdf").read_bytes()[:5] == b"%PDF-"
+    assert b"<svg" in (tmp_path / "u.svg").read_bytes()[:400]
+    assert _png_size(tmp_path / "u")[0] > 0

@@ -206,6 +206,21 @@ def test_a_checkpoint_resumes_only_on_the_data_it_was_written_with(real_data, ti
     Trainer(config, x.clone(), checkpoint_path=ckpt).fit(resume=True)  # the same rows resume
 
 
+def test_checkpoints_are_never_silently_replaced_or_resumed_with_another_config(real_data, tiny_config, tmp_path):
+    x = _x(real_data)
+    config = tiny_config({"train.steps": 20, "train.eval_every": 10})  # no train.checkpoint_every
+    ckpt = tmp_path / "train.ckpt"
+    Trainer(config, x, checkpoint_path=ckpt).fit()
+    assert torch.load(ckpt, weights_only=True)["state"]["step"] == 20  # a path alone checkpoints at evaluations
+    with pytest.raises(ValueError, match="already exists: resume it"):
+        Trainer(config, x, checkpoint_path=ckpt).fit()
+    changed = config.with_overrides({"train.lr": 0.5, "train.seed": 5})
+    with pytest.raises(ValueError, match=r"another config \(train.seed: 0 -> 5, train.lr: 0.003 -> 0.5\)"):
+        Trainer(changed, x, checkpoint_path=ckpt).fit(resume=True)
+    watched = config.with_overrides({"train.progress": True, "train.checkpoint_every": 5})
+    Trainer(watched, x, checkpoint_path=ckpt).fit(resume=True)  # how a run is watched may change
+
+
 # ---- best weights and early stopping ----------------------------------------------------------
 
 
