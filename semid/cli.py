@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     from semid.tokenizer import SemanticIdTokenizer
 
 
-
 def _shipped(package_dir: str, source_dir: str, name: str) -> Path:
     """A file that ships with semid: package data of an installed wheel, else the source tree's own copy
     (pyproject.toml maps the repository's configs/ and data/ into the package)."""

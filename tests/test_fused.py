@@ -6,7 +6,6 @@ CUDA test checks the compiled kernel where a GPU is present.
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
