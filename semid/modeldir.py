@@ -50,10 +50,8 @@ def check_save_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
     target = Path(path).absolute()
     if Path.cwd().is_relative_to(target):
         raise ModelDirError(f"{path} is the current directory or one above it; name a new directory to save into")
-    if target.exists():
-        if target.is_dir() and not any(target.iterdir()):
-            pass
-        elif is_model_dir(target):
+    if target.exists() and not (target.is_dir() and not any(target.iterdir())):  # an empty directory is free
+        if is_model_dir(target):
             if not overwrite:
                 raise ModelDirError(
                     f"{path} already holds a semid model, whose registry records the IDs it handed out; replace "

@@ -388,7 +388,8 @@ class SemanticIdTokenizer:
             raise ModelDirError(f"{root}/meta.json is incomplete: it has no input_dim")
         # Models saved before the digest existed have none; any other mismatch means the file is not the
         # one the weights were trained with, and loading it would build another architecture or encoder.
-        if meta.get("config_sha256", _sha256(root / "config.toml")) != _sha256(root / "config.toml"):
+        config_digest = _sha256(root / "config.toml")
+        if meta.get("config_sha256", config_digest) != config_digest:
             raise ModelDirError(f"{root}/config.toml is not the config this model was saved with (edited or truncated)")
         config = SemidConfig.load(root / "config.toml")
         if device is not None:
