@@ -420,7 +420,8 @@ def evaluate_codes(
     codes are the tuples before collision handling; final_ids the IDs after it (defaults to codes, as
     with the `none` strategy). `sequence_prefix_agreement` is computed on the first L columns of the
     final IDs and is present only when sequences are given. `device` and `progress` are those of the
-    neighbour search behind prefix_agreement, the one metric whose cost grows as N^2.
+    neighbour search behind prefix_agreement, the one metric whose cost grows as N^2. For a single
+    item, fvu and prefix_agreement are NaN (undefined) and the rest of the report stands.
     """
     codes_np = _code_matrix(codes)
     n, levels = codes_np.shape
@@ -430,8 +431,11 @@ def evaluate_codes(
         raise ValueError(f"final_ids have {final_np.shape[1]} columns but codes have {levels} levels")
 
     recon = reconstruction_metrics(x, x_hat)
-    agreement, sampled = prefix_agreement(x, codes_np, max_items=max_items, seed=seed, device=device,
-                                          progress=progress)
+    if n < 2:  # a single item has no neighbours: undefined, like its fvu, rather than failing the report
+        agreement, sampled = [float("nan")] * levels, False
+    else:
+        agreement, sampled = prefix_agreement(x, codes_np, max_items=max_items, seed=seed, device=device,
+                                              progress=progress)
     report: dict[str, Any] = {
         "n_items": n,
         **recon,

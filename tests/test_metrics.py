@@ -464,6 +464,18 @@ def test_evaluate_codes_combines_the_metrics(ml100k):
     assert without["id_length"] == 3
 
 
+def test_evaluate_codes_of_a_single_item_reports_the_undefined_metrics_as_nan(ml100k):
+    x, x_hat, codes = ml100k
+    report = evaluate_codes(x[:1], x_hat[:1], codes[:1], 16)
+    assert set(report) == REPORT_KEYS and report["n_items"] == 1
+    assert math.isnan(report["fvu"]) and all(math.isnan(v) for v in report["prefix_agreement"])
+    assert len(report["prefix_agreement"]) == codes.shape[1] and report["prefix_agreement_sampled"] is False
+    assert report["collision_rate"] == 0.0 and report["mse"] == reconstruction_metrics(x[:1], x_hat[:1])["mse"]
+    assert "nan" in format_report(report)
+    with pytest.raises(ValueError, match="at least 2 items"):  # asked for by itself, it still says why
+        prefix_agreement(x[:1], codes[:1])
+
+
 def test_evaluate_codes_on_beauty_is_finite_and_complete():
     x = _load("beauty")
     codes, x_hat = _residual_codes(x, [256, 256, 256])
