@@ -615,6 +615,28 @@ class IdRegistry:
         ids[known] = self._ids[rows[known]]
         return known, ids
 
+    def keys_for(self, ids: np.ndarray) -> pl.Series:
+        """The key each ID (n, id_length) was given to, in order: a String Series, null for an ID no item holds.
+
+        The inverse of `lookup`, for what a generative model emits. One join over the registry, so a batch of
+        generated IDs costs one pass, not a search per ID. Under collision strategy "none" an ID can belong
+        to several items; the first registered of them is returned.
+        """
+        import polars as pl
+
+        ids = np.asarray(ids)
+        if ids.ndim != 2 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise ValueError(f"ids must be a 2-D integer matrix (items x tokens), got {ids.dtype} of shape {ids.shape}")
+        if len(self) and ids.shape[1] != self.id_length:
+            raise ValueError(f"ids have {ids.shape[1]} tokens but this registry's IDs have {self.id_length}")
+        if len(self) == 0:
+            return pl.Series("key", [None] * len(ids), dtype=pl.String)
+        columns = [f"c{j}" for j in range(ids.shape[1])]
+        table = pl.DataFrame({**dict(zip(columns, self._ids.T)), "key": self._keys})
+        table = table.unique(subset=columns, keep="first", maintain_order=True)
+        query = pl.DataFrame(dict(zip(columns, ids.astype(np.int64, copy=False).T))).with_row_index("row")
+        return query.join(table, on=columns, how="left").sort("row")["key"]
+
     def _rows(self, keys: pl.Series) -> np.ndarray:
         """The registry row of each key, -1 where the key is unknown: (n,) int64, by binary search."""
         rows = np.full(len(keys), -1, dtype=np.int64)

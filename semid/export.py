@@ -3,7 +3,8 @@
 A generative recommender reads IDs either as token strings (one vocabulary entry per level and
 code, so that code 7 at level 1 and code 7 at level 2 are different tokens) or as plain strings that
 name an item. Constrained decoding additionally needs the prefix trie: at every step, which tokens
-can follow what has been generated so far without leaving the catalogue.
+can follow what has been generated so far without leaving the catalogue. What the model generates comes
+back through the parsers, as ID rows that `SemanticIdTokenizer.items_for` turns into items.
 
 All builders work column-wise (polars string concatenation, one sort for the trie) rather than per
 item, so catalogues of millions of IDs stay cheap.
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +60,65 @@ def token_strings(ids: np.ndarray, prefixes: str = LEVEL_PREFIXES) -> list[str]:
 def semantic_id_strings(ids: np.ndarray) -> list[str]:
     """One dash-joined string per item, e.g. [12, 201, 7, 0] -> "12-201-7-0" (the `semantic_id` column)."""
     return _concat_columns(_as_id_matrix(ids), lambda j, col: [col], separator="-")
+
+
+def _string_series(strings: Sequence[str] | pl.Series, what: str) -> pl.Series:
+    series = strings if isinstance(strings, pl.Series) else pl.Series(what, list(strings), dtype=pl.String)
+    if series.dtype != pl.String:
+        raise ValueError(f"{what} must be strings, got {series.dtype}")
+    return series
+
+
+def _parsed(series: pl.Series, codes: pl.Series, what: str, example: str) -> np.ndarray:
+    """The (n, w) int64 rows of `codes` (a list of digit strings per row, null where a row is malformed)."""
+    bad = codes.is_null().to_numpy()
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise ValueError(f"{what}: row {row} ({series[row]!r}) is not of the form {example}"
+                         f"{f' ({int(bad.sum())} such rows)' if bad.sum() > 1 else ''}")
+    widths = codes.list.len().to_numpy()
+    if widths.size and (widths != widths[0]).any():
+        row = int(np.argmax(widths != widths[0]))
+        raise ValueError(f"{what}: row {row} ({series[row]!r}) has {widths[row]} codes but row 0 has {widths[0]}; "
+                         "every ID has the same length")
+    width = int(widths[0]) if widths.size else 0
+    flat = codes.explode().cast(pl.Int64, strict=False)  # a code too large for int64 becomes null
+    if flat.is_null().any():
+        row = int(np.argmax(flat.is_null().to_numpy())) // max(width, 1)
+        raise ValueError(f"{what}: row {row} ({series[row]!r}) holds a code too large for a 64-bit integer")
+    return flat.to_numpy().reshape(len(series), width)
+
+
+def parse_token_strings(strings: Sequence[str] | pl.Series, prefixes: str = LEVEL_PREFIXES) -> np.ndarray:
+    """(n, w) int64 IDs from token strings, the inverse of `token_strings`: "<a_12><b_201><c_7><d_0>" -> [12, 201,
+    7, 0].
+
+    For what a generative model emits: whitespace between tokens (as detokenisers insert) is allowed, but
+    the tokens must carry the level letters in order from the first, so a sequence that skips or repeats
+    a level is refused rather than read as another item's ID. Every string must hold the same number of
+    tokens; ValueError names the first row that does not parse.
+    """
+    series = _string_series(strings, "token strings")
+    if len(series) == 0:
+        return np.zeros((0, 0), dtype=np.int64)
+    stripped = series.str.replace_all(r"\s+", "")
+    letters = "".join(re.escape(p) for p in prefixes)
+    well_formed = stripped.str.contains(f"^(?:<[{letters}]_\\d+>)+$")
+    letters_used = stripped.str.replace_all(r"_\d+>", "").str.replace_all("<", "")  # "abcd" for a good row
+    in_order = pl.select(pl.lit(prefixes).str.starts_with(letters_used)).to_series()  # prefixes[0], [1], ...
+    codes = pl.select(pl.when(well_formed & in_order).then(stripped.str.extract_all(r"\d+"))).to_series()
+    return _parsed(series, codes, "token strings", f"<{prefixes[0]}_12><{prefixes[1]}_201>...")
+
+
+def parse_semantic_id_strings(strings: Sequence[str] | pl.Series) -> np.ndarray:
+    """(n, w) int64 IDs from dash-joined strings, the inverse of `semantic_id_strings`: "12-201-7-0" -> [12, 201,
+    7, 0]. Every string must hold the same number of codes; ValueError names the first row that does not parse."""
+    series = _string_series(strings, "semantic ID strings")
+    if len(series) == 0:
+        return np.zeros((0, 0), dtype=np.int64)
+    stripped = series.str.strip_chars()
+    codes = pl.select(pl.when(stripped.str.contains(r"^\d+(?:-\d+)*$")).then(stripped.str.split("-"))).to_series()
+    return _parsed(series, codes, "semantic ID strings", "12-201-7-0")
 
 
 def prefix_trie(ids: np.ndarray, *, string_keys: bool = False) -> dict:

@@ -262,6 +262,16 @@ class SemanticIdTokenizer:
                 "levels": len(model.codebook_sizes)}
 
     @torch.no_grad()
+    def items_for(self, ids: np.ndarray) -> pl.Series:
+        """The item each final ID names: its item id (as a string), or null for an ID no item was given.
+
+        For generated IDs: parse a model's output with `semid.export.parse_token_strings` (or
+        `parse_semantic_id_strings`), then look the rows up here; a null is an ID outside the catalogue.
+        Items encoded without ids come back as their content keys.
+        """
+        self._fitted()
+        return self.registry.keys_for(ids).rename("item_id")
+
     def encode_raw(self, x: Any) -> np.ndarray:
         """Codes (n, L) before collision handling: each item's own nearest codes."""
         model, emb = self._fitted(), self._matrix(x)

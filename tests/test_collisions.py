@@ -679,6 +679,34 @@ def test_registry_keeps_old_ids_and_gives_new_items_fresh_ones(crowded, strategy
     np.testing.assert_array_equal(ids[3], -1)
 
 
+def test_registry_keys_for_inverts_lookup_and_leaves_unknown_ids_null():
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 4, (300, 3))  # 64 tuples for 300 items: suffixes up to about 10
+    reg = IdRegistry()
+    keys = np.array([f"item{i}" for i in range(len(codes))])
+    ids = reg.assign(keys, codes, rng.random(len(codes)), "suffix", codebook_sizes=[4, 4, 4])
+    order = rng.permutation(len(ids))
+    unknown = np.array([[3, 3, 3, 999], [0, 0, 0, ids[:, 3].max() + 1]])  # a suffix no item reached
+    found = reg.keys_for(np.concatenate([ids[order], unknown]))
+    assert found.dtype == pl.String and len(found) == len(ids) + 2
+    assert found[: len(ids)].to_list() == keys[order].tolist()
+    assert found[len(ids) :].to_list() == [None, None]
+    known, looked_up = reg.lookup(found[: len(ids)])
+    np.testing.assert_array_equal(looked_up, ids[order])
+    with pytest.raises(ValueError, match="3 tokens but this registry's IDs have 4"):
+        reg.keys_for(codes)
+    with pytest.raises(ValueError, match="2-D integer"):
+        reg.keys_for(ids.astype(float))
+    assert IdRegistry().keys_for(np.zeros((2, 3), int)).to_list() == [None, None]
+
+
+def test_registry_keys_for_names_the_first_registered_item_of_a_shared_id():
+    reg = IdRegistry()
+    reg.assign(["a", "b"], np.array([[1, 1], [1, 1]]), np.zeros(2), "none", codebook_sizes=[2, 2])
+    reg.assign(["c"], np.array([[1, 1]]), np.zeros(1), "none", codebook_sizes=[2, 2])
+    assert reg.keys_for(np.array([[1, 1], [0, 0], [1, 1]])).to_list() == ["a", None, "a"]
+
+
 def test_registry_rejects_duplicate_keys():
     reg = IdRegistry()
     with pytest.raises(ValueError, match="'b' repeats"):

@@ -7,7 +7,16 @@ import re
 import numpy as np
 import pytest
 
-from semid.export import prefix_trie, semantic_id_strings, token_strings, write_trie_json
+import polars as pl
+
+from semid.export import (
+    parse_semantic_id_strings,
+    parse_token_strings,
+    prefix_trie,
+    semantic_id_strings,
+    token_strings,
+    write_trie_json,
+)
 
 
 @pytest.fixture
@@ -38,6 +47,41 @@ def test_semantic_id_strings(ids):
     assert semantic_id_strings(np.array([[12, 201, 7, 0]])) == ["12-201-7-0"]
     strings = semantic_id_strings(ids)
     assert [list(map(int, s.split("-"))) for s in strings] == ids.tolist()
+
+
+def test_parsers_invert_the_string_exports(ids):
+    np.testing.assert_array_equal(parse_token_strings(token_strings(ids)), ids)
+    np.testing.assert_array_equal(parse_semantic_id_strings(semantic_id_strings(ids)), ids)
+    np.testing.assert_array_equal(parse_token_strings(token_strings(ids, prefixes="pqrs"), prefixes="pqrs"), ids)
+    # as a detokeniser writes them: spaces between tokens, a Series
+    spaced = pl.Series([s.replace("><", "> <") + "\n" for s in token_strings(ids)])
+    np.testing.assert_array_equal(parse_token_strings(spaced), ids)
+    assert parse_token_strings([]).shape == (0, 0) and parse_semantic_id_strings([]).shape == (0, 0)
+
+
+@pytest.mark.parametrize("bad, pattern", [
+    (["<a_1><b_2>", "<a_1><c_2>"], r"row 1 \('<a_1><c_2>'\) is not of the form"),  # skips level b
+    (["<b_1><c_2>"], "row 0"),  # does not start at the first level
+    (["<a_1><a_2>"], "row 0"),  # repeats a level
+    (["<a_1><b_2>x"], "row 0"),
+    (["<a_-1>"], "row 0"),
+    (["<a_1><b_2>", "<a_1>"], "row 1 .* has 1 codes but row 0 has 2"),
+    (["<a_99999999999999999999>"], "too large"),
+    (["<a_1>", None], "row 1 \\(None\\)"),
+])
+def test_parse_token_strings_names_the_first_row_it_cannot_read(bad, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        parse_token_strings(bad)
+
+
+@pytest.mark.parametrize("bad, pattern", [
+    (["1-2", "1--2"], "row 1"), ([""], "row 0"), (["1-2", "3"], "has 1 codes"), (["1-x"], "row 0"),
+])
+def test_parse_semantic_id_strings_names_the_first_row_it_cannot_read(bad, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        parse_semantic_id_strings(bad)
+    with pytest.raises(ValueError, match="must be strings"):
+        parse_semantic_id_strings(pl.Series([1, 2]))
 
 
 def test_bad_ids_are_rejected():

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from semid.distance import pairwise_distance
 from semid.collisions import SuffixOverflowError, SuffixOverflowWarning
+from semid.export import parse_token_strings, token_strings
 from semid.io import InputError
 from semid.metrics import collision_metrics
 from semid.rqvae import RQVAE, _linear
@@ -199,6 +200,21 @@ def test_save_load_round_trip_gives_identical_codes(data, model_dir, tmp_path):
     assert copy.config == tok.config
     assert copy.meta == tok.meta
     assert copy.history == tok.history
+
+
+def test_items_for_names_the_item_of_each_generated_id(data, model_dir, tmp_path):
+    """The pipeline's way back: a generated token string -> ID row -> item id; unknown IDs give null."""
+    tok = SemanticIdTokenizer.load(model_dir("suffix", True))
+    ids = tok.encode(_frame(data["a"], data["ids_a"]))
+    generated = token_strings(ids[::-1]) + ["<a_0><b_0><c_0><d_9999>"]
+    items = tok.items_for(parse_token_strings(generated))
+    assert items.name == "item_id" and items.to_list() == data["ids_a"][::-1].tolist() + [None]
+    tok.encode(_frame(data["b"], data["ids_b"]))  # registered by this call, found after a save and load
+    tok.save(tmp_path / "grown")
+    again = SemanticIdTokenizer.load(tmp_path / "grown")
+    assert again.items_for(again.encode(_frame(data["b"], data["ids_b"]))).to_list() == data["ids_b"].tolist()
+    with pytest.raises(ValueError, match="tokens but this registry's IDs have 4"):
+        again.items_for(ids[:, :3])
 
 
 @pytest.mark.parametrize("with_ids", [True, False], ids=["parquet", "npy"])
