@@ -12,21 +12,14 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from semid.config import DEFAULT_CONFIG, shipped_file
+
 if TYPE_CHECKING:
     from semid.tokenizer import SemanticIdTokenizer
 
 
-def _shipped(package_dir: str, source_dir: str, name: str) -> Path:
-    """A file that ships with semid: package data of an installed wheel, else the source tree's own copy
-    (pyproject.toml maps the repository's configs/ and data/ into the package)."""
-    package = Path(__file__).resolve().parent
-    installed = package / package_dir / name
-    return installed if installed.is_file() else package.parent / source_dir / name
-
-
-BUNDLED_SAMPLE = _shipped("sample", "data", "goodbooks.parquet")
-DEFAULT_CONFIG = _shipped("configs", "configs", "default.toml")
-DEMO_CONFIG = _shipped("configs", "configs", "demo.toml")
+BUNDLED_SAMPLE = shipped_file("sample", "data", "goodbooks.parquet")
+DEMO_CONFIG = shipped_file("configs", "configs", "demo.toml")
 
 
 def _parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
@@ -63,6 +56,7 @@ def _read_training_items(path: str, id_col: str, emb_col: str):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from semid import distributed
+    from semid.collisions import SuffixOverflowError
     from semid.modeldir import check_save_target
     from semid.tokenizer import SemanticIdTokenizer
 
@@ -79,6 +73,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         tok = SemanticIdTokenizer(config).fit(items.embeddings, ids=items.ids, checkpoint=args.checkpoint,
                                               resume=args.resume)
         ranks = distributed.current()
+    except SuffixOverflowError as e:  # the Python advice (keep `tok`, change its config) does not apply here
+        raise SuffixOverflowError(
+            f"{e.__cause__ or e}. From the command line: train again with a larger --set collisions.suffix_size=... "
+            "or with --set collisions.strategy=remap",
+            size=e.size, codes=e.codes, suffix_size=e.suffix_size,
+        ) from e
     finally:
         distributed.leave()
     if not ranks.is_main:
@@ -169,7 +169,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from semid.embed import embed_file
 
     n = embed_file(args.data, args.out, text_col=args.text_col, id_col=args.id_col, model=args.model_name,
-                   batch_size=args.batch_size)
+                   batch_size=args.batch_size, normalize=args.normalize)
     print(f"embedded {n} items to {args.out}")
     return 0
 
@@ -240,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id-col", default="item_id")
     p.add_argument("--model-name", default="all-MiniLM-L6-v2")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--normalize", action="store_true",
+                   help="unit-length rows, the model's usual output (default: raw mean-pooled, as the shared sets)")
     p.set_defaults(func=cmd_embed)
     return parser
 

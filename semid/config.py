@@ -1,6 +1,6 @@
 """Dataclass configs that load from and save to TOML.
 
-The key names follow the contract in DESIGN.md so that config files keep working across versions. An
+The key names are a contract (the design notes fix them) so that config files keep working across versions. An
 unknown key is an error that names it: a typo such as `codebok_size` must never be silently ignored.
 """
 from __future__ import annotations
@@ -26,6 +26,17 @@ class ConfigError(ValueError):
 
 # LLM tokens name each position of an ID by a letter (semid.export.LEVEL_PREFIXES, a-z): L levels and a suffix.
 MAX_LEVELS = 25
+
+
+def shipped_file(package_dir: str, source_dir: str, name: str) -> Path:
+    """A file that ships with semid: package data of an installed wheel, else the source tree's own copy
+    (pyproject.toml maps the repository's configs/ and data/ into the package)."""
+    package = Path(__file__).resolve().parent
+    installed = package / package_dir / name
+    return installed if installed.is_file() else package.parent / source_dir / name
+
+
+DEFAULT_CONFIG = shipped_file("configs", "configs", "default.toml")
 
 @dataclass
 class ModelConfig:
@@ -230,6 +241,13 @@ class CollisionConfig:
 
 @dataclass
 class SemidConfig:
+    """Every setting of a run, in four sections.
+
+    The dataclass defaults are neutral building blocks that tests and overrides start from, not a tuned
+    recipe (L2 distance, no uniqueness loss, ...). The recipe is `configs/default.toml`: `SemidConfig.default()`,
+    which `SemanticIdTokenizer()` and `semid train` use when given no config.
+    """
+
     model: ModelConfig = field(default_factory=ModelConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -239,6 +257,13 @@ class SemidConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SemidConfig":
         return _build(cls, data, prefix="")
+
+    @classmethod
+    def default(cls) -> "SemidConfig":
+        """semid's tuned recipe, the shipped `configs/default.toml` (bench/RESULTS.md has what it gives)."""
+        if not DEFAULT_CONFIG.is_file():
+            raise ConfigError(f"the bundled config {DEFAULT_CONFIG} is missing from this install; pass a config")
+        return cls.load(DEFAULT_CONFIG)
 
     @classmethod
     def load(cls, path: str | Path) -> "SemidConfig":

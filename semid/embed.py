@@ -81,8 +81,9 @@ def embed_texts(texts: list[str], *, model: str = DEFAULT_MODEL, batch_size: int
     return np.ascontiguousarray(emb, dtype=np.float32)
 
 
-def _read_texts(data: str | os.PathLike, text_col: str, id_col: str) -> tuple[np.ndarray, list[str]]:
-    """(ids (n,) str, texts) from an item-text parquet, or InputError naming what is wrong."""
+def _read_texts(data: str | os.PathLike, text_col: str, id_col: str) -> tuple[pl.Series, list[str]]:
+    """(ids (n,), texts) from an item-text parquet, or InputError naming what is wrong. The ids keep their
+    type (strings, or integers, which `semid encode` then keeps too)."""
     p = Path(data)
     if not p.is_file():
         raise InputError(f"input file not found: {p}")
@@ -104,8 +105,9 @@ def _read_texts(data: str | os.PathLike, text_col: str, id_col: str) -> tuple[np
     if nulls.any():
         first = int(nulls.arg_true()[0])
         raise InputError(f"column '{text_col}' in {p} has {int(nulls.sum())} null texts (first at row {first})")
-    ids = validate_ids(df.get_column(id_col), name=f"column '{id_col}' in {p}")
-    return ids, text.cast(pl.String).to_list()
+    ids = df.get_column(id_col)
+    validate_ids(ids, name=f"column '{id_col}' in {p}")
+    return (ids.cast(pl.String) if ids.dtype == pl.Categorical else ids), text.cast(pl.String).to_list()
 
 
 def embed_file(
@@ -118,7 +120,8 @@ def embed_file(
     batch_size: int = 256,
     normalize: bool = False,
 ) -> int:
-    """Embed an item-text parquet and write parquet `item_id` (str), `embedding` (list[f32]); return n.
+    """Embed an item-text parquet and write parquet `item_id` (the id column's type), `embedding` (list[f32]);
+    return n.
 
     The input is validated before the model loads, so a bad file fails fast. The output is written
     atomically and is directly readable by `semid train --data`.
@@ -127,7 +130,7 @@ def embed_file(
     emb = embed_texts(texts, model=model, batch_size=batch_size, normalize=normalize)  # (n, d)
     df = pl.DataFrame(
         {
-            "item_id": pl.Series(ids, dtype=pl.String),
+            "item_id": ids.rename("item_id"),
             "embedding": pl.Series(emb, dtype=pl.Array(pl.Float32, emb.shape[1])).cast(pl.List(pl.Float32)),
         }
     )

@@ -1,4 +1,4 @@
-"""Quality metrics for semantic IDs, exactly as defined in the Metrics table of DESIGN.md.
+"""Quality metrics for semantic IDs, exactly as the Metrics section of README.md defines them.
 
 Every function is pure: it reads its inputs and returns plain Python numbers and lists, so reports can
 go straight to JSON. Inputs may be numpy arrays or torch tensors; they are converted at the boundary.
@@ -6,7 +6,7 @@ Reconstruction and counting metrics run in numpy (float64, so sums over millions
 enough); the nearest-neighbour search behind `prefix_agreement` runs in torch on the input's device,
 because it is the one metric whose cost grows as N^2.
 
-Notation (DESIGN.md): x (N, D) inputs, x_hat (N, D) reconstructions, codes (N, L) the code tuples
+Notation: x (N, D) inputs, x_hat (N, D) reconstructions, codes (N, L) the code tuples
 before collision handling, final_ids (N, L or L + 1) the IDs after it.
 """
 from __future__ import annotations
@@ -193,10 +193,16 @@ def duplicate_rate(x: ArrayLike) -> float:
     forces: ml-100k's 1.07% is all duplicates, and the 29k-item mixed catalogue of bench/VARIANTS.md
     cannot go below 4.9%. Rows are compared bytewise after folding -0.0 into 0.0.
     """
+    sizes = duplicate_group_sizes(x)
+    return float(1.0 - sizes.size / sizes.sum())
+
+
+def duplicate_group_sizes(x: ArrayLike) -> np.ndarray:
+    """How many items hold each distinct embedding (rows compared bytewise, -0.0 folded into 0.0): (groups,)."""
     x_np = _float_matrix(x, "x", dtype=None)  # compared as stored
     x_np = np.ascontiguousarray(x_np + x_np.dtype.type(0))  # a copy, -0.0 folded
     rows = x_np.view(np.dtype((np.void, x_np.dtype.itemsize * x_np.shape[1]))).ravel()  # one opaque key per row
-    return float(1.0 - np.unique(rows).size / x_np.shape[0])
+    return np.unique(rows, return_counts=True)[1]
 
 
 def _level_sizes(codebook_sizes: Sequence[int] | int, levels: int) -> list[int]:
@@ -415,7 +421,8 @@ def evaluate_codes(
     device: str | torch.device | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Every DESIGN.md metric in one JSON-ready dict, plus `n_items` and `prefix_agreement_sampled`.
+    """Every metric of the README's Metrics section in one JSON-ready dict, plus `n_items` and
+    `prefix_agreement_sampled`.
 
     codes are the tuples before collision handling; final_ids the IDs after it (defaults to codes, as
     with the `none` strategy). `sequence_prefix_agreement` is computed on the first L columns of the

@@ -41,7 +41,7 @@ from semid.io import (
     validate_ids,
     write_json_atomic,
 )
-from semid.metrics import HEAVY_TAIL_SHARE, evaluate_codes, top_variance_share
+from semid.metrics import HEAVY_TAIL_SHARE, duplicate_group_sizes, evaluate_codes, top_variance_share
 from semid.modeldir import (
     FILES,
     MODEL_FORMAT,
@@ -101,8 +101,20 @@ def write_id_table(item_ids: pl.Series, ids: np.ndarray, out: str | os.PathLike)
             }))
 
 
+# Files of a model directory that never change after saving (the registry grows), by their digest's key in meta.json.
+_DIGESTED = {"config.toml": "config_sha256", "model.pt": "weights_sha256"}
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _check_digest(root: Path, meta: dict[str, Any], name: str) -> None:
+    """Refuse a file of a model directory that is not the one saved with it. Models saved before the digest
+    existed have none, and load as before."""
+    digest_key = _DIGESTED[name]
+    if digest_key in meta and meta[digest_key] != _sha256(root / name):
+        raise ModelDirError(f"{root}/{name} is not the file this model was saved with (replaced, edited or truncated)")
 
 
 def _weights_problem(exc: Exception) -> str:
@@ -126,7 +138,8 @@ class SemanticIdTokenizer:
     """Learns semantic IDs for item embeddings and hands out unique, stable IDs."""
 
     def __init__(self, config: SemidConfig | None = None) -> None:
-        self.config = config or SemidConfig()
+        """`config` defaults to semid's recipe, `configs/default.toml` (`SemidConfig.default()`)."""
+        self.config = config or SemidConfig.default()
         self.model: RQVAE | None = None
         self.registry = IdRegistry()
         self.history: list[dict[str, Any]] = []
@@ -163,9 +176,10 @@ class SemanticIdTokenizer:
         norms) gets a HeavyTailWarning before training unless the autoencoder draws its batches by norm
         (train.norm_sampling), without which such items are coded badly.
         """
-        keys, emb = self._items(x, ids, id_col, emb_col)
+        keys, emb = self._items(x, ids, id_col, emb_col, for_registry=False)  # a new registry: no warning
         if not np.ptp(emb, axis=0).any():
             raise InputError(f"all {len(emb)} embeddings are the same vector: nothing tells the items apart")
+        self._check_room_for_duplicates(emb)
         drawn_by_norm = self.config.model.type == "rqvae" and self.config.train.norm_sampling > 0
         if not drawn_by_norm and (share := top_variance_share(emb)) > HEAVY_TAIL_SHARE:
             warnings.warn(HeavyTailWarning(
@@ -204,6 +218,25 @@ class SemanticIdTokenizer:
         return self
 
     # ---- encoding -----------------------------------------------------------------------------
+    def _check_room_for_duplicates(self, emb: np.ndarray) -> None:
+        """Fail before training where identical embeddings are certain to overflow the suffix IDs.
+
+        Identical rows get one code tuple, and under the suffix strategy a prefix numbers at most K_last x
+        collisions.suffix_size items (its tuples' suffixes). Catalogues meet this through placeholder items,
+        thousands of empty descriptions with one embedding; found after training, it would cost the run.
+        """
+        c = self.config.collisions
+        if c.strategy != "suffix":
+            return
+        room = self.config.quantizer.sizes()[-1] * c.suffix_size
+        largest = int(duplicate_group_sizes(emb).max())
+        if largest > room:
+            raise InputError(
+                f"{largest} items share one embedding exactly, more than the {room} IDs one prefix can number "
+                f"(last-level codes x collisions.suffix_size = {room // c.suffix_size} x {c.suffix_size}): drop the "
+                "duplicates (placeholder items?) or raise collisions.suffix_size"
+            )
+
     def encode(self, x: Any, ids: Sequence[str] | None = None, *, id_col: str | None = "item_id",
                emb_col: str = "embedding") -> np.ndarray:
         """Final IDs (n, L + s): saved IDs for known items, fresh collision-free IDs for new ones."""
@@ -306,8 +339,8 @@ class SemanticIdTokenizer:
     def evaluate(self, x: Any, ids: Sequence[str] | None = None, *, sequences: Sequence[np.ndarray] | None = None,
                  id_col: str | None = "item_id", emb_col: str = "embedding",
                  progress: bool | None = None) -> dict[str, Any]:
-        """Every DESIGN.md metric on these items. Final IDs come from the registry; new items get the IDs
-        `encode` would give them, but are not registered: measuring a model leaves it as it was.
+        """Every metric of the README's Metrics section on these items. Final IDs come from the registry;
+        new items get the IDs `encode` would give them, but are not registered: measuring a model leaves it as it was.
 
         The neighbour search behind prefix_agreement runs on the model's device: for 500k items it is 19 TFLOP
         in fp32, minutes on a laptop CPU and seconds on a GPU. `progress` shows a bar for it, by default when
@@ -343,7 +376,7 @@ class SemanticIdTokenizer:
             write_json_atomic(
                 {"format": MODEL_FORMAT, "semid_version": semid_version(),
                  "codebook_sizes": model.codebook_sizes, "history": self.history, **self.meta,
-                 "config_sha256": _sha256(staging / "config.toml")},
+                 **{digest_key: _sha256(staging / name) for name, digest_key in _DIGESTED.items()}},
                 staging / "meta.json",
             )
             replace_dir(staging, target)
@@ -396,11 +429,7 @@ class SemanticIdTokenizer:
             raise ModelDirError(f"{root} is not a semid model directory (meta.json has no '{MODEL_FORMAT}' format)")
         if not isinstance(meta.get("input_dim"), int):
             raise ModelDirError(f"{root}/meta.json is incomplete: it has no input_dim")
-        # Models saved before the digest existed have none; any other mismatch means the file is not the
-        # one the weights were trained with, and loading it would build another architecture or encoder.
-        config_digest = _sha256(root / "config.toml")
-        if meta.get("config_sha256", config_digest) != config_digest:
-            raise ModelDirError(f"{root}/config.toml is not the config this model was saved with (edited or truncated)")
+        _check_digest(root, meta, "config.toml")  # another config would build another architecture or encoder
         config = SemidConfig.load(root / "config.toml")
         if device is not None:
             config = config.with_overrides({"train.device": device})
@@ -411,6 +440,7 @@ class SemanticIdTokenizer:
             model.load_state_dict(state)
         except Exception as exc:
             raise ModelDirError(f"{root}/model.pt is truncated, corrupt or from another model: {_weights_problem(exc)}") from None
+        _check_digest(root, meta, "model.pt")  # another model's weights of this shape load, but give other codes
         try:
             tok.registry = IdRegistry.load(root / "registry.parquet")
         except Exception as exc:
@@ -419,7 +449,7 @@ class SemanticIdTokenizer:
         tok.model = model.to(resolve_device(config.train.device)).eval()
         tok.history = meta.pop("history", [])
         tok.meta = {k: v for k, v in meta.items()
-                    if k not in ("format", "semid_version", "codebook_sizes", "config_sha256")}
+                    if k not in ("format", "semid_version", "codebook_sizes", *_DIGESTED.values())}
         return tok
 
     # ---- internals ----------------------------------------------------------------------------
@@ -441,14 +471,18 @@ class SemanticIdTokenizer:
     def _matrix(self, x: Any) -> np.ndarray:
         return self._embeddings(x, None, "embedding")[1]
 
-    def _items(self, x: Any, ids: Sequence[str] | None, id_col: str | None, emb_col: str) -> tuple[pl.Series, np.ndarray]:
+    def _items(self, x: Any, ids: Sequence[str] | None, id_col: str | None, emb_col: str,
+               for_registry: bool = True) -> tuple[pl.Series, np.ndarray]:
+        """(keys, embeddings); `for_registry` is False where the keys will start a new registry (`fit`)."""
         frame_ids, emb = self._embeddings(x, id_col, emb_col)
         if ids is not None:
             frame_ids = validate_ids(ids)
             if len(frame_ids) != len(emb):
                 raise InputError(f"got {len(frame_ids)} ids for {len(emb)} embeddings")
-        keys = pl.Series("key", frame_ids) if frame_ids is not None else self._content_keys(row_digests(emb))
-        return keys, emb
+        if frame_ids is not None:
+            return pl.Series("key", frame_ids), emb
+        digests = row_digests(emb)
+        return (self._content_keys(digests) if for_registry else content_keys(digests)), emb
 
     def _content_keys(self, digests: Sequence[str] | pl.Series) -> pl.Series:
         """Keys of rows that come without ids. A registry of items known by id has none of these keys, so

@@ -105,7 +105,7 @@ def decode_in_batches(model: RQVAE, codes: torch.Tensor, batch_size: int = 65536
 
 @torch.no_grad()
 def quick_evaluate(model: RQVAE, x: torch.Tensor, neighbours: Neighbours | None = None) -> dict[str, Any]:
-    """DESIGN.md metrics of the raw codes on the whole corpus.
+    """The Metrics-section metrics (README.md) of the raw codes on the whole corpus.
 
     prefix_agreement is included when the corpus's input-space neighbours are given: they never change
     during training, so the trainer searches them once instead of at every evaluation.

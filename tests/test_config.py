@@ -132,6 +132,17 @@ def test_every_shipped_config_loads():
         assert SemidConfig.from_dict(config.to_dict()) == config, path.name
 
 
+def test_a_tokenizer_without_a_config_gets_the_shipped_recipe_not_the_dataclass_defaults(monkeypatch, tmp_path):
+    from semid import SemanticIdTokenizer, config as config_module
+
+    recipe = SemidConfig.load(CONFIGS / "default.toml")
+    assert SemidConfig.default() == recipe and SemanticIdTokenizer().config == recipe
+    assert recipe != SemidConfig()  # else the test could not tell them apart
+    monkeypatch.setattr(config_module, "DEFAULT_CONFIG", tmp_path / "gone.toml")
+    with pytest.raises(ConfigError, match="bundled config .*gone.toml is missing"):
+        SemidConfig.default()
+
+
 def test_levels_stop_where_token_names_do():
     """Every position of an ID, a suffix included, needs a token letter: a deeper model could not be encoded."""
     from semid.config import MAX_LEVELS

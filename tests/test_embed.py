@@ -49,9 +49,9 @@ def ml100k(tmp_path: Path) -> tuple[Path, pl.DataFrame, np.ndarray]:
     return _write(tmp_path, items), items, np.asarray(x)
 
 
-def _read_out(path: Path) -> tuple[list[str], np.ndarray]:
+def _read_out(path: Path) -> tuple[list, np.ndarray]:
     out = pl.read_parquet(path)
-    assert out.schema == pl.Schema({"item_id": pl.String, "embedding": pl.List(pl.Float32)})
+    assert out.columns == ["item_id", "embedding"] and out.schema["embedding"] == pl.List(pl.Float32)
     return out["item_id"].to_list(), np.array(out["embedding"].to_list(), dtype=np.float32)
 
 
@@ -88,7 +88,7 @@ def test_other_column_names_and_integer_ids(ml100k, tmp_path: Path) -> None:
     out = tmp_path / "emb.parquet"
     embed_file(_write(tmp_path, df), out, text_col="title_text", id_col="movie")
     ids, emb = _read_out(out)
-    assert ids == ["30", "10", "20", "40"]  # input order kept, ids as strings
+    assert ids == [30, 10, 20, 40]  # input order kept, integer ids stay integers
     np.testing.assert_allclose(emb, x, atol=1e-4)
 
 
@@ -161,6 +161,30 @@ def test_empty_file_is_refused(tmp_path: Path) -> None:
     p = _write(tmp_path, pl.DataFrame({"item_id": [], "text": []}, schema={"item_id": pl.String, "text": pl.String}))
     with pytest.raises(InputError, match=r"no rows"):
         embed_file(p, tmp_path / "out.parquet")
+
+
+@pytest.mark.parametrize("ids, dtype", [([30, 10, 20], pl.Int64), (["b", "a", "c"], pl.String)])
+def test_output_keeps_the_id_type_and_row_order_and_reads_back_as_training_data(tmp_path: Path, monkeypatch, ids,
+                                                                               dtype) -> None:
+    """Runs without the extra: the model is replaced by a fixed text -> vector map."""
+    import semid.embed
+    from semid.io import read_items
+
+    vectors = {"x": [1.0, 0.0], "y": [0.0, 1.0], "z": [1.0, 1.0]}
+    calls = []
+
+    def fake_embed(texts, *, model, batch_size, normalize):
+        calls.append((model, normalize))
+        return np.array([vectors[t] for t in texts], dtype=np.float32)
+
+    monkeypatch.setattr(semid.embed, "embed_texts", fake_embed)
+    out = tmp_path / "out.parquet"
+    assert embed_file(_write(tmp_path, pl.DataFrame({"item_id": ids, "text": ["z", "x", "y"]})), out, normalize=True) == 3
+    written = pl.read_parquet(out)
+    assert written.schema == pl.Schema({"item_id": dtype, "embedding": pl.List(pl.Float32)})
+    assert written["item_id"].to_list() == ids and calls == [(DEFAULT_MODEL, True)]
+    table = read_items(out)
+    np.testing.assert_array_equal(table.embeddings, [[1, 1], [1, 0], [0, 1]])
 
 
 def test_failed_embed_writes_nothing(tmp_path: Path) -> None:

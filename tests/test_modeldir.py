@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ import pytest
 from semid.cli import BUNDLED_SAMPLE, main
 from semid.io import read_items
 from semid.modeldir import ModelDirError, check_save_target, registry_lock
-from semid.tokenizer import SemanticIdTokenizer
+from semid.tokenizer import SemanticIdTokenizer, UnnamedItemsWarning
 
 N_FIT = 400
 
@@ -40,8 +42,6 @@ def fitted(items, tiny_config, tmp_path_factory) -> Path:
 @pytest.fixture
 def model(fitted, tmp_path) -> Path:
     """A private copy of the fitted model directory."""
-    import shutil
-
     return Path(shutil.copytree(fitted, tmp_path / "model"))
 
 
@@ -187,13 +187,25 @@ def test_registry_lock_excludes_another_process(model, tmp_path):
 
 def test_an_edited_or_emptied_config_is_refused(model):
     (model / "config.toml").write_text("")
-    with pytest.raises(ModelDirError, match="config.toml is not the config this model was saved with"):
+    with pytest.raises(ModelDirError, match="config.toml is not the file this model was saved with"):
         SemanticIdTokenizer.load(model)
 
 
-def test_a_model_saved_before_the_config_digest_still_loads(model, items):
+def test_weights_of_another_model_of_the_same_shape_are_refused(model, items, tmp_path):
+    other = SemanticIdTokenizer.load(model)
+    with warnings.catch_warnings():  # fit starts a new registry: bare rows there are no UnnamedItemsWarning
+        warnings.simplefilter("error", UnnamedItemsWarning)
+        other.fit(items[1][:N_FIT][::-1].copy())  # the same architecture, other weights
+    other.save(tmp_path / "other")
+    shutil.copy(tmp_path / "other" / "model.pt", model / "model.pt")
+    with pytest.raises(ModelDirError, match="model.pt is not the file this model was saved with"):
+        SemanticIdTokenizer.load(model)
+
+
+@pytest.mark.parametrize("digest_key", ["config_sha256", "weights_sha256"])
+def test_a_model_saved_before_a_digest_still_loads(model, items, digest_key):
     meta = json.loads((model / "meta.json").read_text())
-    del meta["config_sha256"]
+    del meta[digest_key]
     (model / "meta.json").write_text(json.dumps(meta))
     assert SemanticIdTokenizer.load(model).encode_raw(items[1][:5]).shape == (5, 3)
 
