@@ -38,6 +38,7 @@ def shipped_file(package_dir: str, source_dir: str, name: str) -> Path:
 
 DEFAULT_CONFIG = shipped_file("configs", "configs", "default.toml")
 
+
 @dataclass
 class ModelConfig:
     # "rqvae": encoder -> residual quantizer -> decoder. "rqkmeans": the quantizer alone on the raw input.
