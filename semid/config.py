@@ -43,10 +43,10 @@ DEFAULT_CONFIG = shipped_file("configs", "configs", "default.toml")
 class ModelConfig:
     # "rqvae": encoder -> residual quantizer -> decoder. "rqkmeans": the quantizer alone on the raw input.
     type: str = "rqvae"
-    hidden: list[int] = field(default_factory=lambda: [512, 256, 128])
-    latent_dim: int = 32
+    hidden: list[int] = field(default_factory=lambda: [512, 256, 128])  # encoder widths; the decoder mirrors them
+    latent_dim: int = 32  # width of the latent the codes quantize
     activation: str = "silu"  # "relu" | "gelu" | "silu"
-    layer_norm: bool = False
+    layer_norm: bool = False  # LayerNorm after every hidden layer (before the activation), encoder and decoder
     # When > 0, every encoder output is rescaled to this root-mean-square element (RMSNorm without weights,
     # times this constant). The decoder can undo any scale the encoder gives the latent, so without it the
     # latent scale drifts, and with it the weight of the codebook, commitment and uniqueness losses, which are
@@ -79,7 +79,7 @@ class QuantizerConfig:
     forward: str = "rotation"  # "ste" | "rotation" | "gumbel"
     commitment: float = 0.25  # beta in  ||sg(e) - q||^2 + beta ||e - sg(q)||^2
     kmeans_init: bool = True
-    kmeans_iters: int = 25
+    kmeans_iters: int = 25  # Lloyd iterations of the k-means initialisation, after k-means++ seeding
     kmeans_sample: int = 65536  # rows of data used for k-means init (a seeded random sample)
     refine_passes: int = 3  # rqkmeans only: joint refinement passes over all levels after greedy k-means
     dead_code_reset: bool = True
@@ -156,13 +156,15 @@ class TrainConfig:
     norm_sampling: float = 0.0
     optimizer: str = "adamw"  # "adamw" | "adagrad"
     weight_decay: float = 0.0
-    schedule: str = "cosine"  # "cosine" | "constant"
-    warmup_steps: int = 0
+    schedule: str = "cosine"  # "cosine" (from lr down to 0.1 x lr at the last step) | "constant"
+    warmup_steps: int = 0  # linear ramp of the rate from lr / warmup_steps to lr over the first steps
     amp: bool = True  # bf16 autocast where bf16 is native: CUDA, CPUs with AVX512-BF16/AMX (semid.train.native_bf16)
     compile: bool = False  # torch.compile the model (slow to start; off by default)
     cuda_graph: bool = True  # capture the AdamW training step as a CUDA graph on GPU
     eval_every: int = 1000
-    best_metric: str = "fvu"  # any scalar evaluate() key; lower is better except where noted in train.py
+    # The weights kept are those of the best evaluation by this scalar evaluate() key: lower is better, except
+    # for cosine and unique_after; collision_rate breaks ties.
+    best_metric: str = "fvu"
     early_stopping: int = 0  # stop after this many evaluations without improvement; 0 = never
     # Uniqueness loss: every `uniqueness_every` steps (at least one pass over the catalogue, see
     # `uniqueness_interval`) the whole corpus is encoded, items that share a code tuple (all but the
@@ -175,7 +177,7 @@ class TrainConfig:
     # down to zero. The encoder and the codes do not change. 0 turns it off.
     decoder_refit_steps: int = 200
     checkpoint_every: int = 0  # write a resumable checkpoint every N steps (needs a checkpoint path); 0 = at evaluations
-    progress: bool = True
+    progress: bool = True  # tqdm bars for training, and by default for a fitted tokenizer's evaluate()
 
     def __post_init__(self) -> None:
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
