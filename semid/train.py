@@ -39,7 +39,7 @@ from semid.metrics import (
     reconstruction_metrics,
     top_share,
 )
-from semid.rqvae import RQVAE, RQVAEOutput
+from semid.rqvae import RQVAE, RQVAEOutput, dropout_after_activations
 
 # Keys whose larger value is better; every other evaluate key is minimised.
 _HIGHER_IS_BETTER = {"cosine", "unique_after"}
@@ -493,7 +493,8 @@ class Trainer:
         purpose: longer or faster refits keep lowering training-set fvu while held-out fvu rises, the decoder
         then memorising items rather than reading their codes (Beauty, bench/COLLISIONS.md: 200 steps fvu
         0.336 -> 0.316 and held-out 0.550 -> 0.545; 500 steps at 10x the rate 0.259 but held-out 0.589).
-        Codes, prefixes and the encoder are untouched.
+        Codes, prefixes and the encoder are untouched. `train.decoder_refit_dropout` lets a longer refit
+        generalise instead (see `semid.rqvae.dropout_after_activations`).
         """
         model, t = self.model, self.config.train
         with torch.no_grad():
@@ -502,16 +503,17 @@ class Trainer:
         optimizer = self._adamw(model.decoder.parameters(), start_lr, 0.0)
         rng = torch.Generator().manual_seed(t.seed)
         batch = min(self.batch_size, inputs.shape[0])
-        for step in range(steps):
-            for group in optimizer.param_groups:
-                group["lr"] = start_lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-            rows = torch.randint(0, inputs.shape[0], (batch,), generator=rng).to(self.device)
-            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-                x_hat = model.decoder(inputs[rows])
-            loss = F.mse_loss(x_hat.float(), model.normalize(self.x[rows]))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        with dropout_after_activations(model.decoder, t.decoder_refit_dropout):
+            for step in range(steps):
+                for group in optimizer.param_groups:
+                    group["lr"] = start_lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+                rows = torch.randint(0, inputs.shape[0], (batch,), generator=rng).to(self.device)
+                with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+                    x_hat = model.decoder(inputs[rows])
+                loss = F.mse_loss(x_hat.float(), model.normalize(self.x[rows]))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self, path: str | Path | None = None) -> None:
@@ -583,10 +585,16 @@ _RESUMABLE_CHANGES = {"train.progress", "train.device", "train.checkpoint_every"
 
 
 def _config_changes(saved: dict[str, dict[str, Any]], current: dict[str, dict[str, Any]]) -> list[str]:
-    """`section.key: saved -> current` for every key that differs, but for those a resume may change."""
-    return [f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
+    """`section.key: saved -> current` for every key that differs, but for those a resume may change. A key
+    the saved config lacks (added to semid since) counts as its default, which is what that run used."""
+    defaults = SemidConfig().to_dict()
+
+    def saved_value(section: str, key: str) -> Any:
+        return saved.get(section, {}).get(key, defaults[section][key])
+
+    return [f"{section}.{key}: {saved_value(section, key)!r} -> {value!r}"
             for section, values in current.items() for key, value in values.items()
-            if f"{section}.{key}" not in _RESUMABLE_CHANGES and saved.get(section, {}).get(key) != value]
+            if f"{section}.{key}" not in _RESUMABLE_CHANGES and saved_value(section, key) != value]
 
 
 class _LearningRate:

@@ -5,6 +5,7 @@ takes about a second on one CPU core.
 """
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -281,6 +282,53 @@ def test_decoder_refit_changes_only_the_decoder_and_lowers_reconstruction_error(
     assert final["decoder_refit_steps"] == 200
     assert final["fvu"] < plain_final["fvu"] - 0.003, (final["fvu"], plain_final["fvu"])  # measured 0.826 -> 0.817
     assert final["collision_rate"] == plain_final["collision_rate"]
+
+
+def test_refit_dropout_keeps_the_codes_and_the_weight_keys_and_changes_only_the_refit(real_data, tiny_config):
+    runs = {}
+    for p in (0.0, 0.3, 0.3):
+        trainer = Trainer(tiny_config({"train.decoder_refit_steps": 100, "train.decoder_refit_dropout": p}),
+                          _x(real_data))
+        model = trainer.fit()
+        runs.setdefault(p, []).append((model, model.encode(trainer.x)))
+    (plain, plain_codes), = runs[0.0]
+    (dropped, codes), (again, _) = runs[0.3]
+    assert torch.equal(codes, plain_codes)  # the codes were fixed before the refit
+    assert dropped.state_dict().keys() == plain.state_dict().keys()  # no module added: saved models are alike
+    for name, value in dropped.state_dict().items():
+        assert torch.equal(value, plain.state_dict()[name]) != name.startswith("decoder."), name
+        assert torch.equal(value, again.state_dict()[name]), name  # seeded: the masks are reproducible
+
+
+def test_a_checkpoint_from_before_a_config_key_existed_resumes_as_that_keys_default():
+    from semid.train import _config_changes
+
+    current = SemidConfig().to_dict()
+    saved = copy.deepcopy(current)
+    del saved["train"]["decoder_refit_dropout"]  # written by a semid without the key
+    assert _config_changes(saved, current) == []
+    current["train"]["decoder_refit_dropout"] = 0.1
+    assert _config_changes(saved, current) == ["train.decoder_refit_dropout: 0.0 -> 0.1"]
+
+
+def test_dropout_after_activations_applies_inverted_dropout_inside_only():
+    from semid.rqvae import dropout_after_activations, mlp
+
+    torch.manual_seed(0)
+    net = mlp([8, 64, 64, 4], "silu", layer_norm=False).eval()
+    x = torch.randn(4096, 8)
+    with torch.no_grad():
+        before = net(x)
+        hidden = net[:2](x)  # the first activation's output
+        with dropout_after_activations(net, 0.5):
+            first = net[:2](x)
+            assert not torch.equal(net(x), net(x))  # stochastic inside, even in eval mode
+        with dropout_after_activations(net, 0.0):
+            assert torch.equal(net(x), before)
+        assert torch.equal(net(x), before)  # the hooks are gone
+    kept = first != 0
+    assert abs(kept.float().mean().item() - 0.5) < 0.01  # about half of the units dropped ...
+    torch.testing.assert_close(first[kept], 2 * hidden[kept])  # ... and the rest scaled by 1 / (1 - p)
 
 
 # ---- norm sampling ----------------------------------------------------------------------------
