@@ -294,7 +294,6 @@ class SemanticIdTokenizer:
         return {"n_items": n, "new_items": len(self.registry) - known_before, "id_length": int(final.shape[1]),
                 "levels": len(model.codebook_sizes)}
 
-    @torch.no_grad()
     def items_for(self, ids: np.ndarray) -> pl.Series:
         """The item each final ID names: its item id (as a string), or null for an ID no item was given.
 
@@ -305,6 +304,7 @@ class SemanticIdTokenizer:
         self._fitted()
         return self.registry.keys_for(ids).rename("item_id")
 
+    @torch.no_grad()
     def encode_raw(self, x: Any) -> np.ndarray:
         """Codes (n, L) before collision handling: each item's own nearest codes."""
         model, emb = self._fitted(), self._matrix(x)
