@@ -625,7 +625,9 @@ class IdRegistry:
         import polars as pl
 
         ids = np.asarray(ids)
-        if ids.ndim != 2 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+        if ids.size == 0:  # no IDs (as parsed from an empty batch): nothing to look up, whatever the shape
+            return pl.Series("key", [], dtype=pl.String)
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"ids must be a 2-D integer matrix (items x tokens), got {ids.dtype} of shape {ids.shape}")
         if len(self) and ids.shape[1] != self.id_length:
             raise ValueError(f"ids have {ids.shape[1]} tokens but this registry's IDs have {self.id_length}")

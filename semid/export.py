@@ -46,11 +46,23 @@ def _concat_columns(ids: np.ndarray, pieces: Callable[[int, pl.Expr], list[pl.Ex
     return frame.select(pl.concat_str(exprs, separator=separator).alias("s"))["s"].to_list()
 
 
+def _check_prefixes(prefixes: str) -> None:
+    """Level letters must keep a token readable: distinct characters, none of them a digit, whitespace or
+    one of the token's own marks "<", "_" and ">"."""
+    if not isinstance(prefixes, str) or not prefixes:
+        raise ValueError(f"prefixes must be a non-empty string of level letters, got {prefixes!r}")
+    bad = [c for c in prefixes if c.isdigit() or c.isspace() or c in "<_>"]
+    if bad or len(set(prefixes)) != len(prefixes):
+        raise ValueError(f"prefixes must be distinct characters other than digits, whitespace, '<', '_' and '>'; "
+                         f"got {prefixes!r}")
+
+
 def token_strings(ids: np.ndarray, prefixes: str = LEVEL_PREFIXES) -> list[str]:
     """One string of level-tagged tokens per item, e.g. [12, 201, 7, 0] -> "<a_12><b_201><c_7><d_0>".
 
     Position j uses the letter prefixes[j], so the same code at different levels is a different token.
     """
+    _check_prefixes(prefixes)
     ids = _as_id_matrix(ids)
     if ids.shape[1] > len(prefixes):
         raise ValueError(f"ids have {ids.shape[1]} tokens but only {len(prefixes)} level prefixes were given")
@@ -63,10 +75,17 @@ def semantic_id_strings(ids: np.ndarray) -> list[str]:
 
 
 def _string_series(strings: Sequence[str] | pl.Series, what: str) -> pl.Series:
-    series = strings if isinstance(strings, pl.Series) else pl.Series(what, list(strings), dtype=pl.String)
-    if series.dtype != pl.String:
-        raise ValueError(f"{what} must be strings, got {series.dtype}")
-    return series
+    if isinstance(strings, (str, bytes)):
+        raise ValueError(f"{what} must be a sequence of strings, one per ID, not a single string: wrap it in a list")
+    if not isinstance(strings, pl.Series):
+        values = list(strings)
+        row = next((i for i, v in enumerate(values) if v is not None and not isinstance(v, str)), None)
+        if row is not None:
+            raise ValueError(f"{what} must be strings; row {row} is {type(values[row]).__name__} {values[row]!r}")
+        return pl.Series(what, values, dtype=pl.String)
+    if strings.dtype != pl.String:
+        raise ValueError(f"{what} must be strings, got {strings.dtype}")
+    return strings
 
 
 def _parsed(series: pl.Series, codes: pl.Series, what: str, example: str) -> np.ndarray:
@@ -98,16 +117,19 @@ def parse_token_strings(strings: Sequence[str] | pl.Series, prefixes: str = LEVE
     a level is refused rather than read as another item's ID. Every string must hold the same number of
     tokens; ValueError names the first row that does not parse.
     """
+    _check_prefixes(prefixes)
     series = _string_series(strings, "token strings")
     if len(series) == 0:
         return np.zeros((0, 0), dtype=np.int64)
-    stripped = series.str.replace_all(r"\s+", "")
+    stripped = series.str.replace_all(r">\s+<", "><").str.strip_chars()  # whitespace between tokens only
     letters = "".join(re.escape(p) for p in prefixes)
-    well_formed = stripped.str.contains(f"^(?:<[{letters}]_\\d+>)+$")
-    letters_used = stripped.str.replace_all(r"_\d+>", "").str.replace_all("<", "")  # "abcd" for a good row
+    well_formed = stripped.str.contains(f"^(?:<[{letters}]_[0-9]+>)+$")  # ASCII digits: int() of others differs
+    letters_used = stripped.str.replace_all(r"_[0-9]+>", "").str.replace_all("<", "")  # "abcd" for a good row
     in_order = pl.select(pl.lit(prefixes).str.starts_with(letters_used)).to_series()  # prefixes[0], [1], ...
-    codes = pl.select(pl.when(well_formed & in_order).then(stripped.str.extract_all(r"\d+"))).to_series()
-    return _parsed(series, codes, "token strings", f"<{prefixes[0]}_12><{prefixes[1]}_201>...")
+    codes = stripped.str.extract_all(r"_[0-9]+").list.eval(pl.element().str.slice(1))  # the digits after "_"
+    codes = pl.select(pl.when(well_formed & in_order).then(codes)).to_series()
+    example = f"<{prefixes[0]}_12>" + (f"<{prefixes[1]}_201>..." if len(prefixes) > 1 else "")
+    return _parsed(series, codes, "token strings", example)
 
 
 def parse_semantic_id_strings(strings: Sequence[str] | pl.Series) -> np.ndarray:
@@ -117,7 +139,7 @@ def parse_semantic_id_strings(strings: Sequence[str] | pl.Series) -> np.ndarray:
     if len(series) == 0:
         return np.zeros((0, 0), dtype=np.int64)
     stripped = series.str.strip_chars()
-    codes = pl.select(pl.when(stripped.str.contains(r"^\d+(?:-\d+)*$")).then(stripped.str.split("-"))).to_series()
+    codes = pl.select(pl.when(stripped.str.contains(r"^[0-9]+(?:-[0-9]+)*$")).then(stripped.str.split("-"))).to_series()
     return _parsed(series, codes, "semantic ID strings", "12-201-7-0")
 
 

@@ -234,7 +234,7 @@ def codebook_metrics(codes: ArrayLike, codebook_sizes: Sequence[int] | int) -> d
         counts = np.bincount(column, minlength=k)  # (k,)
         p = counts[counts > 0] / n
         usage.append(float(p.size / k))
-        entropy.append(float(-(p * np.log2(p)).sum()))
+        entropy.append(float(-(p * np.log2(p)).sum()) + 0.0)  # + 0.0: one code gives 0.0, not -0.0
     return {"usage": usage, "entropy_bits": entropy}
 
 

@@ -698,6 +698,7 @@ def test_registry_keys_for_inverts_lookup_and_leaves_unknown_ids_null():
     with pytest.raises(ValueError, match="2-D integer"):
         reg.keys_for(ids.astype(float))
     assert IdRegistry().keys_for(np.zeros((2, 3), int)).to_list() == [None, None]
+    assert reg.keys_for(np.zeros((0, 0), int)).to_list() == [] == reg.keys_for([]).to_list()  # an empty batch
 
 
 def test_registry_keys_for_names_the_first_registered_item_of_a_shared_id():

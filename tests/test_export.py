@@ -68,14 +68,30 @@ def test_parsers_invert_the_string_exports(ids):
     (["<a_1><b_2>", "<a_1>"], "row 1 .* has 1 codes but row 0 has 2"),
     (["<a_99999999999999999999>"], "too large"),
     (["<a_1>", None], "row 1 \\(None\\)"),
+    (["<a_1 2><b_2>"], "row 0"),  # whitespace inside a token is not between tokens
+    (["<a_\u0661\u0662>"], "row 0 .* not of the form"),  # Arabic-Indic digits: refused, not read as 12
+    (["<a_1>", 7], "row 1 is int 7"),
+    ("<a_1>", "not a single string"),
 ])
 def test_parse_token_strings_names_the_first_row_it_cannot_read(bad, pattern):
     with pytest.raises(ValueError, match=pattern):
         parse_token_strings(bad)
 
 
+def test_level_letters_must_keep_tokens_readable(ids):
+    """A digit among the letters would read "<0_5>" as two codes; both directions refuse such prefixes."""
+    for prefixes in ("01", "a_b", "<b", "a a", "aa", ""):
+        with pytest.raises(ValueError, match="prefixes must"):
+            token_strings(ids, prefixes=prefixes)
+        with pytest.raises(ValueError, match="prefixes must"):
+            parse_token_strings(["<a_1>"], prefixes=prefixes)
+    for prefixes in ("a.b$", "^$[]", "αβγδ"):  # regex marks and other alphabets are letters like any other
+        np.testing.assert_array_equal(parse_token_strings(token_strings(ids, prefixes=prefixes), prefixes=prefixes), ids)
+
+
 @pytest.mark.parametrize("bad, pattern", [
     (["1-2", "1--2"], "row 1"), ([""], "row 0"), (["1-2", "3"], "has 1 codes"), (["1-x"], "row 0"),
+    (["\u0661-\u0662"], "row 0 .* not of the form"), ("12-3", "not a single string"),
 ])
 def test_parse_semantic_id_strings_names_the_first_row_it_cannot_read(bad, pattern):
     with pytest.raises(ValueError, match=pattern):
