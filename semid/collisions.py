@@ -582,6 +582,7 @@ class IdRegistry:
         self._keys = pl.Series("key", [], dtype=pl.String)
         self._ids = np.zeros((0, id_length or 0), dtype=np.int64)
         self._sorted: tuple[pl.Series, np.ndarray] | None = None  # see _sorted_index
+        self._by_id: pl.DataFrame | None = None  # see _id_table
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -598,11 +599,11 @@ class IdRegistry:
         Registering only ever replaces the key column and ID array by longer copies, so the ones held here
         are the registry as it was.
         """
-        saved = self._keys, self._ids, self.id_length, self._sorted
+        saved = self._keys, self._ids, self.id_length, self._sorted, self._by_id
         try:
             yield self
         finally:
-            self._keys, self._ids, self.id_length, self._sorted = saved
+            self._keys, self._ids, self.id_length, self._sorted, self._by_id = saved
 
     def lookup(self, keys: Sequence[str] | pl.Series) -> tuple[np.ndarray, np.ndarray]:
         """(known (n,) bool, ids (n, id_length) int64 with rows of -1 for unknown keys)."""
@@ -633,11 +634,21 @@ class IdRegistry:
             raise ValueError(f"ids have {ids.shape[1]} tokens but this registry's IDs have {self.id_length}")
         if len(self) == 0:
             return pl.Series("key", [None] * len(ids), dtype=pl.String)
-        columns = [f"c{j}" for j in range(ids.shape[1])]
-        table = pl.DataFrame({**dict(zip(columns, self._ids.T)), "key": self._keys})
-        table = table.unique(subset=columns, keep="first", maintain_order=True)
+        table = self._id_table()
+        columns = table.columns[:-1]
         query = pl.DataFrame(dict(zip(columns, ids.astype(np.int64, copy=False).T))).with_row_index("row")
         return query.join(table, on=columns, how="left").sort("row")["key"]
+
+    def _id_table(self) -> pl.DataFrame:
+        """One row per distinct ID (columns c0.., key), the first registered item of each, kept until the next
+        registration: a pipeline looking up generated IDs batch by batch builds it once."""
+        import polars as pl
+
+        if self._by_id is None:
+            columns = [f"c{j}" for j in range(self._ids.shape[1])]
+            table = pl.DataFrame({**dict(zip(columns, self._ids.T)), "key": self._keys})
+            self._by_id = table.unique(subset=columns, keep="first", maintain_order=True)
+        return self._by_id
 
     def _rows(self, keys: pl.Series) -> np.ndarray:
         """The registry row of each key, -1 where the key is unknown: (n,) int64, by binary search."""
@@ -748,7 +759,7 @@ class IdRegistry:
 
         self._keys = pl.concat([self._keys, keys.rename("key")], rechunk=False)
         self._ids = np.concatenate([self._ids, ids])
-        self._sorted = None
+        self._sorted = self._by_id = None
 
     def to_frame(self) -> pl.DataFrame:
         """The registry as a polars frame: key (str), id (list[int64])."""

@@ -699,6 +699,14 @@ def test_registry_keys_for_inverts_lookup_and_leaves_unknown_ids_null():
         reg.keys_for(ids.astype(float))
     assert IdRegistry().keys_for(np.zeros((2, 3), int)).to_list() == [None, None]
     assert reg.keys_for(np.zeros((0, 0), int)).to_list() == [] == reg.keys_for([]).to_list()  # an empty batch
+    # the lookup table is kept between calls, and rebuilt when items are registered (or a provisional undone)
+    fresh = np.array([[3, 3, 3]])
+    with reg.provisional():
+        new_id = reg.assign(["new"], fresh, np.zeros(1), "suffix", codebook_sizes=[4, 4, 4])
+        assert reg.keys_for(new_id).to_list() == ["new"]
+    assert reg.keys_for(new_id).to_list() == [None]
+    reg.assign(["new"], fresh, np.zeros(1), "suffix", codebook_sizes=[4, 4, 4])
+    assert reg.keys_for(new_id).to_list() == ["new"]
 
 
 def test_registry_keys_for_names_the_first_registered_item_of_a_shared_id():
