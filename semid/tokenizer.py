@@ -219,22 +219,27 @@ class SemanticIdTokenizer:
 
     # ---- encoding -----------------------------------------------------------------------------
     def _check_room_for_duplicates(self, emb: np.ndarray) -> None:
-        """Fail before training where identical embeddings are certain to overflow the suffix IDs.
+        """Fail before training where identical embeddings are certain to exhaust the IDs of their prefix.
 
-        Identical rows get one code tuple, and under the suffix strategy a prefix numbers at most K_last x
-        collisions.suffix_size items (its tuples' suffixes). Catalogues meet this through placeholder items,
-        thousands of empty descriptions with one embedding; found after training, it would cost the run.
+        Identical rows get one code tuple. A prefix numbers at most K_last x collisions.suffix_size items
+        (its tuples' suffixes); remap can instead keep length L by moving items to the K_(L-1) x K_last
+        tuples under their first L - 2 codes, and takes whichever of the two holds more. Catalogues meet
+        this through placeholder items, thousands of empty descriptions with one embedding; found after
+        training, it would cost the run.
         """
-        c = self.config.collisions
-        if c.strategy != "suffix":
+        c, sizes = self.config.collisions, self.config.quantizer.sizes()
+        if c.strategy == "none":
             return
-        room = self.config.quantizer.sizes()[-1] * c.suffix_size
+        rooms = {"last-level codes x collisions.suffix_size": (sizes[-1], c.suffix_size)}
+        if c.strategy == "remap" and len(sizes) > 1:
+            rooms["codes of the last two levels"] = (sizes[-2], sizes[-1])
+        how, (a, b) = max(rooms.items(), key=lambda item: item[1][0] * item[1][1])
         largest = int(duplicate_group_sizes(emb).max())
-        if largest > room:
+        if largest > a * b:
             raise InputError(
-                f"{largest} items share one embedding exactly, more than the {room} IDs one prefix can number "
-                f"(last-level codes x collisions.suffix_size = {room // c.suffix_size} x {c.suffix_size}): drop the "
-                "duplicates (placeholder items?) or raise collisions.suffix_size"
+                f"{largest} items share one embedding exactly, more than the {a * b} IDs that collision strategy "
+                f"{c.strategy!r} can give one tuple's items ({how} = {a} x {b}): drop the duplicates "
+                "(placeholder items?) or raise collisions.suffix_size"
             )
 
     def encode(self, x: Any, ids: Sequence[str] | None = None, *, id_col: str | None = "item_id",

@@ -499,6 +499,31 @@ def test_fit_numbers_hundreds_of_identical_items_within_the_suffix_bound(data, t
     np.testing.assert_array_equal(tok.encode(x), ids)  # and keep those IDs
 
 
+class _Trained(Exception):
+    """Raised in place of training: the checks before it passed."""
+
+
+@pytest.mark.parametrize("strategy, room", [("suffix", 4 * 3), ("remap", 16 * 4)])
+def test_fit_refuses_more_identical_items_than_their_prefix_holds_before_training(data, tiny_config, monkeypatch,
+                                                                                  strategy, room):
+    """Codebooks (4, 16, 4) and suffix_size 3: the suffix strategy numbers 4 x 3 items of one prefix, and remap,
+    which may move them to the 16 x 4 tuples under their level-1 code, more. One identical item beyond that
+    is refused before any training; exactly that many reach it."""
+    def stop(*args: object, **kwargs: object) -> None:
+        raise _Trained
+
+    monkeypatch.setattr("semid.tokenizer.Trainer.fit", stop)
+    tok = SemanticIdTokenizer(tiny_config({"collisions.strategy": strategy, "quantizer.codebook_size": [4, 16, 4],
+                                           "collisions.suffix_size": 3}))
+    x = data["a"].copy()
+    x[:room] = x[0]
+    with pytest.raises(_Trained):
+        tok.fit(x)
+    x[room] = x[0]
+    with pytest.raises(InputError, match=f"{room + 1} items share one embedding exactly, more than the {room} IDs"):
+        tok.fit(x)
+
+
 def test_remap_gives_hundreds_of_near_copies_on_a_full_prefix_ids_of_length_l(data, tiny_config, tmp_path):
     """Remap fitted where no prefix was full saves IDs of length L. Encoding 300 noisy copies of one item
     (more than the 16 codes of its prefix) then moves the overflow to nearby prefixes, still at length L,
