@@ -99,6 +99,7 @@ def _trained_on(tok: SemanticIdTokenizer) -> str:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
+    from semid.export import write_vocabulary
     from semid.modeldir import registry_lock
     from semid.tokenizer import SemanticIdTokenizer
 
@@ -109,6 +110,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
         summary = tok.encode_file(args.data, args.out, batch_size=args.batch_size, id_col=args.id_col,
                                   emb_col=args.emb_col, progress=not args.quiet and sys.stderr.isatty(),
                                   trie=args.trie, save_registry_to=args.model)
+    if args.vocab:
+        write_vocabulary(tok.token_vocabulary(), args.vocab)
     print(f"encoded {summary['n_items']} items ({summary['new_items']} new) to {args.out}")
     return 0
 
@@ -137,6 +140,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on the bundled goodbooks sample: train, encode, evaluate, report."""
+    from semid.export import write_vocabulary
     from semid.io import write_json_atomic
     from semid.metrics import format_report
     from semid.tokenizer import SemanticIdTokenizer
@@ -156,12 +160,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     train_s = time.perf_counter() - started
     tok.save(out / "model", overwrite=True)  # the demo's own output: a rerun replaces it
     summary = tok.encode_file(data, out / "ids.parquet", progress=False, trie=out / "trie.json")
+    write_vocabulary(tok.token_vocabulary(), out / "vocab.txt")
     report = tok.evaluate(items.embeddings, ids=items.ids, progress=False)
     report["train_seconds"] = round(train_s, 2)
     write_json_atomic(report, out / "report.json")
     print(format_report(report))
     print(f"\ntrained in {train_s:.1f} s ({_trained_on(tok)}); encoded {summary['n_items']} items")
-    print(f"outputs in {out}/: model/ (config, weights, registry), ids.parquet (with LLM tokens), trie.json, report.json")
+    print(f"outputs in {out}/: model/ (config, weights, registry), ids.parquet (with LLM tokens), trie.json, "
+          "vocab.txt (every token for an LLM's tokenizer), report.json")
     return 0
 
 
@@ -211,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quiet", action="store_true", help="no progress bar (there is none unless stderr is a terminal)")
     p.add_argument("--trie", help="also write the prefix trie of the IDs (JSON) for constrained decoding")
+    p.add_argument("--vocab", help="also write every token the model's IDs can use, one per line, for an LLM's tokenizer")
     columns(p)
     p.set_defaults(func=cmd_encode)
 

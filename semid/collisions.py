@@ -592,6 +592,13 @@ class IdRegistry:
         """The registered item keys, in registration order."""
         return self._keys
 
+    @property
+    def ids(self) -> np.ndarray:
+        """The registered IDs (n, id_length), in registration order, as a read-only view."""
+        view = self._ids.view()
+        view.flags.writeable = False
+        return view
+
     @contextlib.contextmanager
     def provisional(self) -> Iterator[IdRegistry]:
         """Assignments made inside are undone on exit: the IDs new items would get, without registering them.

@@ -69,6 +69,22 @@ def token_strings(ids: np.ndarray, prefixes: str = LEVEL_PREFIXES) -> list[str]:
     return _concat_columns(ids, lambda j, col: [pl.lit(f"<{prefixes[j]}_"), col, pl.lit(">")], separator="")
 
 
+def token_vocabulary(sizes: Sequence[int], prefixes: str = LEVEL_PREFIXES) -> list[str]:
+    """Every token an ID can hold, position by position: "<a_0>" .. "<a_{K-1}>", then "<b_0>" ...
+
+    sizes[j] is how many values position j takes (a level's codebook size, or the suffix bound). An LLM
+    recommender adds these to its text tokenizer, one embedding row each, before it learns to emit IDs.
+    The list holds every code rather than the codes in use, so that it stays the same as items arrive.
+    """
+    _check_prefixes(prefixes)
+    sizes = [int(k) for k in sizes]
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"sizes must give a positive number of values per token position, got {sizes}")
+    if len(sizes) > len(prefixes):
+        raise ValueError(f"{len(sizes)} token positions but only {len(prefixes)} level prefixes were given")
+    return [f"<{letter}_{code}>" for letter, k in zip(prefixes, sizes) for code in range(k)]
+
+
 def semantic_id_strings(ids: np.ndarray) -> list[str]:
     """One dash-joined string per item, e.g. [12, 201, 7, 0] -> "12-201-7-0" (the `semantic_id` column)."""
     return _concat_columns(_as_id_matrix(ids), lambda j, col: [col], separator="-")
@@ -181,5 +197,13 @@ def prefix_trie(ids: np.ndarray, *, string_keys: bool = False) -> dict:
 def write_trie_json(ids: np.ndarray, path: str | os.PathLike) -> Path:
     """Write `prefix_trie(ids, string_keys=True)` as compact JSON (tries get large), atomically."""
     text = json.dumps(prefix_trie(ids, string_keys=True), separators=(",", ":"))
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return Path(path)
+
+
+def write_vocabulary(tokens: Sequence[str], path: str | os.PathLike) -> Path:
+    """Write tokens (see `token_vocabulary`) one per line, the form text tokenizers' add-tokens scripts read,
+    atomically."""
+    text = "".join(f"{token}\n" for token in tokens)
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return Path(path)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from semid.collisions import IdRegistry, SuffixOverflowError
 from semid.config import SemidConfig
-from semid.export import semantic_id_strings, token_strings, write_trie_json
+from semid.export import semantic_id_strings, token_strings, token_vocabulary, write_trie_json
 from semid.kmeans import sinkhorn_assign
 from semid.io import (
     InputError,
@@ -298,6 +298,20 @@ class SemanticIdTokenizer:
             write_trie_json(final, trie)
         return {"n_items": n, "new_items": len(self.registry) - known_before, "id_length": int(final.shape[1]),
                 "levels": len(model.codebook_sizes)}
+
+    def token_vocabulary(self) -> list[str]:
+        """Every token this model's IDs can use, in `token_strings` form: each level's codes, then, where IDs
+        carry a suffix, the suffix values up to collisions.suffix_size (or the largest saved suffix, if higher).
+
+        The width is the registry's (remap keeps length L unless its first call had to fall back to suffixes);
+        before any ID is registered it follows from the strategy.
+        """
+        sizes = self._fitted().codebook_sizes
+        width = self.registry.id_length or len(sizes) + (self.config.collisions.strategy == "suffix")
+        if width == len(sizes):
+            return token_vocabulary(sizes)
+        largest = int(self.registry.ids[:, -1].max(initial=-1)) if len(self.registry) else -1
+        return token_vocabulary([*sizes, max(self.config.collisions.suffix_size, largest + 1)])
 
     def items_for(self, ids: np.ndarray) -> pl.Series:
         """The item each final ID names: its item id (as a string), or null for an ID no item was given.

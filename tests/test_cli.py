@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -89,7 +90,7 @@ def test_demo_runs_the_main_job_on_the_bundled_sample(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--device", "cpu", *[f"--set={s}" for s in tiny]]) == 0
     printed = capsys.readouterr().out
     assert "semid demo: 10000 items of dimension 384" in printed and "(cpu, " in printed
-    assert {p.name for p in out.iterdir()} == {"model", "ids.parquet", "trie.json", "report.json"}
+    assert {p.name for p in out.iterdir()} == {"model", "ids.parquet", "trie.json", "vocab.txt", "report.json"}
     ids = pl.read_parquet(out / "ids.parquet")
     assert ids.height == 10_000 and ids["semantic_id"].n_unique() == 10_000  # no two books share an ID
     report = json.loads((out / "report.json").read_text())
@@ -109,9 +110,9 @@ def test_train_encode_evaluate_round_trip(work):
     assert f"(cpu, {meta['train_precision']})" in work["train_stdout"]
 
     out = root / "ids.parquet"
-    trie_path = root / "trie.json"
+    trie_path, vocab_path = root / "trie.json", root / "vocab.txt"
     result = semid("encode", "--model", model, "--data", work["parquet"], "--out", out, "--quiet",
-                   "--trie", trie_path, cwd=root)
+                   "--trie", trie_path, "--vocab", vocab_path, cwd=root)
     assert result.returncode == 0, result.stderr
     frame = pl.read_parquet(out)
     source = pl.read_parquet(work["parquet"])
@@ -121,6 +122,12 @@ def test_train_encode_evaluate_round_trip(work):
     trie = json.loads(trie_path.read_text())
     first_codes = sorted({c[0] for c in frame["codes"].to_list()})
     assert trie[""] == first_codes  # the root lists exactly the first codes in use
+    vocab = vocab_path.read_text(encoding="utf-8").splitlines()
+    assert set(re.findall(r"<[a-d]_\d+>", "".join(frame["tokens"].to_list()))) <= set(vocab)
+    from semid.tokenizer import SemanticIdTokenizer
+
+    suffixes = SemanticIdTokenizer.load(model).config.collisions.suffix_size
+    assert vocab == [f"<{letter}_{c}>" for letter, k in zip("abcd", [16, 16, 16, suffixes]) for c in range(k)]
     assert frame["item_id"].to_list() == source["item_id"].to_list()
     codes = frame["codes"].to_list()
     assert {len(c) for c in codes} == {4}  # 3 levels + the suffix
@@ -129,8 +136,6 @@ def test_train_encode_evaluate_round_trip(work):
     assert all(0 <= v < 16 for c in codes for v in c[:3])
 
     # The CLI agrees with the Python API on the same saved model.
-    from semid.tokenizer import SemanticIdTokenizer
-
     api = SemanticIdTokenizer.load(model).encode(source)
     np.testing.assert_array_equal(np.array(codes), api)
 

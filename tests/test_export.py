@@ -15,7 +15,9 @@ from semid.export import (
     prefix_trie,
     semantic_id_strings,
     token_strings,
+    token_vocabulary,
     write_trie_json,
+    write_vocabulary,
 )
 
 
@@ -129,3 +131,25 @@ def test_trie_json_round_trip(ids, tmp_path):
     assert as_tuples == prefix_trie(ids)
     assert [p.name for p in path.parent.iterdir()] == ["trie.json"]
 
+
+def test_token_vocabulary_holds_every_token_the_ids_can_use(ids, tmp_path):
+    """Every token of every ID of this shape is in the vocabulary, once, and nothing else is."""
+    sizes = [int(k) for k in ids.max(axis=0) + 1]
+    vocab = token_vocabulary(sizes)
+    assert len(vocab) == len(set(vocab)) == sum(sizes)
+    used = {token for s in token_strings(ids) for token in re.findall(r"<[a-z]_\d+>", s)}
+    assert used <= set(vocab)
+    assert set(vocab) == {f"<{'abcd'[j]}_{c}>" for j, k in enumerate(sizes) for c in range(k)}
+    assert token_vocabulary([2, 1], prefixes="xy") == ["<x_0>", "<x_1>", "<y_0>"]
+    path = write_vocabulary(vocab, tmp_path / "vocab.txt")
+    assert path.read_text(encoding="utf-8").splitlines() == vocab
+    assert [p.name for p in tmp_path.iterdir()] == ["vocab.txt"]  # no temp file left
+
+
+@pytest.mark.parametrize("sizes, prefixes, problem", [
+    ([], "abc", "positive number"), ([4, 0], "abc", "positive number"),
+    ([2, 2, 2], "ab", "only 2 level prefixes"), ([2], "a1", "distinct characters"),
+])
+def test_token_vocabulary_refuses_bad_shapes(sizes, prefixes, problem):
+    with pytest.raises(ValueError, match=problem):
+        token_vocabulary(sizes, prefixes=prefixes)

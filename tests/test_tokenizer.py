@@ -8,6 +8,7 @@ handling must remove.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from semid.distance import pairwise_distance
 from semid.collisions import SuffixOverflowError, SuffixOverflowWarning
-from semid.export import parse_token_strings, token_strings
+from semid.export import parse_token_strings, token_strings, token_vocabulary
 from semid.io import InputError
 from semid.metrics import collision_metrics
 from semid.rqvae import RQVAE, _linear
@@ -522,6 +523,33 @@ def test_fit_refuses_more_identical_items_than_their_prefix_holds_before_trainin
     x[room] = x[0]
     with pytest.raises(InputError, match=f"{room + 1} items share one embedding exactly, more than the {room} IDs"):
         tok.fit(x)
+
+
+@pytest.mark.parametrize("strategy", ["suffix", "remap", "none"])
+def test_token_vocabulary_covers_every_token_of_the_ids(data, tiny_config, strategy):
+    """The vocabulary lists each level's codes and, where IDs carry one, the suffix values up to
+    collisions.suffix_size; every token of every encoded ID is in it."""
+    tok = SemanticIdTokenizer(tiny_config({"collisions.strategy": strategy, "collisions.suffix_size": 16}))
+    ids = tok.fit(data["a"]).encode(data["a"])
+    vocab = tok.token_vocabulary()
+    sizes = [*tok.model.codebook_sizes, *([16] if ids.shape[1] > len(tok.model.codebook_sizes) else [])]
+    assert len(vocab) == len(set(vocab)) == sum(sizes)
+    assert ids.shape[1] == 3 + (strategy == "suffix")
+    used = {token for s in token_strings(ids) for token in re.findall(r"<[a-z]_\d+>", s)}
+    assert used <= set(vocab) and f"<{'abcd'[ids.shape[1] - 1]}_0>" in vocab
+    if strategy == "suffix":  # a suffix saved under a larger bound still gets its token
+        assert ids[:, -1].max() >= 2
+        tok.config = tok.config.with_overrides({"collisions.suffix_size": 2})
+        assert len(tok.token_vocabulary()) == sum(sizes[:-1]) + max(2, int(ids[:, -1].max()) + 1)
+
+
+def test_token_vocabulary_of_remap_that_fell_back_to_suffixes_has_the_suffix_position(data, tiny_config):
+    """1,200 items cannot keep length 3 in 4 x 4 x 4 tuples, so remap's first call fixes IDs of length 4;
+    the vocabulary follows the registry, not the strategy's usual length."""
+    tok = SemanticIdTokenizer(tiny_config({"collisions.strategy": "remap", "quantizer.codebook_size": 4,
+                                           "collisions.suffix_size": 128}))
+    ids = tok.fit(data["a"]).encode(data["a"])
+    assert ids.shape[1] == 4 and tok.token_vocabulary() == token_vocabulary([4, 4, 4, 128])
 
 
 def test_remap_gives_hundreds_of_near_copies_on_a_full_prefix_ids_of_length_l(data, tiny_config, tmp_path):
