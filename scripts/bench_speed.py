@@ -375,8 +375,12 @@ def device_encode(base: np.ndarray, device: torch.device, args: argparse.Namespa
     def agreement(a: str, b: str) -> float:
         return round((codes[a] == codes[b]).all(-1).float().mean().item(), 6)
 
+    from semid import fused
+
     return {
         "rows": args.rows, "batch": args.batch, "train_steps": args.train_steps,
+        # set when the kernel failed or failed its first-use check: "semid" then timed the PyTorch walk
+        "fused_kernel_off_because": fused._state["off_because"],
         "items_per_second": items,
         "ratio_semid_over_reference": {p: round(items[f"semid_{p}"] / items[f"reference_{p}"], 2) for p in ("fp32", "bf16")},
         "speedup_bf16_over_fp32": {n: round(items[f"{n}_bf16"] / items[f"{n}_fp32"], 2) for n in systems},
@@ -417,6 +421,8 @@ def run_device(base: np.ndarray, args: argparse.Namespace) -> dict:
         print(f"  {name:16} {value:>14,.0f}")
     print(f"  semid / reference: {result['encode']['ratio_semid_over_reference']}")
     print(f"  fused / unfused: {result['encode']['ratio_fused_over_unfused']}")
+    if result["encode"]["fused_kernel_off_because"]:
+        print(f"  the fused kernel was OFF: {result['encode']['fused_kernel_off_because']}")
     print(f"  code agreement: {result['encode']['code_agreement']}")
     result["train"] = device_train(base, device, args.full_train_steps)
     t = result["train"]

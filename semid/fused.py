@@ -14,12 +14,18 @@ cores in "tf32x3" (three TF32 products that carry about fp32's precision); plain
 run on CUDA cores and, at these tile sizes, spill registers. So a code can differ where two codewords tie
 to within about 1e-6 of the score. Used on CUDA when Triton is importable (it ships with CUDA builds of
 torch); SEMID_FUSED=0 turns it off. The tests run it on the CPU through Triton's interpreter.
+
+The kernel is checked where it first runs in a process (`checked_codes`): its first batch is compared with
+the PyTorch walk, and a kernel that fails to build or launch, or disagrees, is turned off for the process
+with a `FusedKernelWarning`, so encoding falls back to PyTorch instead of failing or giving other IDs.
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
 import os
+import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,6 +41,15 @@ tl = None  # triton.language once `_kernel` has imported it: the kernel body rea
 # d <= 64); wider latents spill, so `usable` leaves them to PyTorch.
 _TILES = {32: (64, 64), 64: (64, 16)}
 _WIDEST_FUSED = max(_TILES)
+# The first fused batch of a process is checked against the PyTorch walk on this many rows; fewer than this
+# share of them may differ (only sub-round-off ties should).
+_CHECK_ROWS = 4096
+_CHECK_AGREEMENT = 0.99
+_state = {"checked": False, "off_because": None}
+
+
+class FusedKernelWarning(RuntimeWarning):
+    """The fused GPU kernel failed or disagreed with PyTorch, and encoding fell back to PyTorch."""
 
 
 @functools.cache
@@ -45,8 +60,37 @@ def available() -> bool:
 
 def usable(e: torch.Tensor) -> bool:
     """Whether `ResidualQuantizer.encode` of e should take the fused kernel: a CUDA latent of at most 64 dims."""
-    return (e.is_cuda and e.shape[-1] <= _WIDEST_FUSED and available()
+    return (e.is_cuda and e.shape[-1] <= _WIDEST_FUSED and available() and _state["off_because"] is None
             and os.environ.get("SEMID_FUSED", "1") != "0")
+
+
+def _turn_off(reason: str) -> None:
+    _state["off_because"] = reason
+    warnings.warn(f"semid's fused encode kernel is off for this process ({reason}); encoding continues in "
+                  "PyTorch, with the same codes. Please report this with your GPU, torch and triton versions.",
+                  FusedKernelWarning, stacklevel=3)
+
+
+def checked_codes(stack: ResidualQuantizer, e: torch.Tensor,
+                  reference: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+    """`residual_codes(stack, e)`, or None once the kernel is turned off (then the caller uses `reference`).
+
+    Why: the kernel is compiled by whatever Triton and driver the user has, so its first batch of a process is
+    compared with `reference` (the PyTorch walk) on up to `_CHECK_ROWS` rows before any of its codes are used.
+    """
+    try:
+        codes = residual_codes(stack, e)
+    except Exception as error:  # compile, resource or launch errors of this Triton on this GPU
+        _turn_off(f"it failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+        return None
+    if not _state["checked"] and len(e):
+        sample = min(len(e), _CHECK_ROWS)
+        agreement = (codes[:sample] == reference(e[:sample])).all(-1).float().mean().item()
+        if agreement < _CHECK_AGREEMENT:
+            _turn_off(f"its codes matched PyTorch's on {agreement:.1%} of {sample} items")
+            return None
+        _state["checked"] = True
+    return codes
 
 
 def _next_power_of_two(n: int, floor: int = 16) -> int:

@@ -112,8 +112,10 @@ class ResidualQuantizer(nn.Module):
     @torch.no_grad()
     def encode(self, e: torch.Tensor) -> torch.Tensor:
         """(n, d) -> (n, L) codes; on a GPU one fused kernel walks every level (`semid.fused`)."""
-        if fused.usable(e):
-            return fused.residual_codes(self, e)
+        codes = fused.checked_codes(self, e, self._walk_codes) if fused.usable(e) else None
+        return self._walk_codes(e) if codes is None else codes
+
+    def _walk_codes(self, e: torch.Tensor) -> torch.Tensor:
         return torch.stack([codes for _, _, codes in self._walk(e)], dim=-1)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,8 @@ CUDA test checks the compiled kernel where a GPU is present.
 """
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -26,7 +28,7 @@ def _stack(x: torch.Tensor, sizes: list[int], distance: str, centres: bool) -> R
 
 
 def _walk_codes(stack: ResidualQuantizer, x: torch.Tensor) -> torch.Tensor:
-    return torch.stack([codes for _, _, codes in stack._walk(x)], dim=-1)
+    return stack._walk_codes(x)
 
 
 @needs_interpreter
@@ -82,13 +84,63 @@ def test_encode_takes_the_kernel_only_on_a_gpu(monkeypatch):
         assert not fused.usable(x.cuda())
 
 
+@pytest.fixture
+def kernel_on_the_cpu(monkeypatch):
+    """`ResidualQuantizer.encode` takes the kernel (in the interpreter) on CPU tensors, with a fresh check state."""
+    monkeypatch.setattr(fused, "_state", {"checked": False, "off_because": None})
+    monkeypatch.setattr(fused, "usable", lambda e: fused._state["off_because"] is None)
+
+
+def _clustered_stack(n: int = 600) -> tuple[ResidualQuantizer, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(12, 32, generator=g)[torch.randint(0, 12, (n,), generator=g)] + 0.2 * torch.randn(n, 32, generator=g)
+    return _stack(x, [16, 16], "cosine", centres=True), x
+
+
+@needs_interpreter
+def test_a_kernel_that_agrees_is_checked_once_and_then_trusted(kernel_on_the_cpu, monkeypatch, recwarn):
+    stack, x = _clustered_stack()
+    assert torch.equal(stack.encode(x), _walk_codes(stack, x))
+    assert fused._state == {"checked": True, "off_because": None}
+    calls = []
+    monkeypatch.setattr(stack, "_walk_codes", lambda e: calls.append(len(e)))  # the walk must not run again
+    stack.encode(x[:50])
+    assert calls == [] and not [w for w in recwarn if issubclass(w.category, fused.FusedKernelWarning)]
+
+
+@needs_interpreter
+def test_a_kernel_that_fails_to_launch_falls_back_to_pytorch_with_a_warning(kernel_on_the_cpu, monkeypatch):
+    stack, x = _clustered_stack()
+
+    def broken_kernel():
+        raise RuntimeError("PTX compile failed: out of registers\nmore detail")
+
+    monkeypatch.setattr(fused, "_kernel", broken_kernel)
+    with pytest.warns(fused.FusedKernelWarning, match="RuntimeError: PTX compile failed: out of registers"):
+        codes = stack.encode(x)
+    assert torch.equal(codes, _walk_codes(stack, x))
+    assert not fused.usable(x) and "out of registers" in fused._state["off_because"]
+
+
+@needs_interpreter
+def test_a_kernel_that_gives_other_codes_is_turned_off_before_its_codes_are_used(kernel_on_the_cpu, monkeypatch):
+    stack, x = _clustered_stack()
+    real = fused.residual_codes
+    monkeypatch.setattr(fused, "residual_codes", lambda s, e: (real(s, e) + 1) % 16)  # every code off by one
+    with pytest.warns(fused.FusedKernelWarning, match=r"matched PyTorch's on 0\.0% of 600 items"):
+        codes = stack.encode(x)
+    assert torch.equal(codes, _walk_codes(stack, x)) and fused._state["checked"] is False
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_compiled_kernel_matches_the_cpu_walk(real_data):
     x = torch.from_numpy(real_data("beauty"))
     stack = _stack(x[:8192], [256, 256, 256], "cosine", centres=True)
     expected = _walk_codes(stack, x)
-    got = stack.cuda().encode(x.cuda()).cpu()  # through ResidualQuantizer.encode: the fused path
+    with warnings.catch_warnings():  # a kernel that failed its first-use check would fall back unseen
+        warnings.simplefilter("error", fused.FusedKernelWarning)
+        got = stack.cuda().encode(x.cuda()).cpu()  # through ResidualQuantizer.encode: the fused path
     assert (got == expected).all(-1).float().mean().item() > 0.999  # only sub-round-off ties may differ
 
 
