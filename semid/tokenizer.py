@@ -53,7 +53,7 @@ from semid.modeldir import (
     staging_dir,
 )
 from semid.rqvae import RQVAE
-from semid.train import Trainer, resolve_device
+from semid.train import Trainer, resolve_device, weights_problem
 
 # Rows per encode block: on a CPU a block is a view of the input, sized as in semid.rqvae to bound the
 # activations; on a GPU each block is one host-to-device copy.
@@ -115,15 +115,6 @@ def _check_digest(root: Path, meta: dict[str, Any], name: str) -> None:
     digest_key = _DIGESTED[name]
     if digest_key in meta and meta[digest_key] != _sha256(root / name):
         raise ModelDirError(f"{root}/{name} is not the file this model was saved with (replaced, edited or truncated)")
-
-
-def _weights_problem(exc: Exception) -> str:
-    """torch's reason a weights file did not load, on one line, without its advice to unpickle arbitrary
-    objects (weights_only=False), which would run code from a file that semid did not write."""
-    text = str(exc)
-    if "Weights only load failed" in text:
-        return "it holds Python objects, not only tensors (semid writes tensors only)"
-    return " ".join(text.split())[:400]
 
 
 class UnnamedItemsWarning(UserWarning):
@@ -458,7 +449,7 @@ class SemanticIdTokenizer:
             state = torch.load(root / "model.pt", map_location="cpu", weights_only=True)
             model.load_state_dict(state)
         except Exception as exc:
-            raise ModelDirError(f"{root}/model.pt is truncated, corrupt or from another model: {_weights_problem(exc)}") from None
+            raise ModelDirError(f"{root}/model.pt is truncated, corrupt or from another model: {weights_problem(exc)}") from None
         _check_digest(root, meta, "model.pt")  # another model's weights of this shape load, but give other codes
         try:
             tok.registry = IdRegistry.load(root / "registry.parquet")

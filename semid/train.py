@@ -134,6 +134,17 @@ def score(report: dict[str, Any], metric: str) -> tuple[float, float]:
     return (-value if metric in _HIGHER_IS_BETTER else value, float(report["collision_rate"]))
 
 
+
+def weights_problem(exc: Exception) -> str:
+    """torch's reason a weights file did not load, on one line, without its advice to unpickle arbitrary
+    objects (weights_only=False), which would run code from a file that semid did not write."""
+    text = str(exc)
+    if "Unsupported global" in text:
+        return "it holds Python objects, not only tensors (semid writes tensors only)"
+    if "Weights only load failed" in text:
+        return "it is not a torch file of tensors (truncated, corrupt, or another format)"
+    return " ".join(text.split())[:400]
+
 @dataclass
 class TrainState:
     """Everything a resumed run needs besides the model and optimizer."""
@@ -548,7 +559,7 @@ class Trainer:
         try:
             payload = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as exc:  # a truncated or foreign file: say which, not a pickle traceback
-            raise ValueError(f"cannot read training checkpoint {path}: {exc}") from None
+            raise ValueError(f"cannot read training checkpoint {path}: {weights_problem(exc)}") from None
         if not isinstance(payload, dict) or not str(payload.get("format", "")).startswith("semid-train-checkpoint"):
             raise ValueError(f"{path} is not a semid training checkpoint")
         if payload["format"] != CHECKPOINT_FORMAT:

@@ -5,6 +5,7 @@ takes about a second on one CPU core.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 from pathlib import Path
@@ -183,6 +184,13 @@ def test_load_checkpoint_rejects_corrupt_and_foreign_files(real_data, tiny_confi
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="cannot read training checkpoint"):
+        Trainer(config, x, checkpoint_path=ckpt).fit(resume=True)
+    ckpt.write_text("not a checkpoint\n")  # named for what it is, without torch's advice to unpickle it
+    with pytest.raises(ValueError, match="not a torch file of tensors") as err:
+        Trainer(config, x, checkpoint_path=ckpt).fit(resume=True)
+    assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
+    torch.save({"step": argparse.Namespace(step=3)}, ckpt)
+    with pytest.raises(ValueError, match="holds Python objects, not only tensors"):
         Trainer(config, x, checkpoint_path=ckpt).fit(resume=True)
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
