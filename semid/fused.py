@@ -93,21 +93,29 @@ def checked_codes(stack: ResidualQuantizer, e: torch.Tensor,
     return codes
 
 
+def _search_steps(n_keys: int) -> int:
+    """Binary-search steps for a table of n_keys, rounded up to a multiple of 8: one compile serves every
+    table of up to 255 keys, the next every table up to 65,535, and so on."""
+    return max(8, -(-n_keys.bit_length() // 8) * 8)
+
+
 def _next_power_of_two(n: int, floor: int = 16) -> int:
     return max(floor, 1 << (n - 1).bit_length())
 
 
 def _residual_encode(
-    e_ptr, search_ptr, bias_ptr, codeword_ptr, keys_ptr, centres_ptr, strides_ptr, codes_ptr, n,
+    e_ptr, search_ptr, bias_ptr, codeword_ptr, keys_ptr, centres_ptr, strides_ptr, codes_ptr, n, n_keys,
     D: tl.constexpr, D_PAD: tl.constexpr, K_PAD: tl.constexpr, LEVELS: tl.constexpr,
-    N_KEYS: tl.constexpr, SEARCH_STEPS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    CENTRES: tl.constexpr, SEARCH_STEPS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
     BLOCK_CODES: tl.constexpr,
 ):
     """One block of rows through every level.
 
     e (n, D) fp32; search (L, K_PAD, D): the score vectors; bias (L, K_PAD): the score offsets, -inf for
-    padding codes; codeword (L, K_PAD, D): what is subtracted; keys (N_KEYS,) sorted int64 prefix keys
-    with centres (N_KEYS, D), and strides (L - 1,) that make a prefix's key; codes (n, L) int64 output.
+    padding codes; codeword (L, K_PAD, D): what is subtracted; keys (n_keys,) sorted int64 prefix keys
+    with centres (n_keys, D), and strides (L - 1,) that make a prefix's key; codes (n, L) int64 output.
+    n_keys is a runtime value, so a new model's table needs no new compile; the binary search runs
+    SEARCH_STEPS >= log2(n_keys) + 1 steps, idle once its bounds meet.
     """
     # int64 offsets: rows * D passes 2^31 from 5.6M rows of a 384-d input
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
@@ -119,15 +127,15 @@ def _residual_encode(
                        other=0.0)
     key = tl.zeros([BLOCK_ROWS], dtype=tl.int64)
     for level in tl.static_range(LEVELS):
-        if N_KEYS > 0 and level == LEVELS - 1:  # prefix centre: binary search (lower bound) of the key
+        if CENTRES and level == LEVELS - 1:  # prefix centre: binary search (lower bound) of the key
             lo = tl.zeros([BLOCK_ROWS], dtype=tl.int64)
-            hi = tl.full([BLOCK_ROWS], N_KEYS, dtype=tl.int64)
+            hi = tl.zeros([BLOCK_ROWS], dtype=tl.int64) + n_keys
             for _ in tl.static_range(SEARCH_STEPS):
                 mid = (lo + hi) // 2
-                probe = tl.load(keys_ptr + mid, mask=mid < N_KEYS, other=0)
+                probe = tl.load(keys_ptr + mid, mask=mid < n_keys, other=0)
                 active = lo < hi
                 lo, hi = tl.where(active & (probe < key), mid + 1, lo), tl.where(active & (probe >= key), mid, hi)
-            at = tl.minimum(lo, N_KEYS - 1)
+            at = tl.minimum(lo, n_keys - 1)
             found = (tl.load(keys_ptr + at) == key) & row_ok
             centre = tl.load(centres_ptr + at[:, None] * D + dims[None, :], mask=found[:, None] & dim_ok[None, :],
                              other=0.0)
@@ -149,7 +157,7 @@ def _residual_encode(
         word = tl.load(codeword_ptr + (level * K_PAD + code[:, None]) * D + dims[None, :],
                        mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         residual = residual - word
-        if N_KEYS > 0 and level < LEVELS - 1:  # the prefix key is needed only to look up a centre
+        if CENTRES and level < LEVELS - 1:  # the prefix key is needed only to look up a centre
             key = key + code * tl.load(strides_ptr + level)
 
 
@@ -200,8 +208,8 @@ def residual_codes(stack: ResidualQuantizer, e: torch.Tensor) -> torch.Tensor:
         return codes
     kernel, cdiv = _kernel()
     kernel[(cdiv(n, block_rows),)](
-        e, search, bias, codewords, keys.contiguous(), centres.contiguous(), strides, codes, n,
-        D=d, D_PAD=d_pad, K_PAD=k_pad, LEVELS=len(sizes), N_KEYS=n_keys,
-        SEARCH_STEPS=max(1, n_keys.bit_length()), BLOCK_ROWS=block_rows, BLOCK_CODES=block_codes,
+        e, search, bias, codewords, keys.contiguous(), centres.contiguous(), strides, codes, n, n_keys,
+        D=d, D_PAD=d_pad, K_PAD=k_pad, LEVELS=len(sizes), CENTRES=n_keys > 0,
+        SEARCH_STEPS=_search_steps(n_keys), BLOCK_ROWS=block_rows, BLOCK_CODES=block_codes,
     )
     return codes

@@ -50,6 +50,25 @@ def test_kernel_gives_the_codes_of_the_pytorch_walk(real_data, distance, sizes, 
 
 
 @needs_interpreter
+@pytest.mark.parametrize("kept", [1, 2, 5, None])
+def test_prefix_tables_of_any_size_are_searched_by_the_same_kernel(real_data, kept):
+    """The table's length is a runtime argument: tables of 1, 2 and 5 keys (a slice of the fitted one) and
+    the whole table give the walk's codes, with enough search steps for each."""
+    x = torch.from_numpy(real_data("ml-100k"))[:700]
+    stack = _stack(x, [16, 16, 16], "cosine", centres=True)
+    if kept is not None:
+        stack.prefix_keys, stack.prefix_centres = stack.prefix_keys[:kept], stack.prefix_centres[:kept]
+    assert torch.equal(fused.residual_codes(stack, x), _walk_codes(stack, x))
+
+
+def test_search_steps_cover_the_table_in_few_compiled_variants():
+    for n_keys in [0, 1, 2, 255, 256, 65_535, 65_536, 10**7, 2**40]:
+        steps = fused._search_steps(n_keys)
+        assert steps >= n_keys.bit_length() and steps % 8 == 0  # lower bound of n keys takes bit_length(n) halvings
+    assert {fused._search_steps(n) for n in range(1, 256)} == {8}
+
+
+@needs_interpreter
 def test_kernel_on_a_latent_of_the_trained_default_shape_and_on_no_rows():
     """A 64-d latent and 3 x 256 codes, cosine (configs/default.toml's shape), on seeded data with clusters."""
     g = torch.Generator().manual_seed(1)
@@ -157,11 +176,12 @@ from semid import fused
 
 kernel, _ = fused._kernel()
 pointers = {"e_ptr": "*fp32", "search_ptr": "*fp32", "bias_ptr": "*fp32", "codeword_ptr": "*fp32",
-            "keys_ptr": "*i64", "centres_ptr": "*fp32", "strides_ptr": "*i64", "codes_ptr": "*i64", "n": "i32"}
+            "keys_ptr": "*i64", "centres_ptr": "*fp32", "strides_ptr": "*i64", "codes_ptr": "*i64", "n": "i32",
+            "n_keys": "i32"}
 cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 usage = {}
 for d, (rows, codes) in fused._TILES.items():
-    consts = {"D": d, "D_PAD": d, "K_PAD": 256, "LEVELS": 3, "N_KEYS": 5000, "SEARCH_STEPS": 13,
+    consts = {"D": d, "D_PAD": d, "K_PAD": 256, "LEVELS": 3, "CENTRES": True, "SEARCH_STEPS": 16,
               "BLOCK_ROWS": rows, "BLOCK_CODES": codes}
     source = ASTSource(fn=kernel, signature={**pointers, **{k: "constexpr" for k in consts}}, constexprs=consts)
     cubin = Path(sys.argv[1]) / f"d{d}.cubin"
