@@ -10,6 +10,8 @@ raw MiniLM mean-pooled vectors of one kind; the variants here change what a new 
 * `ml-1m-600`, `beauty-3000`: seeded random subsets, catalogues only a few times the size of a codebook;
 * `beauty-tfidf256`: not MiniLM at all: TF-IDF of Beauty's item texts reduced to 256 dimensions by truncated
   SVD (latent semantic analysis), the embedding a team without a neural text model would use;
+* `goodbooks-tfidf768`, `beauty-tfidf1024`: the same for another domain at a BERT-base width, and wider than
+  any set above (embeddings of 768 to 1,536 dimensions are common);
 * `beauty-cf64`: collaborative item factors: the truncated SVD of Beauty's item-by-user interaction matrix
   (`beauty_sequences.txt`) to 64 dimensions, item rows scaled by the singular values, as semantic IDs built
   on behaviour rather than content would use.
@@ -72,7 +74,8 @@ def interaction_factors(sequences: Path, n_items: int, dim: int, seed: int = 0) 
 
 def variants(data_dir: Path) -> dict[str, np.ndarray]:
     sets = {name: load_embeddings(name, data_dir) for name in DATA_SETS}
-    beauty_texts = pl.read_parquet(data_dir / "beauty.items.parquet")["text"].to_list()
+    beauty_texts, book_texts = (pl.read_parquet(data_dir / f"{name}.items.parquet")["text"].to_list()
+                                for name in ("beauty", "goodbooks"))
     return {
         "beauty-unit": unit_rows(sets["beauty"]),
         "ml-1m-unit": unit_rows(sets["ml-1m"]),
@@ -80,6 +83,8 @@ def variants(data_dir: Path) -> dict[str, np.ndarray]:
         "mixed": np.concatenate([sets[name] for name in DATA_SETS]),
         **subsets(sets, {"ml-1m": 600, "beauty": 3000}),
         "beauty-tfidf256": text_lsa(beauty_texts, 256),
+        "goodbooks-tfidf768": text_lsa(book_texts, 768),
+        "beauty-tfidf1024": text_lsa(beauty_texts, 1024),
         "beauty-cf64": interaction_factors(data_dir / "beauty_sequences.txt", len(sets["beauty"]), 64),
     }
 
