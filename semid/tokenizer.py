@@ -11,6 +11,7 @@ seen in `fit` keeps its ID when it comes back inside a larger matrix.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -374,27 +375,42 @@ class SemanticIdTokenizer:
 
         An existing model is replaced only with overwrite=True, and anything else that exists (a file, a
         directory with other contents) never is: the registry inside a model is the record of every ID it
-        handed out, and `check_save_target` says why a target is refused.
+        handed out, and `check_save_target` says why a target is refused. Saved back over the directory it
+        was loaded from, it is refused, as `save_registry` is, when that registry changed since.
         """
         model = self._fitted()
         target = check_save_target(path, overwrite)
-        staging = staging_dir(target)
-        try:
-            self.config.save(staging / "config.toml")
-            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, staging / "model.pt")
-            self.registry.save(staging / "registry.parquet")
-            write_json_atomic(
-                {"format": MODEL_FORMAT, "semid_version": semid_version(),
-                 "codebook_sizes": model.codebook_sizes, "history": self.history, **self.meta,
-                 **{digest_key: _sha256(staging / name) for name, digest_key in _DIGESTED.items()}},
-                staging / "meta.json",
-            )
-            replace_dir(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        # Saving over the directory this registry came from writes that registry back: like save_registry, it
+        # must not drop IDs another process registered there meanwhile.
+        resaving = self._registry_source is not None and self._registry_source[0] == target and target.is_dir()
+        with registry_lock(target) if resaving else contextlib.nullcontext():
+            if resaving:
+                self._check_registry_unchanged(target)
+            staging = staging_dir(target)
+            try:
+                self.config.save(staging / "config.toml")
+                torch.save({k: v.cpu() for k, v in model.state_dict().items()}, staging / "model.pt")
+                self.registry.save(staging / "registry.parquet")
+                write_json_atomic(
+                    {"format": MODEL_FORMAT, "semid_version": semid_version(),
+                     "codebook_sizes": model.codebook_sizes, "history": self.history, **self.meta,
+                     **{digest_key: _sha256(staging / name) for name, digest_key in _DIGESTED.items()}},
+                    staging / "meta.json",
+                )
+                replace_dir(staging, target)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
         self._registry_source = (target, file_stamp(target / "registry.parquet"))
         return target
+
+    def _check_registry_unchanged(self, root: Path) -> None:
+        """Refuse to write this tokenizer's registry over the one in `root` if that changed since it was read."""
+        if file_stamp(root / "registry.parquet") != self._registry_source[1]:
+            raise ModelDirError(
+                f"the registry in {root} changed since this tokenizer loaded it (another encode?); nothing was "
+                "written: load the model again and encode these items anew"
+            )
 
     def save_registry(self, path: str | os.PathLike) -> None:
         """Update only the registry of a saved model directory (after encoding new items), atomically.
@@ -408,17 +424,12 @@ class SemanticIdTokenizer:
         root = Path(path).absolute()
         file = root / "registry.parquet"
         with registry_lock(root):
-            source, stamp = self._registry_source or (None, None)
-            if source != root:
+            if self._registry_source is None or self._registry_source[0] != root:
                 raise ModelDirError(
                     f"{path} holds another model than this tokenizer (it was not loaded from there, or was fitted "
                     "since): its registry belongs with its own weights; save(path, overwrite=True) replaces the model"
                 )
-            if file_stamp(file) != stamp:
-                raise ModelDirError(
-                    f"the registry in {path} changed since this tokenizer loaded it (another encode?); nothing was "
-                    "written: load the model again and encode these items anew"
-                )
+            self._check_registry_unchanged(root)
             self.registry.save(file)
             self._registry_source = (root, file_stamp(file))
 

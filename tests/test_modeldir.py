@@ -159,6 +159,27 @@ def test_a_registry_that_changed_since_loading_is_not_overwritten(items, model):
     assert len(pl.read_parquet(model / "registry.parquet")) == N_FIT + 60
 
 
+def test_saving_a_whole_model_back_cannot_drop_ids_registered_since_it_was_loaded(items, model, tmp_path, capsys):
+    """save(overwrite=True) over the directory a tokenizer came from writes its registry back: refused, as
+    save_registry is, when another encode registered items there meanwhile; the IDs it handed out stay."""
+    ids, x = items
+    stale = SemanticIdTokenizer.load(model)
+    new = tmp_path / "new.parquet"
+    _frame(ids[N_FIT : N_FIT + 40], x[N_FIT : N_FIT + 40]).write_parquet(new)
+    assert main(["encode", "--model", str(model), "--data", str(new), "--out", str(tmp_path / "ids.parquet")]) == 0
+    handed_out = pl.read_parquet(tmp_path / "ids.parquet")["codes"].to_list()
+    stale.encode(x[N_FIT + 40 : N_FIT + 80], ids=ids[N_FIT + 40 : N_FIT + 80])  # would reuse those IDs
+    with pytest.raises(ModelDirError, match="changed since this tokenizer loaded it"):
+        stale.save(model, overwrite=True)
+    reloaded = SemanticIdTokenizer.load(model)
+    assert reloaded.encode(x[N_FIT : N_FIT + 40], ids=ids[N_FIT : N_FIT + 40]).tolist() == handed_out
+    reloaded.save(model, overwrite=True)  # unchanged since it was loaded: saving back is fine, and twice
+    reloaded.encode(x[N_FIT + 40 : N_FIT + 45], ids=ids[N_FIT + 40 : N_FIT + 45])
+    reloaded.save(model, overwrite=True)
+    assert len(pl.read_parquet(model / "registry.parquet")) == N_FIT + 45
+    stale.save(tmp_path / "fork")  # a new directory is another model's record, and is not refused
+
+
 def test_registry_lock_excludes_another_process(model, tmp_path):
     fcntl = pytest.importorskip("fcntl")
     holder = subprocess.Popen(
