@@ -59,14 +59,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matrix products run natively on this device: CUDA (the GPUs semid targets, Ampere and
-    later, have bf16 tensor cores), or a CPU with AVX512-BF16 or AMX.
+    """Whether bf16 matrix products run natively on this device: a CUDA GPU from Ampere on (bf16 tensor
+    cores), or a CPU with AVX512-BF16 or AMX.
 
     There bf16 autocast about halves the step of the default model (2-core AMD EPYC: 0.146 -> 0.075 s), as it
     does on a GPU. A CPU without these instructions emulates bf16 and would run slower, so it stays in fp32.
     """
-    if device.type == "cuda":
-        return True
+    if device.type == "cuda":  # before Ampere (T4, V100) bf16 is emulated, and slower than fp32
+        return torch.cuda.get_device_capability(device)[0] >= 8
     if device.type != "cpu":
         return False
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's, private: absent in some builds
@@ -211,6 +211,7 @@ class Trainer:
         self.uniqueness_interval = config.train.uniqueness_interval(self.x.shape[0])
         self._forward: torch.nn.Module = self.model  # `fit` wraps it (DDP, torch.compile) once the weights are set
         self._graph: torch.cuda.CUDAGraph | None = None
+        self._warmup_steps_left = 3  # eager steps in this process before capture (a resumed run too)
         self._neighbours: Neighbours | None = None
         latent_dim = config.model.latent_dim if self.model.is_autoencoder else x.shape[1]
         self._unique_target = torch.zeros(self.x.shape[0], latent_dim, device=self.device)
@@ -308,7 +309,8 @@ class Trainer:
         if not self.use_graph:
             self.optimizer.zero_grad(set_to_none=True)
             return self._optimize(rows)
-        if self._graph is None and self.state.step < 3:
+        if self._graph is None and self._warmup_steps_left > 0:
+            self._warmup_steps_left -= 1
             # Warm-up steps (cuBLAS workspaces, optimizer state) run on a side stream before capture, as
             # CUDA graph capture requires; they are ordinary training steps.
             side = torch.cuda.Stream()
@@ -557,7 +559,8 @@ class Trainer:
     def load_checkpoint(self, path: str | Path | None = None) -> None:
         path = Path(path or self.checkpoint_path)
         try:
-            payload = torch.load(path, map_location=self.device, weights_only=True)
+            # On the CPU: generator states must stay there, and each tensor below is put where it belongs.
+            payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # a truncated or foreign file: say which, not a pickle traceback
             raise ValueError(f"cannot read training checkpoint {path}: {weights_problem(exc)}") from None
         if not isinstance(payload, dict) or not str(payload.get("format", "")).startswith("semid-train-checkpoint"):
@@ -575,7 +578,7 @@ class Trainer:
                              f"this run has {list(self.x.shape)}); resume with the same items, in the same order")
         self.model.load_state_dict(payload["model"])
         if self.optimizer:
-            self.optimizer.load_state_dict(payload["optimizer"])
+            self._load_optimizer(payload["optimizer"])
         self.state = TrainState(**payload["state"])
         self.batch_rng.set_state(payload["batch_rng"])
         self.permutation, self.position = payload["permutation"].to(self.device), payload["position"]
@@ -585,10 +588,30 @@ class Trainer:
         if len(torch_rngs) != self.ranks.world_size:
             raise ValueError(f"{path} was written by a run of {len(torch_rngs)} training process(es); resume it "
                              f"with as many (this run has {self.ranks.world_size})")
-        # RNG states are CPU byte tensors, whatever map_location moved them to.
-        torch.set_rng_state(torch_rngs[self.ranks.rank].cpu())
+        torch.set_rng_state(torch_rngs[self.ranks.rank])
         if cuda_rngs[self.ranks.rank] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(cuda_rngs[self.ranks.rank].cpu(), self.device)
+            torch.cuda.set_rng_state(cuda_rngs[self.ranks.rank], self.device)
+
+    def _load_optimizer(self, saved: dict[str, Any]) -> None:
+        """The saved optimizer state, under this run's own execution settings.
+
+        Why: `load_state_dict` also restores the param groups' `capturable`, `fused` and `foreach` flags and
+        the learning rate's type, which belong to the device that wrote the checkpoint. A checkpoint written
+        on a GPU (capturable, a device-tensor rate) would fail its first step on a CPU, and one written on a
+        CPU could not be captured in a CUDA graph. So this run's flags and rate are put back, and each step
+        count goes where this run's AdamW keeps it: on the parameter's device when capturable or fused.
+        """
+        own = [{key: value for key, value in group.items() if key != "params"} for group in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(saved)
+        for group, settings in zip(self.optimizer.param_groups, own):
+            for key in ("capturable", "fused", "foreach", "lr"):
+                if key in settings:
+                    group[key] = settings[key]
+            on_device = group.get("capturable") or group.get("fused")
+            for param in group["params"]:
+                state = self.optimizer.state.get(param, {})
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].to(param.device if on_device else "cpu")
 
 
 # Keys that change how a run is watched or where it runs, not what it computes.

@@ -176,6 +176,28 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(real_data, tiny_config
             assert torch.equal(value, resumed_opt["state"][key][name]), f"optimizer {name} of param {key}"
 
 
+def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu_as_if_uninterrupted(real_data, tiny_config, tmp_path):
+    """A CUDA-graph run's AdamW groups are capturable with the rate in a device tensor; resumed on a CPU those
+    flags would fail the first step. The resumed run keeps its own flags and ends as the uninterrupted run."""
+    x = _x(real_data)
+    ckpt = tmp_path / "train.ckpt"
+    config = tiny_config({"train.steps": 50, "train.eval_every": 10, "train.checkpoint_every": 30})
+    full = Trainer(config, x, checkpoint_path=ckpt)
+    full_model = full.fit()
+    payload = torch.load(ckpt, weights_only=True)
+    assert payload["state"]["step"] == 30  # the one checkpoint, mid-run: dress its optimizer as a GPU run's
+    for group in payload["optimizer"]["param_groups"]:
+        group.update(capturable=True, fused=None, foreach=None, lr=torch.tensor(float(group["lr"])))
+    torch.save(payload, ckpt)
+
+    resumed = Trainer(config, x, checkpoint_path=ckpt)
+    own_flags = [(g["capturable"], g["fused"], g["foreach"]) for g in resumed.optimizer.param_groups]
+    resumed_model = resumed.fit(resume=True)
+    assert [(g["capturable"], g["fused"], g["foreach"]) for g in resumed.optimizer.param_groups] == own_flags
+    _assert_same_state(full_model.state_dict(), resumed_model.state_dict())
+    assert resumed.state.history == full.state.history
+
+
 def test_load_checkpoint_rejects_corrupt_and_foreign_files(real_data, tiny_config, tmp_path):
     x = _x(real_data)
     config = tiny_config({"train.steps": 20, "train.checkpoint_every": 10})
@@ -570,8 +592,10 @@ def test_config_file_errors(tmp_path):
 # ---- bf16 on the CPU ------------------------------------------------------------------------------
 
 
-def test_native_bf16_is_cuda_or_a_cpu_with_bf16_instructions(monkeypatch):
-    assert native_bf16(torch.device("cuda"))
+def test_native_bf16_is_an_ampere_or_later_gpu_or_a_cpu_with_bf16_instructions(monkeypatch):
+    for capability, native in [((7, 5), False), ((8, 0), True), ((9, 0), True)]:  # T4 emulates bf16; A100, H100
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert native_bf16(torch.device("cuda")) is native
     assert not native_bf16(torch.device("meta"))
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
@@ -628,6 +652,25 @@ def test_cuda_bf16_training_is_finite(real_data, tiny_config, heavy_tailed):
     history = trainer.state.history
     assert all(math.isfinite(h["loss"]) and math.isfinite(h["fvu"]) for h in history)
     assert history[-1]["fvu"] < 0.95
+
+
+@needs_cuda
+@pytest.mark.parametrize("resume_on", ["cuda", "cpu"])
+def test_a_cuda_graph_run_resumes_from_its_checkpoint(real_data, tiny_config, tmp_path, resume_on):
+    """The generator states load onto the CPU, the resumed process warms up before it captures its graph,
+    and the optimizer takes the flags of the device it resumes on."""
+    x = _x(real_data)
+    ckpt = tmp_path / "train.ckpt"
+    config = tiny_config({"train.device": "cuda", "train.steps": 50, "train.eval_every": 10,
+                          "train.checkpoint_every": 30})
+    first = Trainer(config, x, checkpoint_path=ckpt)
+    assert first.use_graph
+    first.fit()
+    assert torch.load(ckpt, weights_only=True)["state"]["step"] == 30  # resumed below from mid-run
+    resumed = Trainer(config.with_overrides({"train.device": resume_on}), x, checkpoint_path=ckpt)
+    model = resumed.fit(resume=True)
+    assert resumed.state.step == 50 and next(model.parameters()).device.type == resume_on
+    assert all(math.isfinite(h["fvu"]) for h in resumed.state.history)
 
 
 @needs_cuda
