@@ -39,7 +39,7 @@ tl = None  # triton.language once `_kernel` has imported it: the kernel body rea
 # A program keeps its rows' residuals, one chunk of score vectors and the chunk's scores in registers. These
 # (rows, codes) tiles compile for sm_90 without spilling (ptxas, 4 warps: 225 registers at d <= 32, 243 at
 # d <= 64); wider latents spill, so `usable` leaves them to PyTorch.
-_TILES = {32: (64, 64), 64: (64, 16)}
+_TILES = {16: (16, 16), 32: (64, 64), 64: (64, 16)}  # by the latent's width padded to a power of two
 _WIDEST_FUSED = max(_TILES)
 # The first fused batch of a process is checked against the PyTorch walk on this many rows; fewer than this
 # share of them may differ (only sub-round-off ties should).
@@ -190,7 +190,7 @@ def residual_codes(stack: ResidualQuantizer, e: torch.Tensor) -> torch.Tensor:
     n, d = e.shape
     sizes = stack.codebook_sizes
     d_pad = _next_power_of_two(d)
-    block_rows, block_codes = _TILES.get(d_pad, (16, 16))
+    block_rows, block_codes = _TILES.get(d_pad, _TILES[16])  # wider latents: direct calls only (tests)
     k_pad = _next_power_of_two(max(sizes), block_codes)
     terms = [score_terms(level.codebook.detach(), level.distance) for level in stack.levels]
     search = _stack([matrix.T.contiguous() for matrix, _ in terms], k_pad, 0.0)  # (L, K_PAD, d)
