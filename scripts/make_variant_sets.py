@@ -6,6 +6,7 @@ raw MiniLM mean-pooled vectors of one kind; the variants here change what a new 
 * `<set>-unit`: rows divided by their norm, the embedding model's usual (normalised) output;
 * `beauty-pca128`: Beauty projected on its top 128 principal axes (another dimension, centred, 86% of the
   variance), as pipelines that reduce embeddings before tokenising do;
+* `beauty-pca32`: the same on 32 axes, narrower than the default's 64-d latent (as small item factors are);
 * `mixed`: the five sets stacked into one 29k-item catalogue of several domains.
 * `ml-1m-600`, `beauty-3000`: seeded random subsets, catalogues only a few times the size of a codebook;
 * `beauty-tfidf256`: not MiniLM at all: TF-IDF of Beauty's item texts reduced to 256 dimensions by truncated
@@ -80,6 +81,7 @@ def variants(data_dir: Path) -> dict[str, np.ndarray]:
         "beauty-unit": unit_rows(sets["beauty"]),
         "ml-1m-unit": unit_rows(sets["ml-1m"]),
         "beauty-pca128": pca(sets["beauty"], 128),
+        "beauty-pca32": pca(sets["beauty"], 32),
         "mixed": np.concatenate([sets[name] for name in DATA_SETS]),
         **subsets(sets, {"ml-1m": 600, "beauty": 3000}),
         "beauty-tfidf256": text_lsa(beauty_texts, 256),
