@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from semid.io import atomic_write, read_items
+from semid.atomic import atomic_write
+from semid.io import read_items
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small row groups let the streaming reader show bounded memory on the sample; the size cost is tiny.

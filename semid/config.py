@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from semid.atomic import atomic_write
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised only on Python 3.10
@@ -307,8 +309,6 @@ class SemidConfig:
         return "\n".join(lines)
 
     def save(self, path: str | Path) -> None:
-        from semid.io import atomic_write
-
         text = self.to_toml()
         atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 

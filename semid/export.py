@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from semid.io import atomic_write
+from semid.atomic import atomic_write
 
 LEVEL_PREFIXES = "abcdefghijklmnopqrstuvwxyz"
 

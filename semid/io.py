@@ -21,10 +21,12 @@ import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import polars as pl
+
+from semid.atomic import atomic_write
 
 SUFFIXES = (".npy", ".parquet")
 # Hint appended to missing-column errors, since the usual fix is to name the right column.
@@ -404,41 +406,6 @@ def _parquet_batches(
 
 # --------------------------------------------------------------------------------------------------
 # atomic writers
-
-
-def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None]) -> None:
-    """Run `write_fn(tmp)` on a temp path next to `path`, fsync it, then rename it onto `path`.
-
-    The temp file is in the same directory (a rename across file systems is not atomic) and keeps the
-    target's suffix, so writers that pick a format by suffix (np.save adds ".npy" otherwise) behave.
-    If `write_fn` raises, the temp file is removed and `path` is untouched.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.stem}.tmp-{uuid.uuid4().hex[:12]}{target.suffix}")
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist the rename itself; directories cannot be opened for fsync on some platforms (Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_parquet_atomic(df: pl.DataFrame | pl.LazyFrame, path: str | os.PathLike) -> None:

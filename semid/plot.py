@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from semid.io import atomic_write
+from semid.atomic import atomic_write
 from semid.metrics import _code_matrix, _level_sizes, _row_group_counts, codebook_metrics, collision_metrics
 
 _MISSING_EXTRA = "semid plots need the optional extra: pip install 'semid[plot]'"

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from semid import distributed
+from semid.atomic import atomic_write
 from semid.config import ConfigError, SemidConfig
 from semid.metrics import (
     HEAVY_TAIL_SHARE,
@@ -531,8 +532,6 @@ class Trainer:
     # ---- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self, path: str | Path | None = None) -> None:
         """Write a resumable checkpoint (rank 0 writes; every rank must call this, to hand over its RNG)."""
-        from semid.io import atomic_write
-
         torch_rngs = distributed.gather_objects(torch.get_rng_state(), self.ranks)
         cuda_rngs = distributed.gather_objects(torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
                                                else None, self.ranks)

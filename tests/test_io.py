@@ -14,11 +14,11 @@ import polars as pl
 import pytest
 import torch
 
+from semid.atomic import atomic_write
 from semid.io import (
     InputError,
     ItemTable,
     ParquetShardWriter,
-    atomic_write,
     check_unique_ids,
     count_items,
     iter_item_batches,

@@ -810,3 +810,39 @@ def test_trainer_runs_the_steps_resolved_for_its_catalogue(real_data, tiny_confi
     assert trainer.config.train.steps == expected and trainer.learning_rate.steps == expected
     trainer.fit()
     assert trainer.state.step == expected and trainer.state.history[-1]["step"] == expected
+
+
+# ---- a GPU worker's image: torch, numpy and Triton, no polars ------------------------------------
+
+_WITHOUT_POLARS = r"""
+import sys, tempfile
+from pathlib import Path
+
+class NoPolars:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "polars":
+            raise ImportError("polars is not installed on this worker")
+
+sys.meta_path.insert(0, NoPolars())
+import torch
+from semid.config import SemidConfig
+from semid.train import Trainer
+
+out = Path(tempfile.mkdtemp())
+config = SemidConfig.default().with_overrides({"train.steps": 4, "train.eval_every": 2, "train.checkpoint_every": 2,
+                                               "quantizer.codebook_size": 8, "train.progress": False,
+                                               "model.hidden": [32], "model.latent_dim": 8})
+Trainer(config, torch.randn(300, 16), checkpoint_path=out / "run.ckpt").fit()
+config.save(out / "config.toml")
+print(sorted(p.name for p in out.iterdir()), "polars" in sys.modules)
+"""
+
+
+def test_training_checkpoints_and_configs_need_no_polars():
+    """The device image has no polars: training, its checkpoints and config files must not import it."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_POLARS], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "['config.toml', 'run.ckpt'] False"

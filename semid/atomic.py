@@ -1,0 +1,47 @@
+"""Atomic file writes: a temp file beside the target, fsync, then a rename onto it.
+
+Why a module of its own: checkpoints (semid.train) and configs (semid.config) are written where polars, which
+semid.io needs, may be missing (a GPU worker's image); every writer in semid goes through this one function,
+so an interrupted run never leaves a half-written file that looks valid.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Callable
+
+
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None]) -> None:
+    """Run `write_fn(tmp)` on a temp path next to `path`, fsync it, then rename it onto `path`.
+
+    The temp file is in the same directory (a rename across file systems is not atomic) and keeps the
+    target's suffix, so writers that pick a format by suffix (np.save adds ".npy" otherwise) behave.
+    If `write_fn` raises, the temp file is removed and `path` is untouched.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.stem}.tmp-{uuid.uuid4().hex[:12]}{target.suffix}")
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist the rename itself; directories cannot be opened for fsync on some platforms (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
