@@ -118,6 +118,11 @@ def _check_digest(root: Path, meta: dict[str, Any], name: str) -> None:
         raise ModelDirError(f"{root}/{name} is not the file this model was saved with (replaced, edited or truncated)")
 
 
+def _host_array(ids: Any) -> np.ndarray:
+    """IDs or codes as a numpy array, from anything array-like: a generative model's output tensor may be on a GPU."""
+    return ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+
+
 class UnnamedItemsWarning(UserWarning):
     """Rows without ids given to a model whose registry knows its items by id (see `_content_keys`)."""
 
@@ -305,7 +310,7 @@ class SemanticIdTokenizer:
         largest = int(self.registry.ids[:, -1].max(initial=-1)) if len(self.registry) else -1
         return token_vocabulary([*sizes, max(self.config.collisions.suffix_size, largest + 1)])
 
-    def items_for(self, ids: np.ndarray) -> pl.Series:
+    def items_for(self, ids: np.ndarray | torch.Tensor) -> pl.Series:
         """The item each final ID names: its item id (as a string), or null for an ID no item was given.
 
         For generated IDs: parse a model's output with `semid.export.parse_token_strings` (or
@@ -313,7 +318,7 @@ class SemanticIdTokenizer:
         Items encoded without ids come back as their content keys.
         """
         self._fitted()
-        return self.registry.keys_for(ids).rename("item_id")
+        return self.registry.keys_for(_host_array(ids)).rename("item_id")
 
     @torch.no_grad()
     def encode_raw(self, x: Any) -> np.ndarray:
@@ -321,10 +326,10 @@ class SemanticIdTokenizer:
         model, emb = self._fitted(), self._matrix(x)
         return torch.cat([model.encode(rows).cpu() for rows in self._row_blocks(emb)]).numpy()
 
-    def decode(self, ids: np.ndarray) -> np.ndarray:
+    def decode(self, ids: np.ndarray | torch.Tensor) -> np.ndarray:
         """(n, >= L) IDs or codes -> (n, D) float32 reconstructions (a suffix column is ignored)."""
         model = self._fitted()
-        ids = np.asarray(ids)
+        ids = _host_array(ids)
         levels = len(model.codebook_sizes)
         if ids.ndim != 2 or ids.shape[1] < levels:
             raise InputError(f"decode needs IDs of shape (n, >= {levels}), got {ids.shape}")
@@ -435,7 +440,11 @@ class SemanticIdTokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | None = None) -> "SemanticIdTokenizer":
-        """Read a directory written by `save`; anything truncated, edited or foreign is a ModelDirError."""
+        """Read a directory written by `save`; anything truncated, edited or foreign is a ModelDirError.
+
+        The model goes to `device` ("auto", "cpu", "cuda"), else where it trained, or to the CPU when it
+        trained on a GPU that this machine lacks.
+        """
         root = Path(path)
         if not root.is_dir():
             raise ModelDirError(f"model directory not found: {root}")
@@ -452,6 +461,8 @@ class SemanticIdTokenizer:
             raise ModelDirError(f"{root}/meta.json is incomplete: it has no input_dim")
         _check_digest(root, meta, "config.toml")  # another config would build another architecture or encoder
         config = SemidConfig.load(root / "config.toml")
+        if device is None and config.train.device == "cuda" and not torch.cuda.is_available():
+            device = "auto"  # trained on a GPU, used where there is none: a model is portable, as its IDs are
         if device is not None:
             config = config.with_overrides({"train.device": device})
         tok = cls(config)

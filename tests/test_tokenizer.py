@@ -218,6 +218,32 @@ def test_items_for_names_the_item_of_each_generated_id(data, model_dir, tmp_path
         again.items_for(ids[:, :3])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_decode_and_items_for_take_a_generative_models_tensors(data, model_dir, device):
+    """A seq2seq model's beams are torch tensors, on its GPU: both ways back take them as they are."""
+    tok = SemanticIdTokenizer.load(model_dir("suffix", True))
+    ids = tok.encode(_frame(data["a"], data["ids_a"]))
+    beams = torch.from_numpy(ids).to(device)
+    assert tok.items_for(beams).to_list() == data["ids_a"].tolist()
+    np.testing.assert_array_equal(tok.decode(beams), tok.decode(ids))
+
+
+def test_a_model_trained_on_a_gpu_loads_where_there_is_none(data, model_dir, tmp_path, monkeypatch):
+    """Its config says train.device = "cuda"; without a device named, load puts it on the CPU instead of
+    failing, and gives the IDs it had."""
+    tok = SemanticIdTokenizer.load(model_dir("suffix", True))
+    expected = tok.encode(_frame(data["a"], data["ids_a"]))
+    tok.config = tok.config.with_overrides({"train.device": "cuda"})  # as `semid train --device cuda` saves it
+    tok.save(tmp_path / "gpu-model")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    loaded = SemanticIdTokenizer.load(tmp_path / "gpu-model")
+    assert loaded._device().type == "cpu" and loaded.config.train.device == "auto"
+    np.testing.assert_array_equal(loaded.encode(_frame(data["a"], data["ids_a"])), expected)
+    with pytest.raises(RuntimeError, match="no CUDA device is available"):  # asked for by name: still an error
+        SemanticIdTokenizer.load(tmp_path / "gpu-model", device="cuda")
+
+
 @pytest.mark.parametrize("with_ids", [True, False], ids=["parquet", "npy"])
 def test_encode_file_is_independent_of_batch_size(data, model_dir, tmp_path, with_ids):
     path = model_dir("suffix", with_ids)
