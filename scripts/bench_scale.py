@@ -46,13 +46,14 @@ def synthetic_catalogue(base: np.ndarray, n: int, noise: float, seed: int) -> np
 
 class PhaseMeter:
     """Seconds and peak memory of named calls, which may nest. Peak host memory is the process's resident
-    high-water mark, reset before each call where Linux allows it (a call's peak then includes the peaks of
-    the calls inside it); on CUDA the peak of allocated device memory as well."""
+    high-water mark, and on CUDA the peak of allocated device memory as well. Both are reset before each
+    call (where Linux allows it for the host), so a call's peak is folded into the call around it before the
+    reset and again after it: an enclosing call's peak covers everything inside it."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.phases: dict[str, dict[str, float]] = {}
-        self._open: list[float] = []  # host peaks of the calls inside each call being measured
+        self._open: list[tuple[float, float]] = []  # (host, device) peaks so far of each call being measured
 
     def _reset_peaks(self) -> None:
         try:
@@ -72,23 +73,33 @@ class PhaseMeter:
             pass
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
+    def _peaks(self) -> tuple[float, float]:
+        """(host, device) peak GB since the last reset."""
+        device = torch.cuda.max_memory_allocated(self.device) / 1e9 if self.device.type == "cuda" else 0.0
+        return self._host_peak_gb(), device
+
+    def _fold_into_enclosing(self, peaks: tuple[float, float]) -> None:
+        if self._open:
+            self._open[-1] = (max(self._open[-1][0], peaks[0]), max(self._open[-1][1], peaks[1]))
+
     def measure(self, name: str, fn: Callable[[], Any]) -> Any:
+        self._fold_into_enclosing(self._peaks())  # the reset below would forget the enclosing call's peak so far
         self._reset_peaks()
-        self._open.append(0.0)
+        self._open.append((0.0, 0.0))
         started = time.perf_counter()
         result = fn()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - started
-        host_peak = max(self._open.pop(), self._host_peak_gb())
-        if self._open:
-            self._open[-1] = max(self._open[-1], host_peak)
-        phase = self.phases.setdefault(name, {"calls": 0, "seconds": 0.0, "host_peak_gb": 0.0})
+        inside, now = self._open.pop(), self._peaks()
+        host_peak, device_peak = max(inside[0], now[0]), max(inside[1], now[1])
+        self._fold_into_enclosing((host_peak, device_peak))
+        phase = self.phases.setdefault(name, {"calls": 0, "seconds": 0.0, "first_seconds": seconds,
+                                              "host_peak_gb": 0.0})
         phase["calls"] += 1
         phase["seconds"] += seconds
         phase["host_peak_gb"] = max(phase["host_peak_gb"], host_peak)
         if self.device.type == "cuda":
-            device_peak = torch.cuda.max_memory_allocated(self.device) / 1e9
             phase["device_peak_gb"] = max(phase.get("device_peak_gb", 0.0), device_peak)
         return result
 
@@ -111,9 +122,15 @@ class PhaseMeter:
             for name, method in originals.items():
                 setattr(cls, name, method)
 
-    def mean_seconds(self, name: str) -> float:
+    def repeated_seconds(self, name: str, times: int) -> float:
+        """Seconds for `times` calls of a phase: its first call once (which also pays one-off costs such as a
+        kernel compile or the neighbour search), then the mean of its later calls (the first, if it had none)."""
         phase = self.phases.get(name)
-        return phase["seconds"] / phase["calls"] if phase else 0.0
+        if not phase or times <= 0:
+            return 0.0
+        later = phase["calls"] - 1
+        steady = (phase["seconds"] - phase["first_seconds"]) / later if later else phase["first_seconds"]
+        return phase["first_seconds"] + (times - 1) * steady
 
 
 def full_default_estimate(config: SemidConfig, n: int, meter: PhaseMeter, step_seconds: float) -> dict[str, Any]:
@@ -123,11 +140,11 @@ def full_default_estimate(config: SemidConfig, n: int, meter: PhaseMeter, step_s
     refreshes = math.ceil(steps / t.uniqueness_interval(n)) if t.uniqueness_weight else 0
     evaluations = math.ceil(steps / t.eval_every) if t.eval_every else 1  # the last step is always evaluated
     parts = {
-        "initialize": meter.mean_seconds("initialize"),
-        "steps": steps * step_seconds,
-        "uniqueness_refreshes": refreshes * meter.mean_seconds("_update_uniqueness_targets"),
-        "evaluations": evaluations * meter.mean_seconds("_evaluate"),
-        "finish": meter.mean_seconds("_finish_main"),
+        "initialize": meter.repeated_seconds("initialize", 1),
+        "steps": steps * step_seconds,  # the short run's mean step, its warm-up (and CUDA-graph capture) included
+        "uniqueness_refreshes": meter.repeated_seconds("_update_uniqueness_targets", refreshes),
+        "evaluations": meter.repeated_seconds("_evaluate", evaluations),
+        "finish": meter.repeated_seconds("_finish_main", 1),
     }
     return {"steps": steps, "refreshes": refreshes, "evaluations": evaluations, "seconds": parts,
             "total_seconds": sum(parts.values())}

@@ -47,13 +47,40 @@ def test_phase_meter_counts_nested_calls_and_restores_the_methods() -> None:
     assert meter.phases["inner"]["calls"] == 2 and meter.phases["outer"]["calls"] == 1
     assert meter.phases["outer"]["seconds"] >= meter.phases["inner"]["seconds"]
     assert meter.phases["outer"]["host_peak_gb"] >= meter.phases["inner"]["host_peak_gb"]  # includes the inner peaks
-    assert meter.mean_seconds("inner") == pytest.approx(meter.phases["inner"]["seconds"] / 2)
+    assert meter.repeated_seconds("inner", 2) == pytest.approx(meter.phases["inner"]["seconds"])
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="resettable peaks are Linux's")
+def test_an_enclosing_calls_peak_survives_the_reset_of_a_call_inside_it() -> None:
+    meter = bench_scale.PhaseMeter(torch.device("cpu"))
+
+    class Work:
+        def inner(self) -> int:
+            return 1
+
+        def outer(self) -> int:
+            big = np.ones(25_000_000)  # 200 MB, released before inner() resets the high-water mark
+            del big
+            return self.inner()
+
+    with meter.instrument(Work, ("inner", "outer")):
+        Work().outer()
+    assert meter.phases["outer"]["host_peak_gb"] - meter.phases["inner"]["host_peak_gb"] > 0.15
+
+
+def test_repeated_calls_pay_the_first_calls_one_off_cost_once() -> None:
+    meter = bench_scale.PhaseMeter(torch.device("cpu"))
+    meter.phases = {"refresh": {"calls": 3, "seconds": 10.0 + 2.0 + 2.0, "first_seconds": 10.0, "host_peak_gb": 0.0},
+                    "once": {"calls": 1, "seconds": 4.0, "first_seconds": 4.0, "host_peak_gb": 0.0}}
+    assert meter.repeated_seconds("refresh", 5) == pytest.approx(10.0 + 4 * 2.0)  # a compile, then steady calls
+    assert meter.repeated_seconds("once", 3) == pytest.approx(12.0)  # no later call: the first is the estimate
+    assert meter.repeated_seconds("refresh", 0) == 0.0 and meter.repeated_seconds("absent", 3) == 0.0
 
 
 def test_full_default_estimate_adds_the_measured_costs_of_the_run_the_default_would_take() -> None:
     config = SemidConfig.load(bench_scale.ROOT / "configs" / "default.toml")
     meter = bench_scale.PhaseMeter(torch.device("cpu"))
-    meter.phases = {name: {"calls": 2, "seconds": 2.0 * s, "host_peak_gb": 0.0} for name, s in
+    meter.phases = {name: {"calls": 2, "seconds": 2.0 * s, "first_seconds": s, "host_peak_gb": 0.0} for name, s in
                     [("initialize", 3.0), ("_update_uniqueness_targets", 10.0), ("_evaluate", 16.0), ("_finish_main", 30.0)]}
     estimate = bench_scale.full_default_estimate(config, 500_000, meter, step_seconds=0.07)
     assert estimate["steps"] == 16_000  # max_steps bounds the 300 passes
