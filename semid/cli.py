@@ -180,16 +180,26 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semid", description="Semantic IDs for generative recommenders.")
+    threads_help = ("CPU threads for torch (default: one per core); on a machine busy with other work, fewer "
+                    "run faster")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    # --debug also after the command (`semid train --debug ...`); SUPPRESS keeps a top-level one from being reset
-    debug = argparse.ArgumentParser(add_help=False)
-    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    parser.add_argument("--threads", type=_positive_int, help=threads_help)
+    # Both also after the command (`semid train --debug ...`); SUPPRESS keeps a top-level one from being reset
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    common.add_argument("--threads", type=_positive_int, default=argparse.SUPPRESS, help=threads_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
-        return sub.add_parser(name, parents=[debug], **kwargs)
+        return sub.add_parser(name, parents=[common], **kwargs)
 
     def columns(p: argparse.ArgumentParser) -> None:
         p.add_argument("--id-col", default="item_id", help="parquet id column (default: item_id)")
@@ -262,6 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     def one_line_warning(message, category, *_args, **_kwargs) -> None:
         print(f"semid {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         with warnings.catch_warnings():  # restores the warning display for a caller of main()
             warnings.showwarning = one_line_warning

@@ -331,6 +331,29 @@ def test_debug_flag_shows_the_traceback(work, tmp_path):
               "--out", str(tmp_path / "ids.parquet"), "--debug"])
 
 
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_threads_sets_torchs_cpu_threads_before_the_command_runs(work, tmp_path, monkeypatch, where):
+    import torch
+
+    from semid.cli import main
+
+    asked = []
+    monkeypatch.setattr(torch, "set_num_threads", asked.append)
+    command = ["encode", "--model", str(tmp_path / "absent"), "--data", str(work["npy"]),
+               "--out", str(tmp_path / "ids.parquet")]
+    argv = ["--threads", "1", *command] if where == "before" else [*command, "--threads", "1"]
+    assert main(argv) == 1 and asked == [1]  # set, then the command failed on its missing model
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "two", "1.5"])
+def test_threads_must_be_a_positive_whole_number(bad, capsys):
+    from semid.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--threads", bad, "demo"])
+    assert exit_info.value.code == 2 and "--threads: expected a whole number of at least 1" in capsys.readouterr().err
+
+
 def test_train_names_the_cli_fix_when_a_prefix_overflows_and_refuses_certain_overflows_before_training(
         work, tmp_path, capsys):
     from semid.cli import main
