@@ -21,6 +21,7 @@ with a `FusedKernelWarning`, so encoding falls back to PyTorch instead of failin
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -207,9 +208,11 @@ def residual_codes(stack: ResidualQuantizer, e: torch.Tensor) -> torch.Tensor:
     if n == 0:
         return codes
     kernel, cdiv = _kernel()
-    kernel[(cdiv(n, block_rows),)](
-        e, search, bias, codewords, keys.contiguous(), centres.contiguous(), strides, codes, n, n_keys,
-        D=d, D_PAD=d_pad, K_PAD=k_pad, LEVELS=len(sizes), CENTRES=n_keys > 0,
-        SEARCH_STEPS=_search_steps(n_keys), BLOCK_ROWS=block_rows, BLOCK_CODES=block_codes,
-    )
+    # Triton launches on the current CUDA device: make it the latents' (a model on cuda:1, say)
+    with torch.cuda.device(e.device) if e.is_cuda else contextlib.nullcontext():
+        kernel[(cdiv(n, block_rows),)](
+            e, search, bias, codewords, keys.contiguous(), centres.contiguous(), strides, codes, n, n_keys,
+            D=d, D_PAD=d_pad, K_PAD=k_pad, LEVELS=len(sizes), CENTRES=n_keys > 0,
+            SEARCH_STEPS=_search_steps(n_keys), BLOCK_ROWS=block_rows, BLOCK_CODES=block_codes,
+        )
     return codes
