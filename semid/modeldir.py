@@ -101,7 +101,7 @@ def registry_lock(model_dir: str | os.PathLike) -> Iterator[None]:
     in a directory this process cannot write (a model baked into a read-only image): encoding items it
     already knows needs no lock there, and saving new ones fails on its own with the reason.
     """
-    root = Path(model_dir).absolute()
+    root = Path(model_dir).resolve()  # one key per directory however it is spelled: re-entrance must see it
     if not root.is_dir():
         raise ModelDirError(f"model directory not found: {model_dir}")
     handle = None

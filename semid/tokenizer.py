@@ -387,7 +387,9 @@ class SemanticIdTokenizer:
         target = check_save_target(path, overwrite)
         # Saving over the directory this registry came from writes that registry back: like save_registry, it
         # must not drop IDs another process registered there meanwhile.
-        resaving = self._registry_source is not None and self._registry_source[0] == target and target.is_dir()
+        # Paths compare resolved: a symlink or a `..` spelling of the same directory is the same registry.
+        resaving = (self._registry_source is not None and self._registry_source[0] == target.resolve()
+                    and target.is_dir())
         with registry_lock(target) if resaving else contextlib.nullcontext():
             if resaving:
                 self._check_registry_unchanged(target)
@@ -406,7 +408,7 @@ class SemanticIdTokenizer:
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-        self._registry_source = (target, file_stamp(target / "registry.parquet"))
+            self._registry_source = (target.resolve(), file_stamp(target / "registry.parquet"))  # under the lock
         return target
 
     def _check_registry_unchanged(self, root: Path) -> None:
@@ -426,7 +428,7 @@ class SemanticIdTokenizer:
         and writing this copy would drop them while both had handed out IDs. Under `registry_lock` (as
         `semid encode` holds it) that cannot happen.
         """
-        root = Path(path).absolute()
+        root = Path(path).resolve()
         file = root / "registry.parquet"
         with registry_lock(root):
             if self._registry_source is None or self._registry_source[0] != root:
@@ -473,11 +475,13 @@ class SemanticIdTokenizer:
         except Exception as exc:
             raise ModelDirError(f"{root}/model.pt is truncated, corrupt or from another model: {weights_problem(exc)}") from None
         _check_digest(root, meta, "model.pt")  # another model's weights of this shape load, but give other codes
+        # The stamp before the read: a registry written in between then reads as changed, never as this one.
+        stamp = file_stamp(root / "registry.parquet")
         try:
             tok.registry = IdRegistry.load(root / "registry.parquet")
         except Exception as exc:
             raise ModelDirError(f"{root}/registry.parquet is unreadable: {exc}") from None
-        tok._registry_source = (root.absolute(), file_stamp(root / "registry.parquet"))
+        tok._registry_source = (root.resolve(), stamp)
         tok.model = model.to(resolve_device(config.train.device)).eval()
         tok.history = meta.pop("history", [])
         tok.meta = {k: v for k, v in meta.items()

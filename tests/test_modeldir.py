@@ -159,11 +159,20 @@ def test_a_registry_that_changed_since_loading_is_not_overwritten(items, model):
     assert len(pl.read_parquet(model / "registry.parquet")) == N_FIT + 60
 
 
-def test_saving_a_whole_model_back_cannot_drop_ids_registered_since_it_was_loaded(items, model, tmp_path, capsys):
+@pytest.mark.parametrize("spelling", ["same", "symlink", "dotdot"])
+def test_saving_a_whole_model_back_cannot_drop_ids_registered_since_it_was_loaded(items, model, tmp_path, spelling):
     """save(overwrite=True) over the directory a tokenizer came from writes its registry back: refused, as
-    save_registry is, when another encode registered items there meanwhile; the IDs it handed out stay."""
+    save_registry is, when another encode registered items there meanwhile; the IDs it handed out stay. The
+    directory is the same however its path is spelled when loading."""
     ids, x = items
-    stale = SemanticIdTokenizer.load(model)
+    loaded_as = model
+    if spelling == "symlink":
+        loaded_as = tmp_path / "link"
+        loaded_as.symlink_to(model, target_is_directory=True)
+    elif spelling == "dotdot":
+        (model.parent / "elsewhere").mkdir()
+        loaded_as = model.parent / "elsewhere" / ".." / model.name
+    stale = SemanticIdTokenizer.load(loaded_as)
     new = tmp_path / "new.parquet"
     _frame(ids[N_FIT : N_FIT + 40], x[N_FIT : N_FIT + 40]).write_parquet(new)
     assert main(["encode", "--model", str(model), "--data", str(new), "--out", str(tmp_path / "ids.parquet")]) == 0
