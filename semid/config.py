@@ -160,7 +160,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: str = "cosine"  # "cosine" (from lr down to 0.1 x lr at the last step) | "constant"
     warmup_steps: int = 0  # linear ramp of the rate from lr / warmup_steps to lr over the first steps
-    amp: bool = True  # bf16 autocast where bf16 is native: CUDA, CPUs with AVX512-BF16/AMX (semid.train.native_bf16)
+    amp: bool = True  # bf16 autocast where native: Ampere+ GPUs, CPUs with AVX512-BF16/AMX (semid.train.native_bf16)
     compile: bool = False  # torch.compile the model (slow to start; off by default)
     cuda_graph: bool = True  # capture the AdamW training step as a CUDA graph on GPU
     eval_every: int = 1000

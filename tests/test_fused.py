@@ -106,7 +106,7 @@ def test_encode_takes_the_kernel_only_on_a_gpu(monkeypatch):
 @pytest.fixture
 def kernel_on_the_cpu(monkeypatch):
     """`ResidualQuantizer.encode` takes the kernel (in the interpreter) on CPU tensors, with a fresh check state."""
-    monkeypatch.setattr(fused, "_state", {"checked": False, "off_because": None})
+    monkeypatch.setattr(fused, "_state", {"checked": {}, "off_because": None})
     monkeypatch.setattr(fused, "usable", lambda e: fused._state["off_because"] is None)
 
 
@@ -117,14 +117,41 @@ def _clustered_stack(n: int = 600) -> tuple[ResidualQuantizer, torch.Tensor]:
 
 
 @needs_interpreter
-def test_a_kernel_that_agrees_is_checked_once_and_then_trusted(kernel_on_the_cpu, monkeypatch, recwarn):
-    stack, x = _clustered_stack()
-    assert torch.equal(stack.encode(x), _walk_codes(stack, x))
-    assert fused._state == {"checked": True, "off_because": None}
-    calls = []
-    monkeypatch.setattr(stack, "_walk_codes", lambda e: calls.append(len(e)))  # the walk must not run again
+def test_a_kernel_that_agrees_is_checked_until_enough_items_agreed_then_trusted(kernel_on_the_cpu, monkeypatch, recwarn):
+    monkeypatch.setattr(fused, "_CHECK_ROWS", 100)  # 1,024 in use; fewer keep the interpreter quick
+    stack, x = _clustered_stack(110)
+    walks = []
+    real_walk = stack._walk_codes
+    monkeypatch.setattr(stack, "_walk_codes", lambda e: walks.append(len(e)) or real_walk(e))
+    assert torch.equal(stack.encode(x[:60]), real_walk(x[:60]))
+    assert torch.equal(stack.encode(x[60:]), real_walk(x[60:]))  # checked too: 60 distinct items are not enough
+    assert walks == [60, 50] and list(fused._state["checked"].values()) == [110]
     stack.encode(x[:50])
-    assert calls == [] and not [w for w in recwarn if issubclass(w.category, fused.FusedKernelWarning)]
+    assert walks == [60, 50]  # trusted now: no more walks
+    y = x[:30, :16]  # another latent width: another compiled variant, checked anew
+    other = _stack(y, [16, 16], "cosine", centres=True)
+    monkeypatch.setattr(other, "_walk_codes", lambda e: walks.append(len(e)) or ResidualQuantizer._walk_codes(other, e))
+    other.encode(y)
+    assert walks[-1] == 30 and len(fused._state["checked"]) == 2
+    assert not [w for w in recwarn if issubclass(w.category, fused.FusedKernelWarning)]
+
+
+@needs_interpreter
+def test_ties_on_a_few_items_or_on_copies_of_one_item_do_not_turn_the_kernel_off(kernel_on_the_cpu, monkeypatch,
+                                                                                recwarn):
+    stack, x = _clustered_stack()
+    real = fused.residual_codes
+
+    def one_tie(s, e):  # the first row's last code lands on the other side of a tie
+        codes = real(s, e)
+        codes[(e == e[0]).all(-1), -1] = (codes[0, -1] + 1) % 16
+        return codes
+
+    monkeypatch.setattr(fused, "residual_codes", one_tie)
+    stack.encode(x[:3])  # 1 of 3 items differs
+    stack.encode(torch.cat([x[5:6].repeat(40, 1), x[6:20]]))  # 40 copies of one tied item count once
+    assert fused._state["off_because"] is None
+    assert not [w for w in recwarn if issubclass(w.category, fused.FusedKernelWarning)]
 
 
 @needs_interpreter
@@ -146,9 +173,9 @@ def test_a_kernel_that_gives_other_codes_is_turned_off_before_its_codes_are_used
     stack, x = _clustered_stack()
     real = fused.residual_codes
     monkeypatch.setattr(fused, "residual_codes", lambda s, e: (real(s, e) + 1) % 16)  # every code off by one
-    with pytest.warns(fused.FusedKernelWarning, match=r"matched PyTorch's on 0\.0% of 600 items"):
+    with pytest.warns(fused.FusedKernelWarning, match=r"differed from PyTorch's on 600 of 600 distinct items"):
         codes = stack.encode(x)
-    assert torch.equal(codes, _walk_codes(stack, x)) and fused._state["checked"] is False
+    assert torch.equal(codes, _walk_codes(stack, x)) and fused._state["checked"] == {}
 
 
 @pytest.mark.cuda
