@@ -12,9 +12,10 @@ import contextlib
 import json
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 try:
     import fcntl
@@ -104,15 +105,8 @@ def registry_lock(model_dir: str | os.PathLike) -> Iterator[None]:
     root = Path(model_dir).resolve()  # one key per directory however it is spelled: re-entrance must see it
     if not root.is_dir():
         raise ModelDirError(f"model directory not found: {model_dir}")
-    handle = None
-    if fcntl is not None and root not in _held:
-        try:
-            handle = open(root / _LOCK_NAME, "a")
-        except OSError:
-            pass
+    handle = _locked_file(root / _LOCK_NAME) if fcntl is not None and root not in _held else None
     with handle or contextlib.nullcontext():
-        if handle is not None:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the handle closes
         _held[root] = _held.get(root, 0) + 1
         try:
             yield
@@ -120,6 +114,32 @@ def registry_lock(model_dir: str | os.PathLike) -> Iterator[None]:
             _held[root] -= 1
             if not _held[root]:
                 del _held[root]
+
+
+def _locked_file(path: Path) -> IO[str] | None:
+    """An open handle on `path` holding its flock (released when the handle closes); None where the file cannot
+    be opened (a read-only directory).
+
+    Why the loop: `save(..., overwrite=True)` replaces the whole directory, lock file included. A process that
+    was waiting on the old file would get a lock that no longer guards anything, beside one that locked the
+    new file; so after the wait the lock is kept only if `path` still names the file it locked.
+    """
+    for _ in range(100):
+        try:
+            handle = open(path, "a")
+        except FileNotFoundError:  # between the two renames of a replace: the new directory is a moment away
+            time.sleep(0.01)
+            continue
+        except OSError:
+            return None
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                return handle
+        except FileNotFoundError:
+            pass
+        handle.close()
+    raise ModelDirError(f"cannot lock {path}: its model directory keeps being replaced or was removed")
 
 
 def file_stamp(path: Path) -> list[int] | None:

@@ -19,7 +19,7 @@ import pytest
 
 from semid.cli import BUNDLED_SAMPLE, main
 from semid.io import read_items
-from semid.modeldir import ModelDirError, check_save_target, registry_lock
+from semid.modeldir import ModelDirError, check_save_target, registry_lock, replace_dir
 from semid.tokenizer import SemanticIdTokenizer, UnnamedItemsWarning
 
 N_FIT = 400
@@ -210,6 +210,48 @@ def test_registry_lock_excludes_another_process(model, tmp_path):
         holder.communicate("\n", timeout=60)
     with registry_lock(model), registry_lock(model):  # free again, and re-entrant within a process
         pass
+
+
+def test_a_lock_waited_for_across_a_replace_of_the_directory_is_taken_on_the_new_lock_file(model, tmp_path):
+    """save(overwrite=True) replaces the directory, lock file included: a process that waited on the old file
+    must end up holding the lock of the file the directory has now, or two processes would hold "the" lock."""
+    fcntl = pytest.importorskip("fcntl")
+    import threading
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys
+            from semid.modeldir import registry_lock
+            with registry_lock({str(model)!r}):
+                print("locked", flush=True)
+                sys.stdin.readline()
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    inside, release = threading.Event(), threading.Event()
+
+    def waiter() -> None:
+        with registry_lock(model):
+            inside.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=waiter)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        thread.start()
+        assert not inside.wait(1.0)  # waiting on the old directory's lock file
+        shutil.copytree(model, tmp_path / "staging")
+        replace_dir(tmp_path / "staging", model)  # what save(overwrite=True) does: a new lock file
+    finally:
+        holder.communicate("\n", timeout=60)
+    try:
+        assert inside.wait(60)
+        with open(model / ".registry.lock", "a") as handle:  # the lock file the directory has now is held
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        release.set()
+        thread.join(60)
 
 
 # ---- what a load accepts ----------------------------------------------------------------------------
