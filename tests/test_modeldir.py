@@ -189,9 +189,9 @@ def test_saving_a_whole_model_back_cannot_drop_ids_registered_since_it_was_loade
     stale.save(tmp_path / "fork")  # a new directory is another model's record, and is not refused
 
 
-def test_registry_lock_excludes_another_process(model, tmp_path):
-    fcntl = pytest.importorskip("fcntl")
-    holder = subprocess.Popen(
+def _hold_the_lock_in_another_process(model: Path) -> subprocess.Popen:
+    """A process that takes the registry lock, prints "locked", and releases it when a line reaches its stdin."""
+    return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys
             from semid.modeldir import registry_lock
@@ -201,6 +201,11 @@ def test_registry_lock_excludes_another_process(model, tmp_path):
         """)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
+
+
+def test_registry_lock_excludes_another_process(model, tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    holder = _hold_the_lock_in_another_process(model)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with open(model / ".registry.lock", "a") as handle:
@@ -218,16 +223,7 @@ def test_a_lock_waited_for_across_a_replace_of_the_directory_is_taken_on_the_new
     fcntl = pytest.importorskip("fcntl")
     import threading
 
-    holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
-            import sys
-            from semid.modeldir import registry_lock
-            with registry_lock({str(model)!r}):
-                print("locked", flush=True)
-                sys.stdin.readline()
-        """)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )
+    holder = _hold_the_lock_in_another_process(model)
     inside, release = threading.Event(), threading.Event()
 
     def waiter() -> None:
