@@ -135,7 +135,6 @@ def score(report: dict[str, Any], metric: str) -> tuple[float, float]:
     return (-value if metric in _HIGHER_IS_BETTER else value, float(report["collision_rate"]))
 
 
-
 def weights_problem(exc: Exception) -> str:
     """torch's reason a weights file did not load, on one line, without its advice to unpickle arbitrary
     objects (weights_only=False), which would run code from a file that semid did not write."""
@@ -145,6 +144,7 @@ def weights_problem(exc: Exception) -> str:
     if "Weights only load failed" in text:
         return "it is not a torch file of tensors (truncated, corrupt, or another format)"
     return " ".join(text.split())[:400]
+
 
 @dataclass
 class TrainState:
@@ -600,12 +600,11 @@ class Trainer:
         CPU could not be captured in a CUDA graph. So this run's flags and rate are put back, and each step
         count goes where this run's AdamW keeps it: on the parameter's device when capturable or fused.
         """
-        own = [{key: value for key, value in group.items() if key != "params"} for group in self.optimizer.param_groups]
+        own = [{key: group[key] for key in ("capturable", "fused", "foreach", "lr") if key in group}
+               for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(saved)
         for group, settings in zip(self.optimizer.param_groups, own):
-            for key in ("capturable", "fused", "foreach", "lr"):
-                if key in settings:
-                    group[key] = settings[key]
+            group.update(settings)
             on_device = group.get("capturable") or group.get("fused")
             for param in group["params"]:
                 state = self.optimizer.state.get(param, {})

@@ -27,10 +27,6 @@ def _stack(x: torch.Tensor, sizes: list[int], distance: str, centres: bool) -> R
     return stack
 
 
-def _walk_codes(stack: ResidualQuantizer, x: torch.Tensor) -> torch.Tensor:
-    return stack._walk_codes(x)
-
-
 @needs_interpreter
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
 @pytest.mark.parametrize("sizes, centres", [([64, 64, 64], False), ([64, 64, 64], True), ([16, 100, 37], True),
@@ -40,12 +36,12 @@ def test_kernel_gives_the_codes_of_the_pytorch_walk(real_data, distance, sizes, 
     scores), one level (no prefix), and a prefix-centre table searched inside the kernel."""
     x = torch.from_numpy(real_data("ml-100k"))[:700]
     stack = _stack(x, sizes, distance, centres)
-    expected = _walk_codes(stack, x)
+    expected = stack._walk_codes(x)
     assert torch.equal(fused.residual_codes(stack, x), expected)
     if centres:  # the centres decide some last codes, so a kernel that ignored them would be caught
         keys, table = stack.prefix_keys, stack.prefix_centres
         stack._drop_centres()
-        assert not torch.equal(_walk_codes(stack, x), expected)
+        assert not torch.equal(stack._walk_codes(x), expected)
         stack.prefix_keys, stack.prefix_centres = keys, table
 
 
@@ -58,7 +54,7 @@ def test_prefix_tables_of_any_size_are_searched_by_the_same_kernel(real_data, ke
     stack = _stack(x, [16, 16, 16], "cosine", centres=True)
     if kept is not None:
         stack.prefix_keys, stack.prefix_centres = stack.prefix_keys[:kept], stack.prefix_centres[:kept]
-    assert torch.equal(fused.residual_codes(stack, x), _walk_codes(stack, x))
+    assert torch.equal(fused.residual_codes(stack, x), stack._walk_codes(x))
 
 
 def test_search_steps_cover_the_table_in_few_compiled_variants():
@@ -75,7 +71,7 @@ def test_kernel_on_a_latent_of_the_trained_default_shape_and_on_no_rows():
     centres = torch.randn(20, 64, generator=g) * 3
     x = centres[torch.randint(0, 20, (3000,), generator=g)] + 0.3 * torch.randn(3000, 64, generator=g)
     stack = _stack(x, [256, 256, 256], "cosine", centres=True)
-    assert torch.equal(fused.residual_codes(stack, x), _walk_codes(stack, x))
+    assert torch.equal(fused.residual_codes(stack, x), stack._walk_codes(x))
     assert fused.residual_codes(stack, x[:0]).shape == (0, 3)
 
 
@@ -91,7 +87,7 @@ def test_ties_go_to_the_lowest_code_across_chunks(distance):
         with torch.no_grad():
             level.codebook[64:] = level.codebook[:64]
     codes = fused.residual_codes(stack, x)
-    assert torch.equal(codes, _walk_codes(stack, x)) and int(codes.max()) < 64
+    assert torch.equal(codes, stack._walk_codes(x)) and int(codes.max()) < 64
 
 
 def test_encode_takes_the_kernel_only_on_a_gpu(monkeypatch):
@@ -164,7 +160,7 @@ def test_a_kernel_that_fails_to_launch_falls_back_to_pytorch_with_a_warning(kern
     monkeypatch.setattr(fused, "_kernel", broken_kernel)
     with pytest.warns(fused.FusedKernelWarning, match="RuntimeError: PTX compile failed: out of registers"):
         codes = stack.encode(x)
-    assert torch.equal(codes, _walk_codes(stack, x))
+    assert torch.equal(codes, stack._walk_codes(x))
     assert not fused.usable(x) and "out of registers" in fused._state["off_because"]
 
 
@@ -175,7 +171,7 @@ def test_a_kernel_that_gives_other_codes_is_turned_off_before_its_codes_are_used
     monkeypatch.setattr(fused, "residual_codes", lambda s, e: (real(s, e) + 1) % 16)  # every code off by one
     with pytest.warns(fused.FusedKernelWarning, match=r"differed from PyTorch's on 600 of 600 distinct items"):
         codes = stack.encode(x)
-    assert torch.equal(codes, _walk_codes(stack, x)) and fused._state["checked"] == {}
+    assert torch.equal(codes, stack._walk_codes(x)) and fused._state["checked"] == {}
 
 
 @pytest.mark.cuda
@@ -188,7 +184,7 @@ def test_compiled_kernel_matches_the_cpu_walk():
     x = centres[torch.randint(0, 50, (20_000,), generator=g)] + 0.3 * torch.randn(20_000, 64, generator=g)
     stack = _stack(x[:8192], [256, 256, 256], "cosine", centres=True)
     assert fused.usable(x.cuda())
-    expected = _walk_codes(stack, x)
+    expected = stack._walk_codes(x)
     with warnings.catch_warnings():  # a kernel that failed its first-use check would fall back unseen
         warnings.simplefilter("error", fused.FusedKernelWarning)
         got = stack.cuda().encode(x.cuda()).cpu()  # through ResidualQuantizer.encode: the fused path
