@@ -49,19 +49,6 @@ def sequences_path(name: str, data_dir: Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def resolve_device(device: str) -> str:
-    """'auto' becomes 'cuda' when a GPU is visible, else 'cpu'; explicit choices are checked."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]', got {device!r}")
-    return device
-
-
 def best_of(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:
     """Fastest wall time of `repeats` calls, after `warmup` untimed calls.
 

@@ -39,12 +39,14 @@ from bench_common import (  # noqa: E402
     best_of,
     default_data_dir,
     load_embeddings,
-    resolve_device,
     sequences_path,
     write_json_atomic,
     write_text_atomic,
 )
 from peers import FaissResidualQuantizer, Peer, ResidualKMeans, VQPytorchRVQ  # noqa: E402
+
+from semid.config import DEVICE_NAMES  # noqa: E402
+from semid.device import resolve_device  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PEER_SYSTEMS: tuple[str, ...] = ("faiss-rq", "faiss-rkmeans", "vqtorch-rvq")
@@ -71,10 +73,7 @@ class SemidSystem:
     _tok: Any = field(default=None, init=False, repr=False)
 
     def fit(self, x: np.ndarray, levels: int, codebook_size: int, seed: int) -> "SemidSystem":
-        try:
-            from semid import SemanticIdTokenizer
-        except ImportError:  # the package root may not re-export it yet; the module is the same class
-            from semid.tokenizer import SemanticIdTokenizer
+        from semid import SemanticIdTokenizer
 
         model_type, forward = SEMID_SYSTEMS[self.name]
         overrides: dict[str, Any] = {
@@ -390,7 +389,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None,
                    help="training steps of vqtorch-rvq and semid (default: vqtorch-rvq 5000 on CUDA, 3000 on "
                         "CPU; semid its config's train.steps)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (for the trained systems)")
+    p.add_argument("--device", default="auto", help=f"{DEVICE_NAMES} (for the trained systems)")
     p.add_argument("--levels", type=int, default=3)
     p.add_argument("--codebook-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -447,7 +446,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Measure every (set, system) pair, saving the JSON after each so a long run loses nothing."""
     from semid.metrics import read_sequences
 
-    device = resolve_device(args.device)
+    device = str(resolve_device(args.device))
     if args.threads is not None:
         import faiss
         import torch

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import default_data_dir, load_embeddings, resolve_device, write_json_atomic  # noqa: E402
+from bench_common import default_data_dir, load_embeddings, write_json_atomic  # noqa: E402
 
-from semid.config import SemidConfig  # noqa: E402
+from semid.config import DEVICE_NAMES, SemidConfig  # noqa: E402
+from semid.device import resolve_device  # noqa: E402
 from semid.metrics import evaluate_codes, nearest_neighbours  # noqa: E402
 from semid.train import Trainer, decode_in_batches, encode_in_batches  # noqa: E402
 
@@ -158,15 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--noise", type=float, default=0.25, help="noise, in per-dimension standard deviations")
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "default.toml")
     p.add_argument("--steps", type=int, default=1000, help="training steps of the short run")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", help=DEVICE_NAMES)
     p.add_argument("--skip-evaluate", action="store_true", help="leave out the full report (minutes on a CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
 
-    device = torch.device(resolve_device(args.device))
+    device = resolve_device(args.device)
     x = synthetic_catalogue(load_embeddings(args.base, args.data_dir), args.n, args.noise, args.seed)
-    full_config = SemidConfig.load(args.config).with_overrides({"train.device": device.type})
+    full_config = SemidConfig.load(args.config).with_overrides({"train.device": str(device)})
     short = full_config.with_overrides({"train.steps": args.steps, "train.min_epochs": 0, "train.progress": False})
     print(f"{args.n:,} x {x.shape[1]} synthetic items from {args.base} (noise {args.noise}); "
           f"{args.steps} steps on {device}", file=sys.stderr)

@@ -103,7 +103,8 @@ def cpu_train(x: np.ndarray, steps: int, repeats: int, seed: int) -> dict:
     from peers import VQPytorchRVQ
 
     from semid.config import SemidConfig
-    from semid.train import Trainer, native_bf16
+    from semid.device import native_bf16
+    from semid.train import Trainer
 
     data = torch.from_numpy(x)
 

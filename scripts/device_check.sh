@@ -26,7 +26,7 @@ step() {  # step NAME COMMAND...: run it, log it, remember a failure, go on with
 # One log for the card and the versions: the device tool brings back at most 8 files (5 logs, 3 JSON here).
 step gpu bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv && python3 -c \
     \"import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)\""
-step cuda_tests python3 -m pytest -q -ra -p no:cacheprovider tests/test_fused.py tests/test_train.py -k "cuda or kernel or compiled"
+step cuda_tests python3 -m pytest -q -ra -p no:cacheprovider tests/test_fused.py tests/test_train.py tests/test_device.py -k "cuda or kernel or compiled"
 step train_default python3 scripts/bench_train.py --config configs/default.toml --data .devdata/beauty.npy \
     --devices cuda --out "$out/train_default_beauty.json"
 step speed python3 scripts/bench_speed.py --device cuda --data .devdata/beauty.npy --out "$out/speed_cuda.json"

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from semid.config import DEFAULT_CONFIG, shipped_file
+from semid.config import DEFAULT_CONFIG, DEVICE_NAMES, is_device_name, shipped_file
 
 if TYPE_CHECKING:
     from semid.tokenizer import SemanticIdTokenizer
@@ -186,10 +186,17 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _device_name(text: str) -> str:
+    if not is_device_name(text):
+        raise argparse.ArgumentTypeError(f"expected {DEVICE_NAMES}, got {text!r}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semid", description="Semantic IDs for generative recommenders.")
     threads_help = ("CPU threads for torch (default: one per core); on a machine busy with other work, fewer "
                     "run faster")
+    device_help = f"{DEVICE_NAMES}; auto takes the current GPU when torch sees one"
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("--threads", type=_positive_int, help=threads_help)
     # Both also after the command (`semid train --debug ...`); SUPPRESS keeps a top-level one from being reset
@@ -211,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model directory to write (a new one, or see --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the model already in --out, and the registry of IDs it handed out")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", type=_device_name, help=device_help)
     p.add_argument("--seed", type=int)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.steps=2000")
     p.add_argument("--checkpoint", help="resumable training checkpoint path (see train.checkpoint_every)")
@@ -224,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="output parquet: item_id, codes, semantic_id, tokens")
     p.add_argument("--batch-size", type=int, default=65536)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", type=_device_name, help=device_help)
     p.add_argument("--quiet", action="store_true", help="no progress bar (there is none unless stderr is a terminal)")
     p.add_argument("--trie", help="also write the prefix trie of the IDs (JSON) for constrained decoding")
     p.add_argument("--vocab", help="also write every token the model's IDs can use, one per line, for an LLM's tokenizer")
@@ -237,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the report as JSON here")
     p.add_argument("--sequences", help="user sequences (user<TAB>row row ...) for sequence_prefix_agreement")
     p.add_argument("--plot", help="write a PNG of code usage per level (needs matplotlib)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", type=_device_name, help=device_help)
     p.add_argument("--quiet", action="store_true", help="no progress bar (there is none unless stderr is a terminal)")
     columns(p)
     p.set_defaults(func=cmd_evaluate)
@@ -246,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="semid-demo", help="output directory (default: ./semid-demo)")
     p.add_argument("--data", help="use another parquet instead of the bundled sample")
     p.add_argument("--config")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", type=_device_name, help=device_help)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_demo)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 import types
 import typing
@@ -24,6 +25,15 @@ else:  # pragma: no cover - exercised only on Python 3.10
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
+
+
+DEVICE_NAMES = "auto, cpu, cuda or cuda:N (GPU N)"
+_DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def is_device_name(name: object) -> bool:
+    """A name `semid.device.resolve_device` understands; checked here, without torch, for configs and the CLI."""
+    return isinstance(name, str) and _DEVICE_NAME.fullmatch(name) is not None
 
 
 # LLM tokens name each position of an ID by a letter (semid.export.LEVEL_PREFIXES, a-z): L levels and a suffix.
@@ -142,7 +152,7 @@ class QuantizerConfig:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N" (semid.device)
     batch_size: int = 1024
     steps: int = 20000
     # A larger catalogue needs more passes than `steps` gives it: the run takes at least min_epochs passes over
@@ -160,7 +170,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: str = "cosine"  # "cosine" (from lr down to 0.1 x lr at the last step) | "constant"
     warmup_steps: int = 0  # linear ramp of the rate from lr / warmup_steps to lr over the first steps
-    amp: bool = True  # bf16 autocast where native: Ampere+ GPUs, CPUs with AVX512-BF16/AMX (semid.train.native_bf16)
+    amp: bool = True  # bf16 autocast where native: Ampere+ GPUs, CPUs with AVX512-BF16/AMX (semid.device.native_bf16)
     compile: bool = False  # torch.compile the model (slow to start; off by default)
     cuda_graph: bool = True  # capture the AdamW training step as a CUDA graph on GPU
     eval_every: int = 1000
@@ -186,7 +196,8 @@ class TrainConfig:
     progress: bool = True  # tqdm bars for training, and by default for a fitted tokenizer's evaluate()
 
     def __post_init__(self) -> None:
-        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        if not is_device_name(self.device):
+            raise ConfigError(f"config key 'train.device' is {self.device!r}; choose {DEVICE_NAMES}")
         _choice("train.optimizer", self.optimizer, ("adamw", "adagrad"))
         _choice("train.schedule", self.schedule, ("cosine", "constant"))
         # torch.manual_seed takes a 64-bit int; beyond that it fails with a message that names no key.

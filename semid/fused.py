@@ -22,7 +22,6 @@ failing or giving other IDs.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import os
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from semid.device import as_current
 from semid.distance import score_terms
 
 if TYPE_CHECKING:
@@ -230,8 +230,7 @@ def residual_codes(stack: ResidualQuantizer, e: torch.Tensor) -> torch.Tensor:
     if n == 0:
         return codes
     kernel, cdiv = _kernel()
-    # Triton launches on the current CUDA device: make it the latents' (a model on cuda:1, say)
-    with torch.cuda.device(e.device) if e.is_cuda else contextlib.nullcontext():
+    with as_current(e.device):  # Triton launches on the current CUDA device: make it the latents
         kernel[(cdiv(n, constants["BLOCK_ROWS"]),)](
             e, search, bias, codewords, keys.contiguous(), centres.contiguous(), strides, codes, n, n_keys,
             **constants,

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from semid.collisions import IdRegistry, SuffixOverflowError
 from semid.config import SemidConfig
+from semid.device import device_available, resolve_device
 from semid.export import semantic_id_strings, token_strings, token_vocabulary, write_trie_json
 from semid.kmeans import sinkhorn_assign
 from semid.io import (
@@ -54,7 +55,7 @@ from semid.modeldir import (
     staging_dir,
 )
 from semid.rqvae import RQVAE
-from semid.train import Trainer, resolve_device, weights_problem
+from semid.train import Trainer, weights_problem
 
 # Rows per encode block: on a CPU a block is a view of the input, sized as in semid.rqvae to bound the
 # activations; on a GPU each block is one host-to-device copy.
@@ -444,8 +445,8 @@ class SemanticIdTokenizer:
     def load(cls, path: str | os.PathLike, device: str | None = None) -> "SemanticIdTokenizer":
         """Read a directory written by `save`; anything truncated, edited or foreign is a ModelDirError.
 
-        The model goes to `device` ("auto", "cpu", "cuda"), else where it trained, or to the CPU when it
-        trained on a GPU that this machine lacks.
+        The model goes to `device` ("auto", "cpu", "cuda", "cuda:N"), else where it trained, or to "auto" when
+        it trained on a GPU that this machine lacks (the CPU, or the current GPU for cuda:3 on a 2-GPU machine).
         """
         root = Path(path)
         if not root.is_dir():
@@ -463,8 +464,8 @@ class SemanticIdTokenizer:
             raise ModelDirError(f"{root}/meta.json is incomplete: it has no input_dim")
         _check_digest(root, meta, "config.toml")  # another config would build another architecture or encoder
         config = SemidConfig.load(root / "config.toml")
-        if device is None and config.train.device == "cuda" and not torch.cuda.is_available():
-            device = "auto"  # trained on a GPU, used where there is none: a model is portable, as its IDs are
+        if device is None and not device_available(config.train.device):
+            device = "auto"  # trained on a GPU this machine lacks: a model is portable, as its IDs are
         if device is not None:
             config = config.with_overrides({"train.device": device})
         tok = cls(config)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from semid import distributed
 from semid.atomic import atomic_write
 from semid.config import ConfigError, SemidConfig
+from semid.device import as_current, native_bf16, resolve_device
 from semid.metrics import (
     HEAVY_TAIL_SHARE,
     Neighbours,
@@ -49,29 +50,6 @@ CHECKPOINT_FORMAT = "semid-train-checkpoint-v3"  # v2: RNG states per training p
 # neighbour search is O(queries x N): on a 12k catalogue a full search costs more than fitting residual
 # k-means, and on 1M items it would take minutes. The final `evaluate` searches with its own, larger sample.
 MONITOR_QUERIES = 4096
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
-    return torch.device(name)
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matrix products run natively on this device: a CUDA GPU from Ampere on (bf16 tensor
-    cores), or a CPU with AVX512-BF16 or AMX.
-
-    There bf16 autocast about halves the step of the default model (2-core AMD EPYC: 0.146 -> 0.075 s), as it
-    does on a GPU. A CPU without these instructions emulates bf16 and would run slower, so it stays in fp32.
-    """
-    if device.type == "cuda":  # before Ampere (T4, V100) bf16 is emulated, and slower than fp32
-        return torch.cuda.get_device_capability(device)[0] >= 8
-    if device.type != "cpu":
-        return False
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's, private: absent in some builds
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
 def norm_sampling_probabilities(x: torch.Tensor, share: float) -> torch.Tensor | None:
@@ -334,6 +312,10 @@ class Trainer:
     # ---- loop ---------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> RQVAE:
         """Train, keep the best evaluated weights, and return the model holding exactly those weights."""
+        with as_current(self.device):  # CUDA streams and graph capture follow the current device
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> RQVAE:
         t, q = self.config.train, self.config.quantizer
         started = time.perf_counter()
         if resume:

@@ -229,12 +229,13 @@ def test_decode_and_items_for_take_a_generative_models_tensors(data, model_dir, 
     np.testing.assert_array_equal(tok.decode(beams), tok.decode(ids))
 
 
-def test_a_model_trained_on_a_gpu_loads_where_there_is_none(data, model_dir, tmp_path, monkeypatch):
-    """Its config says train.device = "cuda"; without a device named, load puts it on the CPU instead of
-    failing, and gives the IDs it had."""
+@pytest.mark.parametrize("trained_on", ["cuda", "cuda:3"])
+def test_a_model_trained_on_a_gpu_loads_where_there_is_none(data, model_dir, tmp_path, monkeypatch, trained_on):
+    """Its config says train.device = "cuda" (or "cuda:3"); without a device named, load puts it on the CPU
+    instead of failing, and gives the IDs it had."""
     tok = SemanticIdTokenizer.load(model_dir("suffix", True))
     expected = tok.encode(_frame(data["a"], data["ids_a"]))
-    tok.config = tok.config.with_overrides({"train.device": "cuda"})  # as `semid train --device cuda` saves it
+    tok.config = tok.config.with_overrides({"train.device": trained_on})  # as `semid train --device` saves it
     tok.save(tmp_path / "gpu-model")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     loaded = SemanticIdTokenizer.load(tmp_path / "gpu-model")

@@ -16,7 +16,7 @@ import torch
 
 from semid.config import ConfigError, SemidConfig, tomllib  # tomllib, or tomli on Python 3.10
 import semid.train
-from semid.train import Trainer, encode_in_batches, native_bf16, norm_sampling_probabilities, quick_evaluate, score
+from semid.train import Trainer, encode_in_batches, norm_sampling_probabilities, quick_evaluate, score
 
 
 def _x(real_data, name: str = "ml-100k") -> torch.Tensor:
@@ -590,21 +590,6 @@ def test_config_file_errors(tmp_path):
 
 
 # ---- bf16 on the CPU ------------------------------------------------------------------------------
-
-
-def test_native_bf16_is_an_ampere_or_later_gpu_or_a_cpu_with_bf16_instructions(monkeypatch):
-    for capability, native in [((7, 5), False), ((8, 0), True), ((9, 0), True)]:  # T4 emulates bf16; A100, H100
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
-        assert native_bf16(torch.device("cuda")) is native
-    assert not native_bf16(torch.device("meta"))
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
-    assert not native_bf16(torch.device("cpu"))
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert native_bf16(torch.device("cpu"))
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # a build without the probes
-        monkeypatch.delattr(torch.cpu, probe)
-    assert not native_bf16(torch.device("cpu"))
 
 
 def test_cpu_step_autocasts_to_bf16_only_where_native_and_learns_as_well(real_data, tiny_config, monkeypatch):
