@@ -138,6 +138,52 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_info(args: argparse.Namespace) -> int:
+    """What a model directory holds, without data: for a model handed over by someone else, or an old run."""
+    from semid.io import write_json_atomic
+    from semid.metrics import format_report
+    from semid.tokenizer import SemanticIdTokenizer
+
+    tok = SemanticIdTokenizer.load(args.model, device="cpu")  # checks every digest: a loaded model is intact
+    config, meta = tok.config, tok.meta
+    sizes = list(tok.model.codebook_sizes)
+    strategy = config.collisions.strategy
+    suffix = f" + a suffix of up to {config.collisions.suffix_size}" if strategy == "suffix" else ""
+    if config.model.type == "rqvae":
+        widths = "-".join(str(w) for w in config.model.hidden) or "linear"
+        model = f"rqvae: {meta['input_dim']} -> {widths} -> {config.model.latent_dim}"
+    else:
+        model = f"rqkmeans on the {meta['input_dim']}-d input"
+    info = {
+        "model_dir": str(args.model),
+        "model": model,
+        "codebook_sizes": sizes,
+        "collision_strategy": strategy,
+        "id_length": len(sizes) + (strategy == "suffix"),
+        "distance": config.quantizer.distance,
+        "forward": config.quantizer.forward,
+        "trained_items": meta["n_train_items"],
+        "trained_on": _trained_on(tok),
+        "best_step": meta["best_step"],
+        "registered_items": len(tok.registry),
+        "final": meta["final"],
+    }
+    print(f"semid model {args.model}")
+    forward = f", {info['forward']} forward" if config.model.type == "rqvae" else ""
+    print(f"  model       {model}; {info['distance']} codes{forward}")
+    print(f"  IDs         {len(sizes)} levels of {'/'.join(map(str, sizes))} codes{suffix}: "
+          f"{info['id_length']} tokens, collisions by {strategy}")
+    print(f"  trained     {info['trained_items']:,} items ({info['trained_on']}), best step {info['best_step']}")
+    print(f"  registry    {info['registered_items']:,} items hold an ID")
+    if meta["final"]:
+        print("\nat the end of training, on the items it trained on:")
+        print(format_report(meta["final"]))
+    if args.json:
+        write_json_atomic(info, args.json)
+        print(f"info written to {args.json}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on the bundled goodbooks sample: train, encode, evaluate, report."""
     from semid.export import write_vocabulary
@@ -248,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar (there is none unless stderr is a terminal)")
     columns(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = command("info", help="what a model directory holds: ID shape, training, registry, final metrics")
+    p.add_argument("--model", required=True, help="model directory written by `semid train`")
+    p.add_argument("--json", help="also write it as JSON here")
+    p.set_defaults(func=cmd_info)
 
     p = command("demo", help="train, encode and evaluate on the bundled goodbooks sample")
     p.add_argument("--out", default="semid-demo", help="output directory (default: ./semid-demo)")

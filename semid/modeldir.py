@@ -24,7 +24,7 @@ except ImportError:  # Windows: no advisory locks; the stale-registry check in t
 
 MODEL_FORMAT = "semid-model-v1"
 FILES = ("config.toml", "model.pt", "meta.json", "registry.parquet")
-_LOCK_NAME = ".registry.lock"
+REGISTRY_LOCK = ".registry.lock"
 _held: dict[Path, int] = {}  # model directories this process holds the lock of, with the nesting depth
 
 
@@ -105,7 +105,7 @@ def registry_lock(model_dir: str | os.PathLike) -> Iterator[None]:
     root = Path(model_dir).resolve()  # one key per directory however it is spelled: re-entrance must see it
     if not root.is_dir():
         raise ModelDirError(f"model directory not found: {model_dir}")
-    handle = _locked_file(root / _LOCK_NAME) if fcntl is not None and root not in _held else None
+    handle = _locked_file(root / REGISTRY_LOCK) if fcntl is not None and root not in _held else None
     with handle or contextlib.nullcontext():
         _held[root] = _held.get(root, 0) + 1
         try:

@@ -20,6 +20,8 @@ import numpy as np
 import polars as pl
 import pytest
 
+from semid.modeldir import REGISTRY_LOCK
+
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 _SCRIPT = Path(sys.executable).with_name("semid")
 SEMID = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "semid.cli"]
@@ -55,7 +57,9 @@ def _frame(x: np.ndarray, ids: list[str]) -> pl.DataFrame:
 
 
 def _digest(directory: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+    """The model's files; not the empty lock file the first `semid encode` of a directory leaves behind."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())
+            if p.name != REGISTRY_LOCK}
 
 
 @pytest.fixture(scope="module")
@@ -178,10 +182,31 @@ def test_npy_encode_extends_the_saved_registry(work, tmp_path):
     assert not old & new
 
 
+def test_info_describes_a_model_without_data(work, tmp_path):
+    """What a model directory holds, read from it alone: the figures are the saved model's own."""
+    model = tmp_path / "model"
+    shutil.copytree(work["model"], model)
+    semid("encode", "--model", model, "--data", work["npy"], "--out", tmp_path / "ids.parquet", cwd=tmp_path)
+    result = semid("info", "--model", model, "--json", tmp_path / "info.json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((model / "meta.json").read_text())
+    info = json.loads((tmp_path / "info.json").read_text())
+    registered = pl.read_parquet(model / "registry.parquet").height
+    assert registered == 2 * meta["n_train_items"]  # the .npy rows are new items beside the trained ids
+    assert info["registered_items"] == registered and info["trained_items"] == meta["n_train_items"]
+    assert info["final"] == meta["final"] and info["best_step"] == meta["best_step"]
+    assert info["codebook_sizes"] == meta["codebook_sizes"] == [16, 16, 16]
+    assert info["id_length"] == 4 and info["collision_strategy"] == "suffix"
+    assert info["model"] == "rqvae: 384 -> 64 -> 16"
+    assert "3 levels of 16/16/16 codes + a suffix of up to" in result.stdout
+    assert f"{registered:,} items hold an ID" in result.stdout
+    assert f"fvu (fraction of variance unexplained)  {meta['final']['fvu']:.4f}" in result.stdout
+
+
 # ---- help ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["encode"], ["evaluate"], ["demo"], ["embed"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["encode"], ["evaluate"], ["info"], ["demo"], ["embed"]])
 def test_help_exits_zero(command, tmp_path):
     result = semid(*command, "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -227,6 +252,8 @@ BAD_CASES = {
     "evaluate-nan": (["evaluate", "--model", "{model}", "--data", "{nan}", "--json", "{out}"], "NaN"),
     "evaluate-wrong-dimension": (["evaluate", "--model", "{model}", "--data", "{dim100}", "--json", "{out}"],
                                  "dimension"),
+    "info-truncated-weights": (["info", "--model", "{truncated}", "--json", "{out}"], "model.pt"),
+    "info-foreign-dir": (["info", "--model", "{foreign}", "--json", "{out}"], "not a semid model directory"),
 }
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from semid.cli import BUNDLED_SAMPLE, main
 from semid.io import read_items
-from semid.modeldir import ModelDirError, check_save_target, registry_lock, replace_dir
+from semid.modeldir import REGISTRY_LOCK, ModelDirError, check_save_target, registry_lock, replace_dir
 from semid.tokenizer import SemanticIdTokenizer, UnnamedItemsWarning
 
 N_FIT = 400
@@ -208,7 +208,7 @@ def test_registry_lock_excludes_another_process(model, tmp_path):
     holder = _hold_the_lock_in_another_process(model)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with open(model / ".registry.lock", "a") as handle:
+        with open(model / REGISTRY_LOCK, "a") as handle:
             with pytest.raises(BlockingIOError):
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
@@ -242,7 +242,7 @@ def test_a_lock_waited_for_across_a_replace_of_the_directory_is_taken_on_the_new
         holder.communicate("\n", timeout=60)
     try:
         assert inside.wait(60)
-        with open(model / ".registry.lock", "a") as handle:  # the lock file the directory has now is held
+        with open(model / REGISTRY_LOCK, "a") as handle:  # the lock file the directory has now is held
             with pytest.raises(BlockingIOError):
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
@@ -293,7 +293,7 @@ def test_damaged_model_files_are_named_with_the_reason(model, damage, message):
 
 def test_encode_of_known_items_works_where_the_lock_cannot_be_created(items, model, tmp_path, capsys):
     """A model directory the process cannot write (here: the lock's name taken by a directory) still encodes."""
-    (model / ".registry.lock").mkdir()
+    (model / REGISTRY_LOCK).mkdir()
     ids, x = items
     known = tmp_path / "known.parquet"
     _frame(ids[:50], x[:50]).write_parquet(known)
