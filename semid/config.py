@@ -226,9 +226,24 @@ class TrainConfig:
         On Beauty (12k items, batch 1024) 4,000 steps are 340 passes; on a 29k catalogue the same steps
         were 140 passes and fvu was still falling (0.473; 8,000 steps: 0.426, bench/VARIANTS.md).
         """
-        passes = math.ceil(self.min_epochs * n_items / self._batch_rows(n_items))
-        steps = max(self.steps, passes)
+        steps = max(self.steps, self._min_epoch_steps(n_items))
         return min(steps, self.max_steps) if self.max_steps else steps
+
+    def steps_note(self, n_items: int) -> str | None:
+        """Why `steps_for(n_items)` is not `steps`, for the progress output; None when it is.
+
+        A user who lowers train.steps for a quick run should not find out from the step counter alone that
+        min_epochs decided instead.
+        """
+        steps = self.steps_for(n_items)  # never below `steps`: a max_steps below it is refused
+        if steps == self.steps:
+            return None
+        capped = ", at most train.max_steps" if steps < self._min_epoch_steps(n_items) else ""
+        return (f"{steps:,} steps: train.steps = {self.steps:,} is raised to train.min_epochs = {self.min_epochs:g} "
+                f"passes over {n_items:,} items{capped} (train.min_epochs = 0 keeps train.steps)")
+
+    def _min_epoch_steps(self, n_items: int) -> int:
+        return math.ceil(self.min_epochs * n_items / self._batch_rows(n_items))
 
     def uniqueness_interval(self, n_items: int) -> int:
         """Steps between refreshes of the uniqueness targets: `uniqueness_every`, but at least one pass of

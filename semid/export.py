@@ -121,7 +121,8 @@ def _parsed(series: pl.Series, codes: pl.Series, what: str, example: str) -> np.
     if flat.is_null().any():
         row = int(np.argmax(flat.is_null().to_numpy())) // max(width, 1)
         raise ValueError(f"{what}: row {row} ({series[row]!r}) holds a code too large for a 64-bit integer")
-    return flat.to_numpy().reshape(len(series), width)
+    # writable: polars may hand out a read-only view, which torch.from_numpy warns about
+    return np.require(flat.to_numpy(), requirements="W").reshape(len(series), width)
 
 
 def parse_token_strings(strings: Sequence[str] | pl.Series, prefixes: str = LEVEL_PREFIXES) -> np.ndarray:

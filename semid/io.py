@@ -289,6 +289,8 @@ def _open_npy(p: Path, expected_dim: int | None) -> np.ndarray:
     """Memory-map a .npy and check its header-level facts (dtype, shape, dimension) without reading rows."""
     try:
         mm = np.load(p, mmap_mode="r", allow_pickle=False)
+    except EOFError as e:  # numpy's "No data left in file" names neither the file nor the problem
+        raise InputError(f"cannot read {p} as .npy: the file is empty") from e
     except (ValueError, OSError) as e:
         # numpy takes a file without the .npy header for a pickle, and suggests unpickling it: never safe here
         reason = "it has no .npy header, or holds Python objects" if "pickle" in str(e) else e

@@ -16,7 +16,9 @@ import functools
 import hashlib
 import inspect
 import math
+import sys
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +145,7 @@ class TrainState:
 class Trainer:
     def __init__(self, config: SemidConfig, x: torch.Tensor, checkpoint_path: str | Path | None = None) -> None:
         # Resolved once for this catalogue (train.min_epochs), so the schedule, the loop and the saved config agree.
+        self.steps_note = config.train.steps_note(x.shape[0])
         self.config = config = config.with_overrides({"train.steps": config.train.steps_for(x.shape[0])})
         self.device = resolve_device(config.train.device)
         self.ranks = distributed.join(self.device.type)
@@ -153,6 +156,10 @@ class Trainer:
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         # A path without train.checkpoint_every still gets checkpoints: at every evaluation (else at the end).
         self.checkpoint_every = config.train.checkpoint_every or config.train.eval_every or config.train.steps
+        if self.checkpoint_path and self.checkpoint_every > config.train.steps:
+            warnings.warn(f"no training checkpoint will be written to {self.checkpoint_path}: the run's "
+                          f"{config.train.steps:,} steps are fewer than the {self.checkpoint_every:,} between "
+                          "checkpoints (train.checkpoint_every, else train.eval_every)", stacklevel=2)
         torch.manual_seed(config.train.seed)
         self.model = RQVAE(x.shape[1], config.model, config.quantizer).to(self.device)
         # Identical initial weights on every rank (and DDP broadcasts rank 0's anyway); dropout and Gumbel noise
@@ -334,6 +341,8 @@ class Trainer:
                 self._evaluate(step=0)
             return self._finish()
         self._forward = self._wrap_model()
+        if self.steps_note and t.progress and self.ranks.is_main:
+            tqdm.write(f"train: {self.steps_note}", file=sys.stderr)
         bar = tqdm(total=t.steps, initial=self.state.step, disable=not (t.progress and self.ranks.is_main),
                    desc="train", unit="step")
         self.model.train()

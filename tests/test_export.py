@@ -58,6 +58,7 @@ def test_parsers_invert_the_string_exports(ids):
     # as a detokeniser writes them: spaces between tokens, a Series
     spaced = pl.Series([s.replace("><", "> <") + "\n" for s in token_strings(ids)])
     np.testing.assert_array_equal(parse_token_strings(spaced), ids)
+    assert parse_token_strings(spaced).flags.writeable  # torch.from_numpy takes it without a warning
     assert parse_token_strings([]).shape == (0, 0) and parse_semantic_id_strings([]).shape == (0, 0)
 
 

@@ -272,6 +272,14 @@ def test_empty_parquet_embeddings(tmp_path):
         to_numpy_embeddings(pd.DataFrame({"item_id": [], "embedding": []}))
 
 
+def test_a_zero_byte_npy_is_named_as_empty(tmp_path):
+    path = tmp_path / "e.npy"
+    path.touch()  # an interrupted download or copy; numpy's own error names neither file nor problem
+    for fn in (read_items, count_items, lambda p: iter_item_batches(p, 4)):
+        with pytest.raises(InputError, match=r"cannot read .*e\.npy as \.npy: the file is empty"):
+            fn(path)
+
+
 def test_non_numeric_embedding_column(tmp_path):
     path = tmp_path / "s.parquet"
     pl.DataFrame({"item_id": ["a"], "embedding": ["0.1 0.2"]}).write_parquet(path)

@@ -770,6 +770,33 @@ def test_min_epochs_raises_steps_for_larger_catalogues_up_to_max_steps():
         SemidConfig().with_overrides({"train.min_epochs": -1})
 
 
+def test_the_steps_note_says_which_key_decided_the_steps():
+    train = SemidConfig().with_overrides({"train.steps": 100, "train.batch_size": 50, "train.min_epochs": 10,
+                                          "train.max_steps": 1000}).train
+    assert train.steps_note(400) is None  # train.steps holds
+    assert train.steps_note(1000) == ("200 steps: train.steps = 100 is raised to train.min_epochs = 10 passes over "
+                                      "1,000 items (train.min_epochs = 0 keeps train.steps)")
+    assert train.steps_note(10**6).startswith("1,000 steps: train.steps = 100 is raised to train.min_epochs = 10 "
+                                              "passes over 1,000,000 items, at most train.max_steps")
+
+
+def test_training_says_when_the_catalogue_changed_its_steps_and_when_no_checkpoint_will_be_written(
+        real_data, tiny_config, tmp_path, capsys):
+    """A user who lowered train.steps for a quick run learns that min_epochs raised it, before the run; one who
+    asked for a checkpoint that a short run will never write is told so, instead of finding no file."""
+    x = _x(real_data)  # ml-100k: 1,682 items, 256-row batches
+    config = tiny_config({"train.steps": 20, "train.min_epochs": 2, "train.eval_every": 0,
+                          "train.decoder_refit_steps": 0, "train.progress": True})
+    Trainer(config, x).fit()
+    assert "train: 14 steps" not in capsys.readouterr().err  # 2 passes are 14 steps: train.steps = 20 holds
+    Trainer(config.with_overrides({"train.min_epochs": 5}), x).fit()
+    assert ("train: 33 steps: train.steps = 20 is raised to train.min_epochs = 5 passes over 1,682 items"
+            in capsys.readouterr().err)
+    with pytest.warns(UserWarning, match=r"no training checkpoint will be written to .*the run's 20 steps are "
+                                         r"fewer than the 50 between checkpoints"):
+        Trainer(config.with_overrides({"train.checkpoint_every": 50}), x, checkpoint_path=tmp_path / "c.ckpt")
+
+
 def test_uniqueness_targets_refresh_at_most_once_a_pass():
     train = SemidConfig().with_overrides({"train.uniqueness_every": 100, "train.batch_size": 1024}).train
     assert train.uniqueness_interval(12_101) == 100  # Beauty: 12 steps a pass, the configured interval holds
