@@ -162,22 +162,24 @@ def cmd_info(args: argparse.Namespace) -> int:
         "id_length": len(sizes) + (strategy == "suffix"),
         "distance": config.quantizer.distance,
         "forward": config.quantizer.forward,
-        "trained_items": meta["n_train_items"],
-        "trained_on": _trained_on(tok),
-        "best_step": meta["best_step"],
+        # .get: a model written by an earlier semid may lack a key; what it has is still worth showing
+        "trained_items": meta.get("n_train_items"),
+        "trained_on": ", ".join(meta[k] for k in ("train_device", "train_precision") if k in meta) or "unknown",
+        "best_step": meta.get("best_step"),
         "registered_items": len(tok.registry),
-        "final": meta["final"],
+        "final": meta.get("final") or {},
     }
     print(f"semid model {args.model}")
     forward = f", {info['forward']} forward" if config.model.type == "rqvae" else ""
     print(f"  model       {model}; {info['distance']} codes{forward}")
     print(f"  IDs         {len(sizes)} levels of {'/'.join(map(str, sizes))} codes{suffix}: "
           f"{info['id_length']} tokens, collisions by {strategy}")
-    print(f"  trained     {info['trained_items']:,} items ({info['trained_on']}), best step {info['best_step']}")
+    trained = "?" if info["trained_items"] is None else f"{info['trained_items']:,}"
+    print(f"  trained     {trained} items ({info['trained_on']}), best step {info['best_step']}")
     print(f"  registry    {info['registered_items']:,} items hold an ID")
-    if meta["final"]:
+    if info["final"]:
         print("\nat the end of training, on the items it trained on:")
-        print(format_report(meta["final"]))
+        print(format_report(info["final"]))
     if args.json:
         write_json_atomic(info, args.json)
         print(f"info written to {args.json}")
