@@ -90,6 +90,24 @@ def semantic_id_strings(ids: np.ndarray) -> list[str]:
     return _concat_columns(_as_id_matrix(ids), lambda j, col: [col], separator="-")
 
 
+def id_table(item_ids: Sequence[object] | pl.Series, ids: np.ndarray) -> pl.DataFrame:
+    """`item_id, codes, semantic_id, tokens`: the table `semid encode` writes, for items encoded in Python.
+
+    `item_ids` keep their type (a polars Series, or any sequence polars can type), so the table joins back
+    onto the catalogue it came from.
+    """
+    ids = _as_id_matrix(ids)
+    item_ids = item_ids if isinstance(item_ids, pl.Series) else pl.Series(list(item_ids))
+    if len(item_ids) != len(ids):
+        raise ValueError(f"{len(item_ids)} item ids for {len(ids)} IDs: give one item id per ID row")
+    return pl.DataFrame({
+        "item_id": item_ids.alias("item_id"),
+        "codes": pl.Series(ids).cast(pl.List(pl.Int64)),
+        "semantic_id": semantic_id_strings(ids),
+        "tokens": token_strings(ids),
+    })
+
+
 def _string_series(strings: Sequence[str] | pl.Series, what: str) -> pl.Series:
     if isinstance(strings, (str, bytes)):
         raise ValueError(f"{what} must be a sequence of strings, one per ID, not a single string: wrap it in a list")

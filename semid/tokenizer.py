@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from semid.collisions import IdRegistry, SuffixOverflowError
 from semid.config import SemidConfig
 from semid.device import device_available, resolve_device
-from semid.export import semantic_id_strings, token_strings, token_vocabulary, write_trie_json
+from semid.export import id_table, token_vocabulary, write_trie_json
 from semid.kmeans import sinkhorn_assign
 from semid.io import (
     InputError,
@@ -95,12 +95,7 @@ def write_id_table(item_ids: pl.Series, ids: np.ndarray, out: str | os.PathLike)
     with ParquetShardWriter(out) as writer:
         for start in range(0, len(ids), _OUTPUT_SLICE_ROWS):
             part = ids[start : start + _OUTPUT_SLICE_ROWS]
-            writer.write(pl.DataFrame({
-                "item_id": item_ids.slice(start, len(part)),
-                "codes": pl.Series(part).cast(pl.List(pl.Int64)),
-                "semantic_id": semantic_id_strings(part),
-                "tokens": token_strings(part),
-            }))
+            writer.write(id_table(item_ids.slice(start, len(part)), part))
 
 
 # Files of a model directory that never change after saving (the registry grows), by their digest's key in meta.json.

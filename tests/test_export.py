@@ -10,6 +10,7 @@ import pytest
 import polars as pl
 
 from semid.export import (
+    id_table,
     parse_semantic_id_strings,
     parse_token_strings,
     prefix_trie,
@@ -49,6 +50,20 @@ def test_semantic_id_strings(ids):
     assert semantic_id_strings(np.array([[12, 201, 7, 0]])) == ["12-201-7-0"]
     strings = semantic_id_strings(ids)
     assert [list(map(int, s.split("-"))) for s in strings] == ids.tolist()
+
+
+def test_id_table_is_the_encode_output_with_the_item_ids_typed_as_given(ids):
+    item_ids = pl.Series(np.arange(len(ids), dtype=np.int64) * 7)
+    table = id_table(item_ids, ids)
+    assert table.columns == ["item_id", "codes", "semantic_id", "tokens"]
+    assert table["item_id"].dtype == pl.Int64 and table["item_id"].to_list() == item_ids.to_list()
+    assert table["codes"].to_list() == ids.tolist()
+    assert table["semantic_id"].to_list() == semantic_id_strings(ids)
+    assert table["tokens"].to_list() == token_strings(ids)
+    names = [f"book-{i}" for i in range(len(ids))]
+    assert id_table(names, ids)["item_id"].to_list() == names
+    with pytest.raises(ValueError, match=r"2 item ids for \d+ IDs"):
+        id_table(["a", "b"], ids)
 
 
 def test_parsers_invert_the_string_exports(ids):
