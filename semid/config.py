@@ -267,7 +267,8 @@ class CollisionConfig:
     suffix_size: int = 256  # vocabulary of the suffix token
     # Balanced last level at encode time: the items of one encode call share the last level's codes evenly
     # (log-domain Sinkhorn over their last-level distances) instead of each taking its nearest code. It
-    # spreads crowded prefixes before collisions are resolved; it needs an (n, K_last) matrix in memory.
+    # spreads crowded prefixes before collisions are resolved; it needs an (n, K_last) matrix in memory. A call
+    # of fewer items than the last level has codes keeps the nearest codes: there is nothing to share out.
     balanced_last_level: bool = False
 
     def __post_init__(self) -> None:

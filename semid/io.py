@@ -62,7 +62,22 @@ def validate_embeddings(
     with np.errstate(over="ignore"):  # overflow is reported below as inf, with its rows
         x = np.ascontiguousarray(x, dtype=np.float32)  # (n, d)
     _check_finite(x, name, row_offset)
+    _check_magnitude(x, name, row_offset)
     return x
+
+
+# Beyond this, float32 squared distances of a few thousand dimensions come near overflow (3.4e38): the
+# cosine of such rows, k-means and the reconstruction error would turn into inf and NaN mid-training.
+MAX_ABS_VALUE = 1e15
+
+
+def _check_magnitude(x: np.ndarray, name: str, row_offset: int) -> None:
+    if max(float(x.max()), -float(x.min())) <= MAX_ABS_VALUE:  # two passes at memory speed, no temporary
+        return
+    rows = (np.abs(x) > MAX_ABS_VALUE).any(axis=1)
+    raise InputError(f"{name} hold values beyond ±{MAX_ABS_VALUE:.0e} ({int(rows.sum())} rows, first bad row: "
+                     f"{int(np.argmax(rows)) + row_offset}): semid computes in float32, whose squares overflow; "
+                     "rescale the embeddings (for example to unit norm)")
 
 
 def _check_finite(x: np.ndarray, name: str, row_offset: int) -> None:

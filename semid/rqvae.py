@@ -114,6 +114,23 @@ class RQVAEOutput:
     residual: ResidualOutput
 
 
+def unit_peak(deviations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(deviations / peak, peak), peak the largest |element| (1 where there is none).
+
+    Squares of float32 values underflow to zero below about 1e-19 and overflow above 1e19: divided by their
+    peak first, sums of squares of a catalogue at 1e-20 come out as those of one at 1.
+    """
+    peak = deviations.abs().max()
+    peak = peak if peak > 0 else torch.ones_like(peak)
+    return deviations / peak, peak
+
+
+def rms_spread(deviations: torch.Tensor) -> torch.Tensor:
+    """Root-mean-square element of (n, D) deviations from a mean, at any scale float32 can hold."""
+    scaled, peak = unit_peak(deviations)
+    return peak * scaled.pow(2).mean().sqrt()
+
+
 class RQVAE(nn.Module):
     def __init__(self, input_dim: int, model: ModelConfig, quantizer: QuantizerConfig) -> None:
         super().__init__()
@@ -145,7 +162,7 @@ class RQVAE(nn.Module):
             return
         mean = x.float().mean(0)
         self.mean.copy_(mean)
-        self.scale.copy_((x.float() - mean).pow(2).mean().sqrt().clamp_min(1e-12))
+        self.scale.copy_(rms_spread(x.float() - mean))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Raw embeddings in standardised units: the space the decoder reconstructs and the loss is taken in."""

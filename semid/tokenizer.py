@@ -580,7 +580,9 @@ class SemanticIdTokenizer:
             """Remap moves an item whose prefix is full to another prefix: distances under the given codes."""
             return model.quantizer.level_distances(latent(rows), torch.from_numpy(leading).to(device)).cpu().numpy()
 
-        if self.config.collisions.balanced_last_level:
+        # Fewer items than last-level codes have nothing to share out: balanced over a handful of items, codes far
+        # from all of them draw the mass (a lone item always took code 0), so such calls keep the nearest codes.
+        if self.config.collisions.balanced_last_level and len(codes) >= model.codebook_sizes[-1]:
             codes = codes.copy()
             cost = torch.from_numpy(last_level_distances(np.arange(len(codes)))).to(device)
             codes[:, -1] = sinkhorn_assign(cost).cpu().numpy()

@@ -43,7 +43,7 @@ from semid.metrics import (
     reconstruction_metrics,
     top_share,
 )
-from semid.rqvae import RQVAE, RQVAEOutput, dropout_after_activations
+from semid.rqvae import RQVAE, RQVAEOutput, dropout_after_activations, unit_peak
 
 # Keys whose larger value is better; every other evaluate key is minimised.
 _HIGHER_IS_BETTER = {"cosine", "unique_after"}
@@ -66,7 +66,7 @@ def norm_sampling_probabilities(x: torch.Tensor, share: float) -> torch.Tensor |
     keeps a chance of at least (1 - share) / N, which bounds its reconstruction weight 1 / (N p) by
     1 / (1 - share).
     """
-    w = (x.float() - x.float().mean(0)).pow(2).sum(-1).cpu().double()
+    w = unit_peak(x.float() - x.float().mean(0))[0].pow(2).sum(-1).cpu().double()  # scale-free: only w / sum(w) counts
     if top_share(w.numpy()) <= HEAVY_TAIL_SHARE:
         return None
     uniform = torch.full_like(w, 1.0 / w.numel())

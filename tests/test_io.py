@@ -94,10 +94,14 @@ def test_float64_overflow_is_reported_as_inf():
         validate_embeddings(x)
 
 
-def test_large_finite_values_pass_although_their_float32_sum_overflows():
-    x = np.full((4, 3), 3e38, dtype=np.float32)  # every value finite, the float32 sum is inf
-    x[1] = -3e38
-    np.testing.assert_array_equal(validate_embeddings(x), x)
+def test_values_whose_squares_overflow_float32_are_refused_with_their_rows():
+    """3e38 is finite, but its square (a distance term) is not: refused before any training, with rows named."""
+    x = np.full((4, 3), 1e15, dtype=np.float32)
+    x[1] = -1e15
+    np.testing.assert_array_equal(validate_embeddings(x), x)  # up to the limit: accepted
+    x[2, 0], x[3, 1] = 3e38, -2e15
+    with pytest.raises(InputError, match=r"values beyond ±1e\+15 \(2 rows, first bad row: 12\).*rescale"):
+        validate_embeddings(x, row_offset=10)
 
 
 @pytest.mark.parametrize(

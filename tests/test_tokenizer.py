@@ -657,6 +657,11 @@ def test_balanced_last_level_spreads_codes_and_keeps_ids_unique(data, model_dir)
     assert np.bincount(ids_balanced[:, 2], minlength=k_last).max() < np.bincount(ids_plain[:, 2], minlength=k_last).max()
     assert (ids_balanced[:, :2] == ids_plain[:, :2]).all()  # only the last level is rebalanced
     assert len(_rows(ids_balanced)) == len(x)
+    # Calls of fewer items than codes keep each item's nearest code: balanced alone, an item took code 0
+    fresh = SemanticIdTokenizer.load(model_dir("suffix", False))
+    fresh.config = balanced.config
+    lone = np.concatenate([fresh.encode(x[i : i + 1]) for i in range(40, 60)])
+    np.testing.assert_array_equal(lone[:, :3], fresh.encode_raw(x[40:60]))
 
 
 def test_saved_config_records_the_steps_the_catalogue_was_trained_for(data, tiny_config, tmp_path):
