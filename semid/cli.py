@@ -323,6 +323,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Per command: the arguments it reads, the model directory it uses (or writes, for train), the files it writes.
+_PATH_ROLES: dict[str, tuple[tuple[str, ...], str | None, tuple[str, ...]]] = {
+    "train": (("data", "config"), "out", ("checkpoint",)),
+    "encode": (("data",), "model", ("out", "trie", "vocab")),
+    "evaluate": (("data", "sequences"), "model", ("json", "plot")),
+    "info": ((), "model", ("json",)),
+    "embed": (("data",), None, ("out",)),
+}
+
+
+def check_output_paths(args: argparse.Namespace) -> None:
+    """Refuse, before any work, an output that would overwrite an input, another output, or a file of the
+    model directory: `--vocab items.parquet` would destroy the catalogue, and `--out M/registry.parquet` the
+    record of every ID handed out."""
+    inputs, model_arg, outputs = _PATH_ROLES.get(args.command, ((), None, ()))
+    seen = {Path(value).resolve(): f"the input --{name} {value}"
+            for name in inputs if (value := getattr(args, name, None))}
+    model = getattr(args, model_arg, None) if model_arg else None
+    model_root = Path(model).resolve() if model else None
+    for name in outputs:
+        value = getattr(args, name, None)
+        if not value:
+            continue
+        target = Path(value).resolve()
+        if target in seen:
+            raise ValueError(f"--{name} {value} is {seen[target]}: write it to another path")
+        if model_root is not None and model_root in (target, *target.parents):
+            raise ValueError(f"--{name} {value} is inside the model directory {model}, which holds the model and "
+                             "the registry of IDs handed out: write it to another path")
+        seen[target] = f"the output --{name} {value}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -339,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():  # restores the warning display for a caller of main()
             warnings.showwarning = one_line_warning
+            check_output_paths(args)
             return args.func(args)
     except KeyboardInterrupt:
         checkpoint = getattr(args, "checkpoint", None)

@@ -141,6 +141,15 @@ class QuantizerConfig:
         _in_range("quantizer.gumbel_tau_decay", self.gumbel_tau_decay, 0, 1, high_open=False,
                   note=" (0 picks it from train.steps)")
         _in_range("quantizer.centre_shrinkage", self.centre_shrinkage)
+        if self.prefix_centres and not self.prefixes_fit_a_key():
+            raise ConfigError(f"quantizer.prefix_centres keys each prefix by one 64-bit integer, and codebook sizes "
+                              f"{self.sizes()} have more prefixes than that holds (the product of all sizes but "
+                              "the last must be below 2^63): set quantizer.prefix_centres = false, or use fewer "
+                              "levels or smaller codebooks")
+
+    def prefixes_fit_a_key(self) -> bool:
+        """Whether every prefix (the codes of all levels but the last) packs into one int64 key."""
+        return math.prod(self.sizes()[:-1]) < 2**63
 
     def sizes(self) -> list[int]:
         """Codebook size of every level."""

@@ -59,9 +59,8 @@ class ResidualQuantizer(nn.Module):
         self.register_buffer("prefix_keys", torch.zeros(0, dtype=torch.long))
         self.register_buffer("prefix_centres", torch.zeros(0, dim))
         sizes = config.sizes()
-        strides = [math.prod(sizes[i + 1 : -1]) for i in range(len(sizes) - 1)]
-        if math.prod(sizes[:-1]) >= 2**63:
-            raise ValueError(f"codebook sizes {sizes}: the number of prefixes does not fit a 64-bit key")
+        # Only prefix centres key prefixes, and the config refuses them where the keys do not fit an int64.
+        strides = [math.prod(sizes[i + 1 : -1]) for i in range(len(sizes) - 1)] if config.prefixes_fit_a_key() else []
         self.register_buffer("prefix_strides", torch.tensor(strides, dtype=torch.long), persistent=False)
 
     @property

@@ -253,6 +253,18 @@ BAD_CASES = {
     "evaluate-wrong-dimension": (["evaluate", "--model", "{model}", "--data", "{dim100}", "--json", "{out}"],
                                  "dimension"),
     "info-truncated-weights": (["info", "--model", "{truncated}", "--json", "{out}"], "model.pt"),
+    # Outputs that would overwrite an input, another output, or the model directory's files: refused up front
+    "encode-out-into-model": (["encode", "--model", "{model}", "--data", "{npy}", "--out", "{model}/registry.parquet",
+                               "--trie", "{out}"], "is inside the model directory"),
+    "encode-vocab-is-input": (["encode", "--model", "{model}", "--data", "{parquet}", "--out", "{out}",
+                               "--vocab", "{parquet}"], "is the input --data"),
+    "encode-trie-is-out": (["encode", "--model", "{model}", "--data", "{npy}", "--out", "{out}", "--trie", "{out}"],
+                           "is the output --out"),
+    "evaluate-json-is-input": (["evaluate", "--model", "{model}", "--data", "{npy}", "--json", "{npy}",
+                                "--plot", "{out}"], "is the input --data"),
+    "info-json-into-model": (["info", "--model", "{model}", "--json", "{model}/meta.json"], "inside the model directory"),
+    "train-checkpoint-into-out": (["train", "--config", "{config}", "--data", "{npy}", "--out", "{out}",
+                                   "--checkpoint", "{out}/train.ckpt"], "inside the model directory"),
     "info-foreign-dir": (["info", "--model", "{foreign}", "--json", "{out}"], "not a semid model directory"),
 }
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from semid.distance import pairwise_distance
 from semid.collisions import SuffixOverflowError, SuffixOverflowWarning
+from semid.config import ConfigError
 from semid.export import parse_token_strings, token_strings, token_vocabulary
 from semid.io import InputError
 from semid.metrics import collision_metrics
@@ -662,6 +663,20 @@ def test_balanced_last_level_spreads_codes_and_keeps_ids_unique(data, model_dir)
     fresh.config = balanced.config
     lone = np.concatenate([fresh.encode(x[i : i + 1]) for i in range(40, 60)])
     np.testing.assert_array_equal(lone[:, :3], fresh.encode_raw(x[40:60]))
+
+
+def test_ids_longer_than_a_64_bit_prefix_key_train_without_prefix_centres(data, tiny_config, tmp_path):
+    """Nine levels of 256 codes have 2^64 prefixes: prefix centres, which key each prefix by an int64, are refused
+    by name before training; without them such IDs train, stay unique and round-trip."""
+    with pytest.raises(ConfigError, match=r"quantizer.prefix_centres .* set quantizer.prefix_centres = false"):
+        tiny_config({"quantizer.levels": 9, "quantizer.codebook_size": 256})
+    config = tiny_config({"model.type": "rqkmeans", "quantizer.levels": 9, "quantizer.codebook_size": 256,
+                          "quantizer.prefix_centres": False, "quantizer.refine_passes": 1})
+    tok = SemanticIdTokenizer(config).fit(data["a"])
+    ids = tok.encode(data["a"])
+    assert ids.shape == (len(data["a"]), 10) and len(_rows(ids)) == len(ids)
+    loaded = SemanticIdTokenizer.load(tok.save(tmp_path / "long"))
+    np.testing.assert_array_equal(loaded.encode(data["a"]), ids)
 
 
 def test_saved_config_records_the_steps_the_catalogue_was_trained_for(data, tiny_config, tmp_path):
