@@ -747,8 +747,9 @@ class IdRegistry:
         width = self.id_length if self.id_length is not None else fresh.shape[1]
         if fresh.shape[1] > width:
             raise ValueError(
-                f"collision strategy {_strategy(strategy).value!r} needs IDs of length {fresh.shape[1]} here, but this "
-                f"registry holds IDs of length {width}; create it with IdRegistry(id_length={fresh.shape[1]})"
+                f"collision strategy {_strategy(strategy).value!r} needs IDs of length {fresh.shape[1]} here, but the "
+                f"IDs this registry handed out have length {width}: keep the strategy they were given with (a new "
+                f"model's registry made as IdRegistry(id_length={fresh.shape[1]}) would leave room for suffixes)"
             )
         if fresh.shape[1] < width:
             fresh = np.column_stack([fresh, np.zeros(len(fresh), dtype=np.int64)])

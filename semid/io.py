@@ -295,6 +295,9 @@ def _check_path(path: str | os.PathLike) -> Path:
 
 
 def _check_columns(names: list[str], id_col: str | None, emb_col: str, where: str) -> None:
+    if id_col == emb_col:
+        raise InputError(f"the id column and the embedding column of {where} are both '{emb_col}': name two "
+                         f"columns ({_COLUMN_HINT})")
     for col in (id_col, emb_col):
         if col is not None and col not in names:
             raise InputError(f"{where} has no column '{col}'; its columns are: {', '.join(names)} ({_COLUMN_HINT})")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import warnings
@@ -172,7 +173,7 @@ class SemanticIdTokenizer:
         keys, emb = self._items(x, ids, id_col, emb_col, for_registry=False)  # a new registry: no warning
         if not np.ptp(emb, axis=0).any():
             raise InputError(f"all {len(emb)} embeddings are the same vector: nothing tells the items apart")
-        self._check_room_for_duplicates(emb)
+        self._check_room_for_ids(emb)
         drawn_by_norm = self.config.model.type == "rqvae" and self.config.train.norm_sampling > 0
         if not drawn_by_norm and (share := top_variance_share(emb)) > HEAVY_TAIL_SHARE:
             warnings.warn(HeavyTailWarning(
@@ -211,10 +212,12 @@ class SemanticIdTokenizer:
         return self
 
     # ---- encoding -----------------------------------------------------------------------------
-    def _check_room_for_duplicates(self, emb: np.ndarray) -> None:
-        """Fail before training where identical embeddings are certain to exhaust the IDs of their prefix.
+    def _check_room_for_ids(self, emb: np.ndarray) -> None:
+        """Fail before training where the catalogue, or identical embeddings in it, are certain to exhaust
+        the IDs the config can give.
 
-        Identical rows get one code tuple. A prefix numbers at most K_last x collisions.suffix_size items
+        Every ID is a code tuple, with a suffix below collisions.suffix_size at most, so no catalogue larger
+        than the product of the codebook sizes times suffix_size fits. Identical rows get one code tuple. A prefix numbers at most K_last x collisions.suffix_size items
         (its tuples' suffixes); remap can instead keep length L by moving items to the K_(L-1) x K_last
         tuples under their first L - 2 codes, and takes whichever of the two holds more. Catalogues meet
         this through placeholder items, thousands of empty descriptions with one embedding; found after
@@ -223,6 +226,11 @@ class SemanticIdTokenizer:
         c, sizes = self.config.collisions, self.config.quantizer.sizes()
         if c.strategy == "none":
             return
+        capacity = math.prod(sizes) * c.suffix_size
+        if len(emb) > capacity:
+            raise InputError(f"{len(emb):,} items need distinct IDs, but codebook sizes {sizes} with "
+                             f"collisions.suffix_size = {c.suffix_size} give at most {capacity:,}: use more "
+                             "levels (quantizer.levels), larger codebooks or a larger suffix_size")
         rooms = {"last-level codes x collisions.suffix_size": (sizes[-1], c.suffix_size)}
         if c.strategy == "remap" and len(sizes) > 1:
             rooms["codes of the last two levels"] = (sizes[-2], sizes[-1])

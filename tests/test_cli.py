@@ -242,6 +242,8 @@ BAD_CASES = {
     "encode-empty": (["encode", "--model", "{model}", "--data", "{empty}", "--out", "{out}"], "empty"),
     "encode-duplicate-ids": (["encode", "--model", "{model}", "--data", "{dup}", "--out", "{out}",
                               "--batch-size", "100"], "more than once"),
+    "encode-same-columns": (["encode", "--model", "{model}", "--data", "{parquet}", "--emb-col", "item_id",
+                             "--out", "{out}"], "the id column and the embedding column of"),
     "encode-missing-column": (["encode", "--model", "{model}", "--data", "{parquet}", "--emb-col", "vector",
                                "--out", "{out}"], "column 'vector'"),
     "encode-truncated-weights": (["encode", "--model", "{truncated}", "--data", "{npy}", "--out", "{out}"],

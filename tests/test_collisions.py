@@ -754,7 +754,8 @@ def test_registry_id_length_rule():
     reg = IdRegistry()
     ids = remap(reg, ["a", "b"], [[0, 0], [0, 0]], [0.1, 0.2])
     np.testing.assert_array_equal(ids, [[0, 0], [0, 1]])
-    with pytest.raises(ValueError, match="length 3 .* holds IDs of length 2"):
+    with pytest.raises(ValueError, match="needs IDs of length 3 here, but the IDs this registry handed out have "
+                                         "length 2: keep the strategy they were given with"):
         reg.assign(["c"], np.array([[1, 0]]), np.zeros(1), "suffix", codebook_sizes=[2, 2])
     # The prefix 0 is full: c moves to prefix 1, at length L (this used to fail, asking for id_length=3).
     np.testing.assert_array_equal(remap(reg, ["c"], [[0, 1]], [0.0]), [[1, 1]])

@@ -544,13 +544,33 @@ def test_fit_refuses_more_identical_items_than_their_prefix_holds_before_trainin
     monkeypatch.setattr("semid.tokenizer.Trainer.fit", stop)
     tok = SemanticIdTokenizer(tiny_config({"collisions.strategy": strategy, "quantizer.codebook_size": [4, 16, 4],
                                            "collisions.suffix_size": 3}))
-    x = data["a"].copy()
+    x = data["a"][:700].copy()  # within the 4 x 16 x 4 x 3 = 768 IDs of the whole config
     x[:room] = x[0]
     with pytest.raises(_Trained):
         tok.fit(x)
     x[room] = x[0]
     with pytest.raises(InputError, match=f"{room + 1} items share one embedding exactly, more than the {room} IDs"):
         tok.fit(x)
+
+
+@pytest.mark.parametrize("strategy", ["suffix", "remap"])
+def test_fit_refuses_a_catalogue_larger_than_every_id_the_config_can_give(data, tiny_config, monkeypatch, strategy):
+    """Two levels of 4 codes and suffix_size 3 give 48 IDs: 48 items reach training, 49 are refused before it
+    (before, the run trained and then failed to register them)."""
+    def stop(*args: object, **kwargs: object) -> None:
+        raise _Trained
+
+    monkeypatch.setattr("semid.tokenizer.Trainer.fit", stop)
+    tok = SemanticIdTokenizer(tiny_config({"collisions.strategy": strategy, "quantizer.levels": 2,
+                                           "quantizer.codebook_size": 4, "collisions.suffix_size": 3}))
+    with pytest.raises(_Trained):
+        tok.fit(data["a"][:48])
+    with pytest.raises(InputError, match=r"49 items need distinct IDs, but codebook sizes \[4, 4\] with "
+                                         r"collisions.suffix_size = 3 give at most 48"):
+        tok.fit(data["a"][:49])
+    none = SemanticIdTokenizer(tok.config.with_overrides({"collisions.strategy": "none"}))
+    with pytest.raises(_Trained):  # IDs may repeat: nothing to run out of
+        none.fit(data["a"][:49])
 
 
 @pytest.mark.parametrize("strategy", ["suffix", "remap", "none"])
