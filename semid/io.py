@@ -61,8 +61,7 @@ def validate_embeddings(
         raise InputError(f"{name} have dimension {d}, expected {expected_dim}")
     with np.errstate(over="ignore"):  # overflow is reported below as inf, with its rows
         x = np.ascontiguousarray(x, dtype=np.float32)  # (n, d)
-    _check_finite(x, name, row_offset)
-    _check_magnitude(x, name, row_offset)
+    _check_values(x, name, row_offset)
     return x
 
 
@@ -71,29 +70,27 @@ def validate_embeddings(
 MAX_ABS_VALUE = 1e15
 
 
-def _check_magnitude(x: np.ndarray, name: str, row_offset: int) -> None:
-    if max(float(x.max()), -float(x.min())) <= MAX_ABS_VALUE:  # two passes at memory speed, no temporary
+def _check_values(x: np.ndarray, name: str, row_offset: int) -> None:
+    """Refuse NaN, inf, and values whose squares overflow float32, naming the rows.
+
+    The fast path is the largest and smallest value, two passes at memory speed with no (n, d) temporary:
+    a NaN anywhere makes them NaN, and an inf or a value too large shows in them. Only a bad matrix has
+    its rows inspected.
+    """
+    with np.errstate(invalid="ignore"):
+        peak = float(np.maximum(x.max(), -x.min()))  # np.maximum keeps a NaN, Python's max may not
+    if peak <= MAX_ABS_VALUE:  # False for NaN as well
         return
+    nan_rows = np.isnan(x).any(axis=1)  # (n,)
+    inf_rows = np.isinf(x).any(axis=1)  # (n,)
+    if nan_rows.any() or inf_rows.any():
+        parts = [f"{int(m.sum())} rows with {what}" for m, what in ((nan_rows, "NaN"), (inf_rows, "inf")) if m.any()]
+        first = int(np.argmax(nan_rows | inf_rows)) + row_offset
+        raise InputError(f"{name} contain non-finite values: {', '.join(parts)} (first bad row: {first})")
     rows = (np.abs(x) > MAX_ABS_VALUE).any(axis=1)
     raise InputError(f"{name} hold values beyond ±{MAX_ABS_VALUE:.0e} ({int(rows.sum())} rows, first bad row: "
                      f"{int(np.argmax(rows)) + row_offset}): semid computes in float32, whose squares overflow; "
                      "rescale the embeddings (for example to unit norm)")
-
-
-def _check_finite(x: np.ndarray, name: str, row_offset: int) -> None:
-    # Fast path without an (n, d) temporary: a NaN or inf anywhere makes the float32 sum NaN or inf, so a
-    # finite sum proves every value finite. It runs at memory speed (a float64 sum converts every value,
-    # 3x slower); only when the sum overflows or a value is bad are rows inspected.
-    with np.errstate(over="ignore", invalid="ignore"):
-        if np.isfinite(np.sum(x)):
-            return
-    nan_rows = np.isnan(x).any(axis=1)  # (n,)
-    inf_rows = np.isinf(x).any(axis=1)  # (n,)
-    if not (nan_rows.any() or inf_rows.any()):  # large finite values overflowed the sum
-        return
-    parts = [f"{int(m.sum())} rows with {what}" for m, what in ((nan_rows, "NaN"), (inf_rows, "inf")) if m.any()]
-    first = int(np.argmax(nan_rows | inf_rows)) + row_offset
-    raise InputError(f"{name} contain non-finite values: {', '.join(parts)} (first bad row: {first})")
 
 
 def validate_ids(ids: Any, *, name: str = "item ids") -> np.ndarray:
