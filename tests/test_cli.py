@@ -400,18 +400,18 @@ def test_train_names_the_cli_fix_when_a_prefix_overflows_and_refuses_certain_ove
     from semid.cli import main
 
     tiny = ["--set", "model.type=rqkmeans", "--set", "quantizer.codebook_size=[16, 4, 4]",
-            "--set", "collisions.suffix_size=3", "--set", "train.progress=false"]
+            "--set", "collisions.suffix_size=7", "--set", "train.progress=false"]  # 1,792 IDs for 1,682 items
     assert main(["train", "--data", str(work["npy"]), "--out", str(tmp_path / "m"), *tiny]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the SuffixOverflowWarning's line
     assert err.startswith("semid train: error: ") and "is full" in err and "--set collisions.suffix_size=" in err
     assert "tok.config" not in err and not (tmp_path / "m").exists()
 
     x = np.load(work["npy"])
-    x[:60] = x[0]  # 60 identical items, and one prefix numbers 4 x 3 = 12
+    x[:60] = x[0]  # 60 identical items, and one prefix numbers 4 x 7 = 28
     np.save(tmp_path / "dup.npy", x)
     assert main(["train", "--data", str(tmp_path / "dup.npy"), "--out", str(tmp_path / "m"), *tiny]) == 1
     err = capsys.readouterr().err
-    assert "60 items share one embedding exactly, more than the 12 IDs" in err and "trained" not in err
+    assert "60 items share one embedding exactly, more than the 28 IDs" in err and "trained" not in err
 
 
 def test_resume_without_a_checkpoint_is_a_usage_error(tmp_path, capsys):

@@ -503,8 +503,9 @@ def test_fit_remaps_what_the_suffix_cannot_number_and_keeps_every_id_unique(data
 
 
 def test_fit_keeps_the_trained_model_when_no_code_is_free(data, tiny_config):
-    """2 x 2 x 2 codes for 1200 items: every prefix is full, so remapping cannot help either."""
-    tok = SemanticIdTokenizer(tiny_config({"collisions.suffix_size": 4, "quantizer.codebook_size": 2}))
+    """2 x 4 x 2 codes and suffix_size 75 for 1200 items: exactly as many IDs as items, so unless the items fill
+    the 8 prefixes evenly one of them is full, and remapping cannot help either."""
+    tok = SemanticIdTokenizer(tiny_config({"collisions.suffix_size": 75, "quantizer.codebook_size": [2, 4, 2]}))
     with pytest.raises(SuffixOverflowError, match=r"the prefix \(\d, \d\) is full.*The trained model is kept"):
         with pytest.warns(SuffixOverflowWarning):  # the remap of the overflow came first, and ran out of codes
             tok.fit(data["a"])

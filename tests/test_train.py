@@ -764,7 +764,7 @@ def test_training_does_not_depend_on_the_scale_of_the_embeddings(real_data, tiny
     results = []
     for scale in (1.0, 1e-20, 1e14):
         trainer = Trainer(config, x * scale)
-        model = trainer.fit()
+        trainer.fit()
         if model_type == "rqvae":
             assert trainer.row_probabilities is not None
         results.append((trainer.state.final["fvu"], trainer.state.final["collision_rate"]))
