@@ -117,13 +117,20 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from semid.io import write_json_atomic
+    from semid.io import read_interaction_sequences, write_json_atomic
     from semid.metrics import format_report, read_sequences
     from semid.tokenizer import SemanticIdTokenizer
 
     tok = SemanticIdTokenizer.load(args.model, device=args.device)
     items = _read_training_items(args.data, args.id_col, args.emb_col)
     sequences = read_sequences(args.sequences) if args.sequences else None
+    if args.interactions:
+        catalogue = items.ids if items.ids is not None else range(len(items))  # a .npy's items are its rows
+        log = read_interaction_sequences(args.interactions, catalogue, user_col=args.user_col,
+                                         item_col=args.id_col, time_col=args.time_col)
+        sequences = log.sequences
+        print(f"sequences of {len(sequences):,} users from {log.interactions:,} interactions "
+              f"({log.skipped:,} with items outside the catalogue skipped)")
     report = tok.evaluate(items.embeddings, ids=items.ids, sequences=sequences,
                           progress=not args.quiet and sys.stderr.isatty())
     print(format_report(report))
@@ -290,7 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--json", help="also write the report as JSON here")
-    p.add_argument("--sequences", help="user sequences (user<TAB>row row ...) for sequence_prefix_agreement")
+    sequences = p.add_mutually_exclusive_group()
+    sequences.add_argument("--sequences", help="user sequences (user<TAB>row row ...) for sequence_prefix_agreement")
+    sequences.add_argument("--interactions", help="interaction log (.parquet/.csv: user, item, time per row) for "
+                                                  "sequence_prefix_agreement; items named as in --id-col")
+    p.add_argument("--user-col", default="user_id", help="--interactions' user column (default: user_id)")
+    p.add_argument("--time-col", default="timestamp",
+                   help="--interactions' time column (default: timestamp; without it, file order)")
     p.add_argument("--plot", help="write a PNG of code usage per level (needs matplotlib)")
     p.add_argument("--device", type=_device_name, help=device_help)
     p.add_argument("--quiet", action="store_true", help="no progress bar (there is none unless stderr is a terminal)")
@@ -327,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
 _PATH_ROLES: dict[str, tuple[tuple[str, ...], str | None, tuple[str, ...]]] = {
     "train": (("data", "config"), "out", ("checkpoint",)),
     "encode": (("data",), "model", ("out", "trie", "vocab")),
-    "evaluate": (("data", "sequences"), "model", ("json", "plot")),
+    "evaluate": (("data", "sequences", "interactions"), "model", ("json", "plot")),
     "info": ((), "model", ("json",)),
     "embed": (("data",), None, ("out",)),
 }

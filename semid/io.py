@@ -14,6 +14,7 @@ cannot exist unless they were imported), so reading files does not pay for impor
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import polars as pl
@@ -423,6 +424,68 @@ def _parquet_batches(
 
 # --------------------------------------------------------------------------------------------------
 # atomic writers
+
+
+@dataclass
+class InteractionSequences:
+    """Users' histories as row numbers of an evaluated catalogue, in time order (`sequence_prefix_agreement`)."""
+
+    sequences: list[np.ndarray]  # one (k,) int64 array of catalogue rows per user, users in sorted order
+    interactions: int  # rows of the file
+    skipped: int  # interactions with an item the catalogue does not hold
+
+
+def read_interaction_sequences(
+    path: str | os.PathLike,
+    item_ids: Sequence[object],
+    *,
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+    time_col: str | None = "timestamp",
+) -> InteractionSequences:
+    """Users' sequences from an interaction log (.parquet or .csv: a user, an item and a time per row).
+
+    This is the form recommendation logs come in; the metric wants each user's items as rows of the
+    catalogue it evaluates (`item_ids`, in row order), in time order. A user's interactions are ordered by
+    `time_col` when the file has that column, else kept in file order (ties too keep file order). Items the
+    catalogue does not hold are skipped and counted: a log usually spans more items than one catalogue.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"interactions file not found: {p}")
+    scan = {".parquet": pl.scan_parquet, ".csv": pl.scan_csv}.get(p.suffix.lower())
+    if scan is None:
+        raise InputError(f"unsupported file type '{p.suffix}' for the interactions {p}: expected .parquet or .csv")
+    try:
+        names = scan(p).collect_schema().names()
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise InputError(f"cannot read the interactions {p}: {e}") from e
+    for role, col in (("user", user_col), ("item", item_col)):
+        if col not in names:
+            raise InputError(f"the interactions {p} have no {role} column '{col}'; their columns are: "
+                             f"{', '.join(names)} (CLI: --user-col, --id-col)")
+    by_time = time_col is not None and time_col in names
+    catalogue = pl.LazyFrame({"item": pl.Series(list(map(str, item_ids)), dtype=pl.String),
+                              "row": pl.int_range(len(item_ids), eager=True)})
+    if scan is pl.scan_csv:  # ids as written: a column inferred as integers from its first rows fails on "a1"
+        scan = functools.partial(pl.scan_csv, schema_overrides={user_col: pl.String, item_col: pl.String})
+    log = scan(p).select(user=pl.col(user_col), item=pl.col(item_col).cast(pl.String),
+                         time=pl.col(time_col) if by_time else pl.lit(0), order=pl.int_range(pl.len()))
+    try:
+        frame = log.join(catalogue, on="item", how="left").collect()
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise InputError(f"cannot read the interactions {p}: {e}") from e
+    if frame["user"].null_count():
+        first = int(np.argmax(frame.sort("order")["user"].is_null().to_numpy()))
+        raise InputError(f"the interactions {p} have {frame['user'].null_count()} rows without a user "
+                         f"(column '{user_col}', first at row {first})")
+    held = frame.filter(pl.col("row").is_not_null()).sort("user", "time", "order")
+    users = held.group_by("user", maintain_order=True).agg(pl.col("row"))
+    return InteractionSequences(
+        sequences=[np.asarray(rows, dtype=np.int64) for rows in users["row"].to_list()],
+        interactions=frame.height,
+        skipped=frame.height - held.height,
+    )
 
 
 def write_parquet_atomic(df: pl.DataFrame | pl.LazyFrame, path: str | os.PathLike) -> None:

@@ -158,6 +158,34 @@ def test_train_encode_evaluate_round_trip(work):
         assert len(report[key]) == 3, key
 
 
+def test_evaluate_reads_sequences_from_an_interaction_log(work, tmp_path, capsys):
+    """An interaction log (user, item id, time), shuffled and with items the catalogue lacks, gives the
+    sequence_prefix_agreement of the row-number sequences file it was made from."""
+    from semid.cli import main
+    from semid.metrics import read_sequences
+
+    ids = pl.read_parquet(work["parquet"])["item_id"]
+    rows = [(f"user{u}", ids[int(r)], t) for u, seq in enumerate(read_sequences(DATA_DIR / "ml-100k_sequences.txt"))
+            for t, r in enumerate(seq)]
+    log = pl.DataFrame(rows, schema=["user", "item_id", "when"], orient="row")
+    strangers = pl.DataFrame({"user": ["user0"] * 5, "item_id": [f"gone{i}" for i in range(5)], "when": [3] * 5})
+    pl.concat([log, strangers]).sample(fraction=1.0, shuffle=True, seed=0).write_csv(tmp_path / "log.csv")
+    reports = {}
+    for name, args in {"sequences": ["--sequences", str(DATA_DIR / "ml-100k_sequences.txt")],
+                       "interactions": ["--interactions", str(tmp_path / "log.csv"), "--user-col", "user",
+                                        "--time-col", "when"]}.items():
+        out = tmp_path / f"{name}.json"
+        assert main(["evaluate", "--model", str(work["model"]), "--data", str(work["parquet"]), "--json", str(out),
+                     "--quiet", *args]) == 0
+        reports[name] = json.loads(out.read_text())["sequence_prefix_agreement"]
+    assert reports["interactions"] == reports["sequences"]
+    assert f"from {len(rows) + 5:,} interactions (5 with items outside the catalogue skipped)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:  # one source of sequences or the other
+        main(["evaluate", "--model", str(work["model"]), "--data", str(work["parquet"]), "--sequences", "s.txt",
+              "--interactions", "log.csv"])
+    assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
 def test_npy_encode_extends_the_saved_registry(work, tmp_path):
     """A .npy has no ids: rows are new items to a model trained with ids, numbered by row in the output,
     and the registry saved by the first encode gives them the same IDs the second time."""

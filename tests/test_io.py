@@ -22,6 +22,7 @@ from semid.io import (
     check_unique_ids,
     count_items,
     iter_item_batches,
+    read_interaction_sequences,
     read_items,
     to_numpy_embeddings,
     validate_embeddings,
@@ -582,3 +583,41 @@ def test_bundled_sample_matches_shared_data():
     np.testing.assert_array_equal(table.embeddings, read_items(SHARED / "goodbooks.npy").embeddings)
     shared_ids = pl.read_parquet(SHARED / "goodbooks.items.parquet")["item_id"].cast(pl.String).to_list()
     assert table.ids.tolist() == shared_ids
+
+
+# ---- interaction logs -> users' sequences of catalogue rows ---------------------------------------------
+
+
+def test_interactions_become_time_ordered_sequences_of_catalogue_rows(tmp_path):
+    """Users' items in time order (ties in file order), as rows of the evaluated catalogue; items the catalogue
+    does not hold are skipped and counted; integer item ids match a catalogue's string ids."""
+    log = pl.DataFrame({
+        "user_id": ["u2", "u1", "u1", "u2", "u1", "u2", "u1"],
+        "item_id": [30, 10, 20, 99, 30, 10, 40],
+        "timestamp": [5, 3, 1, 1, 2, 7, 2],
+    })
+    catalogue = ["10", "20", "30", "40"]  # rows 0..3
+    log.write_parquet(tmp_path / "log.parquet")
+    log.write_csv(tmp_path / "log.csv")
+    for path in (tmp_path / "log.parquet", tmp_path / "log.csv"):
+        result = read_interaction_sequences(path, catalogue)
+        # users in sorted order; u1's items at time 2 (30, then 40) keep file order
+        assert [s.tolist() for s in result.sequences] == [[1, 2, 3, 0], [2, 0]]
+        assert (result.interactions, result.skipped) == (7, 1)
+    in_file_order = read_interaction_sequences(tmp_path / "log.parquet", catalogue, time_col="clock")
+    assert [s.tolist() for s in in_file_order.sequences] == [[0, 1, 2, 3], [2, 0]]
+    assert read_interaction_sequences(tmp_path / "log.parquet", range(4)).skipped == 7  # rows 0..3: no such items
+
+
+def test_interaction_logs_that_cannot_be_read_name_the_problem(tmp_path):
+    with pytest.raises(InputError, match="interactions file not found"):
+        read_interaction_sequences(tmp_path / "absent.parquet", ["a"])
+    (tmp_path / "log.txt").write_text("u\ti\n")
+    with pytest.raises(InputError, match="unsupported file type '.txt'.*expected .parquet or .csv"):
+        read_interaction_sequences(tmp_path / "log.txt", ["a"])
+    pl.DataFrame({"user": ["u"], "item_id": ["a"]}).write_parquet(tmp_path / "log.parquet")
+    with pytest.raises(InputError, match=r"no user column 'user_id'; their columns are: user, item_id \(CLI"):
+        read_interaction_sequences(tmp_path / "log.parquet", ["a"])
+    pl.DataFrame({"user_id": ["u", None, None], "item_id": ["a", "a", "a"]}).write_parquet(tmp_path / "nulls.parquet")
+    with pytest.raises(InputError, match=r"2 rows without a user \(column 'user_id', first at row 1\)"):
+        read_interaction_sequences(tmp_path / "nulls.parquet", ["a"])
