@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from semid.cli import _parse_overrides  # noqa: E402
 from semid.config import SemidConfig  # noqa: E402
+from semid.device import resolve_device  # noqa: E402
 from semid.metrics import evaluate_codes  # noqa: E402
 from semid.train import Trainer, decode_in_batches, encode_in_batches  # noqa: E402
 
@@ -37,8 +38,9 @@ def load(name: str) -> np.ndarray:
 
 def run(config: SemidConfig, x: np.ndarray, device: str) -> dict:
     config = config.with_overrides({"train.device": device, "train.progress": False})
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    on_gpu = resolve_device(device).type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(resolve_device(device))  # the named GPU, not the current one
     started = time.perf_counter()
     trainer = Trainer(config, torch.from_numpy(x))
     model = trainer.fit()
@@ -47,10 +49,10 @@ def run(config: SemidConfig, x: np.ndarray, device: str) -> dict:
     codes = encode_in_batches(model, xt)
     report = evaluate_codes(xt, decode_in_batches(model, codes), codes.cpu().numpy(), model.codebook_sizes)
     steps = trainer.state.step
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else
+    peak = (torch.cuda.max_memory_allocated(trainer.device) if on_gpu else
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()}",
+        "device": torch.cuda.get_device_name(trainer.device) if on_gpu else f"cpu x{torch.get_num_threads()}",
         "wall_seconds": round(wall, 2),
         "init_seconds": round(trainer.state.init_seconds, 2),
         "steps": steps,

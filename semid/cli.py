@@ -155,7 +155,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     config, meta = tok.config, tok.meta
     sizes = list(tok.model.codebook_sizes)
     strategy = config.collisions.strategy
-    suffix = f" + a suffix of up to {config.collisions.suffix_size}" if strategy == "suffix" else ""
     if config.model.type == "rqvae":
         widths = "-".join(str(w) for w in config.model.hidden) or "linear"
         model = f"rqvae: {meta['input_dim']} -> {widths} -> {config.model.latent_dim}"
@@ -166,7 +165,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         "model": model,
         "codebook_sizes": sizes,
         "collision_strategy": strategy,
-        "id_length": len(sizes) + (strategy == "suffix"),
+        # remap falls back to suffixes where a prefix fills up: the registry knows the length handed out
+        "id_length": tok.registry.id_length or len(sizes) + (strategy == "suffix"),
         "distance": config.quantizer.distance,
         "forward": config.quantizer.forward,
         # .get: a model written by an earlier semid may lack a key; what it has is still worth showing
@@ -176,6 +176,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "registered_items": len(tok.registry),
         "final": meta.get("final") or {},
     }
+    suffix = f" + a suffix of up to {config.collisions.suffix_size}" if info["id_length"] > len(sizes) else ""
     print(f"semid model {args.model}")
     forward = f", {info['forward']} forward" if config.model.type == "rqvae" else ""
     print(f"  model       {model}; {info['distance']} codes{forward}")
@@ -302,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     sequences.add_argument("--interactions", help="interaction log (.parquet/.csv: user, item, time per row) for "
                                                   "sequence_prefix_agreement; items named as in --id-col")
     p.add_argument("--user-col", default="user_id", help="--interactions' user column (default: user_id)")
-    p.add_argument("--time-col", default="timestamp",
-                   help="--interactions' time column (default: timestamp; without it, file order)")
+    p.add_argument("--time-col", help="--interactions' time column (default: timestamp where the log has one, "
+                                      "else each user's items in file order)")
     p.add_argument("--plot", help="write a PNG of code usage per level (needs matplotlib)")
     p.add_argument("--device", type=_device_name, help=device_help)
     p.add_argument("--quiet", action="store_true", help="no progress bar (there is none unless stderr is a terminal)")
@@ -349,12 +350,22 @@ _PATH_ROLES: dict[str, tuple[tuple[str, ...], str | None, tuple[str, ...]]] = {
 def check_output_paths(args: argparse.Namespace) -> None:
     """Refuse, before any work, an output that would overwrite an input, another output, or a file of the
     model directory: `--vocab items.parquet` would destroy the catalogue, and `--out M/registry.parquet` the
-    record of every ID handed out."""
+    record of every ID handed out. `semid train --overwrite` replaces its whole --out directory, so no input
+    of train may live there either."""
     inputs, model_arg, outputs = _PATH_ROLES.get(args.command, ((), None, ()))
-    seen = {Path(value).resolve(): f"the input --{name} {value}"
-            for name in inputs if (value := getattr(args, name, None))}
     model = getattr(args, model_arg, None) if model_arg else None
     model_root = Path(model).resolve() if model else None
+
+    def inside_model(path: Path) -> bool:
+        return model_root is not None and model_root in (path, *path.parents)
+
+    seen: dict[Path, str] = {}
+    for name in inputs:
+        if value := getattr(args, name, None):
+            source = Path(value).resolve()
+            if args.command == "train" and inside_model(source):
+                raise ValueError(f"--{name} {value} is inside --out {model}, which training replaces: move it out")
+            seen[source] = f"the input --{name} {value}"
     for name in outputs:
         value = getattr(args, name, None)
         if not value:
@@ -362,10 +373,11 @@ def check_output_paths(args: argparse.Namespace) -> None:
         target = Path(value).resolve()
         if target in seen:
             raise ValueError(f"--{name} {value} is {seen[target]}: write it to another path")
-        if model_root is not None and model_root in (target, *target.parents):
+        if inside_model(target):
             raise ValueError(f"--{name} {value} is inside the model directory {model}, which holds the model and "
                              "the registry of IDs handed out: write it to another path")
-        seen[target] = f"the output --{name} {value}"
+        if not target.exists() or target.is_file():  # /dev/null may take every output
+            seen[target] = f"the output --{name} {value}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -97,14 +97,15 @@ def id_table(item_ids: Sequence[object] | pl.Series, ids: np.ndarray) -> pl.Data
     onto the catalogue it came from.
     """
     ids = _as_id_matrix(ids)
-    item_ids = item_ids if isinstance(item_ids, pl.Series) else pl.Series(list(item_ids))
+    if not isinstance(item_ids, pl.Series):  # a numpy array keeps its dtype; any other sequence is typed by polars
+        item_ids = pl.Series(item_ids if isinstance(item_ids, np.ndarray) else list(item_ids))
     if len(item_ids) != len(ids):
         raise ValueError(f"{len(item_ids)} item ids for {len(ids)} IDs: give one item id per ID row")
     return pl.DataFrame({
         "item_id": item_ids.alias("item_id"),
         "codes": pl.Series(ids).cast(pl.List(pl.Int64)),
-        "semantic_id": semantic_id_strings(ids),
-        "tokens": token_strings(ids),
+        "semantic_id": pl.Series(semantic_id_strings(ids), dtype=pl.String),
+        "tokens": pl.Series(token_strings(ids), dtype=pl.String),
     })
 
 

@@ -441,14 +441,15 @@ def read_interaction_sequences(
     *,
     user_col: str = "user_id",
     item_col: str = "item_id",
-    time_col: str | None = "timestamp",
+    time_col: str | None = None,
 ) -> InteractionSequences:
     """Users' sequences from an interaction log (.parquet or .csv: a user, an item and a time per row).
 
     This is the form recommendation logs come in; the metric wants each user's items as rows of the
     catalogue it evaluates (`item_ids`, in row order), in time order. A user's interactions are ordered by
-    `time_col` when the file has that column, else kept in file order (ties too keep file order). Items the
-    catalogue does not hold are skipped and counted: a log usually spans more items than one catalogue.
+    `time_col` (None: a column "timestamp" where the log has one, else file order; ties keep file order).
+    Items the catalogue does not hold are skipped and counted: a log usually spans more items than one
+    catalogue. A log of which no item is in the catalogue is an error: its ids are written another way.
     """
     p = Path(path)
     if not p.is_file():
@@ -464,7 +465,11 @@ def read_interaction_sequences(
         if col not in names:
             raise InputError(f"the interactions {p} have no {role} column '{col}'; their columns are: "
                              f"{', '.join(names)} (CLI: --user-col, --id-col)")
-    by_time = time_col is not None and time_col in names
+    if time_col is not None and time_col not in names:
+        raise InputError(f"the interactions {p} have no time column '{time_col}'; their columns are: "
+                         f"{', '.join(names)} (CLI: --time-col)")
+    time_col = time_col or ("timestamp" if "timestamp" in names else None)
+    by_time = time_col is not None
     catalogue = pl.LazyFrame({"item": pl.Series(list(map(str, item_ids)), dtype=pl.String),
                               "row": pl.int_range(len(item_ids), eager=True)})
     if scan is pl.scan_csv:  # ids as written: a column inferred as integers from its first rows fails on "a1"
@@ -475,11 +480,18 @@ def read_interaction_sequences(
         frame = log.join(catalogue, on="item", how="left").collect()
     except (pl.exceptions.PolarsError, OSError) as e:
         raise InputError(f"cannot read the interactions {p}: {e}") from e
-    if frame["user"].null_count():
-        first = int(np.argmax(frame.sort("order")["user"].is_null().to_numpy()))
-        raise InputError(f"the interactions {p} have {frame['user'].null_count()} rows without a user "
-                         f"(column '{user_col}', first at row {first})")
-    held = frame.filter(pl.col("row").is_not_null()).sort("user", "time", "order")
+    frame = frame.sort("order")
+    for role, col, name in (("a user", "user", user_col), ("a time", "time", time_col)):
+        if frame[col].null_count():
+            first = int(np.argmax(frame[col].is_null().to_numpy()))
+            raise InputError(f"the interactions {p} have {frame[col].null_count()} rows without {role} "
+                             f"(column '{name}', first at row {first})")
+    held = frame.filter(pl.col("row").is_not_null())
+    if frame.height and not held.height:
+        example = str(next(iter(item_ids), ""))
+        raise InputError(f"none of the {frame.height:,} interactions in {p} names an item of the catalogue: the "
+                         f"log writes ids as {frame['item'][0]!r}, the catalogue as {example!r} (CLI: --id-col)")
+    held = held.sort("user", "time", "order")
     users = held.group_by("user", maintain_order=True).agg(pl.col("row"))
     return InteractionSequences(
         sequences=[np.asarray(rows, dtype=np.int64) for rows in users["row"].to_list()],

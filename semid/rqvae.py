@@ -114,21 +114,25 @@ class RQVAEOutput:
     residual: ResidualOutput
 
 
-def unit_peak(deviations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(deviations / peak, peak), peak the largest |element| (1 where there is none).
+def scaled_squares_(deviations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(deviations / peak)² in place, and peak, the largest |element| (1 where there is none).
 
     Squares of float32 values underflow to zero below about 1e-19 and overflow above 1e19: divided by their
-    peak first, sums of squares of a catalogue at 1e-20 come out as those of one at 1.
+    peak first, sums of squares of a catalogue at 1e-20 come out as those of one at 1. In place, because
+    the argument is catalogue-sized, and on a GPU a second copy of it is memory the training run lacks.
     """
-    peak = deviations.abs().max()
+    low, high = torch.aminmax(deviations)
+    peak = torch.maximum(-low, high)
     peak = peak if peak > 0 else torch.ones_like(peak)
-    return deviations / peak, peak
+    return deviations.div_(peak).pow_(2), peak
 
 
 def rms_spread(deviations: torch.Tensor) -> torch.Tensor:
-    """Root-mean-square element of (n, D) deviations from a mean, at any scale float32 can hold."""
-    scaled, peak = unit_peak(deviations)
-    return peak * scaled.pow(2).mean().sqrt()
+    """Root-mean-square element of (n, D) deviations from a mean (overwritten), at any scale float32 can hold;
+    1 where there is no spread at all, so that dividing by it stays finite."""
+    squares, peak = scaled_squares_(deviations)
+    rms = peak * squares.mean().sqrt()
+    return rms if rms > 0 else torch.ones_like(rms)
 
 
 class RQVAE(nn.Module):
@@ -162,7 +166,7 @@ class RQVAE(nn.Module):
             return
         mean = x.float().mean(0)
         self.mean.copy_(mean)
-        self.scale.copy_(rms_spread(x.float() - mean))
+        self.scale.copy_(rms_spread(x.float() - mean))  # x.float() - mean is a new tensor: rms_spread may overwrite it
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Raw embeddings in standardised units: the space the decoder reconstructs and the loss is taken in."""

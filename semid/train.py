@@ -43,7 +43,7 @@ from semid.metrics import (
     reconstruction_metrics,
     top_share,
 )
-from semid.rqvae import RQVAE, RQVAEOutput, dropout_after_activations, unit_peak
+from semid.rqvae import RQVAE, RQVAEOutput, dropout_after_activations, scaled_squares_
 
 # Keys whose larger value is better; every other evaluate key is minimised.
 _HIGHER_IS_BETTER = {"cosine", "unique_after"}
@@ -66,7 +66,7 @@ def norm_sampling_probabilities(x: torch.Tensor, share: float) -> torch.Tensor |
     keeps a chance of at least (1 - share) / N, which bounds its reconstruction weight 1 / (N p) by
     1 / (1 - share).
     """
-    w = unit_peak(x.float() - x.float().mean(0))[0].pow(2).sum(-1).cpu().double()  # scale-free: only w / sum(w) counts
+    w = scaled_squares_(x.float() - x.float().mean(0))[0].sum(-1).cpu().double()  # scale-free: w / sum(w) counts
     if top_share(w.numpy()) <= HEAVY_TAIL_SHARE:
         return None
     uniform = torch.full_like(w, 1.0 / w.numel())
@@ -156,7 +156,10 @@ class Trainer:
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         # A path without train.checkpoint_every still gets checkpoints: at every evaluation (else at the end).
         self.checkpoint_every = config.train.checkpoint_every or config.train.eval_every or config.train.steps
-        if self.checkpoint_path and self.checkpoint_every > config.train.steps:
+        if self.checkpoint_path and config.model.type == "rqkmeans":
+            warnings.warn(f"no training checkpoint will be written to {self.checkpoint_path}: residual k-means "
+                          "has no training loop to resume", stacklevel=2)
+        elif self.checkpoint_path and self.checkpoint_every > config.train.steps:
             warnings.warn(f"no training checkpoint will be written to {self.checkpoint_path}: the run's "
                           f"{config.train.steps:,} steps are fewer than the {self.checkpoint_every:,} between "
                           "checkpoints (train.checkpoint_every, else train.eval_every)", stacklevel=2)

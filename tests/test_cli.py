@@ -231,6 +231,35 @@ def test_info_describes_a_model_without_data(work, tmp_path):
     assert f"fvu (fraction of variance unexplained)  {meta['final']['fvu']:.4f}" in result.stdout
 
 
+def test_info_gives_the_id_length_a_remap_model_fell_back_to(work, tmp_path, capsys):
+    """remap keeps IDs at L codes until a prefix fills up; then the registry fixes L + 1 (a suffix)."""
+    from semid.cli import main
+
+    tiny = ["--set", "model.type=rqkmeans", "--set", "quantizer.levels=2", "--set", "quantizer.codebook_size=4",
+            "--set", "collisions.strategy=remap", "--set", "train.progress=false"]
+    assert main(["train", "--data", str(work["npy"]), "--out", str(tmp_path / "m"), *tiny]) == 0
+    assert main(["info", "--model", str(tmp_path / "m"), "--json", str(tmp_path / "info.json")]) == 0
+    info = json.loads((tmp_path / "info.json").read_text())
+    assert info["id_length"] == 3 == pl.read_parquet(tmp_path / "m" / "registry.parquet")["id"].list.len()[0]
+    assert "2 levels of 4/4 codes + a suffix of up to 256: 3 tokens, collisions by remap" in capsys.readouterr().out
+
+
+def test_train_refuses_inputs_inside_the_directory_it_replaces(work, tmp_path, capsys):
+    """`--overwrite` replaces --out whole: an input kept there would be deleted with the old model. Outputs
+    may all be /dev/null, which is not a file they could overwrite in each other."""
+    from semid.cli import main
+
+    model = tmp_path / "m"
+    shutil.copytree(work["model"], model)
+    shutil.copy(work["npy"], model / "items.npy")
+    assert main(["train", "--config", str(work["config"]), "--data", str(model / "items.npy"), "--out", str(model),
+                 "--overwrite"]) == 1
+    assert f"--data {model / 'items.npy'} is inside --out {model}, which training replaces" in capsys.readouterr().err
+    assert (model / "items.npy").is_file() and (model / "model.pt").is_file()
+    assert main(["encode", "--model", str(model), "--data", str(work["npy"]), "--out", str(tmp_path / "ids.parquet"),
+                 "--trie", os.devnull, "--vocab", os.devnull]) == 0
+
+
 # ---- help ----------------------------------------------------------------------------------------
 
 

@@ -120,9 +120,9 @@ def test_native_bf16_is_an_ampere_or_later_gpu_or_a_cpu_with_bf16_instructions(m
 
 @needs_cuda
 def test_training_on_cuda_n_captures_its_graph_on_that_gpu(real_data, tiny_config):
-    """The last GPU by index (cuda:1 on a machine with two), while cuda:0 stays the process's current device:
-    the captured step must run on the model's GPU and train as a run on "cuda" does when that GPU is the
-    current one."""
+    """The last GPU by index, named as cuda:N. With two GPUs that is cuda:1 while cuda:0 stays the process's
+    current device: the captured step must run on the model's GPU and train as a run on "cuda" does when that
+    GPU is the current one. With one GPU it checks that an indexed name trains as the plain one does."""
     index = torch.cuda.device_count() - 1
     x = torch.from_numpy(real_data("ml-100k"))
     config = tiny_config({"train.device": f"cuda:{index}", "train.amp": False, "train.steps": 60,

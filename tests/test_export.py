@@ -62,6 +62,10 @@ def test_id_table_is_the_encode_output_with_the_item_ids_typed_as_given(ids):
     assert table["tokens"].to_list() == token_strings(ids)
     names = [f"book-{i}" for i in range(len(ids))]
     assert id_table(names, ids)["item_id"].to_list() == names
+    assert id_table(np.arange(len(ids), dtype=np.uint32), ids)["item_id"].dtype == pl.UInt32
+    empty = id_table(np.zeros(0, dtype=np.int64), ids[:0])
+    assert empty.schema == {"item_id": pl.Int64, "codes": pl.List(pl.Int64), "semantic_id": pl.String,
+                            "tokens": pl.String}
     with pytest.raises(ValueError, match=r"2 item ids for \d+ IDs"):
         id_table(["a", "b"], ids)
 

@@ -604,9 +604,12 @@ def test_interactions_become_time_ordered_sequences_of_catalogue_rows(tmp_path):
         # users in sorted order; u1's items at time 2 (30, then 40) keep file order
         assert [s.tolist() for s in result.sequences] == [[1, 2, 3, 0], [2, 0]]
         assert (result.interactions, result.skipped) == (7, 1)
-    in_file_order = read_interaction_sequences(tmp_path / "log.parquet", catalogue, time_col="clock")
+    log.drop("timestamp").write_parquet(tmp_path / "untimed.parquet")  # no time column: file order
+    in_file_order = read_interaction_sequences(tmp_path / "untimed.parquet", catalogue)
     assert [s.tolist() for s in in_file_order.sequences] == [[0, 1, 2, 3], [2, 0]]
-    assert read_interaction_sequences(tmp_path / "log.parquet", range(4)).skipped == 7  # rows 0..3: no such items
+    log.rename({"timestamp": "clock"}).write_parquet(tmp_path / "clock.parquet")
+    by_clock = read_interaction_sequences(tmp_path / "clock.parquet", catalogue, time_col="clock")
+    assert [s.tolist() for s in by_clock.sequences] == [[1, 2, 3, 0], [2, 0]]
 
 
 def test_interaction_logs_that_cannot_be_read_name_the_problem(tmp_path):
@@ -621,3 +624,13 @@ def test_interaction_logs_that_cannot_be_read_name_the_problem(tmp_path):
     pl.DataFrame({"user_id": ["u", None, None], "item_id": ["a", "a", "a"]}).write_parquet(tmp_path / "nulls.parquet")
     with pytest.raises(InputError, match=r"2 rows without a user \(column 'user_id', first at row 1\)"):
         read_interaction_sequences(tmp_path / "nulls.parquet", ["a"])
+    with pytest.raises(InputError, match=r"no time column 'when'; their columns are: user_id, item_id \(CLI: --time"):
+        read_interaction_sequences(tmp_path / "nulls.parquet", ["a"], time_col="when")  # named, so not file order
+    untimed = pl.DataFrame({"user_id": ["u", "u"], "item_id": ["a", "a"], "timestamp": [1, None]})
+    untimed.write_parquet(tmp_path / "untimed.parquet")
+    with pytest.raises(InputError, match=r"1 rows without a time \(column 'timestamp', first at row 1\)"):
+        read_interaction_sequences(tmp_path / "untimed.parquet", ["a"])
+    # pandas writes integer ids with a missing value as floats: none of them matches, and that is named
+    pl.DataFrame({"user_id": ["u", "u"], "item_id": [10.0, 20.0]}).write_parquet(tmp_path / "floats.parquet")
+    with pytest.raises(InputError, match=r"none of the 2 interactions .* writes ids as '10.0', the catalogue as '10'"):
+        read_interaction_sequences(tmp_path / "floats.parquet", ["10", "20"])

@@ -16,6 +16,7 @@ import torch
 
 from semid.config import ConfigError, SemidConfig, tomllib  # tomllib, or tomli on Python 3.10
 import semid.train
+from semid.rqvae import rms_spread
 from semid.train import Trainer, encode_in_batches, norm_sampling_probabilities, quick_evaluate, score
 
 
@@ -753,6 +754,15 @@ def test_training_evaluations_include_prefix_agreement(real_data, tiny_config):
     assert {"fvu", "collision_rate", "usage", "entropy_bits", "prefix_agreement"} <= set(entry)
 
 
+def test_rms_spread_is_the_plain_rms_at_any_scale_and_one_without_spread():
+    d = torch.randn(50, 7, generator=torch.Generator().manual_seed(0))
+    plain = d.pow(2).mean().sqrt()
+    for scale in (1.0, 1e-25, 1e18):
+        assert rms_spread(d * scale) / scale == pytest.approx(float(plain), rel=1e-5)
+    assert (d * 1e-25).pow(2).mean().sqrt() == 0  # what squaring first gave: a scale of 0, then NaN inputs
+    assert rms_spread(torch.zeros(4, 3)) == 1
+
+
 @pytest.mark.parametrize("model_type", ["rqvae", "rqkmeans"])
 def test_training_does_not_depend_on_the_scale_of_the_embeddings(real_data, tiny_config, model_type):
     """The standardiser divides out one global factor, so a catalogue at 1e-20 or 1e14 trains as at 1: before,
@@ -812,13 +822,15 @@ def test_training_says_when_the_catalogue_changed_its_steps_and_when_no_checkpoi
     config = tiny_config({"train.steps": 20, "train.min_epochs": 2, "train.eval_every": 0,
                           "train.decoder_refit_steps": 0, "train.progress": True})
     Trainer(config, x).fit()
-    assert "train: 14 steps" not in capsys.readouterr().err  # 2 passes are 14 steps: train.steps = 20 holds
+    assert "raised to" not in capsys.readouterr().err  # 2 passes are 14 steps: train.steps = 20 holds
     Trainer(config.with_overrides({"train.min_epochs": 5}), x).fit()
     assert ("train: 33 steps: train.steps = 20 is raised to train.min_epochs = 5 passes over 1,682 items"
             in capsys.readouterr().err)
     with pytest.warns(UserWarning, match=r"no training checkpoint will be written to .*the run's 20 steps are "
                                          r"fewer than the 50 between checkpoints"):
         Trainer(config.with_overrides({"train.checkpoint_every": 50}), x, checkpoint_path=tmp_path / "c.ckpt")
+    with pytest.warns(UserWarning, match="residual k-means has no training loop to resume"):
+        Trainer(config.with_overrides({"model.type": "rqkmeans"}), x, checkpoint_path=tmp_path / "c.ckpt")
 
 
 def test_uniqueness_targets_refresh_at_most_once_a_pass():
