@@ -7,6 +7,8 @@ so an interrupted run never leaves a half-written file that looks valid.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -17,9 +19,14 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None]) -> N
 
     The temp file is in the same directory (a rename across file systems is not atomic) and keeps the
     target's suffix, so writers that pick a format by suffix (np.save adds ".npy" otherwise) behave.
-    If `write_fn` raises, the temp file is removed and `path` is untouched.
+    If `write_fn` raises, the temp file is removed and `path` is untouched. A symlink is followed: the file
+    it names is replaced, and the link stays. A device or pipe (/dev/null, /dev/stdout) is written into,
+    once the whole output is ready: renaming onto it would replace the device node itself, which root may do.
     """
-    target = Path(path)
+    target = Path(os.path.realpath(path))
+    if target.exists() and not target.is_file() and not target.is_dir():
+        _write_into_stream(target, write_fn)
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.stem}.tmp-{uuid.uuid4().hex[:12]}{target.suffix}")
     try:
@@ -31,6 +38,15 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None]) -> N
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(target.parent)
+
+
+def _write_into_stream(target: Path, write_fn: Callable[[Path], None]) -> None:
+    """Write the output to a private temp file, then copy its bytes into `target` (opened, never replaced)."""
+    with tempfile.TemporaryDirectory(prefix="semid-") as folder:
+        tmp = Path(folder) / f"output{target.suffix}"
+        write_fn(tmp)
+        with open(tmp, "rb") as source, open(target, "wb") as sink:
+            shutil.copyfileobj(source, sink)
 
 
 def _fsync_dir(directory: Path) -> None:

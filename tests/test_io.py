@@ -423,6 +423,34 @@ def test_atomic_write_failure_keeps_old_file(tmp_path):
     assert json.loads(target.read_text()) == {"v": 1} and _dir_entries(tmp_path) == ["report.json"]
 
 
+def test_atomic_write_follows_a_symlink_and_keeps_it(tmp_path):
+    real = tmp_path / "data" / "report.json"
+    write_json_atomic({"v": 1}, real)
+    link = tmp_path / "report.json"
+    link.symlink_to(real)
+    write_json_atomic({"v": 2}, link)
+    assert link.is_symlink() and json.loads(real.read_text()) == {"v": 2}
+    assert _dir_entries(tmp_path) == ["data", "report.json"] and _dir_entries(real.parent) == ["report.json"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_atomic_write_into_a_pipe_writes_through_it_and_leaves_it_a_pipe(tmp_path):
+    """/dev/null and /dev/stdout are not files to replace: renaming onto /dev/null made it a regular file (as
+    root). A named pipe stands in for them here, read by a thread."""
+    import stat
+    import threading
+
+    pipe = tmp_path / "out.json"
+    os.mkfifo(pipe)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(pipe.read_bytes()), daemon=True)
+    reader.start()
+    write_json_atomic({"v": 3}, pipe)
+    reader.join(timeout=30)
+    assert json.loads(received[0]) == {"v": 3}
+    assert stat.S_ISFIFO(os.stat(pipe).st_mode) and _dir_entries(tmp_path) == ["out.json"]
+
+
 def test_write_json_atomic_handles_numpy_and_refuses_unknown(tmp_path):
     target = tmp_path / "a" / "b" / "r.json"
     write_json_atomic({"mse": np.float32(0.5), "usage": np.array([1.0, 0.25]), "n": np.int64(3)}, target)
