@@ -423,7 +423,7 @@ def _parquet_batches(
 
 
 # --------------------------------------------------------------------------------------------------
-# atomic writers
+# interaction logs
 
 
 @dataclass
@@ -498,6 +498,10 @@ def read_interaction_sequences(
         interactions=frame.height,
         skipped=frame.height - held.height,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# atomic writers
 
 
 def write_parquet_atomic(df: pl.DataFrame | pl.LazyFrame, path: str | os.PathLike) -> None:
