@@ -42,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import RQKMEANS_LIKE_FAISS, best_of, default_data_dir, load_embeddings, write_json_atomic  # noqa: E402
+from semid.config import DEVICE_NAMES  # noqa: E402
+from semid.device import resolve_device  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TIGER = REPO / "configs" / "tiger.toml"
@@ -397,7 +399,7 @@ def device_train(base: np.ndarray, device: torch.device, steps: int | None) -> d
     from semid.config import SemidConfig
     from semid.train import Trainer
 
-    overrides = {"train.device": device.type, "train.progress": False}
+    overrides = {"train.device": str(device), "train.progress": False}
     if steps:
         overrides["train.steps"] = steps
     config = SemidConfig.load(DEFAULT).with_overrides(overrides)
@@ -412,9 +414,7 @@ def device_train(base: np.ndarray, device: torch.device, steps: int | None) -> d
 
 
 def run_device(base: np.ndarray, args: argparse.Namespace) -> dict:
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: torch sees no CUDA device")
+    device = resolve_device(args.device)
     started = time.perf_counter()
     result = {"encode": device_encode(base, device, args)}
     print("\nencode, data on the device (items/s):")
@@ -441,8 +441,8 @@ def host_info(device: str) -> dict:
             "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
     if hasattr(os, "getloadavg"):  # other processes on the host slow every figure down: record how busy it was
         info["load_average_1m"] = round(os.getloadavg()[0], 2)
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
+    if resolve_device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(resolve_device(device))
     else:
         import faiss
         from importlib.metadata import version
@@ -454,7 +454,7 @@ def host_info(device: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--device", default="cpu", help=f"{DEVICE_NAMES} (default: cpu)")
     parser.add_argument("--data", default="beauty", help="shared set name or a .npy path")
     parser.add_argument("--data-dir", type=Path, default=default_data_dir())
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (best is kept), after a warm-up")
@@ -472,12 +472,13 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.repeats, args.train_steps, args.rows, args.batch, args.cpu_train_steps) < 1:
         parser.error("--repeats, --train-steps, --cpu-train-steps, --rows and --batch must be positive")
-    if args.only and args.device != "cpu":
+    if args.only and resolve_device(args.device).type != "cpu":
         parser.error("--only applies to the CPU mode")
+    kind = resolve_device(args.device).type  # the GPU is checked before any data is read
     x = load_data(args.data, args.data_dir)
     print(f"{args.data}: {x.shape[0]:,} x {x.shape[1]} on {args.device}", flush=True)
-    result = run_cpu(x, args) if args.device == "cpu" else run_device(x, args)
-    out = args.out or REPO / "bench" / f"speed_{args.device}.json"
+    result = run_cpu(x, args) if kind == "cpu" else run_device(x, args)
+    out = args.out or REPO / "bench" / f"speed_{kind}.json"
     run = {"device": args.device, "data": args.data, "items": len(x), "dim": x.shape[1], "levels": LEVELS,
            "codebook_size": CODEBOOK, "repeats": args.repeats, "threads": args.threads or "library default",
            "host": host_info(args.device)}
