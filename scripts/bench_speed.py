@@ -436,13 +436,13 @@ def run_device(base: np.ndarray, args: argparse.Namespace) -> dict:
 
 
 # ---- main ------------------------------------------------------------------------------------------
-def host_info(device: str) -> dict:
+def host_info(device: torch.device) -> dict:
     info = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
     if hasattr(os, "getloadavg"):  # other processes on the host slow every figure down: record how busy it was
         info["load_average_1m"] = round(os.getloadavg()[0], 2)
-    if resolve_device(device).type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(resolve_device(device))
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
     else:
         import faiss
         from importlib.metadata import version
@@ -472,16 +472,16 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.repeats, args.train_steps, args.rows, args.batch, args.cpu_train_steps) < 1:
         parser.error("--repeats, --train-steps, --cpu-train-steps, --rows and --batch must be positive")
-    if args.only and resolve_device(args.device).type != "cpu":
+    device = resolve_device(args.device)  # the GPU is checked before any data is read
+    if args.only and device.type != "cpu":
         parser.error("--only applies to the CPU mode")
-    kind = resolve_device(args.device).type  # the GPU is checked before any data is read
     x = load_data(args.data, args.data_dir)
     print(f"{args.data}: {x.shape[0]:,} x {x.shape[1]} on {args.device}", flush=True)
-    result = run_cpu(x, args) if kind == "cpu" else run_device(x, args)
-    out = args.out or REPO / "bench" / f"speed_{kind}.json"
+    result = run_cpu(x, args) if device.type == "cpu" else run_device(x, args)
+    out = args.out or REPO / "bench" / f"speed_{device.type}.json"
     run = {"device": args.device, "data": args.data, "items": len(x), "dim": x.shape[1], "levels": LEVELS,
            "codebook_size": CODEBOOK, "repeats": args.repeats, "threads": args.threads or "library default",
-           "host": host_info(args.device)}
+           "host": host_info(device)}
     write_json_atomic(out, merge_part(out, args.only, run, result) if args.only else {**run, **result})
     print(f"\nwritten to {out}")
 

@@ -38,9 +38,10 @@ def load(name: str) -> np.ndarray:
 
 def run(config: SemidConfig, x: np.ndarray, device: str) -> dict:
     config = config.with_overrides({"train.device": device, "train.progress": False})
-    on_gpu = resolve_device(device).type == "cuda"
+    named = resolve_device(device)
+    on_gpu = named.type == "cuda"
     if on_gpu:
-        torch.cuda.reset_peak_memory_stats(resolve_device(device))  # the named GPU, not the current one
+        torch.cuda.reset_peak_memory_stats(named)  # the named GPU, not the current one
     started = time.perf_counter()
     trainer = Trainer(config, torch.from_numpy(x))
     model = trainer.fit()

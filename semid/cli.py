@@ -94,8 +94,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _trained_on(tok: SemanticIdTokenizer) -> str:
-    """"cpu, bf16 autocast": the device and precision a model trained with, which a seed's result depends on."""
-    return f"{tok.meta['train_device']}, {tok.meta['train_precision']}"
+    """"cpu, bf16 autocast": the device and precision a model trained with, which a seed's result depends on
+    ("unknown" for a model written by a semid that did not record them)."""
+    return ", ".join(tok.meta[k] for k in ("train_device", "train_precision") if k in tok.meta) or "unknown"
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -165,13 +166,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         "model": model,
         "codebook_sizes": sizes,
         "collision_strategy": strategy,
-        # remap falls back to suffixes where a prefix fills up: the registry knows the length handed out
-        "id_length": tok.registry.id_length or len(sizes) + (strategy == "suffix"),
+        "id_length": tok.id_length,
         "distance": config.quantizer.distance,
         "forward": config.quantizer.forward,
         # .get: a model written by an earlier semid may lack a key; what it has is still worth showing
         "trained_items": meta.get("n_train_items"),
-        "trained_on": ", ".join(meta[k] for k in ("train_device", "train_precision") if k in meta) or "unknown",
+        "trained_on": _trained_on(tok),
         "best_step": meta.get("best_step"),
         "registered_items": len(tok.registry),
         "final": meta.get("final") or {},

@@ -60,7 +60,8 @@ class ResidualQuantizer(nn.Module):
         self.register_buffer("prefix_centres", torch.zeros(0, dim))
         sizes = config.sizes()
         # Only prefix centres key prefixes, and the config refuses them where the keys do not fit an int64.
-        strides = [math.prod(sizes[i + 1 : -1]) for i in range(len(sizes) - 1)] if config.prefixes_fit_a_key() else []
+        fits = config.prefixes_fit_a_key()
+        strides = [math.prod(sizes[i + 1 : -1]) for i in range(len(sizes) - 1)] if fits else []
         self.register_buffer("prefix_strides", torch.tensor(strides, dtype=torch.long), persistent=False)
 
     @property

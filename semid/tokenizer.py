@@ -217,11 +217,11 @@ class SemanticIdTokenizer:
         the IDs the config can give.
 
         Every ID is a code tuple, with a suffix below collisions.suffix_size at most, so no catalogue larger
-        than the product of the codebook sizes times suffix_size fits. Identical rows get one code tuple. A prefix numbers at most K_last x collisions.suffix_size items
-        (its tuples' suffixes); remap can instead keep length L by moving items to the K_(L-1) x K_last
-        tuples under their first L - 2 codes, and takes whichever of the two holds more. Catalogues meet
-        this through placeholder items, thousands of empty descriptions with one embedding; found after
-        training, it would cost the run.
+        than the product of the codebook sizes times suffix_size fits. Identical rows get one code tuple. A
+        prefix numbers at most K_last x collisions.suffix_size items (its tuples' suffixes); remap can instead
+        keep length L by moving items to the K_(L-1) x K_last tuples under their first L - 2 codes, and takes
+        whichever of the two holds more. Catalogues meet this through placeholder items, thousands of empty
+        descriptions with one embedding; found after training, it would cost the run.
         """
         c, sizes = self.config.collisions, self.config.quantizer.sizes()
         if c.strategy == "none":
@@ -269,7 +269,7 @@ class SemanticIdTokenizer:
         model = self._fitted()
         if Path(out).suffix.lower() != ".parquet":
             raise InputError(f"the output {out} must be a .parquet file")
-        if Path(out).absolute() == Path(path).absolute():
+        if Path(out).resolve() == Path(path).resolve():  # as the CLI compares paths: a symlink is its target
             raise InputError(f"the output {out} is the input file; write the IDs to another path")
         is_npy = Path(path).suffix.lower() == ".npy"
         n = count_items(path, id_col=None if is_npy else id_col, emb_col=emb_col)
@@ -300,16 +300,19 @@ class SemanticIdTokenizer:
         return {"n_items": n, "new_items": len(self.registry) - known_before, "id_length": int(final.shape[1]),
                 "levels": len(model.codebook_sizes)}
 
+    @property
+    def id_length(self) -> int:
+        """Tokens per final ID: the registry's (remap keeps length L unless its first call had to fall back to
+        suffixes); before any ID is registered it follows from the strategy."""
+        levels = len(self._fitted().codebook_sizes)
+        return self.registry.id_length or levels + (self.config.collisions.strategy == "suffix")
+
     def token_vocabulary(self) -> list[str]:
         """Every token this model's IDs can use, in `token_strings` form: each level's codes, then, where IDs
-        carry a suffix, the suffix values up to collisions.suffix_size (or the largest saved suffix, if higher).
-
-        The width is the registry's (remap keeps length L unless its first call had to fall back to suffixes);
-        before any ID is registered it follows from the strategy.
-        """
+        carry a suffix (`id_length`), the suffix values up to collisions.suffix_size (or the largest saved
+        suffix, if higher)."""
         sizes = self._fitted().codebook_sizes
-        width = self.registry.id_length or len(sizes) + (self.config.collisions.strategy == "suffix")
-        if width == len(sizes):
+        if self.id_length == len(sizes):
             return token_vocabulary(sizes)
         largest = int(self.registry.ids[:, -1].max(initial=-1)) if len(self.registry) else -1
         return token_vocabulary([*sizes, max(self.config.collisions.suffix_size, largest + 1)])
@@ -477,7 +480,8 @@ class SemanticIdTokenizer:
             state = torch.load(root / "model.pt", map_location="cpu", weights_only=True)
             model.load_state_dict(state)
         except Exception as exc:
-            raise ModelDirError(f"{root}/model.pt is truncated, corrupt or from another model: {weights_problem(exc)}") from None
+            raise ModelDirError(f"{root}/model.pt is truncated, corrupt or from another model: "
+                                f"{weights_problem(exc)}") from None
         _check_digest(root, meta, "model.pt")  # another model's weights of this shape load, but give other codes
         # The stamp before the read: a registry written in between then reads as changed, never as this one.
         stamp = file_stamp(root / "registry.parquet")
