@@ -7,13 +7,13 @@ different runs can be set side by side.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from semid.atomic import atomic_write
 
 DATA_SETS: tuple[str, ...] = ("beauty", "goodbooks", "ml-1m", "ml-100k", "scientific")
 # semid's residual k-means is compared like for like with FAISS's residual quantizers, which have no
@@ -27,13 +27,20 @@ def default_data_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def set_file(name: str, data_dir: Path) -> Path:
+    """The .npy of a shared set's name, or the .npy path itself: an item set of one's own benchmarks like the
+    shared ones, with its `<stem>_sequences.txt` beside it."""
+    path = Path(name)
+    return path if path.suffix == ".npy" else data_dir / f"{name}.npy"
+
+
 def load_embeddings(name: str, data_dir: Path) -> np.ndarray:
-    """The float32 (n, d) embedding matrix of one named set, checked for shape and finiteness."""
-    path = data_dir / f"{name}.npy"
+    """The float32 (n, d) embedding matrix of a set name or a .npy path, checked for shape and finiteness."""
+    path = set_file(name, data_dir)
     if not path.is_file():
         raise FileNotFoundError(
             f"data set {name!r} not found: expected {path} (pass --data-dir to point at the folder that "
-            f"holds {name}.npy)"
+            f"holds {path.name}, or a path to the .npy)"
         )
     x = np.load(path)
     if x.ndim != 2 or x.shape[0] == 0:
@@ -44,8 +51,9 @@ def load_embeddings(name: str, data_dir: Path) -> np.ndarray:
 
 
 def sequences_path(name: str, data_dir: Path) -> Path | None:
-    """The user-sequence file of a set, or None where the set has none."""
-    path = data_dir / f"{name}_sequences.txt"
+    """The user-sequence file of a set (name or .npy path), or None where the set has none."""
+    npy = set_file(name, data_dir)
+    path = npy.with_name(f"{npy.stem}_sequences.txt")
     return path if path.is_file() else None
 
 
@@ -81,17 +89,9 @@ def to_jsonable(value: Any) -> Any:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder and rename it into place, so that a reader
-    (or a crash mid-write) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Text written as semid writes its outputs (`semid.atomic`): a reader, or a crash mid-write, never sees
+    half a file."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -40,6 +40,7 @@ from bench_common import (  # noqa: E402
     default_data_dir,
     load_embeddings,
     sequences_path,
+    set_file,
     write_json_atomic,
     write_text_atomic,
 )
@@ -382,7 +383,7 @@ def load_results(path: Path) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", nargs="+", default=list(DATA_SETS), help=f"set names (default: {' '.join(DATA_SETS)})")
+    p.add_argument("--data", nargs="+", default=list(DATA_SETS), help=f"set names or .npy paths (default: {' '.join(DATA_SETS)})")
     p.add_argument("--data-dir", type=Path, default=default_data_dir(), help="folder holding <name>.npy")
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS, metavar="SYSTEM",
                    help=f"subset of: {' '.join(SYSTEMS)}")
@@ -408,9 +409,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true", help="replace --out instead of merging into it")
     p.add_argument("--render-only", action="store_true", help="only re-render table, plot and markdown from --out")
     args = p.parse_args(argv)
-    unknown = [d for d in args.data if d not in DATA_SETS and not (args.data_dir / f"{d}.npy").is_file()]
+    unknown = [d for d in args.data if not set_file(d, args.data_dir).is_file()]
     if unknown:
-        p.error(f"unknown data set(s) {', '.join(unknown)}: no {args.data_dir}/<name>.npy "
+        p.error(f"unknown data set(s) {', '.join(unknown)}: no {args.data_dir}/<name>.npy and no such .npy file "
                 f"(known sets: {', '.join(DATA_SETS)}; pass --data-dir if the folder is elsewhere)")
     if not 0.0 <= args.holdout < 1.0:
         p.error("--holdout must be in [0, 1)")

@@ -51,14 +51,6 @@ DEFAULT = REPO / "configs" / "default.toml"
 LEVELS, CODEBOOK = 3, 256  # the shape every system here is given
 
 
-def load_data(name: str, data_dir: Path) -> np.ndarray:
-    """A shared set by name, or any .npy path."""
-    path = Path(name)
-    if path.suffix == ".npy":
-        return load_embeddings(path.stem, path.parent)
-    return load_embeddings(name, data_dir)
-
-
 def quick_overrides(device: str, steps: int) -> dict:
     """Training cut to `steps` (one evaluation at the end), silent, on `device`: for speed runs only."""
     return {"train.steps": steps, "train.eval_every": steps, "train.device": device, "train.progress": False}
@@ -475,7 +467,7 @@ def main() -> None:
     device = resolve_device(args.device)  # the GPU is checked before any data is read
     if args.only and device.type != "cpu":
         parser.error("--only applies to the CPU mode")
-    x = load_data(args.data, args.data_dir)
+    x = load_embeddings(args.data, args.data_dir)
     print(f"{args.data}: {x.shape[0]:,} x {x.shape[1]} on {args.device}", flush=True)
     result = run_cpu(x, args) if device.type == "cpu" else run_device(x, args)
     out = args.out or REPO / "bench" / f"speed_{device.type}.json"

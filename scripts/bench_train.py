@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
 import time
@@ -20,21 +19,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_common import default_data_dir, load_embeddings, write_json_atomic  # noqa: E402
 from semid.cli import _parse_overrides  # noqa: E402
 from semid.config import SemidConfig  # noqa: E402
 from semid.device import resolve_device  # noqa: E402
 from semid.metrics import evaluate_codes  # noqa: E402
 from semid.train import Trainer, decode_in_batches, encode_in_batches  # noqa: E402
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def load(name: str) -> np.ndarray:
-    path = Path(name) if name.endswith(".npy") else SHARED / f"{name}.npy"
-    if not path.is_file():
-        sys.exit(f"data set not found: {path} (the shared data sets live in ../shared/data)")
-    return np.load(path)
-
 
 def run(config: SemidConfig, x: np.ndarray, device: str) -> dict:
     config = config.with_overrides({"train.device": device, "train.progress": False})
@@ -68,11 +58,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", action="append", default=[], help="config TOML (repeatable)")
     parser.add_argument("--data", default="beauty", help="shared set name or .npy path")
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir())
     parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default="bench/train.json")
     args = parser.parse_args()
-    x = load(args.data)
+    x = load_embeddings(args.data, args.data_dir)
     rows = []
     for path in args.config or ["configs/default.toml"]:
         config = SemidConfig.load(path).with_overrides(_parse_overrides(args.set))
@@ -80,11 +71,7 @@ def main() -> None:
             row = {"config": path, "data": args.data, "overrides": args.set, **run(config, x, device)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=2))
-    os.replace(tmp, out)
+    write_json_atomic(Path(args.out), rows)
 
 
 if __name__ == "__main__":

@@ -157,6 +157,23 @@ def test_write_json_atomic_converts_numpy(tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temporary file left behind
 
 
+def test_a_set_is_a_shared_name_or_any_npy_path(tmp_path: Path) -> None:
+    """Every benchmark takes an item set of one's own by path, its sequences found beside it."""
+    own = tmp_path / "own"
+    own.mkdir()
+    x = np.arange(12, dtype=np.float64).reshape(4, 3)
+    np.save(own / "catalogue.npy", x)
+    (own / "catalogue_sequences.txt").write_text("u1\t0 1\n")
+    elsewhere = tmp_path / "shared"  # the --data-dir, which a path does not need
+    got = bench_common.load_embeddings(str(own / "catalogue.npy"), elsewhere)
+    assert got.dtype == np.float32 and np.array_equal(got, x)
+    assert bench_common.sequences_path(str(own / "catalogue.npy"), elsewhere) == own / "catalogue_sequences.txt"
+    assert bench_common.sequences_path("catalogue", own) == own / "catalogue_sequences.txt"  # by name too
+    assert bench_common.sequences_path("catalogue", elsewhere) is None
+    with pytest.raises(FileNotFoundError, match="missing.npy"):
+        bench_common.load_embeddings(str(own / "missing.npy"), elsewhere)
+
+
 def test_bench_quality_end_to_end(tmp_path: Path) -> None:
     """The benchmark runs the FAISS peers on a small set, writes JSON, plot and markdown, and merges."""
     pytest.importorskip("matplotlib")
