@@ -172,6 +172,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         # .get: a model written by an earlier semid may lack a key; what it has is still worth showing
         "trained_items": meta.get("n_train_items"),
         "trained_on": _trained_on(tok),
+        "train_steps": meta.get("train_steps"),
         "best_step": meta.get("best_step"),
         "registered_items": len(tok.registry),
         "final": meta.get("final") or {},
@@ -183,7 +184,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  IDs         {len(sizes)} levels of {'/'.join(map(str, sizes))} codes{suffix}: "
           f"{info['id_length']} tokens, collisions by {strategy}")
     trained = "?" if info["trained_items"] is None else f"{info['trained_items']:,}"
-    print(f"  trained     {trained} items ({info['trained_on']}), best step {info['best_step']}")
+    steps = "" if info["train_steps"] is None else f", {info['train_steps']:,} steps"
+    print(f"  trained     {trained} items ({info['trained_on']}){steps}, best step {info['best_step']}")
     print(f"  registry    {info['registered_items']:,} items hold an ID")
     if info["final"]:
         print("\nat the end of training, on the items it trained on:")

@@ -185,11 +185,13 @@ class SemanticIdTokenizer:
             ), stacklevel=2)
         trainer = Trainer(self.config, torch.tensor(emb), checkpoint_path=checkpoint)
         self.model = trainer.fit(resume=resume)
-        self.config = trainer.config  # with the steps this catalogue was trained for
+        # self.config stays the recipe as given: train.steps is a floor that min_epochs raises per catalogue, so a
+        # later fit of this tokenizer on another catalogue resolves its own steps, as a fresh tokenizer would.
         self.history = trainer.state.history
         self.meta = {
             "input_dim": int(emb.shape[1]),
             "n_train_items": int(emb.shape[0]),
+            "train_steps": trainer.config.train.steps,
             "train_fingerprint": trainer.data_fingerprint,
             "best_step": trainer.state.best_step,
             # where and how it trained: the same seed gives the same model only on the same kind of device

@@ -223,6 +223,8 @@ def test_info_describes_a_model_without_data(work, tmp_path):
     assert registered == 2 * meta["n_train_items"]  # the .npy rows are new items beside the trained ids
     assert info["registered_items"] == registered and info["trained_items"] == meta["n_train_items"]
     assert info["final"] == meta["final"] and info["best_step"] == meta["best_step"]
+    assert info["train_steps"] == meta["train_steps"] > 0
+    assert f", {meta['train_steps']:,} steps, best step {meta['best_step']}" in result.stdout
     assert info["codebook_sizes"] == meta["codebook_sizes"] == [16, 16, 16]
     assert info["id_length"] == 4 and info["collision_strategy"] == "suffix"
     assert info["model"] == "rqvae: 384 -> 64 -> 16"

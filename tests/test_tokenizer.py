@@ -700,13 +700,23 @@ def test_ids_longer_than_a_64_bit_prefix_key_train_without_prefix_centres(data, 
     np.testing.assert_array_equal(loaded.encode(data["a"]), ids)
 
 
-def test_saved_config_records_the_steps_the_catalogue_was_trained_for(data, tiny_config, tmp_path):
-    """train.min_epochs resolves the steps for the catalogue; the saved model says how many it ran."""
-    tok = SemanticIdTokenizer(tiny_config({"train.steps": 10, "train.min_epochs": 3, "train.eval_every": 0}))
+def test_a_model_records_the_steps_its_catalogue_trained_for_and_keeps_the_recipe(data, tiny_config, tmp_path):
+    """train.min_epochs resolves the steps per catalogue. The model's metadata says how many ran; the config
+    stays the recipe, so a second fit of the same tokenizer (or of a loaded one) on a smaller catalogue trains
+    the steps a fresh tokenizer would, and gives the same model."""
+    config = tiny_config({"train.steps": 10, "train.min_epochs": 3, "train.eval_every": 0})
+    tok = SemanticIdTokenizer(config)
     tok.fit(data["a"])
     expected = -(-3 * len(data["a"]) // 256)  # ceil: 3 passes in 256-row batches
-    assert expected > 10 and tok.config.train.steps == expected
-    assert SemanticIdTokenizer.load(tok.save(tmp_path / "model")).config.train.steps == expected
+    assert expected > 10 and tok.meta["train_steps"] == expected
+    assert tok.config.train.steps == 10
+    loaded = SemanticIdTokenizer.load(tok.save(tmp_path / "model"))
+    assert loaded.meta["train_steps"] == expected and loaded.config.train.steps == 10
+    small = data["a"][:300]
+    loaded.fit(small)
+    fresh = SemanticIdTokenizer(config).fit(small)
+    assert loaded.meta["train_steps"] == fresh.meta["train_steps"] == 10
+    np.testing.assert_array_equal(loaded.encode_raw(small), fresh.encode_raw(small))
 
 
 def test_fit_warns_when_a_few_items_hold_most_of_the_variance(data, tiny_config):
