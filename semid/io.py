@@ -52,7 +52,9 @@ def validate_embeddings(
     """
     x = np.asarray(x)
     if x.dtype.kind not in "fiu":
-        raise InputError(f"{name} must be real numbers, got dtype {x.dtype}")
+        hint = (" (an array of per-row arrays, as a DataFrame column's .to_numpy() gives: pass np.stack(column), "
+                "or the DataFrame itself)" if x.dtype.kind == "O" and x.ndim == 1 else "")
+        raise InputError(f"{name} must be real numbers, got dtype {x.dtype}{hint}")
     if x.ndim != 2:
         raise InputError(f"{name} must be a 2-D matrix (items x dimensions), got shape {x.shape}")
     n, d = x.shape
@@ -104,8 +106,15 @@ def validate_ids(ids: Any, *, name: str = "item ids") -> np.ndarray:
         nulls = ids.is_null().to_numpy()
         arr = (ids.cast(pl.String) if ids.dtype == pl.Categorical else ids).to_numpy()
     else:
-        arr = np.asarray(ids)
-        nulls = _null_mask(arr) if arr.dtype.kind == "O" else np.zeros(arr.shape, dtype=bool)
+        # pandas' nullable columns (Int64, string) mark missing values themselves; as numpy, an Int64 column
+        # with a missing id would turn into floats and be refused for that instead of for the null
+        isna = getattr(ids, "isna", None)
+        nulls = np.asarray(isna(), dtype=bool) if callable(isna) else None
+        arr = np.asarray(ids, dtype=object) if nulls is not None and nulls.any() else np.asarray(ids)
+        if nulls is None:
+            nulls = _null_mask(arr) if arr.dtype.kind == "O" else np.zeros(arr.shape, dtype=bool)
+    if arr.ndim == 0:  # a single string, a set or a generator: numpy makes one object of it
+        raise InputError(f"{name} must be a list or array with one id per row, got {type(ids).__name__}")
     if arr.ndim != 1:
         raise InputError(f"{name} must be one-dimensional, got shape {arr.shape}")
     if nulls.any():
@@ -229,8 +238,11 @@ def _polars_to_table(
 
 def _pandas_to_table(df: Any, id_col: str | None, emb_col: str) -> ItemTable:
     where = "the pandas DataFrame"
-    _check_columns(list(map(str, df.columns)), id_col, emb_col, where)
-    values = df[emb_col].to_numpy()  # (n,) objects: lists or arrays
+    # pandas labels may be numbers (0, 1): columns are matched by their text, whichever way they are named
+    labels = {str(label): label for label in df.columns}
+    id_col, emb_col = (None if id_col is None else str(id_col)), str(emb_col)
+    _check_columns(list(labels), id_col, emb_col, where)
+    values = df[labels[emb_col]].to_numpy()  # (n,) objects: lists or arrays
     nulls = _null_mask(values)
     scalar = next((i for i, (v, null) in enumerate(zip(values, nulls)) if not null and np.ndim(v) != 1), None)
     if scalar is not None:
@@ -240,7 +252,7 @@ def _pandas_to_table(df: Any, id_col: str | None, emb_col: str) -> ItemTable:
     _check_rows(nulls, lengths, where, 0)
     matrix = np.stack([np.asarray(v) for v in values]) if len(values) else np.empty((0, 0))  # (n, d)
     embeddings = validate_embeddings(matrix, name=f"embeddings in {where}")
-    ids = validate_ids(df[id_col].to_numpy(), name=f"column '{id_col}' in {where}") if id_col else None
+    ids = validate_ids(df[labels[id_col]], name=f"column '{id_col}' in {where}") if id_col else None
     return ItemTable(ids, embeddings)
 
 

@@ -115,13 +115,18 @@ def _check_digest(root: Path, meta: dict[str, Any], name: str) -> None:
         raise ModelDirError(f"{root}/{name} is not the file this model was saved with (replaced, edited or truncated)")
 
 
-def _host_array(ids: Any) -> np.ndarray:
-    """IDs or codes as a numpy array, from anything array-like: a generative model's output tensor may be on a GPU."""
-    return ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+def _host_ids(ids: Any) -> np.ndarray:
+    """IDs or codes as a numpy array, from anything array-like: a generative model's output tensor may be on a
+    GPU, and whole numbers that came through a float column (pandas, JSON) become integers again."""
+    ids = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+    if ids.dtype.kind == "f" and np.isfinite(ids).all() and (ids == np.round(ids)).all():
+        ids = ids.astype(np.int64)
+    return ids
 
 
 class UnnamedItemsWarning(UserWarning):
-    """Rows without ids given to a model whose registry knows its items by id (see `_content_keys`)."""
+    """Rows keyed otherwise than the registry knows its items: without ids where it knows them by id, or with
+    ids where it knows them by embedding (see `_item_keys`). Known items then get new IDs."""
 
 
 class HeavyTailWarning(UserWarning):
@@ -171,6 +176,8 @@ class SemanticIdTokenizer:
         (train.norm_sampling), without which such items are coded badly.
         """
         keys, emb = self._items(x, ids, id_col, emb_col, for_registry=False)  # a new registry: no warning
+        if len(emb) < 2:
+            raise InputError(f"fit needs at least two items to tell apart, got {len(emb)}")
         if not np.ptp(emb, axis=0).any():
             raise InputError(f"all {len(emb)} embeddings are the same vector: nothing tells the items apart")
         self._check_room_for_ids(emb)
@@ -288,10 +295,11 @@ class SemanticIdTokenizer:
         keys, codes, ranks = pl.concat(key_parts, rechunk=False), np.concatenate(code_parts), np.concatenate(rank_parts)
         del key_parts, code_parts, rank_parts
         if is_npy:
-            item_ids, keys = pl.int_range(n, eager=True).alias("item_id"), self._content_keys(keys)
+            item_ids, keys = pl.int_range(n, eager=True).alias("item_id"), self._item_keys(named=None, digests=keys)
         else:
             check_unique_ids(keys)  # each batch was checked alone; this catches repeats across batches
             item_ids = keys.alias("item_id").cast(parquet_column_type(path, id_col))
+            keys = self._item_keys(named=keys, digests=None)
         known_before = len(self.registry)
         final = self._resolve(keys, codes, ranks, lambda rows: read_rows(path, rows, emb_col=emb_col))
         if save_registry_to is not None and len(self.registry) > known_before:
@@ -327,7 +335,7 @@ class SemanticIdTokenizer:
         Items encoded without ids come back as their content keys.
         """
         self._fitted()
-        return self.registry.keys_for(_host_array(ids)).rename("item_id")
+        return self.registry.keys_for(_host_ids(ids)).rename("item_id")
 
     @torch.no_grad()
     def encode_raw(self, x: Any) -> np.ndarray:
@@ -338,16 +346,14 @@ class SemanticIdTokenizer:
     def decode(self, ids: np.ndarray | torch.Tensor) -> np.ndarray:
         """(n, >= L) IDs or codes -> (n, D) float32 reconstructions (a suffix column is ignored)."""
         model = self._fitted()
-        ids = _host_array(ids)
+        ids = _host_ids(ids)
         levels = len(model.codebook_sizes)
+        if ids.ndim and len(ids) == 0:  # no IDs (parse_token_strings of an empty batch is (0, 0)): nothing to decode
+            return np.zeros((0, self.meta["input_dim"]), dtype=np.float32)
         if ids.ndim != 2 or ids.shape[1] < levels:
             raise InputError(f"decode needs IDs of shape (n, >= {levels}), got {ids.shape}")
-        if ids.dtype.kind == "f" and np.isfinite(ids).all() and (ids == np.round(ids)).all():
-            ids = ids.astype(np.int64)  # whole numbers that came through a float column
         if ids.dtype.kind not in "iu":
             raise InputError(f"decode needs integer codes, got {ids.dtype} values")
-        if len(ids) == 0:
-            return np.zeros((0, self.meta["input_dim"]), dtype=np.float32)
         codes = torch.as_tensor(ids[:, :levels], dtype=torch.long, device=self._device())
         for level, size in enumerate(model.codebook_sizes):
             bad = (codes[:, level] < 0) | (codes[:, level] >= size)
@@ -525,18 +531,29 @@ class SemanticIdTokenizer:
             frame_ids = validate_ids(ids)
             if len(frame_ids) != len(emb):
                 raise InputError(f"got {len(frame_ids)} ids for {len(emb)} embeddings")
-        if frame_ids is not None:
-            return pl.Series("key", frame_ids), emb
-        digests = row_digests(emb)
-        return (self._content_keys(digests) if for_registry else content_keys(digests)), emb
+        digests = row_digests(emb) if frame_ids is None else None
+        return self._item_keys(named=frame_ids, digests=digests, against_registry=for_registry), emb
 
-    def _content_keys(self, digests: Sequence[str] | pl.Series) -> pl.Series:
-        """Keys of rows that come without ids. A registry of items known by id has none of these keys, so
-        every such row would be a new item and get a new ID, known items included: that deserves a warning.
-        Keys are in registration order, so content keys registered after named ones are in the tail."""
-        keys = self.registry.keys
-        sample = pl.concat([keys.head(100), keys.tail(100)])
-        if len(sample) and not sample.str.contains(_CONTENT_KEY).any():
+    def _item_keys(self, *, named: Sequence[str] | pl.Series | None, digests: Sequence[str] | pl.Series | None,
+                   against_registry: bool = True) -> pl.Series:
+        """The registry keys of rows: their ids (`named`), else keys made from their embedding `digests`.
+
+        A registry knows its items one way: by id where it was fitted on ids, by content where on a bare
+        matrix. Rows keyed the other way are all new items, known ones included, which deserves a warning
+        (`against_registry`: the keys are for the current registry, not a new one). The kind is read from the
+        first and last 100 keys (registration order, so a later change shows in the tail).
+        """
+        keys = self.registry.keys if against_registry else pl.Series("key", [], dtype=pl.String)
+        by_content = pl.concat([keys.head(100), keys.tail(100)]).str.contains(_CONTENT_KEY)
+        if named is not None and len(by_content) and by_content.all():
+            warnings.warn(UnnamedItemsWarning(
+                "this model's registry knows its items by their embeddings (it was fitted on rows without ids), "
+                "and these rows come with ids: each id is a new item, so an item it knows gets a new ID here; "
+                "encode them without ids (a bare matrix) to give known items their saved IDs, or fit with ids"
+            ), stacklevel=3)
+        if named is not None:
+            return pl.Series("key", named)
+        if len(by_content) and not by_content.any():
             warnings.warn(UnnamedItemsWarning(
                 "this model's registry knows its items by id, and these rows come without ids: each is keyed by its "
                 "embedding instead, so an item it knows gets a new ID here; pass the ids (ids=, or a parquet with "

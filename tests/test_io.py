@@ -170,6 +170,18 @@ def test_null_ids_are_refused(ids):
         validate_ids(ids)
 
 
+@pytest.mark.parametrize("ids", ["abc", {"a", "b"}, (i for i in range(3))])
+def test_ids_that_are_not_one_per_row_are_named_by_type(ids):
+    with pytest.raises(InputError, match=f"a list or array with one id per row, got {type(ids).__name__}"):
+        validate_ids(ids)
+
+
+def test_a_column_of_row_arrays_gets_a_hint_to_stack_it():
+    column = pd.Series([np.zeros(3), np.ones(3)]).to_numpy()  # what df["embedding"].to_numpy() gives
+    with pytest.raises(InputError, match=r"got dtype object \(an array of per-row arrays.*np.stack"):
+        validate_embeddings(column)
+
+
 def test_ids_become_strings_and_floats_are_refused():
     out = validate_ids(np.array([3, 1, 2]))
     assert out.dtype.kind == "U" and out.tolist() == ["3", "1", "2"]  # order kept
@@ -558,6 +570,23 @@ def test_to_numpy_from_pandas_frame():
         to_numpy_embeddings(pd.DataFrame({"item_id": ["a", "a"], "embedding": [[1.0], [2.0]]}))
     with pytest.raises(InputError, match="one list of numbers per row; row 0 holds float"):
         to_numpy_embeddings(pd.DataFrame({"item_id": ["a", "b"], "embedding": [0.5, 0.7]}))
+
+
+def test_pandas_nullable_ids_and_numbered_columns():
+    """A left join leaves pandas' nullable Int64 ids with <NA>: named as the missing id it is, not as floats.
+    Columns labelled by numbers are found by their text or their label."""
+    x = _matrix(3, 2)
+    for missing in (pd.array([1, None, 3], dtype="Int64"), pd.array(["a", None, "c"], dtype="string")):
+        with pytest.raises(InputError, match=r"column 'item_id' .*1 missing \(null\) ids, the first at row 1"):
+            to_numpy_embeddings(pd.DataFrame({"item_id": missing, "embedding": list(x)}))
+        with pytest.raises(InputError, match=r"1 missing \(null\) ids, the first at row 1"):
+            validate_ids(pd.Series(missing))
+    full = pd.DataFrame({"item_id": pd.array([1, 2, 3], dtype="Int64"), "embedding": list(x)})
+    assert to_numpy_embeddings(full)[0].tolist() == ["1", "2", "3"]
+    numbered = pd.DataFrame({0: ["a", "b", "c"], 1: list(x)})
+    for id_col, emb_col in (("0", "1"), (0, 1)):
+        ids, out = to_numpy_embeddings(numbered, id_col=id_col, emb_col=emb_col)
+        assert ids.tolist() == ["a", "b", "c"] and np.array_equal(out, x)
 
 
 def test_works_without_pyarrow(tmp_path):

@@ -434,13 +434,25 @@ def test_decode_takes_whole_floats_and_empty_input(data, model_dir):
     tok = SemanticIdTokenizer.load(model_dir("suffix", True))
     raw = tok.encode_raw(data["a"][:5])
     np.testing.assert_array_equal(tok.decode(raw.astype(np.float64)), tok.decode(raw))  # e.g. read from a CSV
-    empty = tok.decode(np.zeros((0, 4), dtype=np.int64))
-    assert empty.shape == (0, data["a"].shape[1]) and empty.dtype == np.float32
+    for none in (np.zeros((0, 4), dtype=np.int64), parse_token_strings([])):  # the parse of an empty batch: (0, 0)
+        empty = tok.decode(none)
+        assert empty.shape == (0, data["a"].shape[1]) and empty.dtype == np.float32
+
+
+def test_items_for_takes_what_decode_takes(data, model_dir):
+    """Whole numbers that came through a float column name their items, as decode reads them."""
+    tok = SemanticIdTokenizer.load(model_dir("suffix", True))
+    ids = tok.encode(_frame(data["a"][:5], data["ids_a"][:5]))
+    assert tok.items_for(ids.astype(np.float64)).to_list() == tok.items_for(ids).to_list() == list(data["ids_a"][:5])
+    with pytest.raises(ValueError, match="2-D integer matrix"):
+        tok.items_for(ids + 0.5)
 
 
 def test_fit_refuses_a_catalogue_of_one_repeated_row(data, tiny_config):
     with pytest.raises(InputError, match="all 50 embeddings are the same vector"):
         SemanticIdTokenizer(tiny_config()).fit(np.repeat(data["a"][:1], 50, axis=0))
+    with pytest.raises(InputError, match="at least two items to tell apart, got 1"):
+        SemanticIdTokenizer(tiny_config()).fit(data["a"][:1])
 
 
 def test_encode_file_keeps_integer_ids_and_refuses_a_bad_output_path(data, model_dir, tmp_path):
@@ -752,6 +764,22 @@ def test_rows_without_ids_on_a_model_that_knows_its_items_by_id_are_warned(data,
         named.encode(data["a"][:10])  # those rows are registered now, by content: no warning
         named.encode(_frame(data["a"][:10], data["ids_a"][:10]))
         SemanticIdTokenizer.load(model_dir("suffix", False)).encode(data["a"][:10])  # a model of unnamed rows
+
+
+def test_rows_with_ids_on_a_model_that_knows_its_items_by_embedding_are_warned(data, model_dir, tmp_path):
+    """The other way round: a model fitted on a bare matrix would give its known items new IDs under ids."""
+    from semid.tokenizer import UnnamedItemsWarning
+
+    unnamed = SemanticIdTokenizer.load(model_dir("suffix", False))
+    saved = unnamed.encode(data["a"][:10])
+    with pytest.warns(UnnamedItemsWarning, match="encode them without ids"):
+        renamed = unnamed.encode(_frame(data["a"][:10], data["ids_a"][:10]))
+    assert not (renamed == saved).all(axis=1).any()  # what the warning is about: known items, new IDs
+    frame = _frame(data["a"][:10], data["ids_a"][:10])
+    frame.write_parquet(tmp_path / "named.parquet")
+    with pytest.warns(UnnamedItemsWarning, match="encode them without ids"):  # encode_file warns alike
+        SemanticIdTokenizer.load(model_dir("suffix", False)).encode_file(
+            tmp_path / "named.parquet", tmp_path / "ids.parquet", progress=False)
 
 
 def test_evaluate_scores_new_items_without_registering_them(data, model_dir):
