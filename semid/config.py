@@ -38,6 +38,16 @@ def is_device_name(name: object) -> bool:
 
 # LLM tokens name each position of an ID by a letter (semid.export.LEVEL_PREFIXES, a-z): L levels and a suffix.
 MAX_LEVELS = 25
+# Bounds far beyond any use, so that a typo (an extra zero or three) is refused by key name before torch tries
+# to allocate terabytes: a layer or latent of 131,072 units, a codebook of 1M codes (each code an LLM token),
+# a suffix of 16.7M values (every value a token in the vocabulary semid lists).
+MAX_WIDTH = 2**17
+MAX_CODEBOOK = 2**20
+MAX_SUFFIX = 2**24
+# torch's CPU generator keeps 32 bits of a seed (2**32 trains as 0), so larger seeds would repeat smaller ones.
+MAX_SEED = 2**32 - 1
+# The scalar keys of a training evaluation (semid.train.quick_evaluate) that can choose the best weights.
+BEST_METRICS = ("fvu", "mse", "cosine", "collision_rate", "colliding_items", "max_group")
 
 
 def shipped_file(package_dir: str, source_dir: str, name: str) -> Path:
@@ -77,9 +87,14 @@ class ModelConfig:
         _choice("model.type", self.type, ("rqvae", "rqkmeans"))
         _choice("model.activation", self.activation, ("relu", "gelu", "silu"))
         for width in self.hidden:  # an empty list is a linear encoder and decoder
-            _positive("model.hidden", width, note=" (every width)")
-        _positive("model.latent_dim", self.latent_dim)
-        _in_range("model.latent_norm", self.latent_norm, note=" (0 turns it off)")
+            _in_range("model.hidden", width, 0, MAX_WIDTH, low_open=True, high_open=False, note=" (every width)")
+        _in_range("model.latent_dim", self.latent_dim, 0, MAX_WIDTH, low_open=True, high_open=False)
+        _in_range("model.latent_norm", self.latent_norm, 0, 100, high_open=False,
+                  note=" (0 turns it off; the standardised input's elements have RMS 1)")
+        if self.type == "rqvae" and self.latent_dim == 1 and self.latent_norm:
+            raise ConfigError(f"model.latent_norm = {self.latent_norm} holds every latent at that root-mean-square "
+                              "element, and a latent of model.latent_dim = 1 has one element: every item would be "
+                              f"+-{self.latent_norm}, two codes in all. Use a wider latent or latent_norm = 0")
         _in_range("model.decoder_dropout", self.decoder_dropout, 0, 1)
 
 
@@ -123,10 +138,14 @@ class QuantizerConfig:
         if len(sizes) != self.levels:
             raise ConfigError(f"quantizer.codebook_size lists {len(sizes)} sizes for {self.levels} levels")
         for size in sizes:
-            _positive("quantizer.codebook_size", size, note=" (every size)")
+            _in_range("quantizer.codebook_size", size, 0, MAX_CODEBOOK, low_open=True, high_open=False,
+                      note=" (every size)")
         _in_range("quantizer.commitment", self.commitment, note=" (0 turns it off)")
         _in_range("quantizer.kmeans_iters", self.kmeans_iters, note=" (0: the seeding alone)")
         _positive("quantizer.kmeans_sample", self.kmeans_sample)
+        if self.kmeans_init and self.kmeans_sample < max(sizes):
+            raise ConfigError(f"quantizer.kmeans_sample ({self.kmeans_sample}) must be at least the largest codebook "
+                              f"({max(sizes)}): k-means needs a sampled row for every code")
         _in_range("quantizer.refine_passes", self.refine_passes, note=" (0 turns it off)")
         # At 1 the counts never move from their starting expectation, so no code is ever found dead.
         _in_range("quantizer.dead_code_decay", self.dead_code_decay, 0, 1)
@@ -137,7 +156,7 @@ class QuantizerConfig:
         _positive("quantizer.gumbel_tau_start", self.gumbel_tau_start)
         # The schedule only anneals downwards: tau = max(end, start * decay**step).
         _in_range("quantizer.gumbel_tau_end", self.gumbel_tau_end, 0, self.gumbel_tau_start, low_open=True,
-                  high_open=False, note=" (0 < end <= quantizer.gumbel_tau_start)")
+                  high_open=False, note=" (at most quantizer.gumbel_tau_start)")
         _in_range("quantizer.gumbel_tau_decay", self.gumbel_tau_decay, 0, 1, high_open=False,
                   note=" (0 picks it from train.steps)")
         _in_range("quantizer.centre_shrinkage", self.centre_shrinkage)
@@ -209,8 +228,8 @@ class TrainConfig:
             raise ConfigError(f"config key 'train.device' is {self.device!r}; choose {DEVICE_NAMES}")
         _choice("train.optimizer", self.optimizer, ("adamw", "adagrad"))
         _choice("train.schedule", self.schedule, ("cosine", "constant"))
-        # torch.manual_seed takes a 64-bit int; beyond that it fails with a message that names no key.
-        _in_range("train.seed", self.seed, -2**63, 2**63 - 1, high_open=False)
+        _in_range("train.seed", self.seed, 0, MAX_SEED, high_open=False)
+        _choice("train.best_metric", self.best_metric, BEST_METRICS)
         _positive("train.batch_size", self.batch_size)
         _positive("train.steps", self.steps)
         _in_range("train.min_epochs", self.min_epochs, note=" (0 turns it off)")
@@ -282,7 +301,7 @@ class CollisionConfig:
 
     def __post_init__(self) -> None:
         _choice("collisions.strategy", self.strategy, ("suffix", "remap", "none"))
-        _positive("collisions.suffix_size", self.suffix_size)
+        _in_range("collisions.suffix_size", self.suffix_size, 0, MAX_SUFFIX, low_open=True, high_open=False)
 
 
 @dataclass
@@ -317,7 +336,9 @@ class SemidConfig:
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text (TOML is UTF-8; is it the config?)") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
         return cls.from_dict(data)
@@ -431,4 +452,7 @@ def _is_instance(value: Any, type_: type) -> bool:
 
 
 def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    """`list of int`, `int or list of int`: read by people who wrote a value of the wrong type."""
+    options = get_args(hint) if get_origin(hint) in (types.UnionType, typing.Union) else (hint,)
+    return " or ".join(f"list of {_type_name(get_args(o)[0])}" if get_origin(o) is list else o.__name__
+                       for o in options)

@@ -46,7 +46,15 @@ from semid.metrics import (
 from semid.rqvae import RQVAE, RQVAEOutput, dropout_after_activations, scaled_squares_
 
 # Keys whose larger value is better; every other evaluate key is minimised.
-_HIGHER_IS_BETTER = {"cosine", "unique_after"}
+_HIGHER_IS_BETTER = {"cosine"}
+
+
+class TrainingDivergedError(ConfigError):
+    """The training loss stopped being a finite number: the config's step sizes are too large for the data."""
+
+
+class NotConvergedWarning(UserWarning):
+    """The trained model reconstructs the catalogue worse than its mean vector does (fvu above 1)."""
 CHECKPOINT_FORMAT = "semid-train-checkpoint-v3"  # v2: RNG states per training process; v3: data fingerprint
 # Training evaluations estimate prefix agreement from this many query items (all items when fewer). The
 # neighbour search is O(queries x N): on a 12k catalogue a full search costs more than fitting residual
@@ -108,9 +116,9 @@ def quick_evaluate(model: RQVAE, x: torch.Tensor, neighbours: Neighbours | None 
 
 
 def score(report: dict[str, Any], metric: str) -> tuple[float, float]:
-    """Sort key for "best": the chosen metric (negated when higher is better), then collision_rate."""
-    if metric not in report:
-        raise ValueError(f"train.best_metric '{metric}' is not an evaluation key (have: {', '.join(report)})")
+    """Sort key for "best": the chosen metric (negated when higher is better), then collision_rate.
+
+    `metric` is one of `semid.config.BEST_METRICS`, which the config checks when it is made."""
     value = float(report[metric])
     return (-value if metric in _HIGHER_IS_BETTER else value, float(report["collision_rate"]))
 
@@ -365,6 +373,7 @@ class Trainer:
             done = self.state.step == t.steps
             if (t.eval_every and self.state.step % t.eval_every == 0) or done:
                 loss = distributed.average_(out.loss.detach().float().clone(), self.ranks).item()
+                self._check_finite(loss)
                 if self.ranks.is_main:
                     last = self._evaluate(self.state.step, loss=loss)
                 if distributed.from_main(t.early_stopping and self.state.evals_since_best >= t.early_stopping,
@@ -375,7 +384,9 @@ class Trainer:
                 self.save_checkpoint()
             bar.update(1)
             if t.progress and (step % 25 == 0 or done):
-                shown = {"loss": f"{out.loss.item():.4f}", "rec": f"{out.reconstruction_loss.item():.4f}"}
+                loss = out.loss.item()  # read for the bar anyway: checking it too costs no extra sync
+                self._check_finite(loss)
+                shown = {"loss": f"{loss:.4f}", "rec": f"{out.reconstruction_loss.item():.4f}"}
                 if last:  # codebook usage and collisions exist only from the first evaluation on
                     shown |= {"usage": f"{np.mean(last['usage']):.2f}", "coll": f"{last['collision_rate']:.3f}"}
                 bar.set_postfix(shown)
@@ -386,6 +397,17 @@ class Trainer:
         return self._finish()
 
     @torch.no_grad()
+    def _check_finite(self, loss: float) -> None:
+        """Stop a run whose loss overflowed, where the loss is read anyway (evaluations, the progress bar),
+        instead of training on to NaN weights and failing in an evaluation with a message that names no key."""
+        if math.isfinite(loss):
+            return
+        t, m = self.config.train, self.config.model
+        raise TrainingDivergedError(
+            f"training diverged by step {self.state.step:,}: the loss is {loss}. Lower train.lr (now {t.lr:g}), "
+            f"or check train.weight_decay ({t.weight_decay:g}) and model.latent_norm ({m.latent_norm:g})"
+        )
+
     def _reset_dead_codes(self, out: RQVAEOutput) -> int:
         """Reseed dead codes as one process would with the global batch.
 
@@ -491,6 +513,12 @@ class Trainer:
         if extra:
             best = {**quick_evaluate(self.model, self.x, self._neighbours), "step": self.state.best_step, **extra}
         self.state.final = best
+        if best.get("fvu", 0.0) > 1.0:
+            warnings.warn(NotConvergedWarning(
+                f"the trained model reconstructs the items worse than their mean vector does (fvu {best['fvu']:.3g} "
+                f"> 1): training did not converge. Lower train.lr (now {t.lr:g}), or check model.latent_norm "
+                f"({self.config.model.latent_norm:g}) and train.weight_decay ({t.weight_decay:g})"
+            ), stacklevel=2)
 
     def _refit_decoder(self, latents: torch.Tensor, steps: int) -> None:
         """Train the decoder alone on the quantized latents of the final codes, which stay fixed.

@@ -47,7 +47,14 @@ BAD_VALUES = [
     ("quantizer.gumbel_tau_decay", 1.5),
     ("quantizer.gumbel_tau_decay", -0.5),
     ("quantizer.centre_shrinkage", NAN),
-    ("train.seed", 2**64),
+    ("train.seed", 2**32),  # torch's CPU generator keeps 32 bits: it would train as seed 0
+    ("train.seed", -1),
+    ("train.best_metric", "nope"),
+    ("train.best_metric", "usage"),  # a list per level: not a score
+    ("model.hidden", [512, 2**17 + 1]),  # typos with extra zeros, refused before torch allocates terabytes
+    ("model.latent_dim", 10**11),
+    ("quantizer.codebook_size", 2**20 + 1),
+    ("collisions.suffix_size", 10**9),
     ("train.batch_size", 0),
     ("train.steps", 0),
     ("train.steps", -5),
@@ -96,7 +103,9 @@ GOOD_VALUES = [
     ("quantizer.dead_code_threshold", 0.0),
     ("quantizer.gumbel_tau_end", 1.0),  # equal to the start: a constant temperature
     ("quantizer.gumbel_tau_decay", 1.0),
-    ("train.seed", -1),
+    ("train.seed", 2**32 - 1),
+    ("train.best_metric", "cosine"),
+    ("collisions.suffix_size", 2**24),
     ("train.lr", 0.0),  # frozen weights: the early-stopping tests train with it
     ("train.min_epochs", 0),
     ("train.max_steps", 0),
@@ -153,3 +162,27 @@ def test_levels_stop_where_token_names_do():
     with pytest.raises(ConfigError, match=r"quantizer.levels must be in \[1, 25\], got 26"):
         SemidConfig().with_overrides({"quantizer.levels": MAX_LEVELS + 1, "quantizer.codebook_size": 2})
 
+
+
+def test_keys_that_only_fail_together_are_refused_naming_both():
+    """A one-dimensional latent under latent_norm is +-r for every item; k-means needs a row per code."""
+    with pytest.raises(ConfigError, match=r"model.latent_norm = 0.5 .*model.latent_dim = 1 .*two codes"):
+        SemidConfig().with_overrides({"model.latent_dim": 1, "model.latent_norm": 0.5})
+    SemidConfig().with_overrides({"model.latent_dim": 1})  # without the norm a 1-d latent has many values
+    with pytest.raises(ConfigError, match=r"quantizer.kmeans_sample \(100\) must be at least the largest codebook \(256\)"):
+        SemidConfig().with_overrides({"quantizer.kmeans_sample": 100})
+    SemidConfig().with_overrides({"quantizer.kmeans_sample": 100, "quantizer.kmeans_init": False})
+
+
+def test_a_config_file_that_is_not_text_is_named(tmp_path):
+    path = tmp_path / "items.npy"  # --config and --data swapped
+    path.write_bytes(b"\x93NUMPY\x01\x00v\x00{'descr': '<f4'")
+    with pytest.raises(ConfigError, match=r"items.npy is not UTF-8 text"):
+        SemidConfig.load(path)
+
+
+def test_a_value_of_the_wrong_type_names_the_type_expected():
+    with pytest.raises(ConfigError, match=r"model.hidden' has value \[1.5\], expected list of int$"):
+        SemidConfig().with_overrides({"model.hidden": [1.5]})
+    with pytest.raises(ConfigError, match=r"expected int or list of int$"):
+        SemidConfig().with_overrides({"quantizer.codebook_size": "256"})
