@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -25,7 +26,11 @@ except ImportError:  # Windows: no advisory locks; the stale-registry check in t
 MODEL_FORMAT = "semid-model-v1"
 FILES = ("config.toml", "model.pt", "meta.json", "registry.parquet")
 REGISTRY_LOCK = ".registry.lock"
-_held: dict[Path, int] = {}  # model directories this process holds the lock of, with the nesting depth
+# flock serialises processes; within one, each directory has a re-entrant thread lock, taken first, so that two
+# threads (two tokenizers of one model) take turns too, and a thread that holds the lock can take it again.
+_held: dict[Path, int] = {}  # model directories this process holds the flock of, with the nesting depth
+_thread_locks: dict[Path, threading.RLock] = {}
+_thread_locks_guard = threading.Lock()
 
 
 class ModelDirError(ValueError):
@@ -51,6 +56,10 @@ def check_save_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
     target = Path(path).absolute()
     if Path.cwd().is_relative_to(target):
         raise ModelDirError(f"{path} is the current directory or one above it; name a new directory to save into")
+    if not target.exists() and (left := interrupted_replaces(target)):
+        raise ModelDirError(f"a replace of the model at {path} was interrupted, and its previous model, with the "
+                            f"registry of every ID it handed out, is in {left[0]}: rename that back to {path} "
+                            "(then overwrite it if you mean to), or delete it, before saving a new model there")
     if target.exists() and not (target.is_dir() and not any(target.iterdir())):  # an empty directory is free
         if is_model_dir(target):
             if not overwrite:
@@ -79,18 +88,42 @@ def staging_dir(target: Path) -> Path:
 
 
 def replace_dir(staging: Path, target: Path) -> None:
-    """Move a complete staging directory onto target: readers see the old model or the new one, never a mix."""
+    """Move a complete staging directory onto target: readers see the old model or the new one, never a mix.
+
+    Two renames: the old model aside, the new one in. An exception or Ctrl-C between them puts the old one
+    back; a process killed there leaves it as `.<name>.old-*`, which `missing_model_message` and
+    `check_save_target` point to, so that it is restored rather than shadowed by a new registry.
+    """
     if not target.exists():
         os.replace(staging, target)
         return
     retired = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
-    os.replace(target, retired)
     try:
+        os.replace(target, retired)
         os.replace(staging, target)
     except BaseException:
-        os.replace(retired, target)
+        if retired.exists() and not target.exists():
+            os.replace(retired, target)
         raise
     shutil.rmtree(retired, ignore_errors=True)
+
+
+def interrupted_replaces(target: Path) -> list[Path]:
+    """Old models that a killed `replace_dir` left beside target (`.<name>.old-*`), newest first."""
+    target = Path(target).absolute()
+    if not target.parent.is_dir():
+        return []
+    left = [p for p in target.parent.glob(f".{target.name}.old-*") if is_model_dir(p)]
+    return sorted(left, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def missing_model_message(path: str | os.PathLike) -> str:
+    """"model directory not found", and where its previous model is when a replace of it was interrupted."""
+    left = interrupted_replaces(Path(path))
+    if not left:
+        return f"model directory not found: {path}"
+    return (f"model directory not found: {path}; a replace of it was interrupted, and its previous model is in "
+            f"{left[0]}: rename that back to {path}")
 
 
 @contextlib.contextmanager
@@ -104,16 +137,19 @@ def registry_lock(model_dir: str | os.PathLike) -> Iterator[None]:
     """
     root = Path(model_dir).resolve()  # one key per directory however it is spelled: re-entrance must see it
     if not root.is_dir():
-        raise ModelDirError(f"model directory not found: {model_dir}")
-    handle = _locked_file(root / REGISTRY_LOCK) if fcntl is not None and root not in _held else None
-    with handle or contextlib.nullcontext():
-        _held[root] = _held.get(root, 0) + 1
-        try:
-            yield
-        finally:
-            _held[root] -= 1
-            if not _held[root]:
-                del _held[root]
+        raise ModelDirError(missing_model_message(model_dir))
+    with _thread_locks_guard:
+        thread_lock = _thread_locks.setdefault(root, threading.RLock())
+    with thread_lock:  # from here on only this thread changes _held[root]
+        handle = _locked_file(root / REGISTRY_LOCK) if fcntl is not None and root not in _held else None
+        with handle or contextlib.nullcontext():
+            _held[root] = _held.get(root, 0) + 1
+            try:
+                yield
+            finally:
+                _held[root] -= 1
+                if not _held[root]:
+                    del _held[root]
 
 
 def _locked_file(path: Path) -> IO[str] | None:
@@ -130,8 +166,11 @@ def _locked_file(path: Path) -> IO[str] | None:
         except FileNotFoundError:  # between the two renames of a replace: the new directory is a moment away
             time.sleep(0.01)
             continue
-        except OSError:
-            return None
+        except OSError as exc:
+            if not os.access(path.parent, os.W_OK):  # a read-only model: nothing can be registered there anyway
+                return None
+            raise ModelDirError(f"cannot open the registry lock {path}: {exc.strerror or exc}; without it two "
+                                "encodes could hand out the same IDs") from None
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:

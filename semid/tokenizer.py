@@ -50,7 +50,9 @@ from semid.modeldir import (
     MODEL_FORMAT,
     ModelDirError,
     check_save_target,
+    missing_model_message,
     file_stamp,
+    is_model_dir,
     registry_lock,
     replace_dir,
     staging_dir,
@@ -405,7 +407,9 @@ class SemanticIdTokenizer:
         # Paths compare resolved: a symlink or a `..` spelling of the same directory is the same registry.
         resaving = (self._registry_source is not None and self._registry_source[0] == target.resolve()
                     and target.is_dir())
-        with registry_lock(target) if resaving else contextlib.nullcontext():
+        # Any model replaced waits for the encodes registering items in it, and an encode waiting to start then
+        # loads the new model: none can write the old registry into the new directory after the replace.
+        with registry_lock(target) if is_model_dir(target) else contextlib.nullcontext():
             if resaving:
                 self._check_registry_unchanged(target)
             staging = staging_dir(target)
@@ -464,7 +468,7 @@ class SemanticIdTokenizer:
         """
         root = Path(path)
         if not root.is_dir():
-            raise ModelDirError(f"model directory not found: {root}")
+            raise ModelDirError(missing_model_message(root))
         missing = [name for name in FILES if not (root / name).is_file()]
         if missing:
             raise ModelDirError(f"{root} is not a semid model directory: missing {', '.join(missing)}")

@@ -291,14 +291,95 @@ def test_damaged_model_files_are_named_with_the_reason(model, damage, message):
     assert "weights_only=False" not in str(info.value) and "\n" not in str(info.value)
 
 
-def test_encode_of_known_items_works_where_the_lock_cannot_be_created(items, model, tmp_path, capsys):
-    """A model directory the process cannot write (here: the lock's name taken by a directory) still encodes."""
+def test_encode_of_known_items_works_where_the_lock_cannot_be_created(items, model, tmp_path, capsys, monkeypatch):
+    """A model directory the process cannot write (a model baked into a read-only image) still encodes the items
+    it knows. Tests may run as root, who can write anywhere: the lock's name is taken by a directory, and the
+    directory reads as read-only."""
+    import semid.modeldir
+
     (model / REGISTRY_LOCK).mkdir()
+    monkeypatch.setattr(semid.modeldir.os, "access", lambda path, mode: False)
     ids, x = items
     known = tmp_path / "known.parquet"
     _frame(ids[:50], x[:50]).write_parquet(known)
     assert main(["encode", "--model", str(model), "--data", str(known), "--out", str(tmp_path / "ids.parquet")]) == 0
     assert "(0 new)" in capsys.readouterr().out
+
+
+def test_a_lock_that_cannot_be_opened_in_a_writable_model_is_an_error(model):
+    """Encoding on without the lock would let two encodes hand out the same IDs."""
+    pytest.importorskip("fcntl")
+    (model / REGISTRY_LOCK).mkdir()
+    with pytest.raises(ModelDirError, match=r"cannot open the registry lock .*\.registry\.lock: .*same IDs"):
+        with registry_lock(model):
+            pass
+
+
+def test_threads_of_one_process_take_turns_on_a_registry(model):
+    """Two tokenizers of one model in two threads: the second waits for the first, as another process would;
+    a thread that holds the lock takes it again."""
+    pytest.importorskip("fcntl")
+    import threading
+
+    inside, release, order = threading.Event(), threading.Event(), []
+
+    def first() -> None:
+        with registry_lock(model):
+            with registry_lock(model):  # re-entrant in its thread
+                inside.set()
+                release.wait(60)
+                order.append("first")
+
+    def second() -> None:
+        inside.wait(60)
+        with registry_lock(model):
+            order.append("second")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    assert inside.wait(60)
+    threads[1].join(0.5)
+    assert threads[1].is_alive() and order == []  # waiting for the first thread
+    release.set()
+    for thread in threads:
+        thread.join(60)
+    assert order == ["first", "second"]
+
+
+def test_a_replace_interrupted_between_its_renames_puts_the_old_model_back(model, tmp_path, monkeypatch):
+    import semid.modeldir
+
+    before = (model / "model.pt").read_bytes()
+    staging = Path(shutil.copytree(model, tmp_path / "staging"))
+    real_replace, calls = os.replace, []
+
+    def interrupted(src, dst):  # Ctrl-C once the old model is aside, before the new one is in
+        calls.append(src)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(semid.modeldir.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        replace_dir(staging, model)
+    monkeypatch.undo()
+    assert (model / "model.pt").read_bytes() == before
+    assert not list(model.parent.glob(".model.old-*"))
+
+
+def test_a_model_left_aside_by_a_killed_replace_is_pointed_to_not_shadowed(model, items, tiny_config):
+    """A process killed between the two renames leaves no model at the path and the old one as .<name>.old-*:
+    loading names where it is, and a new model may not be saved there over its registry's head."""
+    left = model.parent / ".model.old-0123456789ab"
+    os.replace(model, left)
+    with pytest.raises(ModelDirError, match=r"model directory not found: .*a replace of it was interrupted, and "
+                                            r"its previous model is in .*\.model\.old-0123456789ab"):
+        SemanticIdTokenizer.load(model)
+    with pytest.raises(ModelDirError, match=r"interrupted.*rename that back"):
+        check_save_target(model)
+    os.replace(left, model)
+    check_save_target(model, overwrite=True)
 
 
 def test_a_refitted_tokenizer_cannot_save_its_registry_over_the_old_model(items, model):
@@ -313,3 +394,23 @@ def test_a_refitted_tokenizer_cannot_save_its_registry_over_the_old_model(items,
         fresh.save_registry(model)
     assert (model / "registry.parquet").read_bytes() == before
 
+
+
+def test_replacing_a_model_waits_for_an_encode_that_holds_its_registry(model, fitted, tmp_path):
+    """An encode registering items holds the lock; `save(overwrite=True)` of another model over the directory
+    waits for it, so the encode cannot write the old registry into the new model after the replace."""
+    pytest.importorskip("fcntl")
+    import threading
+
+    other = SemanticIdTokenizer.load(fitted)
+    holder = _hold_the_lock_in_another_process(model)
+    saved = threading.Event()
+    thread = threading.Thread(target=lambda: (other.save(model, overwrite=True), saved.set()))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        thread.start()
+        assert not saved.wait(1.0)  # waiting for the encode's lock
+    finally:
+        holder.communicate("\n", timeout=60)
+    thread.join(60)
+    assert saved.is_set()
