@@ -782,6 +782,30 @@ class IdRegistry:
         write_parquet_atomic(self.to_frame(), path)
         return Path(path)
 
+    def check_ids(self, codebook_sizes: Sequence[int], suffix_size: int, unique: bool) -> None:
+        """Raise ValueError where an ID is not one this model can have handed out: a code outside its level's
+        codebook or a suffix outside [0, suffix_size), or (`unique`: any strategy but "none") one ID held by two
+        items. A damaged or edited registry would otherwise give items IDs no decoder knows, or two items one ID.
+        """
+        if not len(self):
+            return
+        ids, levels = self._ids, len(codebook_sizes)
+        if ids.shape[1] < levels:
+            raise ValueError(f"its IDs have {ids.shape[1]} tokens, fewer than the model's {levels} levels")
+        limits = np.array([*codebook_sizes, *[suffix_size] * (ids.shape[1] - levels)], dtype=np.int64)
+        bad = (ids < 0) | (ids >= limits)
+        if bad.any():
+            row, col = (int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"the ID of item {self._keys[row]!r} holds {ids[row, col]} at position {col + 1}, "
+                             f"outside [0, {limits[col]})")
+        if unique:
+            groups = tuple_group_ids(ids, limits.tolist())
+            counts = np.bincount(groups)
+            if counts.max() > 1:
+                rows = np.flatnonzero(groups == int(np.argmax(counts)))[:2]
+                raise ValueError(f"items {self._keys[int(rows[0])]!r} and {self._keys[int(rows[1])]!r} hold one ID, "
+                                 f"{ids[rows[0]].tolist()} ({int(counts.max())} items share it)")
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> IdRegistry:
         """Read a registry written by `save`. An empty file gives a registry without a fixed length."""

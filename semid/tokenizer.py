@@ -114,7 +114,8 @@ def _check_digest(root: Path, meta: dict[str, Any], name: str) -> None:
     existed have none, and load as before."""
     digest_key = _DIGESTED[name]
     if digest_key in meta and meta[digest_key] != _sha256(root / name):
-        raise ModelDirError(f"{root}/{name} is not the file this model was saved with (replaced, edited or truncated)")
+        raise ModelDirError(f"{root}/{name} is not the file this model was saved with: it does not match the digest "
+                            "meta.json records for it (one of the two was replaced, edited or truncated)")
 
 
 def _host_ids(ids: Any) -> np.ndarray:
@@ -501,6 +502,11 @@ class SemanticIdTokenizer:
             tok.registry = IdRegistry.load(root / "registry.parquet")
         except Exception as exc:
             raise ModelDirError(f"{root}/registry.parquet is unreadable: {exc}") from None
+        try:
+            tok.registry.check_ids(model.codebook_sizes, config.collisions.suffix_size,
+                                   unique=config.collisions.strategy != "none")
+        except ValueError as exc:
+            raise ModelDirError(f"{root}/registry.parquet is damaged or edited: {exc}") from None
         tok._registry_source = (root.resolve(), stamp)
         tok.model = model.to(resolve_device(config.train.device)).eval()
         tok.history = meta.pop("history", [])

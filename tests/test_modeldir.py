@@ -291,6 +291,26 @@ def test_damaged_model_files_are_named_with_the_reason(model, damage, message):
     assert "weights_only=False" not in str(info.value) and "\n" not in str(info.value)
 
 
+def _edit_registry(model: Path, edit) -> None:
+    frame = pl.read_parquet(model / "registry.parquet")
+    ids = np.array(frame["id"].to_list())
+    edit(ids)
+    frame.with_columns(pl.Series("id", ids.tolist())).write_parquet(model / "registry.parquet")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda ids: ids.__setitem__((3, 1), 16), r"the ID of item '.*' holds 16 at position 2, outside \[0, 16\)"),
+    (lambda ids: ids.__setitem__((3, 0), -1), r"holds -1 at position 1, outside \[0, 16\)"),
+    (lambda ids: ids.__setitem__((5, -1), 10**6), r"holds 1000000 at position 4, outside \[0, 256\)"),  # suffix
+    (lambda ids: ids.__setitem__(7, ids[2]), r"items '.*' and '.*' hold one ID, \[.*\] \(2 items share it\)"),
+])
+def test_a_registry_with_ids_the_model_cannot_have_given_is_refused(model, edit, message):
+    """Flipped bits or an edit that breaks "no two items share an ID", or names codes no decoder knows."""
+    _edit_registry(model, edit)
+    with pytest.raises(ModelDirError, match=r"registry.parquet is damaged or edited: .*" + message):
+        SemanticIdTokenizer.load(model)
+
+
 def test_encode_of_known_items_works_where_the_lock_cannot_be_created(items, model, tmp_path, capsys, monkeypatch):
     """A model directory the process cannot write (a model baked into a read-only image) still encodes the items
     it knows. Tests may run as root, who can write anywhere: the lock's name is taken by a directory, and the
