@@ -58,7 +58,7 @@ from semid.modeldir import (
     staging_dir,
 )
 from semid.rqvae import RQVAE
-from semid.train import Trainer, weights_problem
+from semid.train import Trainer, load_tensors, save_tensors, weights_problem
 
 # Rows per encode block: on a CPU a block is a view of the input, sized as in semid.rqvae to bound the
 # activations; on a GPU each block is one host-to-device copy.
@@ -416,7 +416,7 @@ class SemanticIdTokenizer:
             staging = staging_dir(target)
             try:
                 self.config.save(staging / "config.toml")
-                torch.save({k: v.cpu() for k, v in model.state_dict().items()}, staging / "model.pt")
+                save_tensors({k: v.cpu() for k, v in model.state_dict().items()}, staging / "model.pt", "model weights")
                 self.registry.save(staging / "registry.parquet")
                 write_json_atomic(
                     {"format": MODEL_FORMAT, "semid_version": semid_version(),
@@ -490,7 +490,7 @@ class SemanticIdTokenizer:
         tok = cls(config)
         model = RQVAE(meta["input_dim"], config.model, config.quantizer)
         try:
-            state = torch.load(root / "model.pt", map_location="cpu", weights_only=True)
+            state = load_tensors(root / "model.pt")
             model.load_state_dict(state)
         except Exception as exc:
             raise ModelDirError(f"{root}/model.pt is truncated, corrupt or from another model: "

@@ -16,9 +16,11 @@ import functools
 import hashlib
 import inspect
 import math
+import os
 import sys
 import time
 import warnings
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,10 +125,55 @@ def score(report: dict[str, Any], metric: str) -> tuple[float, float]:
     return (-value if metric in _HIGHER_IS_BETTER else value, float(report["collision_rate"]))
 
 
+_CHECKPOINT_KEYS = ("data", "config", "model", "optimizer", "state", "batch_rng", "permutation", "position",
+                    "unique_target", "unique_mask", "torch_rng", "cuda_rng")
+
+
+class CorruptFileError(ValueError):
+    """A torch file whose zip members fail their checksums: damaged after it was written."""
+
+
+def load_tensors(path: Path) -> Any:
+    """torch.load of a file of tensors (weights_only), onto the CPU, after checking every zip member's CRC.
+
+    torch reads a torch file's members without checking their checksums, so flipped bits in a checkpoint
+    would resume training from other weights, silently; the check reads the file once more (35 MB: ms)."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+        if bad is not None:
+            raise CorruptFileError(f"its part {bad} fails its checksum (the file was damaged after it was written)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_tensors(obj: Any, path: Path, what: str) -> None:
+    """torch.save, atomically (`semid.atomic`), with torch's write failures (disk full, no permission) named
+    by path, instead of its `[enforce fail at inline_container.cc]`."""
+    try:
+        atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    except RuntimeError as exc:
+        raise OSError(f"cannot write {what} {path}: {' '.join(str(exc).split())[:300]} (is the disk full?)") from None
+
+
+def writable_or_raise(path: Path, what: str) -> None:
+    """Create and remove a file beside `path`, so that an output that cannot be written fails before training."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".{path.name}.probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise OSError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
+
+
 def weights_problem(exc: Exception) -> str:
     """torch's reason a weights file did not load, on one line, without its advice to unpickle arbitrary
     objects (weights_only=False), which would run code from a file that semid did not write."""
+    if isinstance(exc, CorruptFileError):
+        return str(exc)
     text = str(exc)
+    if not text.strip():
+        return f"{type(exc).__name__} (an empty or truncated file?)"
     if "Unsupported global" in text:
         return "it holds Python objects, not only tensors (semid writes tensors only)"
     if "Weights only load failed" in text:
@@ -336,12 +383,16 @@ class Trainer:
     def _fit(self, resume: bool) -> RQVAE:
         t, q = self.config.train, self.config.quantizer
         started = time.perf_counter()
+        if self.checkpoint_path is not None and self.checkpoint_path.is_dir():
+            raise ValueError(f"training checkpoint {self.checkpoint_path} is a directory; name a file")
         if resume:
             self.load_checkpoint()
         elif self.checkpoint_path is not None and self.checkpoint_path.exists():
             raise ValueError(f"training checkpoint {self.checkpoint_path} already exists: resume it (--resume, "
                              "resume=True), or remove it to start a new run")
         else:
+            if self.checkpoint_path is not None:
+                writable_or_raise(self.checkpoint_path, "training checkpoint")  # before training, not at step 500
             self.initialize()
             self.state.init_seconds = time.perf_counter() - started
         if not self.model.is_autoencoder:  # residual k-means: k-means init and refinement are the whole fit
@@ -575,13 +626,13 @@ class Trainer:
             "torch_rng": torch_rngs,  # one per rank: dropout and Gumbel noise
             "cuda_rng": cuda_rngs,
         }
-        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        save_tensors(payload, path, "training checkpoint")
 
     def load_checkpoint(self, path: str | Path | None = None) -> None:
         path = Path(path or self.checkpoint_path)
         try:
             # On the CPU: generator states must stay there, and each tensor below is put where it belongs.
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            payload = load_tensors(path)
         except Exception as exc:  # a truncated or foreign file: say which, not a pickle traceback
             raise ValueError(f"cannot read training checkpoint {path}: {weights_problem(exc)}") from None
         if not isinstance(payload, dict) or not str(payload.get("format", "")).startswith("semid-train-checkpoint"):
@@ -589,6 +640,9 @@ class Trainer:
         if payload["format"] != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is a {payload['format']} checkpoint; this semid reads {CHECKPOINT_FORMAT} "
                              "(finish that run with the semid that started it, or train anew)")
+        missing = [key for key in _CHECKPOINT_KEYS if key not in payload]
+        if missing:
+            raise ValueError(f"{path} is an incomplete training checkpoint: it lacks {', '.join(missing)}")
         changed = _config_changes(payload["config"], self.config.to_dict())
         if changed:
             raise ValueError(f"{path} was written by a run with another config ({', '.join(changed)}); resume with "

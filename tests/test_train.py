@@ -225,6 +225,48 @@ def test_load_checkpoint_rejects_corrupt_and_foreign_files(real_data, tiny_confi
         Trainer(config, x, checkpoint_path=older).fit(resume=True)
 
 
+def test_a_damaged_empty_or_incomplete_checkpoint_is_refused_by_what_is_wrong(real_data, tiny_config, tmp_path):
+    """torch reads a torch file without checking its checksums: flipped bits would resume from other weights."""
+    from semid.train import CHECKPOINT_FORMAT
+
+    x = _x(real_data)
+    config = tiny_config({"train.steps": 20, "train.checkpoint_every": 10})
+    ckpt = tmp_path / "train.ckpt"
+    Trainer(config, x, checkpoint_path=ckpt).fit()
+    data = bytearray(ckpt.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 2000] = bytes(b ^ 4 for b in data[middle : middle + 2000])
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"cannot read training checkpoint .*fails its checksum"):
+        Trainer(config, x, checkpoint_path=ckpt).fit(resume=True)
+    ckpt.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"cannot read training checkpoint .*: EOFError \(an empty or truncated"):
+        Trainer(config, x, checkpoint_path=ckpt).fit(resume=True)
+    torch.save({"format": CHECKPOINT_FORMAT, "config": config.to_dict()}, ckpt)
+    with pytest.raises(ValueError, match=r"incomplete training checkpoint: it lacks data, model, optimizer"):
+        Trainer(config, x, checkpoint_path=ckpt).fit(resume=True)
+
+
+def test_a_checkpoint_path_that_cannot_be_written_fails_before_training(real_data, tiny_config, tmp_path, monkeypatch):
+    x = _x(real_data)
+    config = tiny_config({"train.steps": 20, "train.checkpoint_every": 10})
+    with pytest.raises(ValueError, match=r"training checkpoint .* is a directory; name a file"):
+        Trainer(config, x, checkpoint_path=tmp_path).fit()
+    (tmp_path / "a_file").write_text("")
+    trainer = Trainer(config, x, checkpoint_path=tmp_path / "a_file" / "train.ckpt")
+    with pytest.raises(OSError, match=r"cannot write training checkpoint .*a_file/train.ckpt"):
+        trainer.fit()
+    assert trainer.state.step == 0  # refused before the first step
+
+    def full_disk(*args, **kwargs):  # what torch raises when the disk fills mid-write
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 18481088 vs 18480980")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"cannot write training checkpoint .*train2.ckpt: \[enforce fail.*is the disk full"):
+        Trainer(config, x, checkpoint_path=tmp_path / "train2.ckpt").fit()
+    assert not list(tmp_path.glob(".train2*"))  # no temporary file left
+
+
 def test_a_checkpoint_resumes_only_on_the_data_it_was_written_with(real_data, tiny_config, tmp_path):
     """Resuming on other items would continue a model fitted to the old ones as if nothing changed."""
     x = _x(real_data)
