@@ -201,12 +201,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from semid.export import write_vocabulary
     from semid.io import write_json_atomic
     from semid.metrics import format_report
+    from semid.modeldir import check_save_target
     from semid.tokenizer import SemanticIdTokenizer
 
     data = Path(args.data) if args.data else BUNDLED_SAMPLE
     if not data.is_file():
         raise FileNotFoundError(f"bundled sample not found at {data}; pass --data PATH")
     out = Path(args.out)
+    # Before training: the demo's outputs all go under --out, and its model replaces out/model.
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; name a directory for the demo's outputs")
+    if out.resolve() in data.resolve().parents:
+        raise ValueError(f"--data {data} is inside --out {out}, where the demo writes its outputs: move it out")
+    for name in ("ids.parquet", "trie.json", "vocab.txt", "report.json"):
+        check_output_file((out / name).resolve(), f"--out {out} ({name})")
+    check_save_target(out / "model", overwrite=True)
     overrides = _parse_overrides(args.set)
     if args.device:
         overrides["train.device"] = args.device
@@ -378,8 +387,25 @@ def check_output_paths(args: argparse.Namespace) -> None:
         if inside_model(target):
             raise ValueError(f"--{name} {value} is inside the model directory {model}, which holds the model and "
                              "the registry of IDs handed out: write it to another path")
+        check_output_file(target, f"--{name} {value}")
         if not target.exists() or target.is_file():  # /dev/null may take every output
             seen[target] = f"the output --{name} {value}"
+
+
+def check_output_file(target: Path, named: str) -> None:
+    """Refuse, before any work, a file output that cannot be one: a directory, a path under a file, or a path
+    inside any semid model directory (whose files an output would replace, and which `train --overwrite`
+    deletes whole)."""
+    from semid.modeldir import is_model_dir
+
+    if target.is_dir():
+        raise ValueError(f"{named} is a directory; name a file")
+    for folder in target.parents:
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"{named}: {folder} is a file, not a directory")
+        if is_model_dir(folder):
+            raise ValueError(f"{named} is inside the semid model directory {folder}, which holds a model and the "
+                             "registry of IDs it handed out: write it to another path")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -83,6 +83,20 @@ def work(real_data, tmp_path_factory) -> dict[str, Path]:
 # ---- round trip --------------------------------------------------------------------------------
 
 
+def test_demo_checks_its_paths_before_training(tmp_path, capsys, monkeypatch):
+    from semid import cli
+
+    monkeypatch.setattr(cli, "_read_training_items", lambda *a: pytest.fail("read the data for training"))
+    (tmp_path / "a_file").write_text("")
+    assert cli.main(["demo", "--out", str(tmp_path / "a_file")]) == 1
+    assert "--out " + str(tmp_path / "a_file") + " is a file; name a directory" in capsys.readouterr().err
+    out = tmp_path / "demo"
+    out.mkdir()
+    shutil.copy(cli.BUNDLED_SAMPLE, out / "ids.parquet")
+    assert cli.main(["demo", "--data", str(out / "ids.parquet"), "--out", str(out)]) == 1
+    assert "is inside --out" in capsys.readouterr().err
+
+
 def test_demo_runs_the_main_job_on_the_bundled_sample(tmp_path, capsys):
     """`semid demo` (the README's first command) trains, encodes, evaluates and reports on the bundled
     goodbooks sample; here with a tiny model and a few steps, the demo's own schedule being a minute."""
@@ -331,6 +345,13 @@ BAD_CASES = {
     "train-checkpoint-into-out": (["train", "--config", "{config}", "--data", "{npy}", "--out", "{out}",
                                    "--checkpoint", "{out}/train.ckpt"], "inside the model directory"),
     "info-foreign-dir": (["info", "--model", "{foreign}", "--json", "{out}"], "not a semid model directory"),
+    # Outputs that could never be written: found before the work, not after it
+    "encode-vocab-is-a-directory": (["encode", "--model", "{model}", "--data", "{npy}", "--out", "{out}",
+                                     "--vocab", "{foreign}"], "is a directory; name a file"),
+    "evaluate-json-under-a-file": (["evaluate", "--model", "{model}", "--data", "{npy}", "--json", "{npy}/r.json"],
+                                   "is a file, not a directory"),
+    "evaluate-json-into-another-model": (["evaluate", "--model", "{model}", "--data", "{npy}",
+                                          "--json", "{truncated}/meta.json"], "is inside the semid model directory"),
 }
 
 
