@@ -326,7 +326,9 @@ def _open_npy(p: Path, expected_dim: int | None) -> np.ndarray:
     if not isinstance(mm, np.ndarray):
         raise InputError(f"{p} is not a single .npy array")
     # One row is enough to check dtype, rank, emptiness and dimension; other shapes fail before any read.
-    validate_embeddings(mm[:1] if mm.ndim == 2 else mm, expected_dim=expected_dim, name=f"embeddings in {p}")
+    # (a file of no columns holds no data to read, and is named with its own shape)
+    validate_embeddings(mm[:1] if mm.ndim == 2 and mm.shape[1] else mm, expected_dim=expected_dim,
+                        name=f"embeddings in {p}")
     return mm
 
 
@@ -400,7 +402,8 @@ def iter_item_batches(
     n = int(_collect(lf.select(pl.len()), p).item())
     if n == 0:
         raise InputError(f"embeddings in {p} are empty: the file has no rows")
-    return _parquet_batches(p, lf, n, int(batch_size), id_col, emb_col, expected_dim)
+    # polars slices take lengths below 2^32: a batch larger than the file is the whole file
+    return _parquet_batches(p, lf, n, min(int(batch_size), n), id_col, emb_col, expected_dim)
 
 
 def _npy_batches(p: Path, n: int, batch_size: int, expected_dim: int | None) -> Iterator[ItemTable]:

@@ -152,6 +152,13 @@ def top_share(squared: np.ndarray, fraction: float = 0.01) -> float:
     return float(np.partition(squared, len(squared) - top)[-top:].sum() / total)
 
 
+def is_heavy_tailed(share: float, n_items: int) -> bool:
+    """Whether a catalogue whose top 1% of items hold `share` of the variance is heavy-tailed: above
+    HEAVY_TAIL_SHARE, judged from 100 items on. Below 100 the "top 1%" is one item, more than 1% of them, and
+    one of 5 random items holds 29% of their variance."""
+    return n_items >= 100 and share > HEAVY_TAIL_SHARE
+
+
 # ----------------------------------------------------------------------------------------------------
 # Collisions and codebooks
 # ----------------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from semid.io import (
     validate_ids,
     write_json_atomic,
 )
-from semid.metrics import HEAVY_TAIL_SHARE, duplicate_group_sizes, evaluate_codes, top_variance_share
+from semid.metrics import duplicate_group_sizes, evaluate_codes, is_heavy_tailed, top_variance_share
 from semid.modeldir import (
     FILES,
     MODEL_FORMAT,
@@ -184,14 +184,19 @@ class SemanticIdTokenizer:
         if not np.ptp(emb, axis=0).any():
             raise InputError(f"all {len(emb)} embeddings are the same vector: nothing tells the items apart")
         self._check_room_for_ids(emb)
-        drawn_by_norm = self.config.model.type == "rqvae" and self.config.train.norm_sampling > 0
-        if not drawn_by_norm and (share := top_variance_share(emb)) > HEAVY_TAIL_SHARE:
+        autoencoder = self.config.model.type == "rqvae"
+        drawn_by_norm = autoencoder and self.config.train.norm_sampling > 0
+        if not drawn_by_norm and is_heavy_tailed(share := top_variance_share(emb), len(emb)):
+            why = ("training draws batches uniformly: few of those items reach each batch, and semid reconstructs "
+                   "them badly (fvu 0.29 on Beauty's item factors against FAISS RQ's 0.05). Train the autoencoder "
+                   "with train.norm_sampling = 0.5 (configs/default.toml)" if autoencoder else
+                   "residual k-means gives them codes by direction with many small items, and reconstructs them "
+                   "badly (fvu 0.33 on Beauty's item factors against FAISS RQ's 0.05). Use model.type = \"rqvae\" "
+                   "with train.norm_sampling = 0.5 (configs/default.toml)")
             warnings.warn(HeavyTailWarning(
                 f"the top 1% of items hold {share:.0%} of the embeddings' variance (heavy-tailed norms, as in "
-                "collaborative-filtering factors), and training draws batches uniformly: few of those items reach "
-                "each batch, and semid reconstructs them badly (fvu 0.29 on Beauty's item factors against FAISS "
-                "RQ's 0.05). Train the autoencoder with train.norm_sampling = 0.5 (configs/default.toml), which "
-                "draws such items more often and reached 0.03 there (bench/VARIANTS.md)"
+                f"collaborative-filtering factors), and {why}, which draws such items more often and reached 0.03 "
+                "there (bench/VARIANTS.md); or unit-normalise the rows if direction alone should group items"
             ), stacklevel=2)
         trainer = Trainer(self.config, torch.tensor(emb), checkpoint_path=checkpoint)
         self.model = trainer.fit(resume=resume)

@@ -36,7 +36,7 @@ from semid.atomic import atomic_write
 from semid.config import ConfigError, SemidConfig
 from semid.device import as_current, native_bf16, resolve_device
 from semid.metrics import (
-    HEAVY_TAIL_SHARE,
+    is_heavy_tailed,
     Neighbours,
     codebook_metrics,
     collision_metrics,
@@ -66,7 +66,7 @@ MONITOR_QUERIES = 4096
 
 def norm_sampling_probabilities(x: torch.Tensor, share: float) -> torch.Tensor | None:
     """(N, D) items -> (N,) probabilities of drawing each item into a batch: (1 - share) / N + share * w / sum(w);
-    None when the catalogue is not heavy-tailed (its top 1% hold at most HEAVY_TAIL_SHARE of sum(w)).
+    None when the catalogue is not heavy-tailed (`semid.metrics.is_heavy_tailed`: its top 1% hold little of sum(w)).
 
     w is the squared distance from the catalogue mean: an item's share of the variance that fvu divides by.
     In collaborative-filtering factors the top 1% of items hold 60% of it, and a uniform batch holds about
@@ -77,7 +77,7 @@ def norm_sampling_probabilities(x: torch.Tensor, share: float) -> torch.Tensor |
     1 / (1 - share).
     """
     w = scaled_squares_(x.float() - x.float().mean(0))[0].sum(-1).cpu().double()  # scale-free: w / sum(w) counts
-    if top_share(w.numpy()) <= HEAVY_TAIL_SHARE:
+    if not is_heavy_tailed(top_share(w.numpy()), w.numel()):
         return None
     uniform = torch.full_like(w, 1.0 / w.numel())
     return ((1.0 - share) * uniform + share * w / w.sum()).float()

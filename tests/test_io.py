@@ -297,6 +297,13 @@ def test_a_zero_byte_npy_is_named_as_empty(tmp_path):
             fn(path)
 
 
+def test_an_npy_of_no_columns_is_named_with_its_shape(tmp_path):
+    np.save(tmp_path / "z.npy", np.zeros((10, 0), dtype=np.float32))
+    for fn in (count_items, lambda p: iter_item_batches(p, 4)):
+        with pytest.raises(InputError, match=r"z\.npy are empty: shape \(10, 0\)"):
+            fn(tmp_path / "z.npy")
+
+
 def test_non_numeric_embedding_column(tmp_path):
     path = tmp_path / "s.parquet"
     pl.DataFrame({"item_id": ["a"], "embedding": ["0.1 0.2"]}).write_parquet(path)
@@ -334,7 +341,7 @@ def test_npy_with_wrong_rank_fails_before_reading(tmp_path):
 # --------------------------------------------------------------------------------------------- streaming
 
 
-@pytest.mark.parametrize("batch_size", [1, 7, 16, 64, 103, 500])
+@pytest.mark.parametrize("batch_size", [1, 7, 16, 64, 103, 500, 2**40])  # 2**40: beyond a polars slice
 @pytest.mark.parametrize("fmt", ["npy", "parquet"])
 def test_streamed_batches_concatenate_to_full_read(tmp_path, fmt, batch_size):
     x = _matrix(103, 6, seed=batch_size)

@@ -749,6 +749,12 @@ def test_fit_warns_when_a_few_items_hold_most_of_the_variance(data, tiny_config)
     with warnings.catch_warnings():  # batches drawn by norm are the remedy the warning names
         warnings.simplefilter("error", HeavyTailWarning)
         SemanticIdTokenizer(config.with_overrides({"train.norm_sampling": 0.5})).fit(heavy)
+        tiny = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)  # one of 5 holds 29%: not a tail
+        SemanticIdTokenizer(config.with_overrides({"quantizer.codebook_size": 2, "quantizer.kmeans_init": False,
+                                                   "quantizer.prefix_centres": False})).fit(tiny)
+    rqkmeans = config.with_overrides({"model.type": "rqkmeans", "train.norm_sampling": 0.5})
+    with pytest.warns(HeavyTailWarning, match=r"residual k-means .*Use model.type = \"rqvae\""):
+        SemanticIdTokenizer(rqkmeans).fit(heavy)  # which draws no batches: norm_sampling does nothing there
 
 
 def test_rows_without_ids_on_a_model_that_knows_its_items_by_id_are_warned(data, model_dir):
