@@ -152,6 +152,10 @@ class SuffixOverflowWarning(UserWarning):
     """Items beyond the suffix vocabulary of their tuple were remapped instead (overflow="remap")."""
 
 
+class IdLengthWarning(UserWarning):
+    """Collision strategy "remap" could not keep IDs at length L, and a registry's IDs get a suffix (L + 1)."""
+
+
 def _largest_overflow(
     slots: np.ndarray, group: np.ndarray, taken_group: np.ndarray, codes: np.ndarray
 ) -> tuple[int, tuple[int, ...], int]:
@@ -740,10 +744,15 @@ class IdRegistry:
         remap = _strategy(strategy) is CollisionStrategy.REMAP
         try:
             fresh = resolve(keep_length=remap and self.id_length in (None, levels))
-        except PrefixFullError:
+        except PrefixFullError as full:
             if self.id_length is not None:
                 raise
             fresh = resolve(keep_length=False)  # no IDs of length L suffice: this first call fixes L + 1
+            warnings.warn(IdLengthWarning(
+                f"collision strategy 'remap' cannot keep IDs at {levels} codes here: all {full.capacity} IDs that "
+                f"start with the codes {full.codes} are taken. This registry's IDs get a suffix instead, {levels + 1} "
+                "tokens each from now on; larger codebooks (quantizer.codebook_size) keep the length"
+            ), stacklevel=4)
         width = self.id_length if self.id_length is not None else fresh.shape[1]
         if fresh.shape[1] > width:
             raise ValueError(

@@ -12,6 +12,7 @@ import torch
 
 from semid.collisions import (
     CollisionStrategy,
+    IdLengthWarning,
     IdRegistry,
     PrefixFullError,
     SuffixOverflowError,
@@ -642,13 +643,21 @@ def test_registry_keeps_old_ids_and_gives_new_items_fresh_ones(crowded, strategy
     assert {tuple(r) for r in codes[b].tolist()} & {tuple(r) for r in codes[a].tolist()}  # B collides with A
     kwargs = dict(codebook_sizes=crowded.sizes, suffix_size=4096)
     reg = IdRegistry()
-    ids_a = reg.assign(
-        keys[a], codes[a], key[a], strategy, last_level_distances=lambda r: crowded.last_level_distances(a[r]),
-        level_distances=lambda r, leading: crowded.level_distances(a[r], leading), **kwargs
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ids_a = reg.assign(
+            keys[a], codes[a], key[a], strategy, last_level_distances=lambda r: crowded.last_level_distances(a[r]),
+            level_distances=lambda r, leading: crowded.level_distances(a[r], leading), **kwargs
+        )
     assert n_unique_rows(ids_a) == len(a)
-    # Remap too: 16 x 16 IDs under each first code cannot hold A's items, so the first call fixes length L + 1.
+    # Remap too: 16 x 16 IDs under each first code cannot hold A's items, so the first call fixes length L + 1,
+    # and says so: the README's remap IDs have length L.
     assert reg.id_length == 4
+    said = [str(w.message) for w in caught if issubclass(w.category, IdLengthWarning)]
+    if strategy == "remap":
+        assert len(said) == 1 and "cannot keep IDs at 3 codes here: all 256 IDs that start with" in said[0]
+    else:
+        assert said == []
     # Batch B mixes 50 known items (with scrambled codes: their saved ID wins) and every new one.
     mixed = np.concatenate([a[:50], b])
     scrambled = codes[mixed].copy()
