@@ -127,7 +127,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     sequences = read_sequences(args.sequences) if args.sequences else None
     if args.interactions:
         catalogue = items.ids if items.ids is not None else range(len(items))  # a .npy's items are its rows
-        log = read_interaction_sequences(args.interactions, catalogue, user_col=args.user_col,
+        log = read_interaction_sequences(args.interactions, catalogue, user_col=args.user_col or "user_id",
                                          item_col=args.id_col, time_col=args.time_col)
         sequences = log.sequences
         print(f"sequences of {len(sequences):,} users from {log.interactions:,} interactions "
@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the model already in --out, and the registry of IDs it handed out")
     p.add_argument("--device", type=_device_name, help=device_help)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="train.seed: the same seed on the same kind of device gives the same model")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.steps=2000")
     p.add_argument("--checkpoint", help="resumable training checkpoint path (see train.checkpoint_every)")
     p.add_argument("--resume", action="store_true", help="continue training from --checkpoint")
@@ -295,9 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("encode", help="give every item of a file its semantic ID (streams in batches)")
     p.add_argument("--model", required=True, help="model directory written by `semid train`")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help=".npy matrix or .parquet with id and embedding columns")
     p.add_argument("--out", required=True, help="output parquet: item_id, codes, semantic_id, tokens")
-    p.add_argument("--batch-size", type=int, default=65536)
+    p.add_argument("--batch-size", type=int, default=65536, help="items read and encoded at a time (default: 65536)")
     p.add_argument("--device", type=_device_name, help=device_help)
     p.add_argument("--quiet", action="store_true", help="no progress bar (there is none unless stderr is a terminal)")
     p.add_argument("--trie", help="also write the prefix trie of the IDs (JSON) for constrained decoding")
@@ -306,14 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_encode)
 
     p = command("evaluate", help="print the metric report of a model on a data set")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
+    p.add_argument("--model", required=True, help="model directory written by `semid train`")
+    p.add_argument("--data", required=True, help="the items to score (.npy or .parquet); none is registered")
     p.add_argument("--json", help="also write the report as JSON here")
     sequences = p.add_mutually_exclusive_group()
     sequences.add_argument("--sequences", help="user sequences (user<TAB>row row ...) for sequence_prefix_agreement")
     sequences.add_argument("--interactions", help="interaction log (.parquet/.csv: user, item, time per row) for "
                                                   "sequence_prefix_agreement; items named as in --id-col")
-    p.add_argument("--user-col", default="user_id", help="--interactions' user column (default: user_id)")
+    p.add_argument("--user-col", help="--interactions' user column (default: user_id)")
     p.add_argument("--time-col", help="--interactions' time column (default: timestamp where the log has one, "
                                       "else each user's items in file order)")
     p.add_argument("--plot", help="write a PNG of code usage per level (needs matplotlib)")
@@ -330,18 +330,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo", help="train, encode and evaluate on the bundled goodbooks sample")
     p.add_argument("--out", default="semid-demo", help="output directory (default: ./semid-demo)")
     p.add_argument("--data", help="use another parquet instead of the bundled sample")
-    p.add_argument("--config")
+    p.add_argument("--config", help="TOML config (default: configs/demo.toml, a small model for the sample)")
     p.add_argument("--device", type=_device_name, help=device_help)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.set_defaults(func=cmd_demo)
 
     p = command("embed", help="embed an item-text parquet with sentence-transformers (optional extra)")
     p.add_argument("--data", required=True, help="parquet with an id column and a text column")
     p.add_argument("--out", required=True, help="output parquet: item_id, embedding")
-    p.add_argument("--text-col", default="text")
-    p.add_argument("--id-col", default="item_id")
-    p.add_argument("--model-name", default="all-MiniLM-L6-v2")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--text-col", default="text", help="text column (default: text)")
+    p.add_argument("--id-col", default="item_id", help="id column (default: item_id)")
+    p.add_argument("--model-name", default="all-MiniLM-L6-v2", help="sentence-transformers model (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=256, help="texts embedded at a time (default: 256)")
     p.add_argument("--normalize", action="store_true",
                    help="unit-length rows, the model's usual output (default: raw mean-pooled, as the shared sets)")
     p.set_defaults(func=cmd_embed)
@@ -413,15 +413,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "resume", False) and not args.checkpoint:
         parser.error("--resume needs --checkpoint PATH, the checkpoint to continue from")
+    if args.command == "evaluate" and (args.user_col or args.time_col) and not args.interactions:
+        parser.error("--user-col and --time-col name columns of --interactions LOG, which is missing")
 
     def one_line_warning(message, category, *_args, **_kwargs) -> None:
         print(f"semid {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     try:
+        if args.threads:  # inside the try: Ctrl-C during torch's import is an interruption like any other
+            import torch
+
+            torch.set_num_threads(args.threads)
         with warnings.catch_warnings():  # restores the warning display for a caller of main()
             warnings.showwarning = one_line_warning
             check_output_paths(args)

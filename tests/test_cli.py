@@ -506,6 +506,15 @@ def test_resume_without_a_checkpoint_is_a_usage_error(tmp_path, capsys):
     assert exit_info.value.code == 2 and "--resume needs --checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--user-col", "--time-col"])
+def test_interaction_columns_without_a_log_are_a_usage_error(flag, capsys):
+    from semid.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--model", "m", "--data", "x.npy", flag, "when", "--sequences", "s.txt"])
+    assert exit_info.value.code == 2 and "name columns of --interactions LOG" in capsys.readouterr().err
+
+
 def test_warnings_print_as_one_line_and_leave_the_warning_display_alone(monkeypatch, capsys):
     import warnings
 
