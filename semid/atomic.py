@@ -6,6 +6,7 @@ so an interrupted run never leaves a half-written file that looks valid.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -27,17 +28,26 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None]) -> N
     if target.exists() and not target.is_file() and not target.is_dir():
         _write_into_stream(target, write_fn)
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.stem}.tmp-{uuid.uuid4().hex[:12]}{target.suffix}")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         write_fn(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
+    except OSError as exc:  # named by the file meant, not the temp file (a full disk, a read-only directory)
+        _discard(tmp)
+        raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise
     _fsync_dir(target.parent)
+
+
+def _discard(tmp: Path) -> None:
+    """Remove a temp file that may never have been made (its folder may not even be one)."""
+    with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
 
 
 def _write_into_stream(target: Path, write_fn: Callable[[Path], None]) -> None:

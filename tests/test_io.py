@@ -442,6 +442,22 @@ def test_atomic_write_failure_keeps_old_file(tmp_path):
     assert json.loads(target.read_text()) == {"v": 1} and _dir_entries(tmp_path) == ["report.json"]
 
 
+def test_an_atomic_write_that_the_system_refuses_names_the_file_meant(tmp_path):
+    """A full disk or a read-only folder fails in the temp file; the error names the output, keeps its type."""
+    target = tmp_path / "ids.parquet"
+
+    def disk_full(tmp: Path) -> None:
+        tmp.write_bytes(b"part")
+        raise OSError(28, "No space left on device", str(tmp))
+
+    with pytest.raises(OSError, match=r"cannot write .*ids\.parquet: No space left on device") as info:
+        atomic_write(target, disk_full)
+    assert info.value.errno == 28 and ".tmp-" not in str(info.value) and _dir_entries(tmp_path) == []
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(FileExistsError, match=r"cannot write .*a_file/x\.json"):  # a parent that is a file
+        atomic_write(tmp_path / "a_file" / "x.json", lambda tmp: tmp.write_text("{}"))
+
+
 def test_atomic_write_follows_a_symlink_and_keeps_it(tmp_path):
     real = tmp_path / "data" / "report.json"
     write_json_atomic({"v": 1}, real)
