@@ -245,6 +245,9 @@ class TrainConfig:
         _in_range("train.decoder_refit_steps", self.decoder_refit_steps, note=" (0 turns it off)")
         _in_range("train.decoder_refit_dropout", self.decoder_refit_dropout, 0, 1)
         _in_range("train.checkpoint_every", self.checkpoint_every, note=" (0: at every evaluation)")
+        if self.early_stopping and not self.eval_every:
+            raise ConfigError(f"train.early_stopping ({self.early_stopping}) counts evaluations without improvement, "
+                              "and train.eval_every = 0 evaluates only at the end: set train.eval_every too")
         if self.max_steps and self.max_steps < self.steps:
             raise ConfigError(f"train.max_steps ({self.max_steps}) must be 0 or at least train.steps ({self.steps})")
 

@@ -172,6 +172,8 @@ def test_keys_that_only_fail_together_are_refused_naming_both():
     with pytest.raises(ConfigError, match=r"quantizer.kmeans_sample \(100\) must be at least the largest codebook \(256\)"):
         SemidConfig().with_overrides({"quantizer.kmeans_sample": 100})
     SemidConfig().with_overrides({"quantizer.kmeans_sample": 100, "quantizer.kmeans_init": False})
+    with pytest.raises(ConfigError, match=r"train.early_stopping \(3\) counts evaluations .*train.eval_every = 0"):
+        SemidConfig().with_overrides({"train.early_stopping": 3, "train.eval_every": 0})
 
 
 def test_a_config_file_that_is_not_text_is_named(tmp_path):
