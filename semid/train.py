@@ -405,7 +405,9 @@ class Trainer:
         self._forward = self._wrap_model()
         if self.steps_note and t.progress and self.ranks.is_main:
             tqdm.write(f"train: {self.steps_note}", file=sys.stderr)
-        bar = tqdm(total=t.steps, initial=self.state.step, disable=not (t.progress and self.ranks.is_main),
+        # A bar on a terminal; in a log (a batch job, CI) a line per evaluation instead of a bar's redraws.
+        shown, on_terminal = t.progress and self.ranks.is_main, sys.stderr.isatty()
+        bar = tqdm(total=t.steps, initial=self.state.step, disable=not (shown and on_terminal),
                    desc="train", unit="step")
         self.model.train()
         last = {}
@@ -427,6 +429,10 @@ class Trainer:
                 self._check_finite(loss)
                 if self.ranks.is_main:
                     last = self._evaluate(self.state.step, loss=loss)
+                if shown and not on_terminal:
+                    tqdm.write(f"train: step {self.state.step:,}/{t.steps:,}, loss {loss:.4f}, fvu {last['fvu']:.4f}, "
+                               f"collisions {last['collision_rate']:.2%}, usage {np.mean(last['usage']):.2f}, "
+                               f"{time.perf_counter() - loop_started:.0f} s", file=sys.stderr)
                 if distributed.from_main(t.early_stopping and self.state.evals_since_best >= t.early_stopping,
                                          self.ranks):
                     bar.update(1)
@@ -434,7 +440,7 @@ class Trainer:
             if self.checkpoint_path and self.state.step % self.checkpoint_every == 0:
                 self.save_checkpoint()
             bar.update(1)
-            if t.progress and (step % 25 == 0 or done):
+            if shown and on_terminal and (step % 25 == 0 or done):
                 loss = out.loss.item()  # read for the bar anyway: checking it too costs no extra sync
                 self._check_finite(loss)
                 shown = {"loss": f"{loss:.4f}", "rec": f"{out.reconstruction_loss.item():.4f}"}

@@ -957,3 +957,12 @@ def test_a_run_that_ends_worse_than_the_mean_is_warned(tiny_config):
         trainer = Trainer(tiny_config({"train.lr": 1.0, "train.steps": 30, "train.decoder_refit_steps": 0}), x)
         trainer.fit()
     assert trainer.state.final["fvu"] > 1
+
+
+def test_training_logs_a_line_per_evaluation_where_stderr_is_no_terminal(real_data, tiny_config, capsys):
+    """A batch job's log gets one readable line per evaluation, not a progress bar's carriage-return redraws."""
+    Trainer(tiny_config({"train.steps": 40, "train.eval_every": 20, "train.progress": True}), _x(real_data)).fit()
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert [line.split(",")[0] for line in lines] == ["train: step 20/40", "train: step 40/40"], err
+    assert all(" fvu " in line and " collisions " in line for line in lines) and "\r" not in err
