@@ -44,6 +44,16 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None]) -> N
     _fsync_dir(target.parent)
 
 
+def probe_writable(path: str | os.PathLike) -> None:
+    """Make path's folder if need be, then create and remove a file beside path: raises the OSError that
+    writing there later would meet, before the work whose output would then be lost (a training run)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    probe = path.parent / f".{path.name}.probe-{uuid.uuid4().hex[:12]}"
+    probe.touch()
+    probe.unlink()
+
+
 def _discard(tmp: Path) -> None:
     """Remove a temp file that may never have been made (its folder may not even be one)."""
     with contextlib.suppress(OSError):

@@ -18,6 +18,8 @@ import uuid
 from pathlib import Path
 from typing import IO, Iterator
 
+from semid.atomic import probe_writable
+
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; the stale-registry check in the tokenizer still holds
@@ -71,10 +73,7 @@ def check_save_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
             kind = "directory" if target.is_dir() else "file"
             raise ModelDirError(f"{path} is an existing {kind} that is not a semid model; refusing to replace it")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        probe = target.parent / f".{target.name}.probe-{uuid.uuid4().hex[:12]}"
-        probe.mkdir()
-        probe.rmdir()
+        probe_writable(target)
     except OSError as exc:
         raise ModelDirError(f"cannot write a model directory at {path}: {exc.strerror or exc}") from None
     return target

@@ -16,7 +16,6 @@ import functools
 import hashlib
 import inspect
 import math
-import os
 import sys
 import time
 import warnings
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from semid import distributed
-from semid.atomic import atomic_write
+from semid.atomic import atomic_write, probe_writable
 from semid.config import ConfigError, SemidConfig
 from semid.device import as_current, native_bf16, resolve_device
 from semid.metrics import (
@@ -153,17 +152,6 @@ def save_tensors(obj: Any, path: Path, what: str) -> None:
         atomic_write(path, lambda tmp: torch.save(obj, tmp))
     except RuntimeError as exc:
         raise OSError(f"cannot write {what} {path}: {' '.join(str(exc).split())[:300]} (is the disk full?)") from None
-
-
-def writable_or_raise(path: Path, what: str) -> None:
-    """Create and remove a file beside `path`, so that an output that cannot be written fails before training."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.parent / f".{path.name}.probe-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        raise OSError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
 
 
 def weights_problem(exc: Exception) -> str:
@@ -392,7 +380,10 @@ class Trainer:
                              "resume=True), or remove it to start a new run")
         else:
             if self.checkpoint_path is not None:
-                writable_or_raise(self.checkpoint_path, "training checkpoint")  # before training, not at step 500
+                try:  # before training, not at its first checkpoint
+                    probe_writable(self.checkpoint_path)
+                except OSError as exc:
+                    raise OSError(f"cannot write training checkpoint {self.checkpoint_path}: {exc.strerror or exc}") from None
             self.initialize()
             self.state.init_seconds = time.perf_counter() - started
         if not self.model.is_autoencoder:  # residual k-means: k-means init and refinement are the whole fit
