@@ -116,8 +116,7 @@ class SemidSystem:
     @property
     def steps_run(self) -> int | None:
         """Training steps of the fitted RQ-VAE (None for residual k-means, which is not trained by SGD)."""
-        config = self._tok.config
-        return config.train.steps if config.model.type == "rqvae" else None
+        return self._tok.meta["train_steps"] if self._tok.config.model.type == "rqvae" else None
 
 
 def make_system(

@@ -35,9 +35,14 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None]) -> N
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
-    except OSError as exc:  # named by the file meant, not the temp file (a full disk, a read-only directory)
+    except OSError as exc:
         _discard(tmp)
-        raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
+        # A failure to write the output (a full disk, a read-only folder) names the file meant, not its temp
+        # file; an error about another file (one the writer reads) is left as it is.
+        if exc.filename is not None and Path(exc.filename) not in (tmp, *tmp.parents):
+            raise
+        message = f"cannot write {path}: {exc.strerror or exc}"
+        raise (type(exc)(exc.errno, message) if exc.errno is not None else type(exc)(message)) from None
     except BaseException:
         _discard(tmp)
         raise

@@ -87,6 +87,27 @@ def tuple_group_ids(codes: np.ndarray, codebook_sizes: Sequence[int]) -> np.ndar
     return inverse.reshape(-1).astype(np.int64, copy=False)
 
 
+def _two_equal_rows(rows: np.ndarray, limits: Sequence[int]) -> tuple[int, int] | None:
+    """Indices of two equal rows of an (n, m) matrix whose column j holds values in [0, limits[j]), or None.
+
+    One sort of the rows packed into int64 keys where their ranges allow it (4M IDs of 3 x 256 codes and a
+    suffix: 0.3 s), else a lexicographic sort of the rows; only a repeat found is then located.
+    """
+    if len(rows) < 2:
+        return None
+    if math.prod(int(k) for k in limits) <= _INT64_MAX:
+        strides = np.cumprod([1, *[int(k) for k in limits[:0:-1]]])[::-1].astype(np.int64)
+        keys = rows @ strides
+        order = np.argsort(keys, kind="stable")
+        repeats = np.flatnonzero(keys[order[1:]] == keys[order[:-1]])
+    else:
+        order = np.lexsort(rows.T[::-1])
+        repeats = np.flatnonzero((rows[order[1:]] == rows[order[:-1]]).all(axis=1))
+    if not repeats.size:
+        return None
+    return int(order[repeats[0]]), int(order[repeats[0] + 1])
+
+
 def _rank_in_group(group: np.ndarray, rank_key: np.ndarray) -> np.ndarray:
     """Rank (0-based) of each row within its group, by rank_key then row order."""
     n = group.shape[0]
@@ -791,29 +812,30 @@ class IdRegistry:
         write_parquet_atomic(self.to_frame(), path)
         return Path(path)
 
-    def check_ids(self, codebook_sizes: Sequence[int], suffix_size: int, unique: bool) -> None:
+    def check_ids(self, codebook_sizes: Sequence[int], unique: bool) -> None:
         """Raise ValueError where an ID is not one this model can have handed out: a code outside its level's
-        codebook or a suffix outside [0, suffix_size), or (`unique`: any strategy but "none") one ID held by two
-        items. A damaged or edited registry would otherwise give items IDs no decoder knows, or two items one ID.
+        codebook, a suffix outside [0, MAX_SUFFIX) or more than one suffix, or (`unique`: any strategy but
+        "none") one ID held by two items. A damaged or edited registry would otherwise give items IDs that no
+        decoder knows, or two items one ID. Suffixes are bounded by the largest suffix_size a config may set,
+        not the model's own: a user may lower it after IDs above it were handed out (`token_vocabulary`).
         """
+        from semid.config import MAX_SUFFIX
+
         if not len(self):
             return
         ids, levels = self._ids, len(codebook_sizes)
-        if ids.shape[1] < levels:
-            raise ValueError(f"its IDs have {ids.shape[1]} tokens, fewer than the model's {levels} levels")
-        limits = np.array([*codebook_sizes, *[suffix_size] * (ids.shape[1] - levels)], dtype=np.int64)
+        if not levels <= ids.shape[1] <= levels + 1:
+            raise ValueError(f"its IDs have {ids.shape[1]} tokens, but the model's have {levels} codes and at most "
+                             "one suffix")
+        limits = np.array([*codebook_sizes, MAX_SUFFIX][: ids.shape[1]], dtype=np.int64)
         bad = (ids < 0) | (ids >= limits)
         if bad.any():
             row, col = (int(i) for i in np.argwhere(bad)[0])
             raise ValueError(f"the ID of item {self._keys[row]!r} holds {ids[row, col]} at position {col + 1}, "
                              f"outside [0, {limits[col]})")
-        if unique:
-            groups = tuple_group_ids(ids, limits.tolist())
-            counts = np.bincount(groups)
-            if counts.max() > 1:
-                rows = np.flatnonzero(groups == int(np.argmax(counts)))[:2]
-                raise ValueError(f"items {self._keys[int(rows[0])]!r} and {self._keys[int(rows[1])]!r} hold one ID, "
-                                 f"{ids[rows[0]].tolist()} ({int(counts.max())} items share it)")
+        if unique and (rows := _two_equal_rows(ids, limits)) is not None:
+            raise ValueError(f"items {self._keys[rows[0]]!r} and {self._keys[rows[1]]!r} hold one ID, "
+                             f"{ids[rows[0]].tolist()}")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> IdRegistry:

@@ -44,7 +44,7 @@ MAX_LEVELS = 25
 MAX_WIDTH = 2**17
 MAX_CODEBOOK = 2**20
 MAX_SUFFIX = 2**24
-# torch's CPU generator keeps 32 bits of a seed (2**32 trains as 0), so larger seeds would repeat smaller ones.
+# torch's CPU generator keeps 32 bits of a seed (2**32 trains as 0): a run takes seeds below this (check_trainable).
 MAX_SEED = 2**32 - 1
 # The scalar keys of a training evaluation (semid.train.quick_evaluate) that can choose the best weights.
 BEST_METRICS = ("fvu", "mse", "cosine", "collision_rate", "colliding_items", "max_group")
@@ -202,8 +202,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (slow to start; off by default)
     cuda_graph: bool = True  # capture the AdamW training step as a CUDA graph on GPU
     eval_every: int = 1000
-    # The weights kept are those of the best evaluation by this scalar evaluate() key: lower is better, except
-    # for cosine and unique_after; collision_rate breaks ties.
+    # The weights kept are those of the best evaluation by this scalar key of a training evaluation
+    # (BEST_METRICS): lower is better, except for cosine; collision_rate breaks ties.
     best_metric: str = "fvu"
     early_stopping: int = 0  # stop after this many evaluations without improvement; 0 = never
     # Uniqueness loss: every `uniqueness_every` steps (at least one pass over the catalogue, see
@@ -228,7 +228,8 @@ class TrainConfig:
             raise ConfigError(f"config key 'train.device' is {self.device!r}; choose {DEVICE_NAMES}")
         _choice("train.optimizer", self.optimizer, ("adamw", "adagrad"))
         _choice("train.schedule", self.schedule, ("cosine", "constant"))
-        _in_range("train.seed", self.seed, 0, MAX_SEED, high_open=False)
+        # torch.manual_seed takes a 64-bit int; beyond that it fails with a message that names no key.
+        _in_range("train.seed", self.seed, -2**63, 2**63 - 1, high_open=False)
         _choice("train.best_metric", self.best_metric, BEST_METRICS)
         _positive("train.batch_size", self.batch_size)
         _positive("train.steps", self.steps)
@@ -245,11 +246,18 @@ class TrainConfig:
         _in_range("train.decoder_refit_steps", self.decoder_refit_steps, note=" (0 turns it off)")
         _in_range("train.decoder_refit_dropout", self.decoder_refit_dropout, 0, 1)
         _in_range("train.checkpoint_every", self.checkpoint_every, note=" (0: at every evaluation)")
+        if self.max_steps and self.max_steps < self.steps:
+            raise ConfigError(f"train.max_steps ({self.max_steps}) must be 0 or at least train.steps ({self.steps})")
+
+    def check_trainable(self) -> None:
+        """Refuse, when a run starts, values that only training cares about and that an earlier semid accepted:
+        checked here rather than when a config is made, so that a model saved with them still loads."""
+        # torch's CPU generator keeps 32 bits of a seed: 2**32 would train as 0, and -1 as 2**32 - 1
+        _in_range("train.seed", self.seed, 0, MAX_SEED, high_open=False,
+                  note=" (torch keeps 32 bits of a seed: others repeat one of these)")
         if self.early_stopping and not self.eval_every:
             raise ConfigError(f"train.early_stopping ({self.early_stopping}) counts evaluations without improvement, "
                               "and train.eval_every = 0 evaluates only at the end: set train.eval_every too")
-        if self.max_steps and self.max_steps < self.steps:
-            raise ConfigError(f"train.max_steps ({self.max_steps}) must be 0 or at least train.steps ({self.steps})")
 
     def steps_for(self, n_items: int) -> int:
         """Training steps on n_items: `steps`, raised to min_epochs passes of batch_size rows, at most max_steps.

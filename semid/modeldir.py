@@ -9,6 +9,7 @@ the later one would silently drop the earlier one's items while both had handed 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -30,7 +31,7 @@ FILES = ("config.toml", "model.pt", "meta.json", "registry.parquet")
 REGISTRY_LOCK = ".registry.lock"
 # flock serialises processes; within one, each directory has a re-entrant thread lock, taken first, so that two
 # threads (two tokenizers of one model) take turns too, and a thread that holds the lock can take it again.
-_held: dict[Path, int] = {}  # model directories this process holds the flock of, with the nesting depth
+_held: dict[Path, list[IO[str] | None]] = {}  # per directory, the flock handle taken at each nesting level
 _thread_locks: dict[Path, threading.RLock] = {}
 _thread_locks_guard = threading.Lock()
 
@@ -90,7 +91,7 @@ def replace_dir(staging: Path, target: Path) -> None:
     """Move a complete staging directory onto target: readers see the old model or the new one, never a mix.
 
     Two renames: the old model aside, the new one in. An exception or Ctrl-C between them puts the old one
-    back; a process killed there leaves it as `.<name>.old-*`, which `missing_model_message` and
+    back; a process killed there leaves it as `.<name>.old-*`, which `present_or_raise` and
     `check_save_target` point to, so that it is restored rather than shadowed by a new registry.
     """
     if not target.exists():
@@ -112,48 +113,77 @@ def interrupted_replaces(target: Path) -> list[Path]:
     target = Path(target).absolute()
     if not target.parent.is_dir():
         return []
-    left = [p for p in target.parent.glob(f".{target.name}.old-*") if is_model_dir(p)]
+    left = [p for p in target.parent.glob(f".{glob.escape(target.name)}.old-*") if is_model_dir(p)]
     return sorted(left, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-def missing_model_message(path: str | os.PathLike) -> str:
-    """"model directory not found", and where its previous model is when a replace of it was interrupted."""
-    left = interrupted_replaces(Path(path))
+def present_or_raise(path: str | os.PathLike) -> Path:
+    """`path` as a Path when it is a directory; else ModelDirError "model directory not found", which says where
+    the previous model is when a replace of it was interrupted. A replace still under way (between its two
+    renames, microseconds) is waited for a moment rather than reported as interrupted."""
+    root = Path(path)
+    if root.is_dir():
+        return root
+    left = interrupted_replaces(root)
+    for _ in range(20 if left else 0):
+        time.sleep(0.01)
+        if root.is_dir():
+            return root
     if not left:
-        return f"model directory not found: {path}"
-    return (f"model directory not found: {path}; a replace of it was interrupted, and its previous model is in "
-            f"{left[0]}: rename that back to {path}")
+        raise ModelDirError(f"model directory not found: {path}")
+    raise ModelDirError(f"model directory not found: {path}; a replace of it was interrupted, and its previous "
+                        f"model is in {left[0]}: rename that back to {path}")
 
 
 @contextlib.contextmanager
 def registry_lock(model_dir: str | os.PathLike) -> Iterator[None]:
-    """Hold the model directory's registry lock: one process at a time reads, extends and saves the registry.
+    """Hold the model directory's registry lock: one process, and one thread, at a time reads, extends and
+    saves the registry.
 
-    Advisory (flock), released when the process exits however it exits; re-entrant within a process, so
-    `save_registry` can take it inside a caller that already holds it. A no-op where flock is missing, and
-    in a directory this process cannot write (a model baked into a read-only image): encoding items it
-    already knows needs no lock there, and saving new ones fails on its own with the reason.
+    Advisory (flock), released when the process exits however it exits. Re-entrant within a thread, so
+    `save_registry` can take it inside a caller that already holds it; another thread of the process waits,
+    as another process does (so a lock holder must not wait for a thread that takes the lock). A no-op where
+    flock is missing, and in a directory this process cannot write (a model baked into a read-only image):
+    encoding items it already knows needs no lock there, and saving new ones fails on its own with the reason.
     """
-    root = Path(model_dir).resolve()  # one key per directory however it is spelled: re-entrance must see it
-    if not root.is_dir():
-        raise ModelDirError(missing_model_message(model_dir))
+    root = present_or_raise(model_dir).resolve()  # one key per directory however spelled: re-entrance sees it
     with _thread_locks_guard:
         thread_lock = _thread_locks.setdefault(root, threading.RLock())
     with thread_lock:  # from here on only this thread changes _held[root]
-        handle = _locked_file(root / REGISTRY_LOCK) if fcntl is not None and root not in _held else None
-        with handle or contextlib.nullcontext():
-            _held[root] = _held.get(root, 0) + 1
-            try:
+        held = _held.setdefault(root, [])
+        outer = next((h for h in reversed(held) if h is not None), None)
+        # Re-entrance keeps the outer flock, unless a save replaced the directory under it meanwhile: that flock
+        # is on the old lock file, which no longer guards the registry, so the new one is locked too.
+        relock = fcntl is not None and (not held or (outer is not None and not _names(root / REGISTRY_LOCK, outer)))
+        handle = _locked_file(root / REGISTRY_LOCK) if relock else None
+        held.append(handle)
+        try:
+            with handle or contextlib.nullcontext():
                 yield
-            finally:
-                _held[root] -= 1
-                if not _held[root]:
-                    del _held[root]
+        finally:
+            held.pop()
+            if not held:
+                del _held[root]
+
+
+def _names(path: Path, handle: IO[str]) -> bool:
+    """Whether `path` still names the file `handle` has open (a replace of the directory makes a new one)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _can_write(folder: Path) -> bool:
+    return os.access(folder, os.W_OK)
 
 
 def _locked_file(path: Path) -> IO[str] | None:
-    """An open handle on `path` holding its flock (released when the handle closes); None where the file cannot
-    be opened (a read-only directory).
+    """An open handle on `path` holding its flock (released when the handle closes); None where the file can
+    neither be opened nor made (a read-only model directory).
+
+    Read-only: flock needs no write access, so a lock file another user made (mode 0644 in a shared,
+    group-writable model directory) locks as well as one's own.
 
     Why the loop: `save(..., overwrite=True)` replaces the whole directory, lock file included. A process that
     was waiting on the old file would get a lock that no longer guards anything, beside one that locked the
@@ -161,21 +191,18 @@ def _locked_file(path: Path) -> IO[str] | None:
     """
     for _ in range(100):
         try:
-            handle = open(path, "a")
+            handle = os.fdopen(os.open(path, os.O_RDONLY | os.O_CREAT, 0o666), "r")
         except FileNotFoundError:  # between the two renames of a replace: the new directory is a moment away
             time.sleep(0.01)
             continue
         except OSError as exc:
-            if not os.access(path.parent, os.W_OK):  # a read-only model: nothing can be registered there anyway
+            if not _can_write(path.parent):  # a read-only model: nothing can be registered there anyway
                 return None
             raise ModelDirError(f"cannot open the registry lock {path}: {exc.strerror or exc}; without it two "
                                 "encodes could hand out the same IDs") from None
         fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
-                return handle
-        except FileNotFoundError:
-            pass
+        if _names(path, handle):
+            return handle
         handle.close()
     raise ModelDirError(f"cannot lock {path}: its model directory keeps being replaced or was removed")
 

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from semid.collisions import IdRegistry, SuffixOverflowError
-from semid.config import SemidConfig
+from semid.config import ConfigError, SemidConfig
 from semid.device import device_available, resolve_device
 from semid.export import id_table, token_vocabulary, write_trie_json
 from semid.kmeans import sinkhorn_assign
@@ -50,9 +50,9 @@ from semid.modeldir import (
     MODEL_FORMAT,
     ModelDirError,
     check_save_target,
-    missing_model_message,
     file_stamp,
     is_model_dir,
+    present_or_raise,
     registry_lock,
     replace_dir,
     staging_dir,
@@ -408,6 +408,11 @@ class SemanticIdTokenizer:
         """
         model = self._fitted()
         target = check_save_target(path, overwrite)
+        try:  # what load would refuse is never written
+            self._check_registry_ids()
+        except ValueError as exc:
+            raise ModelDirError(f"this tokenizer's registry cannot be saved: {exc} (was collisions.strategy changed "
+                                "from \"none\" after its IDs were given?)") from None
         # Saving over the directory this registry came from writes that registry back: like save_registry, it
         # must not drop IDs another process registered there meanwhile.
         # Paths compare resolved: a symlink or a `..` spelling of the same directory is the same registry.
@@ -435,6 +440,10 @@ class SemanticIdTokenizer:
                 raise
             self._registry_source = (target.resolve(), file_stamp(target / "registry.parquet"))  # under the lock
         return target
+
+    def _check_registry_ids(self) -> None:
+        """`IdRegistry.check_ids` for this model: the one check that `save` and `load` share."""
+        self.registry.check_ids(self._fitted().codebook_sizes, unique=self.config.collisions.strategy != "none")
 
     def _check_registry_unchanged(self, root: Path) -> None:
         """Refuse to write this tokenizer's registry over the one in `root` if that changed since it was read."""
@@ -472,9 +481,7 @@ class SemanticIdTokenizer:
         The model goes to `device` ("auto", "cpu", "cuda", "cuda:N"), else where it trained, or to "auto" when
         it trained on a GPU that this machine lacks (the CPU, or the current GPU for cuda:3 on a 2-GPU machine).
         """
-        root = Path(path)
-        if not root.is_dir():
-            raise ModelDirError(missing_model_message(root))
+        root = present_or_raise(path)
         missing = [name for name in FILES if not (root / name).is_file()]
         if missing:
             raise ModelDirError(f"{root} is not a semid model directory: missing {', '.join(missing)}")
@@ -487,7 +494,10 @@ class SemanticIdTokenizer:
         if not isinstance(meta.get("input_dim"), int):
             raise ModelDirError(f"{root}/meta.json is incomplete: it has no input_dim")
         _check_digest(root, meta, "config.toml")  # another config would build another architecture or encoder
-        config = SemidConfig.load(root / "config.toml")
+        try:
+            config = SemidConfig.load(root / "config.toml")
+        except ConfigError as exc:
+            raise ModelDirError(f"{root}/config.toml cannot be used: {exc}") from None
         if device is None and not device_available(config.train.device):
             device = "auto"  # trained on a GPU this machine lacks: a model is portable, as its IDs are
         if device is not None:
@@ -507,13 +517,12 @@ class SemanticIdTokenizer:
             tok.registry = IdRegistry.load(root / "registry.parquet")
         except Exception as exc:
             raise ModelDirError(f"{root}/registry.parquet is unreadable: {exc}") from None
+        tok.model = model.to(resolve_device(config.train.device)).eval()
         try:
-            tok.registry.check_ids(model.codebook_sizes, config.collisions.suffix_size,
-                                   unique=config.collisions.strategy != "none")
+            tok._check_registry_ids()
         except ValueError as exc:
             raise ModelDirError(f"{root}/registry.parquet is damaged or edited: {exc}") from None
         tok._registry_source = (root.resolve(), stamp)
-        tok.model = model.to(resolve_device(config.train.device)).eval()
         tok.history = meta.pop("history", [])
         tok.meta = {k: v for k, v in meta.items()
                     if k not in ("format", "semid_version", "codebook_sizes", *_DIGESTED.values())}

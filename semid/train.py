@@ -151,7 +151,10 @@ def save_tensors(obj: Any, path: Path, what: str) -> None:
     try:
         atomic_write(path, lambda tmp: torch.save(obj, tmp))
     except RuntimeError as exc:
-        raise OSError(f"cannot write {what} {path}: {' '.join(str(exc).split())[:300]} (is the disk full?)") from None
+        text = " ".join(str(exc).split())
+        if "inline_container" not in text and "PytorchStreamWriter" not in text:  # not a failed write
+            raise
+        raise OSError(f"cannot write {what} {path}: {text[:300]} (is the disk full?)") from None
 
 
 def weights_problem(exc: Exception) -> str:
@@ -188,6 +191,7 @@ class TrainState:
 class Trainer:
     def __init__(self, config: SemidConfig, x: torch.Tensor, checkpoint_path: str | Path | None = None) -> None:
         # Resolved once for this catalogue (train.min_epochs), so the schedule, the loop and the saved config agree.
+        config.train.check_trainable()
         self.steps_note = config.train.steps_note(x.shape[0])
         self.config = config = config.with_overrides({"train.steps": config.train.steps_for(x.shape[0])})
         self.device = resolve_device(config.train.device)
@@ -433,18 +437,18 @@ class Trainer:
             bar.update(1)
             if shown and on_terminal and (step % 25 == 0 or done):
                 loss = out.loss.item()  # read for the bar anyway: checking it too costs no extra sync
-                self._check_finite(loss)
-                shown = {"loss": f"{loss:.4f}", "rec": f"{out.reconstruction_loss.item():.4f}"}
+                if not self.ranks.active:  # across ranks only the averaged loss of an evaluation is checked,
+                    self._check_finite(loss)  # by every rank alike: one rank alone raising would hang the rest
+                postfix = {"loss": f"{loss:.4f}", "rec": f"{out.reconstruction_loss.item():.4f}"}
                 if last:  # codebook usage and collisions exist only from the first evaluation on
-                    shown |= {"usage": f"{np.mean(last['usage']):.2f}", "coll": f"{last['collision_rate']:.3f}"}
-                bar.set_postfix(shown)
+                    postfix |= {"usage": f"{np.mean(last['usage']):.2f}", "coll": f"{last['collision_rate']:.3f}"}
+                bar.set_postfix(postfix)
         bar.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.state.loop_seconds += time.perf_counter() - loop_started
         return self._finish()
 
-    @torch.no_grad()
     def _check_finite(self, loss: float) -> None:
         """Stop a run whose loss overflowed, where the loss is read anyway (evaluations, the progress bar),
         instead of training on to NaN weights and failing in an evaluation with a message that names no key."""
@@ -456,6 +460,7 @@ class Trainer:
             f"or check train.weight_decay ({t.weight_decay:g}) and model.latent_norm ({m.latent_norm:g})"
         )
 
+    @torch.no_grad()
     def _reset_dead_codes(self, out: RQVAEOutput) -> int:
         """Reseed dead codes as one process would with the global batch.
 

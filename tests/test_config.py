@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from semid.config import ConfigError, SemidConfig  # noqa: E402
+from semid.config import BEST_METRICS, ConfigError, SemidConfig  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 NAN, INF = math.nan, math.inf
@@ -47,8 +47,7 @@ BAD_VALUES = [
     ("quantizer.gumbel_tau_decay", 1.5),
     ("quantizer.gumbel_tau_decay", -0.5),
     ("quantizer.centre_shrinkage", NAN),
-    ("train.seed", 2**32),  # torch's CPU generator keeps 32 bits: it would train as seed 0
-    ("train.seed", -1),
+    ("train.seed", 2**64),
     ("train.best_metric", "nope"),
     ("train.best_metric", "usage"),  # a list per level: not a score
     ("model.hidden", [512, 2**17 + 1]),  # typos with extra zeros, refused before torch allocates terabytes
@@ -103,7 +102,7 @@ GOOD_VALUES = [
     ("quantizer.dead_code_threshold", 0.0),
     ("quantizer.gumbel_tau_end", 1.0),  # equal to the start: a constant temperature
     ("quantizer.gumbel_tau_decay", 1.0),
-    ("train.seed", 2**32 - 1),
+    ("train.seed", -1),  # a run refuses it (check_trainable); a model saved with it still loads
     ("train.best_metric", "cosine"),
     ("collisions.suffix_size", 2**24),
     ("train.lr", 0.0),  # frozen weights: the early-stopping tests train with it
@@ -172,8 +171,30 @@ def test_keys_that_only_fail_together_are_refused_naming_both():
     with pytest.raises(ConfigError, match=r"quantizer.kmeans_sample \(100\) must be at least the largest codebook \(256\)"):
         SemidConfig().with_overrides({"quantizer.kmeans_sample": 100})
     SemidConfig().with_overrides({"quantizer.kmeans_sample": 100, "quantizer.kmeans_init": False})
-    with pytest.raises(ConfigError, match=r"train.early_stopping \(3\) counts evaluations .*train.eval_every = 0"):
-        SemidConfig().with_overrides({"train.early_stopping": 3, "train.eval_every": 0})
+
+
+def test_values_only_training_refuses_are_refused_when_a_run_starts_not_when_a_saved_config_loads():
+    """An earlier semid trained with them, and the model it saved must stay loadable (its registry with it)."""
+    for overrides, message in [
+        ({"train.seed": 2**32}, r"train.seed must be in \[0, 4294967295\] \(torch keeps 32 bits"),
+        ({"train.seed": -1}, r"train.seed must be in \[0, 4294967295\]"),
+        ({"train.early_stopping": 3, "train.eval_every": 0}, r"train.early_stopping \(3\) counts evaluations"),
+    ]:
+        config = SemidConfig().with_overrides(overrides)  # made, saved and loaded as before
+        with pytest.raises(ConfigError, match=message):
+            config.train.check_trainable()
+    SemidConfig().with_overrides({"train.seed": 2**32 - 1}).train.check_trainable()
+
+
+def test_best_metrics_are_the_scalar_keys_of_a_training_evaluation():
+    import torch
+
+    from semid.rqvae import RQVAE
+    from semid.train import quick_evaluate
+
+    config = SemidConfig().with_overrides({"model.hidden": [8], "model.latent_dim": 4, "quantizer.codebook_size": 4})
+    report = quick_evaluate(RQVAE(6, config.model, config.quantizer).eval(), torch.randn(40, 6))
+    assert set(BEST_METRICS) == {k for k, v in report.items() if isinstance(v, float | int)}
 
 
 def test_a_config_file_that_is_not_text_is_named(tmp_path):

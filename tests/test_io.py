@@ -456,6 +456,9 @@ def test_an_atomic_write_that_the_system_refuses_names_the_file_meant(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(FileExistsError, match=r"cannot write .*a_file/x\.json"):  # a parent that is a file
         atomic_write(tmp_path / "a_file" / "x.json", lambda tmp: tmp.write_text("{}"))
+    with pytest.raises(FileNotFoundError) as info:  # an error about a file the writer reads stays its own
+        atomic_write(target, lambda tmp: (tmp_path / "missing.txt").read_text())
+    assert info.value.filename == str(tmp_path / "missing.txt") and "cannot write" not in str(info.value)
 
 
 def test_atomic_write_follows_a_symlink_and_keeps_it(tmp_path):

@@ -301,14 +301,27 @@ def _edit_registry(model: Path, edit) -> None:
 @pytest.mark.parametrize("edit, message", [
     (lambda ids: ids.__setitem__((3, 1), 16), r"the ID of item '.*' holds 16 at position 2, outside \[0, 16\)"),
     (lambda ids: ids.__setitem__((3, 0), -1), r"holds -1 at position 1, outside \[0, 16\)"),
-    (lambda ids: ids.__setitem__((5, -1), 10**6), r"holds 1000000 at position 4, outside \[0, 256\)"),  # suffix
-    (lambda ids: ids.__setitem__(7, ids[2]), r"items '.*' and '.*' hold one ID, \[.*\] \(2 items share it\)"),
+    (lambda ids: ids.__setitem__((5, -1), 2**30), r"holds 1073741824 at position 4, outside \[0, 16777216\)"),
+    (lambda ids: ids.__setitem__(7, ids[2]), r"items '.*' and '.*' hold one ID, \[.*\]$"),
 ])
 def test_a_registry_with_ids_the_model_cannot_have_given_is_refused(model, edit, message):
     """Flipped bits or an edit that breaks "no two items share an ID", or names codes no decoder knows."""
     _edit_registry(model, edit)
     with pytest.raises(ModelDirError, match=r"registry.parquet is damaged or edited: .*" + message):
         SemanticIdTokenizer.load(model)
+
+
+def test_save_refuses_a_registry_that_load_would_refuse_and_keeps_a_lowered_suffix_size(model, items):
+    """A suffix_size lowered after IDs above it were given still saves and loads (token_vocabulary allows it);
+    a strategy changed from "none" after items shared IDs is refused by save, not found by a later load."""
+    tok = SemanticIdTokenizer.load(model)
+    assert tok.registry.ids[:, -1].max() >= 1  # suffixes in use
+    tok.config = tok.config.with_overrides({"collisions.suffix_size": 1})
+    SemanticIdTokenizer.load(tok.save(model.parent / "lowered"))
+    tok.registry._ids[7] = tok.registry._ids[2]  # as strategy "none" would have given them
+    with pytest.raises(ModelDirError, match=r"registry cannot be saved: items .* hold one ID"):
+        tok.save(model.parent / "shared")
+    assert not (model.parent / "shared").exists()
 
 
 def test_encode_of_known_items_works_where_the_lock_cannot_be_created(items, model, tmp_path, capsys, monkeypatch):
@@ -318,7 +331,7 @@ def test_encode_of_known_items_works_where_the_lock_cannot_be_created(items, mod
     import semid.modeldir
 
     (model / REGISTRY_LOCK).mkdir()
-    monkeypatch.setattr(semid.modeldir.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(semid.modeldir, "_can_write", lambda folder: False)
     ids, x = items
     known = tmp_path / "known.parquet"
     _frame(ids[:50], x[:50]).write_parquet(known)
@@ -374,11 +387,11 @@ def test_a_replace_interrupted_between_its_renames_puts_the_old_model_back(model
     staging = Path(shutil.copytree(model, tmp_path / "staging"))
     real_replace, calls = os.replace, []
 
-    def interrupted(src, dst):  # Ctrl-C once the old model is aside, before the new one is in
+    def interrupted(src, dst):  # Ctrl-C the moment the old model is aside, before the new one is in
         calls.append(src)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
         real_replace(src, dst)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(semid.modeldir.os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -416,6 +429,45 @@ def test_a_refitted_tokenizer_cannot_save_its_registry_over_the_old_model(items,
 
 
 
+def test_a_lock_file_another_user_made_read_only_still_locks():
+    """In a shared model directory the lock file may be another user's, mode 0644: flock needs no write access,
+    so encodes there lock it rather than fail. As root (who may write anything) a child takes the lock as nobody."""
+    pytest.importorskip("fcntl")
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="semid-shared-", dir="/tmp"))
+    try:
+        os.chmod(folder, 0o777)  # the shared, writable model directory
+        (folder / REGISTRY_LOCK).touch()
+        os.chmod(folder / REGISTRY_LOCK, 0o444 if os.geteuid() else 0o644)
+        pid = os.fork()
+        if pid == 0:  # the child: another user, where the test runs as root
+            status = 1
+            try:
+                if os.geteuid() == 0:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                with registry_lock(folder):
+                    status = 0
+            finally:
+                os._exit(status)
+        assert os.waitpid(pid, 0)[1] == 0, "the lock could not be taken"
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_a_save_over_the_directory_under_its_own_lock_relocks_the_new_lock_file(model, fitted):
+    """The outer flock is on the replaced directory's lock file; a nested lock must take the new one."""
+    fcntl = pytest.importorskip("fcntl")
+    other = SemanticIdTokenizer.load(fitted)
+    with registry_lock(model):
+        other.save(model, overwrite=True)
+        with registry_lock(model):
+            with open(model / REGISTRY_LOCK) as handle:
+                with pytest.raises(BlockingIOError):  # held: by this process, on the new file
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def test_replacing_a_model_waits_for_an_encode_that_holds_its_registry(model, fitted, tmp_path):
     """An encode registering items holds the lock; `save(overwrite=True)` of another model over the directory
     waits for it, so the encode cannot write the old registry into the new model after the replace."""
@@ -434,3 +486,32 @@ def test_replacing_a_model_waits_for_an_encode_that_holds_its_registry(model, fi
         holder.communicate("\n", timeout=60)
     thread.join(60)
     assert saved.is_set()
+
+
+def _rewrite_config(model: Path, edit) -> None:
+    """Edit a saved config as an earlier semid would have written it, with the digest meta.json records."""
+    import hashlib
+
+    path = model / "config.toml"
+    path.write_text(edit(path.read_text()))
+    meta = json.loads((model / "meta.json").read_text())
+    meta["config_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (model / "meta.json").write_text(json.dumps(meta))
+
+
+def test_a_model_saved_with_values_a_run_now_refuses_still_loads(model, items):
+    """Seed -1 and early stopping without evaluations were accepted before: their registries must stay usable."""
+    import re
+
+    _rewrite_config(model, lambda text: re.sub(r"(?m)^seed = .*$", "seed = -1", text))
+    ids, x = items
+    tok = SemanticIdTokenizer.load(model)
+    assert tok.config.train.seed == -1 and len(tok.encode(x[:5], ids=ids[:5])) == 5
+
+
+def test_a_saved_config_that_cannot_be_used_is_named_as_the_models(model):
+    import re
+
+    _rewrite_config(model, lambda text: re.sub(r"(?m)^distance = .*$", 'distance = "manhattan"', text))
+    with pytest.raises(ModelDirError, match=r"model/config.toml cannot be used: config key 'quantizer.distance'"):
+        SemanticIdTokenizer.load(model)

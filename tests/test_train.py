@@ -227,12 +227,13 @@ def test_load_checkpoint_rejects_corrupt_and_foreign_files(real_data, tiny_confi
 
 def test_a_damaged_empty_or_incomplete_checkpoint_is_refused_by_what_is_wrong(real_data, tiny_config, tmp_path):
     """torch reads a torch file without checking its checksums: flipped bits would resume from other weights."""
-    from semid.train import CHECKPOINT_FORMAT
+    from semid.train import _CHECKPOINT_KEYS, CHECKPOINT_FORMAT
 
     x = _x(real_data)
     config = tiny_config({"train.steps": 20, "train.checkpoint_every": 10})
     ckpt = tmp_path / "train.ckpt"
     Trainer(config, x, checkpoint_path=ckpt).fit()
+    assert set(torch.load(ckpt, weights_only=True)) == {"format", *_CHECKPOINT_KEYS}  # what a resume requires
     data = bytearray(ckpt.read_bytes())
     middle = len(data) // 2
     data[middle : middle + 2000] = bytes(b ^ 4 for b in data[middle : middle + 2000])
@@ -966,3 +967,8 @@ def test_training_logs_a_line_per_evaluation_where_stderr_is_no_terminal(real_da
     lines = err.splitlines()
     assert [line.split(",")[0] for line in lines] == ["train: step 20/40", "train: step 40/40"], err
     assert all(" fvu " in line and " collisions " in line for line in lines) and "\r" not in err
+
+
+def test_a_run_refuses_a_seed_torch_would_repeat(real_data, tiny_config):
+    with pytest.raises(ConfigError, match=r"train.seed must be in \[0, 4294967295\]"):
+        Trainer(tiny_config({"train.seed": 2**32}), _x(real_data))
