@@ -6,7 +6,9 @@ Every error reaches the user as one line on stderr naming the problem, with a no
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -396,6 +398,7 @@ def check_output_file(target: Path, named: str) -> None:
     """Refuse, before any work, a file output that cannot be one: a directory, a path under a file, or a path
     inside any semid model directory (whose files an output would replace, and which `train --overwrite`
     deletes whole)."""
+    from semid.atomic import probe_writable
     from semid.modeldir import is_model_dir
 
     if target.is_dir():
@@ -406,6 +409,11 @@ def check_output_file(target: Path, named: str) -> None:
         if is_model_dir(folder):
             raise ValueError(f"{named} is inside the semid model directory {folder}, which holds a model and the "
                              "registry of IDs it handed out: write it to another path")
+    if not target.exists() or target.is_file():  # a device or a pipe (/dev/null) is written into, not beside
+        try:
+            probe_writable(target)
+        except OSError as exc:
+            raise ValueError(f"{named} cannot be written: {exc.strerror or exc}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -419,6 +427,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     def one_line_warning(message, category, *_args, **_kwargs) -> None:
         print(f"semid {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
+    # SIGTERM (a job scheduler, `timeout`, docker stop) interrupts as Ctrl-C does, so that what a run was doing
+    # is undone or named: a model replace puts the old model back, a checkpoint is pointed to.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     try:
         if args.threads:  # inside the try: Ctrl-C during torch's import is an interruption like any other
             import torch
@@ -428,17 +440,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = one_line_warning
             check_output_paths(args)
             return args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         checkpoint = getattr(args, "checkpoint", None)
         left = f"; the checkpoint {checkpoint} resumes it (--resume)" if checkpoint and Path(checkpoint).exists() else ""
-        print(f"\nsemid {args.command}: interrupted{left}", file=sys.stderr)
-        return 130
+        how = "terminated" if isinstance(stop, Terminated) else "interrupted"
+        print(f"\nsemid {args.command}: {how}{left}", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
     except Exception as exc:  # one line for the user; --debug for the traceback
         if args.debug:
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"semid {args.command}: error: {message}", file=sys.stderr)
         return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, so that it unwinds as from Ctrl-C (see `main`)."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 if __name__ == "__main__":

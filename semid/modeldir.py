@@ -59,11 +59,15 @@ def check_save_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
     target = Path(path).absolute()
     if Path.cwd().is_relative_to(target):
         raise ModelDirError(f"{path} is the current directory or one above it; name a new directory to save into")
-    if not target.exists() and (left := interrupted_replaces(target)):
+    inside = next((folder for folder in target.parents if is_model_dir(folder)), None)
+    if inside is not None:  # `train --overwrite` of that model would delete this one, registry and all
+        raise ModelDirError(f"{path} is inside the semid model directory {inside}; save next to it, not in it")
+    free = not target.exists() or (target.is_dir() and not any(target.iterdir()))  # an empty directory is free
+    if free and (left := interrupted_replaces(target)):
         raise ModelDirError(f"a replace of the model at {path} was interrupted, and its previous model, with the "
                             f"registry of every ID it handed out, is in {left[0]}: rename that back to {path} "
                             "(then overwrite it if you mean to), or delete it, before saving a new model there")
-    if target.exists() and not (target.is_dir() and not any(target.iterdir())):  # an empty directory is free
+    if not free:
         if is_model_dir(target):
             if not overwrite:
                 raise ModelDirError(
@@ -87,15 +91,24 @@ def staging_dir(target: Path) -> Path:
     return staging
 
 
-def replace_dir(staging: Path, target: Path) -> None:
+def replace_dir(staging: Path, target: Path, overwrite: bool = True) -> None:
     """Move a complete staging directory onto target: readers see the old model or the new one, never a mix.
+
+    Without `overwrite`, a model that another save put at target since `check_save_target` (two saves to one
+    new path) is refused, not replaced: the rename of a directory onto one that is not empty fails.
 
     Two renames: the old model aside, the new one in. An exception or Ctrl-C between them puts the old one
     back; a process killed there leaves it as `.<name>.old-*`, which `present_or_raise` and
     `check_save_target` point to, so that it is restored rather than shadowed by a new registry.
     """
-    if not target.exists():
-        os.replace(staging, target)
+    if not overwrite or not target.exists():
+        try:
+            os.replace(staging, target)  # replaces at most an empty directory
+        except OSError:
+            if not target.is_dir() or not any(target.iterdir()):
+                raise
+            raise ModelDirError(f"{target} was written by another save meanwhile; refusing to replace it (a model "
+                                "is replaced only with overwrite=True)") from None
         return
     retired = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
     try:

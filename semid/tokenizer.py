@@ -434,7 +434,7 @@ class SemanticIdTokenizer:
                      **{digest_key: _sha256(staging / name) for name, digest_key in _DIGESTED.items()}},
                     staging / "meta.json",
                 )
-                replace_dir(staging, target)
+                replace_dir(staging, target, overwrite)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise

@@ -563,3 +563,24 @@ def test_an_interrupted_command_names_itself_and_the_checkpoint_it_left(tmp_path
     args = ["train", "--data", "x.npy", "--out", str(tmp_path / "m"), "--checkpoint", str(checkpoint)]
     assert semid.cli.main(args) == 130
     assert capsys.readouterr().err == f"\nsemid train: interrupted; the checkpoint {checkpoint} resumes it (--resume)\n"
+
+
+def test_sigterm_unwinds_a_command_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
+    """A scheduler's SIGTERM (timeout, docker stop) reaches the command as an exception, so that what it was
+    doing is undone or named; the handler it replaced is back afterwards."""
+    import os
+    import signal
+    import time
+
+    import semid.cli
+
+    def terminated(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+        pytest.fail("SIGTERM did not interrupt the command")
+
+    monkeypatch.setattr(semid.cli, "cmd_train", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert semid.cli.main(["train", "--data", "x.npy", "--out", str(tmp_path / "m")]) == 143
+    assert capsys.readouterr().err == "\nsemid train: terminated\n"
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -515,3 +515,36 @@ def test_a_saved_config_that_cannot_be_used_is_named_as_the_models(model):
     _rewrite_config(model, lambda text: re.sub(r"(?m)^distance = .*$", 'distance = "manhattan"', text))
     with pytest.raises(ModelDirError, match=r"model/config.toml cannot be used: config key 'quantizer.distance'"):
         SemanticIdTokenizer.load(model)
+
+
+def test_two_saves_to_one_new_path_do_not_both_succeed(model, fitted, tmp_path, monkeypatch):
+    """Both find the path free; the second to finish must not replace the first one's model (and registry)."""
+    import semid.tokenizer
+
+    first, second = SemanticIdTokenizer.load(fitted), SemanticIdTokenizer.load(model)
+    target = tmp_path / "new"
+    real_staging = semid.tokenizer.staging_dir
+
+    def staging_after_another_save(where):  # the other save lands between this one's check and its rename
+        monkeypatch.setattr(semid.tokenizer, "staging_dir", real_staging)
+        first.save(target)
+        return real_staging(where)
+
+    monkeypatch.setattr(semid.tokenizer, "staging_dir", staging_after_another_save)
+    with pytest.raises(ModelDirError, match="was written by another save meanwhile; refusing to replace it"):
+        second.save(target)
+    assert SemanticIdTokenizer.load(target).registry.keys.to_list() == first.registry.keys.to_list()
+    assert not list(tmp_path.glob(".new.*"))  # the refused save's staging directory is gone
+
+
+def test_a_model_is_never_saved_inside_another(model, fitted):
+    """`train --overwrite` of the outer model would delete the inner one, registry and all."""
+    with pytest.raises(ModelDirError, match=r"is inside the semid model directory .*model; save next to it"):
+        SemanticIdTokenizer.load(fitted).save(model / "inner")
+
+
+def test_an_empty_directory_does_not_hide_a_model_a_killed_replace_left(model):
+    os.replace(model, model.parent / ".model.old-0123456789ab")
+    model.mkdir()
+    with pytest.raises(ModelDirError, match=r"interrupted.*rename that back"):
+        check_save_target(model)
