@@ -787,3 +787,28 @@ def test_registry_id_length_rule():
     np.testing.assert_array_equal(ids, [[0, 1, 1], [1, 1, 0]])
     ids = reg.assign(["e"], np.array([[0, 0]]), np.zeros(1), "suffix", codebook_sizes=[2, 2])
     np.testing.assert_array_equal(ids, [[0, 0, 1]])
+
+
+def test_a_registry_whose_content_changed_after_saving_is_refused(tmp_path):
+    """Parquet readers do not check page checksums: a value changed inside its range (a flipped bit, an edit that
+    kept the file's metadata) would silently give an item another ID. The saved digest catches it."""
+    reg = IdRegistry()
+    keys = np.array([f"item{i}" for i in range(50)], dtype=object)
+    codes = np.arange(150).reshape(50, 3) % 7
+    reg.assign(keys, codes, np.zeros(50), "suffix", codebook_sizes=[7, 7, 7])
+    path = reg.save(tmp_path / "registry.parquet")
+    assert IdRegistry.load(path).content_digest() == reg.content_digest()
+    metadata = pl.read_parquet_metadata(path)
+    frame = pl.read_parquet(path)
+    ids = np.array(frame["id"].to_list())
+    ids[3, 1] = (ids[3, 1] + 1) % 7  # still a valid code
+    changed = frame.with_columns(pl.Series("id", ids.tolist()))
+    changed.write_parquet(tmp_path / "changed.parquet", metadata=metadata)
+    with pytest.raises(ValueError, match=r"changed.parquet: its content does not match the digest it was saved with"):
+        IdRegistry.load(tmp_path / "changed.parquet")
+    frame.with_columns(pl.Series("key", [f"item{i}" for i in range(49)] + ["other"])).write_parquet(
+        tmp_path / "renamed.parquet", metadata=metadata)
+    with pytest.raises(ValueError, match="does not match the digest"):
+        IdRegistry.load(tmp_path / "renamed.parquet")
+    frame.write_parquet(tmp_path / "older.parquet")  # an earlier semid's registry, without a digest: loads
+    assert IdRegistry.load(tmp_path / "older.parquet").content_digest() == reg.content_digest()
