@@ -471,6 +471,10 @@ class SemanticIdTokenizer:
                     "since): its registry belongs with its own weights; save(path, overwrite=True) replaces the model"
                 )
             self._check_registry_unchanged(root)
+            # Under the lock no other save of this registry is under way: a temp file of one is what a killed
+            # save left behind (up to a registry's size each), and goes.
+            for left in root.glob(".registry.tmp-*"):
+                left.unlink(missing_ok=True)
             self.registry.save(file)
             self._registry_source = (root, file_stamp(file))
 

@@ -144,6 +144,16 @@ def test_encode_records_new_ids_before_writing_the_output(items, model, tmp_path
     assert len(pl.read_parquet(model / "registry.parquet")) == N_FIT + 100
 
 
+def test_saving_a_registry_removes_what_a_killed_save_left(items, model, tmp_path):
+    left = model / ".registry.tmp-0123456789ab.parquet"  # kill -9 before the rename
+    left.write_bytes(b"x" * 1000)
+    ids, x = items
+    tok = SemanticIdTokenizer.load(model)
+    tok.encode(_frame(ids[N_FIT : N_FIT + 5], x[N_FIT : N_FIT + 5]))
+    tok.save_registry(model)
+    assert not left.exists() and SemanticIdTokenizer.load(model).registry.lookup(ids[N_FIT : N_FIT + 5])[0].all()
+
+
 def test_a_registry_that_changed_since_loading_is_not_overwritten(items, model):
     ids, x = items
     first, second = SemanticIdTokenizer.load(model), SemanticIdTokenizer.load(model)
