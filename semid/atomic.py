@@ -24,10 +24,10 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None]) -> N
     it names is replaced, and the link stays. A device or pipe (/dev/null, /dev/stdout) is written into,
     once the whole output is ready: renaming onto it would replace the device node itself, which root may do.
     """
-    target = Path(os.path.realpath(path))
-    if target.exists() and not target.is_file() and not target.is_dir():
-        _write_into_stream(target, write_fn)
+    if is_stream(path):
+        _write_into_stream(Path(path), write_fn)
         return
+    target = Path(os.path.realpath(path))
     tmp = target.with_name(f".{target.stem}.tmp-{uuid.uuid4().hex[:12]}{target.suffix}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -47,6 +47,15 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None]) -> N
         _discard(tmp)
         raise
     _fsync_dir(target.parent)
+
+
+def is_stream(path: str | os.PathLike) -> bool:
+    """Whether path names a device or a pipe, which an output is written into rather than replaced.
+
+    Asked of the path as given: /dev/stdout on a pipe resolves to /proc/<pid>/fd/pipe:[n], a name that does
+    not exist, while opening /dev/stdout itself reaches the pipe."""
+    path = Path(path)
+    return path.exists() and not path.is_file() and not path.is_dir()
 
 
 def probe_writable(path: str | os.PathLike) -> None:

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from semid.atomic import is_stream, probe_writable
 from semid.config import DEFAULT_CONFIG, DEVICE_NAMES, is_device_name, shipped_file
 
 if TYPE_CHECKING:
@@ -389,16 +390,16 @@ def check_output_paths(args: argparse.Namespace) -> None:
         if inside_model(target):
             raise ValueError(f"--{name} {value} is inside the model directory {model}, which holds the model and "
                              "the registry of IDs handed out: write it to another path")
+        if is_stream(value):  # /dev/null, /dev/stdout: written into, and may take every output
+            continue
         check_output_file(target, f"--{name} {value}")
-        if not target.exists() or target.is_file():  # /dev/null may take every output
-            seen[target] = f"the output --{name} {value}"
+        seen[target] = f"the output --{name} {value}"
 
 
 def check_output_file(target: Path, named: str) -> None:
     """Refuse, before any work, a file output that cannot be one: a directory, a path under a file, or a path
     inside any semid model directory (whose files an output would replace, and which `train --overwrite`
     deletes whole)."""
-    from semid.atomic import probe_writable
     from semid.modeldir import is_model_dir
 
     if target.is_dir():
@@ -409,11 +410,10 @@ def check_output_file(target: Path, named: str) -> None:
         if is_model_dir(folder):
             raise ValueError(f"{named} is inside the semid model directory {folder}, which holds a model and the "
                              "registry of IDs it handed out: write it to another path")
-    if not target.exists() or target.is_file():  # a device or a pipe (/dev/null) is written into, not beside
-        try:
-            probe_writable(target)
-        except OSError as exc:
-            raise ValueError(f"{named} cannot be written: {exc.strerror or exc}") from None
+    try:
+        probe_writable(target)
+    except OSError as exc:
+        raise ValueError(f"{named} cannot be written: {exc.strerror or exc}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -489,6 +489,23 @@ def test_atomic_write_into_a_pipe_writes_through_it_and_leaves_it_a_pipe(tmp_pat
     assert stat.S_ISFIFO(os.stat(pipe).st_mode) and _dir_entries(tmp_path) == ["out.json"]
 
 
+@pytest.mark.skipif(not Path("/dev/stdout").exists(), reason="needs /dev/stdout")
+def test_outputs_to_dev_stdout_on_a_pipe_reach_the_pipe():
+    """`semid evaluate --json /dev/stdout | jq`: on a pipe /dev/stdout resolves to a name that does not exist
+    (/proc/<pid>/fd/pipe:[n]); the output goes into the pipe, and two outputs may share it."""
+    script = textwrap.dedent("""
+        import argparse
+        from semid.atomic import atomic_write
+        from semid.cli import check_output_paths
+        check_output_paths(argparse.Namespace(command="evaluate", data="items.npy", model=None, sequences=None,
+                                              interactions=None, json="/dev/stdout", plot="/dev/stdout"))
+        atomic_write("/dev/stdout", lambda tmp: tmp.write_text("through the pipe"))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "through the pipe"
+
+
 def test_write_json_atomic_handles_numpy_and_refuses_unknown(tmp_path):
     target = tmp_path / "a" / "b" / "r.json"
     write_json_atomic({"mse": np.float32(0.5), "usage": np.array([1.0, 0.25]), "n": np.int64(3)}, target)
