@@ -568,7 +568,7 @@ class Trainer:
         self.state.final = best
         if best.get("fvu", 0.0) > 1.0:
             warnings.warn(NotConvergedWarning(
-                f"the trained model reconstructs the items worse than their mean vector does (fvu {best['fvu']:.3g} "
+                f"the trained model reconstructs the items worse than their mean vector does (fvu {best['fvu']:.4f} "
                 f"> 1): training did not converge. Lower train.lr (now {t.lr:g}), or check model.latent_norm "
                 f"({self.config.model.latent_norm:g}) and train.weight_decay ({t.weight_decay:g})"
             ), stacklevel=2)
