@@ -7,12 +7,17 @@ so an interrupted run never leaves a half-written file that looks valid.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
 from typing import Callable
+
+
+_WRITE_ONLY_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT}  # failures only a write meets
 
 
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None]) -> None:
@@ -35,18 +40,27 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None]) -> N
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
-    except OSError as exc:
+    except Exception as exc:
         _discard(tmp)
-        # A failure to write the output (a full disk, a read-only folder) names the file meant, not its temp
-        # file; an error about another file (one the writer reads) is left as it is.
-        if exc.filename is not None and Path(exc.filename) not in (tmp, *tmp.parents):
+        # A failure to write the output (a full disk, a read-only folder) is named as this output's, not its temp
+        # file's; an error about another file (one the writer reads) is left as it is. Writers in Rust (polars)
+        # report the system's error in their text, "(os error 28)", often without a file name or an errno.
+        number = exc.errno if isinstance(exc, OSError) and exc.errno is not None else _rust_errno(exc)
+        ours = isinstance(exc, OSError) and (exc.filename is None or Path(exc.filename) in (tmp, *tmp.parents))
+        if not ours and number not in _WRITE_ONLY_ERRNOS:
             raise
-        message = f"cannot write {path}: {exc.strerror or exc}"
-        raise (type(exc)(exc.errno, message) if exc.errno is not None else type(exc)(message)) from None
+        kind = type(exc) if isinstance(exc, OSError) else OSError
+        message = f"cannot write {path}: {os.strerror(number) if number is not None else exc}"
+        raise (kind(number, message) if number is not None else kind(message)) from None
     except BaseException:
         _discard(tmp)
         raise
     _fsync_dir(target.parent)
+
+
+def _rust_errno(exc: Exception) -> int | None:
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    return int(found.group(1)) if found else None
 
 
 def is_stream(path: str | os.PathLike) -> bool:

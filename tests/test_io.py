@@ -461,6 +461,27 @@ def test_an_atomic_write_that_the_system_refuses_names_the_file_meant(tmp_path):
     assert info.value.filename == str(tmp_path / "missing.txt") and "cannot write" not in str(info.value)
 
 
+def test_a_full_disk_reported_by_a_rust_writer_names_the_output(tmp_path):
+    """polars reports the system's error in its own exception's text, without the file; only failures that
+    writing alone meets (full disk, file too large, read-only) are taken for this output's."""
+    class ComputeError(Exception):  # polars.exceptions.ComputeError, as a full disk raised it
+        pass
+
+    def full(tmp: Path) -> None:
+        tmp.write_bytes(b"part")
+        raise ComputeError("parquet: File out of specification: underlying IO error: File too large (os error 27)")
+
+    with pytest.raises(OSError, match=r"cannot write .*ids\.parquet: File too large") as info:
+        atomic_write(tmp_path / "ids.parquet", full)
+    assert info.value.errno == 27 and _dir_entries(tmp_path) == []
+
+    def reading(tmp: Path) -> None:  # a source the writer scans is missing: not about the output
+        raise ComputeError("No such file or directory (os error 2): items.parquet")
+
+    with pytest.raises(ComputeError):
+        atomic_write(tmp_path / "ids.parquet", reading)
+
+
 def test_atomic_write_follows_a_symlink_and_keeps_it(tmp_path):
     real = tmp_path / "data" / "report.json"
     write_json_atomic({"v": 1}, real)
