@@ -6,6 +6,8 @@ Every error reaches the user as one line on stderr naming the problem, with a no
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import signal
 import sys
 import threading
@@ -446,6 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         how = "terminated" if isinstance(stop, Terminated) else "interrupted"
         print(f"\nsemid {args.command}: {how}{left}", file=sys.stderr)
         return 143 if isinstance(stop, Terminated) else 130
+    except BrokenPipeError:  # the reader left (`| head`): its choice, not this command's error
+        _silence_stdout()
+        return 141
     except Exception as exc:  # one line for the user; --debug for the traceback
         if args.debug:
             raise
@@ -455,6 +460,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit does not fail on the closed pipe once more."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):  # not a real file (a test's capture)
+        pass
 
 
 class Terminated(KeyboardInterrupt):

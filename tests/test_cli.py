@@ -565,6 +565,18 @@ def test_an_interrupted_command_names_itself_and_the_checkpoint_it_left(tmp_path
     assert capsys.readouterr().err == f"\nsemid train: interrupted; the checkpoint {checkpoint} resumes it (--resume)\n"
 
 
+def test_a_reader_that_leaves_the_pipe_is_no_error(monkeypatch, capsys):
+    """`semid info --model M | head -1`: the closed pipe ends the command quietly, as it ends `cat`."""
+    import semid.cli
+
+    def printing_into_a_closed_pipe(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(semid.cli, "cmd_info", printing_into_a_closed_pipe)
+    assert semid.cli.main(["info", "--model", "m"]) == 141
+    assert capsys.readouterr().err == ""
+
+
 def test_sigterm_unwinds_a_command_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
     """A scheduler's SIGTERM (timeout, docker stop) reaches the command as an exception, so that what it was
     doing is undone or named; the handler it replaced is back afterwards."""
