@@ -306,7 +306,8 @@ def test_semid_rqkmeans_is_benchmarked_without_prefix_centres(one_torch_thread) 
     kmeans = bench_quality.make_system("semid-rqkmeans", None, "cpu", config).fit(x, 2, 8, 0)
     assert kmeans.overrides["quantizer.prefix_centres"] is False
     assert not kmeans._tok.model.quantizer.has_centres
-    rqvae = bench_quality.make_system("semid-rqvae-rotation", 5, "cpu", config).fit(x, 2, 8, 0)
+    quick = {"train.min_epochs": 0, "train.decoder_refit_steps": 0}  # 5 steps, not 300 passes and a refit
+    rqvae = bench_quality.make_system("semid-rqvae-rotation", 5, "cpu", config, quick).fit(x, 2, 8, 0)
     assert rqvae._tok.model.quantizer.has_centres
 
 
@@ -321,8 +322,8 @@ def test_semid_rows_record_the_training_history(one_torch_thread) -> None:
     assert [h["step"] for h in row["history"]] == [10, 20]
     assert all(0.0 < h["fvu"] and 0.0 <= h["collision_rate"] <= 1.0 and h["loss"] > 0 for h in row["history"])
     assert row["history"] == system.history
-    raised = bench_quality.make_system("semid-rqvae-rotation", 2, "cpu", config, {"train.eval_every": 0,
-                                                                                  "train.min_epochs": 20})
+    raised = bench_quality.make_system("semid-rqvae-rotation", 2, "cpu", config, {
+        "train.eval_every": 0, "train.min_epochs": 20, "train.decoder_refit_steps": 0})
     bench_quality.measure(raised, x, 2, 8, seed=0, sequences=None)
     assert raised.steps_run == 20  # the steps that ran (train.min_epochs raised them), not the floor of 2
     assert "history" not in bench_quality.measure(peers.FaissResidualQuantizer(), x, 2, 8, seed=0, sequences=None)
