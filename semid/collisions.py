@@ -80,12 +80,22 @@ def tuple_group_ids(codes: np.ndarray, codebook_sizes: Sequence[int]) -> np.ndar
     n, levels = codes.shape
     if levels == 0:
         return np.zeros(n, dtype=np.int64)
-    if math.prod(int(k) for k in codebook_sizes) <= _INT64_MAX:
-        strides = np.cumprod([1, *[int(k) for k in codebook_sizes[:0:-1]]])[::-1].astype(np.int64)  # (levels,)
-        _, inverse = np.unique(codes @ strides, return_inverse=True)
+    packed = _packed_rows(codes, codebook_sizes)
+    if packed is not None:
+        _, inverse = np.unique(packed, return_inverse=True)
     else:
         _, inverse = np.unique(codes, axis=0, return_inverse=True)
     return inverse.reshape(-1).astype(np.int64, copy=False)
+
+
+def _packed_rows(rows: np.ndarray, limits: Sequence[int]) -> np.ndarray | None:
+    """(n,) int64 keys of (n, m) rows whose column j holds values in [0, limits[j]): mixed radix over the
+    limits, so that equal rows get equal keys and a 1-D sort compares rows. None where the keys would not fit
+    in an int64."""
+    if math.prod(int(k) for k in limits) > _INT64_MAX:
+        return None
+    strides = np.cumprod([1, *[int(k) for k in limits[:0:-1]]])[::-1].astype(np.int64)  # (m,)
+    return rows @ strides
 
 
 def _two_equal_rows(rows: np.ndarray, limits: Sequence[int]) -> tuple[int, int] | None:
@@ -96,9 +106,8 @@ def _two_equal_rows(rows: np.ndarray, limits: Sequence[int]) -> tuple[int, int] 
     """
     if len(rows) < 2:
         return None
-    if math.prod(int(k) for k in limits) <= _INT64_MAX:
-        strides = np.cumprod([1, *[int(k) for k in limits[:0:-1]]])[::-1].astype(np.int64)
-        keys = rows @ strides
+    keys = _packed_rows(rows, limits)
+    if keys is not None:
         order = np.argsort(keys, kind="stable")
         repeats = np.flatnonzero(keys[order[1:]] == keys[order[:-1]])
     else:

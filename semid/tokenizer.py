@@ -509,7 +509,7 @@ class SemanticIdTokenizer:
         tok = cls(config)
         model = RQVAE(meta["input_dim"], config.model, config.quantizer)
         try:
-            state = load_tensors(root / "model.pt")
+            state = load_tensors(root / "model.pt", checksums=_DIGESTED["model.pt"] not in meta)  # digest below
             model.load_state_dict(state)
         except Exception as exc:
             raise ModelDirError(f"{root}/model.pt is truncated, corrupt or from another model: "

@@ -132,12 +132,13 @@ class CorruptFileError(ValueError):
     """A torch file whose zip members fail their checksums: damaged after it was written."""
 
 
-def load_tensors(path: Path) -> Any:
+def load_tensors(path: Path, checksums: bool = True) -> Any:
     """torch.load of a file of tensors (weights_only), onto the CPU, after checking every zip member's CRC.
 
     torch reads a torch file's members without checking their checksums, so flipped bits in a checkpoint
-    would resume training from other weights, silently; the check reads the file once more (35 MB: ms)."""
-    if zipfile.is_zipfile(path):
+    would resume training from other weights, silently; the check reads the file once more (35 MB: ms).
+    `checksums=False` where a digest of the whole file is checked anyway (a model's weights)."""
+    if checksums and zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
         if bad is not None:
