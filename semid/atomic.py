@@ -2,7 +2,8 @@
 
 Why a module of its own: checkpoints (semid.train) and configs (semid.config) are written where polars, which
 semid.io needs, may be missing (a GPU worker's image); every writer in semid goes through this one function,
-so an interrupted run never leaves a half-written file that looks valid.
+so an interrupted run never leaves a half-written file that looks valid, and a killed one leaves no temp file
+for longer than until the next write of the same output.
 """
 from __future__ import annotations
 
@@ -14,18 +15,23 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, so temps are not claimed and a killed write's stay behind
+    fcntl = None
+
+_TEMP_HEX = 12  # hex digits of a temp's random part
 
 _WRITE_ONLY_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT}  # failures only a write meets
 
 
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None]) -> None:
-    """Run `write_fn(tmp)` on a temp path next to `path`, fsync it, then rename it onto `path`.
+    """Run `write_fn(tmp)` on a temp path next to `path` (`claimed_temp`), fsync it, then rename it onto `path`.
 
-    The temp file is in the same directory (a rename across file systems is not atomic) and keeps the
-    target's suffix, so writers that pick a format by suffix (np.save adds ".npy" otherwise) behave.
-    If `write_fn` raises, the temp file is removed and `path` is untouched. A symlink is followed: the file
+    If `write_fn` raises, the temp file is removed and `path` is untouched; if the process is killed, the next
+    write of `path` removes it. A symlink is followed: the file
     it names is replaced, and the link stays. A device or pipe (/dev/null, /dev/stdout) is written into,
     once the whole output is ready: renaming onto it would replace the device node itself, which root may do.
     """
@@ -33,28 +39,25 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None]) -> N
         _write_into_stream(Path(path), write_fn)
         return
     target = Path(os.path.realpath(path))
-    tmp = target.with_name(f".{target.stem}.tmp-{uuid.uuid4().hex[:12]}{target.suffix}")
+    tmp = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_fn(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        with claimed_temp(target) as tmp:
+            write_fn(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
     except Exception as exc:
-        _discard(tmp)
         # A failure to write the output (a full disk, a read-only folder) is named as this output's, not its temp
         # file's; an error about another file (one the writer reads) is left as it is. Writers in Rust (polars)
         # report the system's error in their text, "(os error 28)", often without a file name or an errno.
         number = exc.errno if isinstance(exc, OSError) and exc.errno is not None else _rust_errno(exc)
-        ours = isinstance(exc, OSError) and (exc.filename is None or Path(exc.filename) in (tmp, *tmp.parents))
+        ours = isinstance(exc, OSError) and (exc.filename is None or Path(exc.filename) in (tmp, target, *target.parents))
         if not ours and number not in _WRITE_ONLY_ERRNOS:
             raise
         kind = type(exc) if isinstance(exc, OSError) else OSError
         message = f"cannot write {path}: {os.strerror(number) if number is not None else exc}"
         raise (kind(number, message) if number is not None else kind(message)) from None
-    except BaseException:
-        _discard(tmp)
-        raise
     _fsync_dir(target.parent)
 
 
@@ -82,10 +85,97 @@ def probe_writable(path: str | os.PathLike) -> None:
     probe.unlink()
 
 
-def _discard(tmp: Path) -> None:
-    """Remove a temp file that may never have been made (its folder may not even be one)."""
+def temp_beside(target: Path) -> Path:
+    """A fresh temp name beside target: hidden, in the same folder (a rename across file systems is not atomic),
+    with the target's suffix kept (writers that pick a format by suffix, as np.save adds ".npy" otherwise)."""
+    return target.with_name(f".{target.stem}.tmp-{uuid.uuid4().hex[:_TEMP_HEX]}{target.suffix}")
+
+
+@contextlib.contextmanager
+def claimed_temp(target: Path, directory: bool = False) -> Iterator[Path]:
+    """A new temp file (or directory) beside target, removed on an exception, and locked while the block runs.
+
+    Why the lock: a process killed by kill -9, the OOM killer or a pre-empted spot instance cannot remove its
+    temp, and those are as large as the output (a checkpoint, a catalogue's IDs, a whole model). A temp whose
+    lock is free belongs to nobody (flock is released however a process ends), so the temps a killed write left
+    beside target are removed here first, while a live writer's, locked, are left alone.
+    """
+    _remove_abandoned(target)
+    path, handle = _make_claimed(target, directory)
+    try:
+        yield path
+    except BaseException:
+        _remove(path)
+        raise
+    finally:
+        if handle is not None:
+            os.close(handle)
+
+
+def _make_claimed(target: Path, directory: bool) -> tuple[Path, int | None]:
+    """Make a temp beside target and take its lock; a sweep by another process that takes the lock in the
+    instant between the two removes that temp, so the lock counts only where the name still holds our file."""
+    for _ in range(100):
+        path = temp_beside(target)
+        if directory:
+            path.mkdir()
+        else:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        if fcntl is None:
+            return path, None
+        handle = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if names_open_file(path, handle):
+                return path, handle
+        except BlockingIOError:
+            pass
+        os.close(handle)
+    raise OSError(f"cannot claim a temp file beside {target}: another process keeps removing them")
+
+
+def _remove_abandoned(target: Path) -> None:
+    """Remove the temps beside target whose lock is free: their writer ended without removing them."""
+    if fcntl is None:
+        return
+    pattern = re.compile(re.escape(f".{target.stem}.tmp-") + f"[0-9a-f]{{{_TEMP_HEX}}}" + re.escape(target.suffix))
+    try:
+        entries = [entry.name for entry in os.scandir(target.parent) if pattern.fullmatch(entry.name)]
+    except OSError:  # no folder yet: nothing to remove, and the write itself says what is wrong
+        return
+    for name in entries:
+        path = target.parent / name
+        try:
+            handle = os.open(path, os.O_RDONLY)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if names_open_file(path, handle):
+                _remove(path)
+        except OSError:  # locked by its live writer, or not ours to remove
+            pass
+        finally:
+            os.close(handle)
+
+
+def names_open_file(path: Path, handle: int) -> bool:
+    """Whether `path` still names the file that the descriptor `handle` has open (a rename onto it, or its
+    removal, since it was opened means that it does not)."""
+    try:
+        named, held = os.stat(path), os.fstat(handle)
+    except FileNotFoundError:
+        return False
+    return (named.st_ino, named.st_dev) == (held.st_ino, held.st_dev)
+
+
+def _remove(path: Path) -> None:
+    """Remove a temp file or directory that may be gone already."""
     with contextlib.suppress(OSError):
-        tmp.unlink(missing_ok=True)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _write_into_stream(target: Path, write_fn: Callable[[Path], None]) -> None:

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import sys
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -27,7 +26,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import polars as pl
 
-from semid.atomic import atomic_write
+from semid.atomic import atomic_write, claimed_temp
 
 SUFFIXES = (".npy", ".parquet")
 # Hint appended to missing-column errors, since the usual fix is to name the right column.
@@ -564,45 +563,36 @@ def write_npy_atomic(arr: np.ndarray, path: str | os.PathLike) -> None:
 class ParquetShardWriter:
     """Collect DataFrame batches into one parquet file without holding them all in memory.
 
-    Each batch goes to a part file in a hidden temp directory next to the target. On a clean exit of the
-    `with` block the parts are concatenated lazily (scan + sink, streaming) into the target through
-    `atomic_write`, and the directory is removed. On an exception only the directory is removed, so
-    nothing, old or partial, appears at the target path.
+    Each batch goes to a part file in a hidden temp directory next to the target (`claimed_temp`: one that a
+    killed run left is removed by the next write of the target). On a clean exit of the `with` block the parts
+    are concatenated lazily (scan + sink, streaming) into the target through `atomic_write`; the directory is
+    removed however the block ends, so nothing, old or partial, appears at the target path.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self._dir = self.path.with_name(f".{self.path.name}.parts-{uuid.uuid4().hex[:12]}")
+        self._claim = claimed_temp(Path(os.path.realpath(path)), directory=True)
         self._parts: list[Path] = []
 
     def __enter__(self) -> ParquetShardWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._dir = self._claim.__enter__()
         return self
 
     def write(self, df: pl.DataFrame) -> None:
-        self._dir.mkdir(parents=True, exist_ok=True)
         part = self._dir / f"part-{len(self._parts):06d}.parquet"
         df.write_parquet(part)
         self._parts.append(part)
 
-    def close(self) -> None:
-        """Concatenate the parts into the target (in write order) and remove them."""
-        try:
-            if not self._parts:
-                raise ValueError(f"no batches were written to {self.path}")
-            write_parquet_atomic(pl.scan_parquet(self._parts), self.path)
-        finally:
-            self.abort()
-
-    def abort(self) -> None:
-        """Drop everything written so far."""
-        shutil.rmtree(self._dir, ignore_errors=True)
-        self._parts = []
-
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
+        try:
+            if exc_type is None:
+                if not self._parts:
+                    raise ValueError(f"no batches were written to {self.path}")
+                write_parquet_atomic(pl.scan_parquet(self._parts), self.path)
+        finally:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._claim.__exit__(None, None, None)  # releases the directory's lock
 
 
 def read_rows(path: str | os.PathLike, rows: np.ndarray, *, emb_col: str = "embedding") -> np.ndarray:

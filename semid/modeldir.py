@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import IO, Iterator
 
-from semid.atomic import probe_writable
+from semid.atomic import claimed_temp, names_open_file, probe_writable
 
 try:
     import fcntl
@@ -84,11 +84,10 @@ def check_save_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
     return target
 
 
-def staging_dir(target: Path) -> Path:
-    """An empty directory beside target to build the new model in (mode from the umask, as any mkdir)."""
-    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
-    staging.mkdir()
-    return staging
+def staging_dir(target: Path) -> contextlib.AbstractContextManager[Path]:
+    """An empty directory beside target to build the new model in (mode from the umask, as any mkdir), removed
+    if the block raises; one that a killed save left is removed by the next save to target (`claimed_temp`)."""
+    return claimed_temp(target, directory=True)
 
 
 def replace_dir(staging: Path, target: Path, overwrite: bool = True) -> None:
@@ -167,7 +166,7 @@ def registry_lock(model_dir: str | os.PathLike) -> Iterator[None]:
         outer = next((h for h in reversed(held) if h is not None), None)
         # Re-entrance keeps the outer flock, unless a save replaced the directory under it meanwhile: that flock
         # is on the old lock file, which no longer guards the registry, so the new one is locked too.
-        relock = fcntl is not None and (not held or (outer is not None and not _names(root / REGISTRY_LOCK, outer)))
+        relock = fcntl is not None and (not held or (outer is not None and not names_open_file(root / REGISTRY_LOCK, outer.fileno())))
         handle = _locked_file(root / REGISTRY_LOCK) if relock else None
         held.append(handle)
         try:
@@ -177,14 +176,6 @@ def registry_lock(model_dir: str | os.PathLike) -> Iterator[None]:
             held.pop()
             if not held:
                 del _held[root]
-
-
-def _names(path: Path, handle: IO[str]) -> bool:
-    """Whether `path` still names the file `handle` has open (a replace of the directory makes a new one)."""
-    try:
-        return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
-    except FileNotFoundError:
-        return False
 
 
 def _can_write(folder: Path) -> bool:
@@ -214,7 +205,7 @@ def _locked_file(path: Path) -> IO[str] | None:
             raise ModelDirError(f"cannot open the registry lock {path}: {exc.strerror or exc}; without it two "
                                 "encodes could hand out the same IDs") from None
         fcntl.flock(handle, fcntl.LOCK_EX)
-        if _names(path, handle):
+        if names_open_file(path, handle.fileno()):
             return handle
         handle.close()
     raise ModelDirError(f"cannot lock {path}: its model directory keeps being replaced or was removed")

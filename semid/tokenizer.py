@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -423,8 +422,7 @@ class SemanticIdTokenizer:
         with registry_lock(target) if is_model_dir(target) else contextlib.nullcontext():
             if resaving:
                 self._check_registry_unchanged(target)
-            staging = staging_dir(target)
-            try:
+            with staging_dir(target) as staging:
                 self.config.save(staging / "config.toml")
                 save_tensors({k: v.cpu() for k, v in model.state_dict().items()}, staging / "model.pt", "model weights")
                 self.registry.save(staging / "registry.parquet")
@@ -435,9 +433,6 @@ class SemanticIdTokenizer:
                     staging / "meta.json",
                 )
                 replace_dir(staging, target, overwrite)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
             self._registry_source = (target.resolve(), file_stamp(target / "registry.parquet"))  # under the lock
         return target
 
@@ -471,10 +466,6 @@ class SemanticIdTokenizer:
                     "since): its registry belongs with its own weights; save(path, overwrite=True) replaces the model"
                 )
             self._check_registry_unchanged(root)
-            # Under the lock no other save of this registry is under way: a temp file of one is what a killed
-            # save left behind (up to a registry's size each), and goes.
-            for left in root.glob(".registry.tmp-*"):
-                left.unlink(missing_ok=True)
             self.registry.save(file)
             self._registry_source = (root, file_stamp(file))
 

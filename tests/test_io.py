@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ import polars as pl
 import pytest
 import torch
 
-from semid.atomic import atomic_write
+from semid.atomic import atomic_write, claimed_temp
 from semid.io import (
     InputError,
     ItemTable,
@@ -442,6 +443,64 @@ def test_atomic_write_failure_keeps_old_file(tmp_path):
     assert json.loads(target.read_text()) == {"v": 1} and _dir_entries(tmp_path) == ["report.json"]
 
 
+_HOLD_A_TEMP = """
+import sys, time
+from pathlib import Path
+from semid.atomic import atomic_write, claimed_temp
+
+target, kind = Path(sys.argv[1]), sys.argv[2]
+
+def hold(tmp):
+    print(tmp.name, flush=True)
+    time.sleep(120)
+
+if kind == "file":
+    atomic_write(target, lambda tmp: (tmp.write_bytes(b"partial"), hold(tmp)))
+else:
+    with claimed_temp(target, directory=True) as staging:
+        (staging / "model.pt").write_bytes(b"partial")
+        hold(staging)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock: a killed write's temp stays on Windows")
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_the_temp_of_a_killed_write_is_removed_by_the_next_write_and_a_live_ones_is_not(tmp_path, kind):
+    """kill -9 (OOM killer, a pre-empted instance) leaves a temp as large as the output: a checkpoint, a whole
+    model's staging directory. The next write of the same output removes it, but never a live writer's."""
+    target = tmp_path / ("ckpt.pt" if kind == "file" else "model")
+    writer = subprocess.Popen([sys.executable, "-c", _HOLD_A_TEMP, str(target), kind], stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        held = writer.stdout.readline().strip()
+        assert held and (tmp_path / held).exists()
+        unrelated = [".ckpt.tmp-0123456789ab.npy", ".other.tmp-0123456789ab.pt", ".ckpt.tmp-0123456789ab.pt.bak",
+                     ".model.old-0123456789ab", "ckpt.tmp-0123456789ab.pt"]  # other outputs' temps, and no temps
+        for name in unrelated:
+            (tmp_path / name).write_bytes(b"keep")
+
+        def next_write() -> None:
+            if kind == "file":
+                atomic_write(target, lambda tmp: tmp.write_bytes(b"whole"))
+            else:
+                with claimed_temp(target, directory=True) as staging:
+                    os.replace(staging, target)  # as a model save ends
+                    shutil.rmtree(target)
+
+        next_write()
+        assert (tmp_path / held).exists()  # its writer is alive: not removed
+        writer.kill()
+        writer.wait(timeout=60)
+        assert (tmp_path / held).exists()
+        next_write()
+        assert not (tmp_path / held).exists()
+        left = set(_dir_entries(tmp_path)) - set(unrelated)
+        assert left == ({"ckpt.pt"} if kind == "file" else set())  # nothing of either write left
+    finally:
+        writer.kill()
+        writer.wait(timeout=60)
+
+
 def test_an_atomic_write_that_the_system_refuses_names_the_file_meant(tmp_path):
     """A full disk or a read-only folder fails in the temp file; the error names the output, keeps its type."""
     target = tmp_path / "ids.parquet"
@@ -516,7 +575,7 @@ def test_outputs_to_dev_stdout_on_a_pipe_reach_the_pipe():
     (/proc/<pid>/fd/pipe:[n]); the output goes into the pipe, and two outputs may share it."""
     script = textwrap.dedent("""
         import argparse
-        from semid.atomic import atomic_write
+        from semid.atomic import atomic_write, claimed_temp
         from semid.cli import check_output_paths
         check_output_paths(argparse.Namespace(command="evaluate", data="items.npy", model=None, sequences=None,
                                               interactions=None, json="/dev/stdout", plot="/dev/stdout"))
