@@ -430,9 +430,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"semid {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
     # SIGTERM (a job scheduler, `timeout`, docker stop) interrupts as Ctrl-C does, so that what a run was doing
-    # is undone or named: a model replace puts the old model back, a checkpoint is pointed to.
+    # is undone or named: a model replace puts the old model back, a checkpoint is pointed to. Each signal is
+    # also recorded: one that lands while torch or numpy is importing can leave a half-made module behind, whose
+    # later error ("module 'numpy' has no attribute 'diff'") is then reported as the interruption it is.
+    received: list[int] = []
+
+    def interrupt(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
     try:
         if args.threads:  # inside the try: Ctrl-C during torch's import is an interruption like any other
             import torch
@@ -443,23 +451,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_output_paths(args)
             return args.func(args)
     except KeyboardInterrupt as stop:
-        checkpoint = getattr(args, "checkpoint", None)
-        left = f"; the checkpoint {checkpoint} resumes it (--resume)" if checkpoint and Path(checkpoint).exists() else ""
-        how = "terminated" if isinstance(stop, Terminated) else "interrupted"
-        print(f"\nsemid {args.command}: {how}{left}", file=sys.stderr)
-        return 143 if isinstance(stop, Terminated) else 130
+        return _stopped(args, terminated=isinstance(stop, Terminated))
     except BrokenPipeError:  # the reader left (`| head`): its choice, not this command's error
         _silence_stdout()
         return 141
     except Exception as exc:  # one line for the user; --debug for the traceback
         if args.debug:
             raise
+        if received:
+            return _stopped(args, terminated=received[-1] == signal.SIGTERM)
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"semid {args.command}: error: {message}", file=sys.stderr)
         return 1
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stopped(args: argparse.Namespace, terminated: bool) -> int:
+    """Say that the command was stopped, and where a checkpoint resumes it; the shell's exit code for the signal."""
+    checkpoint = getattr(args, "checkpoint", None)
+    left = f"; the checkpoint {checkpoint} resumes it (--resume)" if checkpoint and Path(checkpoint).exists() else ""
+    print(f"\nsemid {args.command}: {'terminated' if terminated else 'interrupted'}{left}", file=sys.stderr)
+    return 143 if terminated else 130
 
 
 def _silence_stdout() -> None:
@@ -472,10 +486,6 @@ def _silence_stdout() -> None:
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the command is, so that it unwinds as from Ctrl-C (see `main`)."""
-
-
-def _terminated(signum: int, frame: Any) -> None:
-    raise Terminated()
 
 
 if __name__ == "__main__":

@@ -596,3 +596,34 @@ def test_sigterm_unwinds_a_command_as_ctrl_c_does(tmp_path, monkeypatch, capsys)
     assert semid.cli.main(["train", "--data", "x.npy", "--out", str(tmp_path / "m")]) == 143
     assert capsys.readouterr().err == "\nsemid train: terminated\n"
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.parametrize("signum, code, word", [(2, 130, "interrupted"), (15, 143, "terminated")])
+def test_a_signal_that_breaks_an_import_is_reported_as_the_interruption(tmp_path, monkeypatch, capsys, signum, code,
+                                                                         word):
+    """Ctrl-C while torch or numpy imports can leave a half-made module, whose later error names nothing the
+    user did ("module 'numpy' has no attribute 'diff'"): the command reports the signal, not that error."""
+    import os
+    import signal
+
+    import semid.cli
+
+    def import_broken_by_a_signal(args):
+        try:
+            os.kill(os.getpid(), signum)
+        except BaseException:  # swallowed, as a half-finished import's cleanup may
+            pass
+        raise AttributeError("module 'numpy' has no attribute 'diff'")
+
+    monkeypatch.setattr(semid.cli, "cmd_train", import_broken_by_a_signal)
+    before = signal.getsignal(signal.SIGINT)
+    assert semid.cli.main(["train", "--data", "x.npy", "--out", str(tmp_path / "m")]) == code
+    assert capsys.readouterr().err == f"\nsemid train: {word}\n"
+    assert signal.getsignal(signal.SIGINT) == before
+
+    def broken_without_a_signal(args):
+        raise AttributeError("module 'numpy' has no attribute 'diff'")
+
+    monkeypatch.setattr(semid.cli, "cmd_train", broken_without_a_signal)  # the next command's error is its own
+    assert semid.cli.main(["train", "--data", "x.npy", "--out", str(tmp_path / "m")]) == 1
+    assert "error: module 'numpy' has no attribute 'diff'" in capsys.readouterr().err
