@@ -209,6 +209,33 @@ def batch_size_check(model: Path, data: Path, n: int, batch_sizes: list[int], wo
             "distinct_ids": frames[0]["semantic_id"].n_unique()}
 
 
+def row_group_reads(base: np.ndarray, n: int, seed: int, noise: float, work: Path) -> list[dict]:
+    """Seconds to stream n items through `iter_item_batches`, by the file's row-group size and the batch size.
+
+    Why: a batch decodes every row group it overlaps, so batches smaller than a file's row groups decode each
+    group again and again; this is the figure behind the README's advice to write row groups no larger than
+    `--batch-size`."""
+    from semid.io import iter_item_batches
+
+    source = work / "row-groups-source.parquet"
+    write_catalogue(base, n, seed, noise, source, None)
+    frame = pl.read_parquet(source)
+    source.unlink()
+    results = []
+    for group in (n, 20_000):
+        path = work / f"row-groups-{group}.parquet"
+        frame.write_parquet(path, row_group_size=group)
+        for batch in (65_536, 8_192):
+            started = time.perf_counter()
+            batches = sum(1 for _ in iter_item_batches(path, batch))
+            results.append({"row_group_size": group, "batch_size": batch, "batches": batches,
+                            "seconds": round(time.perf_counter() - started, 2)})
+            print(f"  {n:,} items in row groups of {group:,}, batches of {batch:,}: {results[-1]['seconds']} s",
+                  flush=True)
+        path.unlink()
+    return results
+
+
 # ---- report ---------------------------------------------------------------------------------------
 def memory_growth(runs: list[EncodeRun], dim: int) -> list[dict]:
     """Per format: how much the peak grows per item added, against the bytes per item of the embeddings."""
@@ -261,10 +288,13 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true",
                         help="work in --workdir itself: reuse the model and catalogues found there (an earlier "
                              "--reuse run leaves them), so that runs before and after a change see the same files")
+    parser.add_argument("--row-group-items", type=int, default=200_000,
+                        help="items of the row-group read timing (0: skip it)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "encode.json")
     args = parser.parse_args()
-    if min(args.sizes) < 1 or args.check_items < 0 or args.batch_size < 1 or args.threads < 0:
-        parser.error("sizes and --batch-size must be positive, --check-items (0: no check) and --threads not negative")
+    if min(args.sizes) < 1 or min(args.check_items, args.row_group_items, args.threads) < 0 or args.batch_size < 1:
+        parser.error("sizes and --batch-size must be positive; --check-items, --row-group-items (0: skip) and "
+                     "--threads not negative")
     if args.reuse and not args.workdir:
         parser.error("--reuse needs --workdir")
     if args.threads:
@@ -295,6 +325,8 @@ def main() -> None:
             check_file.unlink()
             print(f"batch-size check on {args.check_items:,} items, batch sizes {args.check_batch_sizes}: "
                   f"{'identical' if check['identical'] else 'DIFFERENT'} outputs", flush=True)
+
+        reads = row_group_reads(base, args.row_group_items, args.seed, args.noise, work) if args.row_group_items else None
 
         runs: list[EncodeRun] = []
         generation = {}
@@ -333,7 +365,7 @@ def main() -> None:
             "mean_cosine_to_source_row": None if cosine is None else round(cosine, 3), "config": str(args.config.relative_to(REPO))
             if args.config.is_relative_to(REPO) else str(args.config), "train_steps": args.steps, "train_batch_size": args.train_batch_size,
             "train_seconds": None if train_s is None else round(train_s, 1), "row_group_size": ROW_GROUP, "generation_seconds": generation,
-            "batch_size_check": check, "runs": [asdict(r) for r in runs], "memory_growth": growth,
+            "batch_size_check": check, "row_group_reads": reads, "runs": [asdict(r) for r in runs], "memory_growth": growth,
             "total_seconds": round(time.perf_counter() - started, 1),
         })
         print(f"\nwritten to {args.out} ({time.perf_counter() - started:.0f} s in all)")
