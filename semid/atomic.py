@@ -31,9 +31,9 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None]) -> N
     """Run `write_fn(tmp)` on a temp path next to `path` (`claimed_temp`), fsync it, then rename it onto `path`.
 
     If `write_fn` raises, the temp file is removed and `path` is untouched; if the process is killed, the next
-    write of `path` removes it. A symlink is followed: the file
-    it names is replaced, and the link stays. A device or pipe (/dev/null, /dev/stdout) is written into,
-    once the whole output is ready: renaming onto it would replace the device node itself, which root may do.
+    write of `path` removes it. A symlink is followed: the file it names is replaced, and the link stays. A
+    device or pipe (/dev/null, /dev/stdout) is written into, once the whole output is ready: renaming onto it
+    would replace the device node itself, which root may do.
     """
     if is_stream(path):
         _write_into_stream(Path(path), write_fn)
@@ -126,10 +126,14 @@ def _make_claimed(target: Path, directory: bool) -> tuple[Path, int | None]:
         handle = os.open(path, os.O_RDONLY)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if names_open_file(path, handle):
-                return path, handle
-        except BlockingIOError:
-            pass
+        except BlockingIOError:  # a sweep holds it, and removes it
+            os.close(handle)
+            continue
+        except OSError:  # a file system without locks (some FUSE mounts): write unclaimed, as on Windows
+            os.close(handle)
+            return path, None
+        if names_open_file(path, handle):
+            return path, handle
         os.close(handle)
     raise OSError(f"cannot claim a temp file beside {target}: another process keeps removing them")
 

@@ -501,6 +501,25 @@ def test_the_temp_of_a_killed_write_is_removed_by_the_next_write_and_a_live_ones
         writer.wait(timeout=60)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock on Windows")
+def test_a_file_system_without_locks_still_gets_its_outputs(tmp_path, monkeypatch):
+    """Some mounts (FUSE, old NFS) refuse flock with ENOLCK: a write is then unclaimed, never refused."""
+    import errno
+
+    import semid.atomic
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(semid.atomic.fcntl, "flock", no_locks)
+    target = tmp_path / "ids.json"
+    write_json_atomic({"v": 2}, target)
+    with claimed_temp(tmp_path / "model", directory=True) as staging:
+        (staging / "x").write_text("")
+        os.replace(staging, tmp_path / "model")
+    assert json.loads(target.read_text()) == {"v": 2} and _dir_entries(tmp_path) == ["ids.json", "model"]
+
+
 def test_an_atomic_write_that_the_system_refuses_names_the_file_meant(tmp_path):
     """A full disk or a read-only folder fails in the temp file; the error names the output, keeps its type."""
     target = tmp_path / "ids.parquet"
