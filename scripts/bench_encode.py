@@ -99,7 +99,7 @@ def train_model(x: np.ndarray, config: Path, steps: int, batch_size: int, suffix
     from semid.tokenizer import SemanticIdTokenizer
 
     started = time.perf_counter()
-    overrides = {"train.steps": steps, "train.eval_every": steps, "train.batch_size": batch_size,
+    overrides = {"train.steps": steps, "train.min_epochs": 0, "train.eval_every": steps, "train.batch_size": batch_size,
                  "train.device": "cpu", "train.progress": False, "collisions.suffix_size": suffix_size}
     SemanticIdTokenizer.from_config(config, overrides=overrides).fit(x).save(out)
     return time.perf_counter() - started

@@ -53,7 +53,8 @@ LEVELS, CODEBOOK = 3, 256  # the shape every system here is given
 
 def quick_overrides(device: str, steps: int) -> dict:
     """Training cut to `steps` (one evaluation at the end), silent, on `device`: for speed runs only."""
-    return {"train.steps": steps, "train.eval_every": steps, "train.device": device, "train.progress": False}
+    return {"train.steps": steps, "train.min_epochs": 0, "train.eval_every": steps, "train.device": device,
+            "train.progress": False}
 
 
 def rate(n: int, seconds: float) -> float:
@@ -103,7 +104,7 @@ def cpu_train(x: np.ndarray, steps: int, repeats: int, seed: int) -> dict:
     data = torch.from_numpy(x)
 
     def semid_fit(config: Path, amp: bool) -> Callable[[], None]:
-        overrides = {**quick_overrides("cpu", steps), "train.seed": seed, "train.amp": amp, "train.min_epochs": 0,
+        overrides = {**quick_overrides("cpu", steps), "train.seed": seed, "train.amp": amp,
                      "train.decoder_refit_steps": 0}
         return lambda: Trainer(SemidConfig.load(config).with_overrides(overrides), data).fit()
 
