@@ -47,13 +47,20 @@ def validate_embeddings(
     """Return `x` as a C-contiguous float32 (n, d) matrix, or raise InputError saying what is wrong.
 
     `row_offset` is added to row numbers in messages, so that a streamed batch reports rows of the file.
-    Values beyond the float32 range become inf in the cast and are reported as such.
     """
     x = np.asarray(x)
+    _check_form(x, expected_dim, name, row_offset)
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes inf here; _check_values names it by `x`
+        matrix = np.ascontiguousarray(x, dtype=np.float32)  # (n, d)
+    _check_values(matrix, x, name, row_offset)
+    return matrix
+
+
+def _check_form(x: np.ndarray, expected_dim: int | None, name: str, row_offset: int = 0) -> None:
+    """Refuse what is not a non-empty (n, d) matrix of numbers from its dtype and shape alone: a memory-mapped
+    .npy is checked by its header, before any row is read."""
     if x.dtype.kind not in "fiu":
-        hint = (" (an array of per-row arrays, as a DataFrame column's .to_numpy() gives: pass np.stack(column), "
-                "or the DataFrame itself)" if x.dtype.kind == "O" and x.ndim == 1 else "")
-        raise InputError(f"{name} must be real numbers, got dtype {x.dtype}{hint}")
+        raise InputError(f"{name} must be real numbers, got dtype {x.dtype}{_not_numbers_hint(x, row_offset)}")
     if x.ndim != 2:
         raise InputError(f"{name} must be a 2-D matrix (items x dimensions), got shape {x.shape}")
     n, d = x.shape
@@ -61,30 +68,54 @@ def validate_embeddings(
         raise InputError(f"{name} are empty: shape {x.shape}")
     if expected_dim is not None and d != expected_dim:
         raise InputError(f"{name} have dimension {d}, expected {expected_dim}")
-    with np.errstate(over="ignore"):  # overflow is reported below as inf, with its rows
-        x = np.ascontiguousarray(x, dtype=np.float32)  # (n, d)
-    _check_values(x, name, row_offset)
-    return x
+
+
+def _not_numbers_hint(x: np.ndarray, row_offset: int) -> str:
+    """Where a matrix that is not numbers went wrong: a column of per-row arrays, or the first row holding a
+    None or a string (lists with a missing value make numpy fall back to objects or text)."""
+    if x.dtype.kind == "O" and x.ndim == 1:
+        return (" (an array of per-row arrays, as a DataFrame column's .to_numpy() gives: pass np.stack(column), "
+                "or the DataFrame itself)")
+    if x.ndim != 2 or not x.size or x.dtype.kind not in "OUS":
+        return ""
+    if x.dtype.kind == "O":
+        bad = np.array([[v is None or isinstance(v, (str, bytes)) or not np.isscalar(v) for v in row] for row in x])
+        nulls = _null_mask(x)
+    else:
+        bad, nulls = np.ones(x.shape, dtype=bool), np.zeros(x.shape, dtype=bool)
+    if not (bad | nulls).any():
+        return ""
+    row, col = (int(i) for i in np.argwhere(bad | nulls)[0])
+    what = "a missing value" if nulls[row, col] else f"{type(x[row, col]).__name__} {x[row, col]!r:.30}"
+    return f": row {row + row_offset} holds {what} at position {col}"
 
 
 # Beyond this, float32 squared distances of a few thousand dimensions come near overflow (3.4e38): the
 # cosine of such rows, k-means and the reconstruction error would turn into inf and NaN mid-training.
 MAX_ABS_VALUE = 1e15
+# Below this in every value, the data is near float32's subnormal range (under 1.2e-38), where it loses its
+# precision and standardising it gives the model inf and NaN.
+MIN_PEAK_VALUE = 1e-30
 
 
-def _check_values(x: np.ndarray, name: str, row_offset: int) -> None:
-    """Refuse NaN, inf, and values whose squares overflow float32, naming the rows.
+def _check_values(x: np.ndarray, source: np.ndarray, name: str, row_offset: int) -> None:
+    """Refuse NaN, inf, values whose squares overflow float32 and matrices too small for it, naming the rows.
 
-    The fast path is the largest and smallest value, two passes at memory speed with no (n, d) temporary:
-    a NaN anywhere makes them NaN, and an inf or a value too large shows in them. Only a bad matrix has
-    its rows inspected.
+    `x` is the float32 matrix, `source` what it was cast from (a float64 value beyond float32's range is
+    inf in `x` only, and is named as the large value it is). The fast path is the largest and smallest value,
+    two passes at memory speed with no (n, d) temporary: a NaN anywhere makes them NaN, and an inf or a value
+    too large shows in them. Only a bad matrix has its rows inspected.
     """
     with np.errstate(invalid="ignore"):
         peak = float(np.maximum(x.max(), -x.min()))  # np.maximum keeps a NaN, Python's max may not
+    if 0 < peak < MIN_PEAK_VALUE:
+        raise InputError(f"{name} are all below {MIN_PEAK_VALUE:.0e} in magnitude (largest {peak:.1e}): too small "
+                         "for float32 arithmetic; rescale the embeddings (for example to unit norm)")
     if peak <= MAX_ABS_VALUE:  # False for NaN as well
         return
-    nan_rows = np.isnan(x).any(axis=1)  # (n,)
-    inf_rows = np.isinf(x).any(axis=1)  # (n,)
+    exact = source if source.dtype.kind == "f" else x  # integers are finite, and become floats as large
+    nan_rows = np.isnan(exact).any(axis=1)  # (n,)
+    inf_rows = np.isinf(exact).any(axis=1)  # (n,)
     if nan_rows.any() or inf_rows.any():
         parts = [f"{int(m.sum())} rows with {what}" for m, what in ((nan_rows, "NaN"), (inf_rows, "inf")) if m.any()]
         first = int(np.argmax(nan_rows | inf_rows)) + row_offset
@@ -324,21 +355,25 @@ def _open_npy(p: Path, expected_dim: int | None) -> np.ndarray:
         raise InputError(f"cannot read {p} as .npy: {reason}") from e
     if not isinstance(mm, np.ndarray):
         raise InputError(f"{p} is not a single .npy array")
-    # One row is enough to check dtype, rank, emptiness and dimension; other shapes fail before any read.
-    # (a file of no columns holds no data to read, and is named with its own shape)
-    validate_embeddings(mm[:1] if mm.ndim == 2 and mm.shape[1] else mm, expected_dim=expected_dim,
-                        name=f"embeddings in {p}")
+    _check_form(mm, expected_dim, f"embeddings in {p}")  # the header's dtype and shape: no row is read
     return mm
 
 
 def _parquet_checked(p: Path, id_col: str | None, emb_col: str) -> pl.LazyFrame:
     """A lazy scan of the needed columns, after checking that the file is parquet and has them."""
     try:
-        names = pl.read_parquet_schema(p).names()
+        schema = pl.read_parquet_schema(p)
     except (pl.exceptions.PolarsError, OSError) as e:
         raise InputError(f"cannot read {p} as parquet: {e}") from e
-    _check_columns(names, id_col, emb_col, str(p))
-    return pl.scan_parquet(p).select([c for c in (id_col, emb_col) if c is not None])
+    _check_columns(schema.names(), id_col, emb_col, str(p))
+    columns = [pl.col(c) for c in (id_col, emb_col) if c is not None]
+    emb_type = schema[emb_col]
+    if isinstance(emb_type, (pl.List, pl.Array)) and emb_type.inner == pl.Float64:
+        # cast while reading: float64 lists (what pandas writes from Python floats) would otherwise be held
+        # whole in float64, and again as a float64 matrix, before the float32 one semid uses
+        float32 = pl.List(pl.Float32) if isinstance(emb_type, pl.List) else pl.Array(pl.Float32, emb_type.shape)
+        columns[-1] = pl.col(emb_col).cast(float32)
+    return pl.scan_parquet(p).select(columns)
 
 
 def parquet_column_type(path: str | os.PathLike, column: str) -> pl.DataType:
@@ -363,7 +398,8 @@ def read_items(path: str | os.PathLike, *, id_col: str | None = "item_id", emb_c
     p = _check_path(path)
     if p.suffix.lower() == ".npy":
         mm = _open_npy(p, None)
-        return ItemTable(None, validate_embeddings(np.array(mm), name=f"embeddings in {p}"))
+        matrix = validate_embeddings(mm, name=f"embeddings in {p}")  # one cast: no float64 copy of a float64 file
+        return ItemTable(None, matrix.copy() if np.may_share_memory(matrix, mm) else matrix)  # in memory, not mapped
     return _polars_to_table(_collect(_parquet_checked(p, id_col, emb_col), p), id_col, emb_col, str(p))
 
 

@@ -89,11 +89,55 @@ def test_inf_and_nan_reported_separately():
     assert "1 rows with NaN" in msg and "2 rows with inf" in msg and "first bad row: 5" in msg
 
 
-def test_float64_overflow_is_reported_as_inf():
+def test_a_float64_value_beyond_float32_is_named_as_large_not_as_inf(tmp_path):
+    """1e300 is finite in the user's file: a message about inf would send them looking for one."""
     x = np.ones((3, 2))
     x[1, 1] = 1e300  # finite in float64, inf in float32
-    with pytest.raises(InputError, match=r"1 rows with inf.*first bad row: 1"):
+    with pytest.raises(InputError, match=r"beyond ±1e\+15 \(1 rows, first bad row: 1\)"):
         validate_embeddings(x)
+    x[2, 0] = np.inf
+    with pytest.raises(InputError, match=r"non-finite values: 1 rows with inf \(first bad row: 2\)"):
+        validate_embeddings(x)
+
+
+def test_a_bad_npy_file_is_counted_over_all_its_rows(tmp_path):
+    """The header is checked when a .npy is opened, the values when they are read: every bad row is counted,
+    not only the first row's."""
+    x = _matrix(300, 8).astype(np.float64)
+    x[:, 5] = np.nan
+    x[100:, 2] = np.inf
+    np.save(tmp_path / "bad.npy", x)
+    with pytest.raises(InputError, match=r"300 rows with NaN, 200 rows with inf \(first bad row: 0\)"):
+        read_items(tmp_path / "bad.npy")
+    np.save(tmp_path / "large.npy", _matrix(300, 8) * 1e16)
+    with pytest.raises(InputError, match=r"beyond ±1e\+15 \(300 rows, first bad row: 0\)"):
+        read_items(tmp_path / "large.npy")
+
+
+def test_a_float64_npy_is_read_without_a_float64_copy(tmp_path):
+    x = _matrix(50, 4).astype(np.float64)
+    np.save(tmp_path / "f64.npy", x)
+    np.save(tmp_path / "f32.npy", x.astype(np.float32))
+    for name in ("f64.npy", "f32.npy"):
+        table = read_items(tmp_path / name)
+        assert table.embeddings.dtype == np.float32 and not isinstance(table.embeddings, np.memmap)
+        assert table.embeddings.base is None or not isinstance(table.embeddings.base, np.memmap)
+        np.testing.assert_array_equal(table.embeddings, x.astype(np.float32))
+
+
+def test_embeddings_too_small_for_float32_are_refused_before_training():
+    with pytest.raises(InputError, match="all below 1e-30 in magnitude"):
+        validate_embeddings(_matrix(20, 4).astype(np.float64) * 1e-39)
+    validate_embeddings(_matrix(20, 4) * 1e-20)  # small but well inside float32: fine
+    validate_embeddings(np.zeros((3, 4)))  # all zeros: nothing too small, only nothing to learn
+
+
+def test_a_missing_value_inside_list_rows_is_named_with_its_row():
+    rows = pd.DataFrame({"item_id": ["a", "b", "c"], "embedding": [[1.0, 2.0], [3.0, None], [5.0, 6.0]]})
+    with pytest.raises(InputError, match="row 1 holds a missing value at position 1"):
+        to_numpy_embeddings(rows)
+    with pytest.raises(InputError, match="row 2 holds str '7' at position 0"):
+        validate_embeddings(np.array([[1.0, 2.0], [3.0, 4.0], ["7", 8.0]], dtype=object))
 
 
 def test_values_whose_squares_overflow_float32_are_refused_with_their_rows():
