@@ -52,7 +52,7 @@ def _load_config(path: str | None, overrides: dict[str, Any], fallback: Path = D
     return SemidConfig.load(path or fallback).with_overrides(overrides)
 
 
-def _read_training_items(path: str, id_col: str, emb_col: str):
+def _read_training_items(path: str, id_col: str | None, emb_col: str):
     from semid.io import read_items
 
     is_npy = Path(path).suffix.lower() == ".npy"
@@ -281,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common], **kwargs)
 
     def columns(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--id-col", default="item_id", help="parquet id column (default: item_id)")
+        p.add_argument("--id-col", default="item_id", type=lambda name: name or None,
+                       help="parquet id column (default: item_id); '' for a parquet without ids, whose items are "
+                            "then known by their embeddings and numbered by row, as in a .npy")
         p.add_argument("--emb-col", default="embedding", help="parquet embedding column (default: embedding)")
 
     p = command("train", help="train a tokenizer and save it to a model directory")
@@ -425,6 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--resume needs --checkpoint PATH, the checkpoint to continue from")
     if args.command == "evaluate" and (args.user_col or args.time_col) and not args.interactions:
         parser.error("--user-col and --time-col name columns of --interactions LOG, which is missing")
+    if args.command == "evaluate" and args.interactions and args.id_col is None:
+        parser.error("--interactions names its items in the --id-col column, and --id-col '' names none")
 
     def one_line_warning(message, category, *_args, **_kwargs) -> None:
         print(f"semid {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr)

@@ -30,7 +30,8 @@ from semid.atomic import atomic_write, claimed_temp
 
 SUFFIXES = (".npy", ".parquet")
 # Hint appended to missing-column errors, since the usual fix is to name the right column.
-_COLUMN_HINT = "set id_col/emb_col (CLI: --id-col/--emb-col)"
+_COLUMN_HINT = "set id_col/emb_col (CLI: --id-col/--emb-col; id_col=None, --id-col '', for rows without ids)"
+_COLUMNS_LISTED = 20  # a frame with a column per dimension would otherwise print hundreds of names
 
 
 class InputError(ValueError):
@@ -67,7 +68,9 @@ def _check_form(x: np.ndarray, expected_dim: int | None, name: str, row_offset: 
     if n == 0 or d == 0:
         raise InputError(f"{name} are empty: shape {x.shape}")
     if expected_dim is not None and d != expected_dim:
-        raise InputError(f"{name} have dimension {d}, expected {expected_dim}")
+        # a streamed batch past the first: the rows before it had the expected length, so the file is ragged
+        where = f" (in the rows from {row_offset} on; the rows before have {expected_dim})" if row_offset else ""
+        raise InputError(f"{name} have dimension {d}, expected {expected_dim}{where}")
 
 
 def _not_numbers_hint(x: np.ndarray, row_offset: int) -> str:
@@ -271,6 +274,9 @@ def _pandas_to_table(df: Any, id_col: str | None, emb_col: str) -> ItemTable:
     # pandas labels may be numbers (0, 1): columns are matched by their text, whichever way they are named
     labels = {str(label): label for label in df.columns}
     id_col, emb_col = (None if id_col is None else str(id_col)), str(emb_col)
+    if id_col is not None and id_col not in labels and id_col in map(str, df.index.names):
+        raise InputError(f"'{id_col}' is the index of {where}, not a column (pandas moved it there): pass "
+                         "df.reset_index()")
     _check_columns(list(labels), id_col, emb_col, where)
     values = df[labels[emb_col]].to_numpy()  # (n,) objects: lists or arrays
     nulls = _null_mask(values)
@@ -340,7 +346,9 @@ def _check_columns(names: list[str], id_col: str | None, emb_col: str, where: st
                          f"columns ({_COLUMN_HINT})")
     for col in (id_col, emb_col):
         if col is not None and col not in names:
-            raise InputError(f"{where} has no column '{col}'; its columns are: {', '.join(names)} ({_COLUMN_HINT})")
+            listed = ", ".join(map(str, names[:_COLUMNS_LISTED]))
+            more = f" and {len(names) - _COLUMNS_LISTED} more" if len(names) > _COLUMNS_LISTED else ""
+            raise InputError(f"{where} has no column '{col}'; its columns are: {listed}{more} ({_COLUMN_HINT})")
 
 
 def _open_npy(p: Path, expected_dim: int | None) -> np.ndarray:
@@ -351,7 +359,9 @@ def _open_npy(p: Path, expected_dim: int | None) -> np.ndarray:
         raise InputError(f"cannot read {p} as .npy: the file is empty") from e
     except (ValueError, OSError) as e:
         # numpy takes a file without the .npy header for a pickle, and suggests unpickling it: never safe here
-        reason = "it has no .npy header, or holds Python objects" if "pickle" in str(e) else e
+        reason = ("it has no .npy header, or holds Python objects" if "pickle" in str(e) else
+                  "the file is shorter than its header says (truncated: an interrupted copy or download?)"
+                  if "mmap length is greater than file size" in str(e) else e)
         raise InputError(f"cannot read {p} as .npy: {reason}") from e
     if not isinstance(mm, np.ndarray):
         raise InputError(f"{p} is not a single .npy array")

@@ -130,17 +130,31 @@ def reconstruction_metrics(x: ArrayLike, x_hat: ArrayLike) -> dict[str, float]:
 HEAVY_TAIL_SHARE = 0.2
 
 
-def top_variance_share(x: ArrayLike, fraction: float = 0.01) -> float:
-    """Share of the total variance (squared distances to the mean) that the top `fraction` of rows hold.
+def squared_from_mean(x: ArrayLike, centred: bool = True) -> np.ndarray:
+    """(n,) squared distance of each row to the mean row (each row's part of the catalogue's variance), or
+    with centred=False its squared norm.
 
-    An input diagnostic: in text embeddings the top 1% of items hold 1 to 3% of it, but in collaborative
-    factors, whose norms grow with popularity, 60% (bench/VARIANTS.md). fvu is then decided by a few items.
-    Rows are taken in blocks, so a float32 catalogue is never copied whole.
+    An input diagnostic (`top_share`, `outlier_rows`): in text embeddings the top 1% of items hold 1 to 3% of
+    the variance, but in collaborative factors, whose norms grow with popularity, 60% (bench/VARIANTS.md), and
+    fvu is then decided by a few items. Rows are taken in blocks, so a catalogue is never copied whole.
     """
     x = _float_matrix(x, "x", dtype=np.float32)
-    mean = x.mean(axis=0, dtype=np.float64)
-    squared = np.concatenate([np.square(x[rows] - mean).sum(axis=1) for rows in _row_slices(*x.shape)])
-    return top_share(squared, fraction)
+    mean = x.mean(axis=0, dtype=np.float64) if centred else 0.0
+    return np.concatenate([np.square(x[rows] - mean).sum(axis=1) for rows in _row_slices(*x.shape)])
+
+
+# Collaborative factors reach 106x the median row's norm (Beauty's item factors), text embeddings 2x; a row
+# 1,000x longer than the median is on another scale than the rest, such as one never normalised as they were.
+OUTLIER_NORM_RATIO = 1000.0
+
+
+def outlier_rows(squared_norms: np.ndarray) -> np.ndarray:
+    """Rows (indices) over OUTLIER_NORM_RATIO times as long as the median row, given their squared norms
+    (`squared_from_mean(x, centred=False)`: norms, as a mean that such rows pull along would hide them)."""
+    median = float(np.median(squared_norms))
+    if median == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(squared_norms > OUTLIER_NORM_RATIO**2 * median)
 
 
 def top_share(squared: np.ndarray, fraction: float = 0.01) -> float:

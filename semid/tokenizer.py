@@ -43,7 +43,15 @@ from semid.io import (
     validate_ids,
     write_json_atomic,
 )
-from semid.metrics import duplicate_group_sizes, evaluate_codes, is_heavy_tailed, top_variance_share
+from semid.metrics import (
+    OUTLIER_NORM_RATIO,
+    duplicate_group_sizes,
+    evaluate_codes,
+    is_heavy_tailed,
+    outlier_rows,
+    squared_from_mean,
+    top_share,
+)
 from semid.modeldir import (
     FILES,
     MODEL_FORMAT,
@@ -135,6 +143,11 @@ class HeavyTailWarning(UserWarning):
     """A few items hold most of the catalogue's variance, and training samples uniformly (see `fit`)."""
 
 
+class OutlierRowsWarning(UserWarning):
+    """A few rows lie orders of magnitude farther out than the rest, as rows not normalised like the others do
+    (see `fit`): they decide the training, and every other item's codes with it."""
+
+
 class SemanticIdTokenizer:
     """Learns semantic IDs for item embeddings and hands out unique, stable IDs."""
 
@@ -183,9 +196,18 @@ class SemanticIdTokenizer:
         if not np.ptp(emb, axis=0).any():
             raise InputError(f"all {len(emb)} embeddings are the same vector: nothing tells the items apart")
         self._check_room_for_ids(emb)
+        norms = squared_from_mean(emb, centred=False)  # (n,) squared
+        if len(far := outlier_rows(norms)):
+            ratio = float(np.sqrt(norms[far].max() / np.median(norms)))
+            warnings.warn(OutlierRowsWarning(
+                f"{len(far)} rows are over {OUTLIER_NORM_RATIO:,.0f}x as long as the median row (up to {ratio:,.0f}x; "
+                f"first: row {int(far[0])}), beyond even collaborative factors' spread (about 100x): rows on another "
+                "scale than the rest (not normalised like them?) decide the training, and the other items crowd a "
+                "few codes; fix or drop them"
+            ), stacklevel=2)
         autoencoder = self.config.model.type == "rqvae"
         drawn_by_norm = autoencoder and self.config.train.norm_sampling > 0
-        if not drawn_by_norm and is_heavy_tailed(share := top_variance_share(emb), len(emb)):
+        if not drawn_by_norm and is_heavy_tailed(share := top_share(squared_from_mean(emb)), len(emb)):
             why = ("training draws batches uniformly: few of those items reach each batch, and semid reconstructs "
                    "them badly (fvu 0.29 on Beauty's item factors against FAISS RQ's 0.05). Train the autoencoder "
                    "with train.norm_sampling = 0.5 (configs/default.toml)" if autoencoder else
@@ -266,7 +288,7 @@ class SemanticIdTokenizer:
         return self._assign(keys, emb)
 
     def encode_file(self, path: str | os.PathLike, out: str | os.PathLike, *, batch_size: int = 65536,
-                    id_col: str = "item_id", emb_col: str = "embedding", progress: bool = True,
+                    id_col: str | None = "item_id", emb_col: str = "embedding", progress: bool = True,
                     trie: str | os.PathLike | None = None,
                     save_registry_to: str | os.PathLike | None = None) -> dict[str, Any]:
         """Stream a .npy or .parquet catalogue in batches and write `item_id, codes, semantic_id, tokens` parquet.
@@ -279,17 +301,17 @@ class SemanticIdTokenizer:
 
         Embeddings are held one batch at a time; only the codes, rank keys and ids of all items stay in
         memory for the global collision pass, ids as one polars string column. The output is written in
-        slices and appears atomically. Items of a .npy file are identified by content and reported by row
-        number.
+        slices and appears atomically. Items of a .npy file, or of a parquet read with id_col=None, are
+        identified by content and reported by row number.
         """
         model = self._fitted()
         if Path(out).suffix.lower() != ".parquet":
             raise InputError(f"the output {out} must be a .parquet file")
         if Path(out).resolve() == Path(path).resolve():  # as the CLI compares paths: a symlink is its target
             raise InputError(f"the output {out} is the input file; write the IDs to another path")
-        is_npy = Path(path).suffix.lower() == ".npy"
-        n = count_items(path, id_col=None if is_npy else id_col, emb_col=emb_col)
-        batches = iter_item_batches(path, batch_size, id_col=None if is_npy else id_col, emb_col=emb_col,
+        id_col = None if Path(path).suffix.lower() == ".npy" else id_col  # None: rows without ids, known by content
+        n = count_items(path, id_col=id_col, emb_col=emb_col)
+        batches = iter_item_batches(path, batch_size, id_col=id_col, emb_col=emb_col,
                                     expected_dim=self.meta.get("input_dim"))
         key_parts, code_parts, rank_parts = [], [], []
         for table in tqdm(batches, total=-(-n // batch_size), disable=not progress, desc="encode", unit="batch"):
@@ -301,10 +323,11 @@ class SemanticIdTokenizer:
             key_parts.append(pl.Series("key", parts, dtype=pl.String))
         keys, codes, ranks = pl.concat(key_parts, rechunk=False), np.concatenate(code_parts), np.concatenate(rank_parts)
         del key_parts, code_parts, rank_parts
-        if is_npy:
+        if id_col is None:
             item_ids, keys = pl.int_range(n, eager=True).alias("item_id"), self._item_keys(named=None, digests=keys)
         else:
-            check_unique_ids(keys)  # each batch was checked alone; this catches repeats across batches
+            check_unique_ids(keys, name=f"column '{id_col}' in {path}")  # each batch was checked alone; this
+            # catches repeats across batches
             item_ids = keys.alias("item_id").cast(parquet_column_type(path, id_col))
             keys = self._item_keys(named=keys, digests=None)
         known_before = len(self.registry)

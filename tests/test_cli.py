@@ -318,7 +318,7 @@ BAD_CASES = {
                                "dimension"),
     "encode-empty": (["encode", "--model", "{model}", "--data", "{empty}", "--out", "{out}"], "empty"),
     "encode-duplicate-ids": (["encode", "--model", "{model}", "--data", "{dup}", "--out", "{out}",
-                              "--batch-size", "100"], "more than once"),
+                              "--batch-size", "100"], "dup.parquet must be unique"),  # repeats across batches
     "encode-same-columns": (["encode", "--model", "{model}", "--data", "{parquet}", "--emb-col", "item_id",
                              "--out", "{out}"], "the id column and the embedding column of"),
     "encode-missing-column": (["encode", "--model", "{model}", "--data", "{parquet}", "--emb-col", "vector",
@@ -627,3 +627,28 @@ def test_a_signal_that_breaks_an_import_is_reported_as_the_interruption(tmp_path
     monkeypatch.setattr(semid.cli, "cmd_train", broken_without_a_signal)  # the next command's error is its own
     assert semid.cli.main(["train", "--data", "x.npy", "--out", str(tmp_path / "m")]) == 1
     assert "error: module 'numpy' has no attribute 'diff'" in capsys.readouterr().err
+
+
+def test_a_parquet_without_ids_is_read_with_an_empty_id_col_as_a_npy_is(work, tmp_path, capsys):
+    """An embedding-only parquet (what a quick export often is): `--id-col ''` knows its items by their
+    embeddings and numbers them by row, as for a .npy of the same rows; without it, the error says so."""
+    from semid.cli import main
+
+    x = np.load(work["npy"])
+    bare = tmp_path / "bare.parquet"
+    pl.DataFrame({"embedding": pl.Series(x.tolist(), dtype=pl.List(pl.Float32))}).write_parquet(bare)
+    model = tmp_path / "model"
+    assert main(["train", "--config", str(work["config"]), "--data", str(bare), "--out", str(model)]) == 1
+    assert "has no column 'item_id'; its columns are: embedding" in capsys.readouterr().err
+    assert main(["train", "--config", str(work["config"]), "--data", str(bare), "--id-col", "", "--out",
+                 str(model)]) == 0
+    from_parquet, from_npy = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    assert main(["encode", "--model", str(model), "--data", str(bare), "--id-col", "", "--out", str(from_parquet)]) == 0
+    assert main(["encode", "--model", str(model), "--data", str(work["npy"]), "--out", str(from_npy)]) == 0
+    a, b = pl.read_parquet(from_parquet), pl.read_parquet(from_npy)
+    assert a["item_id"].to_list() == list(range(len(x))) and a.equals(b)
+    assert "warning" not in capsys.readouterr().err  # the registry is keyed by content, as these rows are
+    assert main(["evaluate", "--model", str(model), "--data", str(bare), "--id-col", "", "--quiet"]) == 0
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--model", str(model), "--data", str(bare), "--id-col", "", "--interactions", "log.csv"])
+    assert "--id-col '' names none" in capsys.readouterr().err

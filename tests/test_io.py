@@ -100,6 +100,18 @@ def test_a_float64_value_beyond_float32_is_named_as_large_not_as_inf(tmp_path):
         validate_embeddings(x)
 
 
+def test_a_truncated_npy_and_a_frame_of_many_columns_get_short_clear_errors(tmp_path):
+    np.save(tmp_path / "whole.npy", _matrix(100, 8))
+    data = (tmp_path / "whole.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(data[: len(data) // 2])  # an interrupted copy
+    with pytest.raises(InputError, match=r"cut\.npy as \.npy: the file is shorter than its header says"):
+        read_items(tmp_path / "cut.npy")
+    wide = pl.DataFrame({f"dim_{j}": _matrix(5, 384)[:, j] for j in range(384)})  # a column per dimension
+    with pytest.raises(InputError) as info:
+        to_numpy_embeddings(wide)
+    assert "dim_19 and 364 more (" in str(info.value) and "dim_20" not in str(info.value)
+
+
 def test_a_bad_npy_file_is_counted_over_all_its_rows(tmp_path):
     """The header is checked when a .npy is opened, the values when they are read: every bad row is counted,
     not only the first row's."""
@@ -136,6 +148,8 @@ def test_a_missing_value_inside_list_rows_is_named_with_its_row():
     rows = pd.DataFrame({"item_id": ["a", "b", "c"], "embedding": [[1.0, 2.0], [3.0, None], [5.0, 6.0]]})
     with pytest.raises(InputError, match="row 1 holds a missing value at position 1"):
         to_numpy_embeddings(rows)
+    with pytest.raises(InputError, match=r"'item_id' is the index of the pandas DataFrame.*df\.reset_index\(\)"):
+        to_numpy_embeddings(rows.set_index("item_id"))
     with pytest.raises(InputError, match="row 2 holds str '7' at position 0"):
         validate_embeddings(np.array([[1.0, 2.0], [3.0, 4.0], ["7", 8.0]], dtype=object))
 
@@ -441,6 +455,17 @@ def test_streamed_errors_name_rows_of_the_file(tmp_path, fmt):
     for _ in range(2):  # rows 0..9 are clean
         next(batches)
     with pytest.raises(InputError, match=r"1 rows with NaN.*first bad row: 13"):
+        next(batches)
+
+
+def test_a_streamed_parquet_whose_later_rows_are_shorter_is_named_ragged_at_the_batch(tmp_path):
+    path = tmp_path / "ragged.parquet"
+    rows = [list(map(float, r)) for r in _matrix(12, 4)] + [list(map(float, r)) for r in _matrix(8, 3)]
+    _write_rows(path, rows)
+    batches = iter_item_batches(path, 4, id_col="item_id", expected_dim=4)
+    for _ in range(3):  # rows 0..11 have 4 values
+        next(batches)
+    with pytest.raises(InputError, match=r"dimension 3, expected 4 \(in the rows from 12 on; the rows before have 4\)"):
         next(batches)
 
 

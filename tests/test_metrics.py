@@ -30,7 +30,8 @@ from semid.metrics import (
     reconstruction_metrics,
     sequence_prefix_agreement,
     top_share,
-    top_variance_share,
+    outlier_rows,
+    squared_from_mean,
 )
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -509,14 +510,21 @@ def test_format_report(ml100k):
     assert "sample" not in unsampled
 
 
-def test_top_variance_share_finds_the_few_rows_that_hold_the_variance() -> None:
+def test_top_share_of_the_variance_finds_the_few_rows_that_hold_it() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(1000, 8))
-    even = top_variance_share(x)
+    even = top_share(squared_from_mean(x))
     assert 0.01 < even < 0.05  # 10 of 1000 Gaussian rows: a little above their 1% share
     assert top_share(np.array([1.0, 1.0, 2.0]), fraction=0.3) == pytest.approx(0.5)  # the largest entry
-    x[:10] *= 100.0  # ten items 100x longer: 10,000x the squared norm
-    assert top_variance_share(x) > 0.95 and top_share(np.zeros(3)) == 0.0
+    assert len(outlier_rows(squared_from_mean(x, centred=False))) == 0
+    x[:10] *= 100.0  # ten items 100x longer: 10,000x the squared norm, as far as collaborative factors go
+    assert top_share(squared_from_mean(x)) > 0.95 and top_share(np.zeros(3)) == 0.0
     centred = ((x - x.mean(0)) ** 2).sum(1)
-    assert top_variance_share(x, fraction=0.5) == pytest.approx(np.sort(centred)[-500:].sum() / centred.sum())
-    assert top_variance_share(np.ones((5, 3))) == 0.0
+    np.testing.assert_allclose(squared_from_mean(x), centred, rtol=1e-5)
+    assert top_share(squared_from_mean(x), fraction=0.5) == pytest.approx(np.sort(centred)[-500:].sum() / centred.sum())
+    assert len(outlier_rows(squared_from_mean(x, centred=False))) == 0  # heavy-tailed, not on another scale
+    x[3] *= 1e4  # a row a million times the rest's length, and one 2,000 times: not normalised as they were
+    x[500] *= 2e3
+    assert outlier_rows(squared_from_mean(x, centred=False)).tolist() == [3, 500]
+    np.testing.assert_allclose(squared_from_mean(x, centred=False), (x**2).sum(1), rtol=1e-5)
+    assert top_share(squared_from_mean(np.ones((5, 3)))) == 0.0 and len(outlier_rows(np.zeros(4))) == 0

@@ -757,6 +757,26 @@ def test_fit_warns_when_a_few_items_hold_most_of_the_variance(data, tiny_config)
         SemanticIdTokenizer(rqkmeans).fit(heavy)  # which draws no batches: norm_sampling does nothing there
 
 
+def test_fit_warns_of_rows_on_another_scale_than_the_rest(data, tiny_config):
+    """A few rows a million times as long as the others (never normalised as the rest were) pull every other
+    item onto a few codes; collaborative factors (up to about 100x) and text embeddings get no warning."""
+    import warnings
+
+    from semid.tokenizer import OutlierRowsWarning
+
+    config = tiny_config({"train.steps": 2})
+    heavy = data["a"].copy()
+    heavy[:12] *= 100.0  # as far as Beauty's item factors reach
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OutlierRowsWarning)
+        SemanticIdTokenizer(config).fit(data["a"])
+        SemanticIdTokenizer(config).fit(heavy)
+    broken = data["a"].copy()
+    broken[[7, 40]] *= 1e6
+    with pytest.warns(OutlierRowsWarning, match=r"2 rows are over 1,000x as long as the median row .*first: row 7"):
+        SemanticIdTokenizer(config).fit(broken)
+
+
 def test_rows_without_ids_on_a_model_that_knows_its_items_by_id_are_warned(data, model_dir):
     from semid.tokenizer import UnnamedItemsWarning
 
