@@ -392,7 +392,7 @@ def test_encode_file_writes_in_slices_and_refuses_ids_repeated_across_batches(da
     ids = data["ids"].copy()
     ids[700] = ids[3]  # the same id in the first and the second batch
     _frame(data["x"], ids).write_parquet(source)
-    with pytest.raises(InputError, match=rf"item ids must be unique: 1 ids .* '{ids[3]}' \(2x\)"):
+    with pytest.raises(InputError, match=rf"column 'item_id' in .*items\.parquet must be unique: 1 ids .* '{ids[3]}' \(2x\)"):
         tok.encode_file(source, tmp_path / "dup.parquet", batch_size=500, progress=False)
     assert not (tmp_path / "dup.parquet").exists()
 
