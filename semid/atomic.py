@@ -39,7 +39,6 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None]) -> N
         _write_into_stream(Path(path), write_fn)
         return
     target = Path(os.path.realpath(path))
-    tmp = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with claimed_temp(target) as tmp:
@@ -52,7 +51,9 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None]) -> N
         # file's; an error about another file (one the writer reads) is left as it is. Writers in Rust (polars)
         # report the system's error in their text, "(os error 28)", often without a file name or an errno.
         number = exc.errno if isinstance(exc, OSError) and exc.errno is not None else _rust_errno(exc)
-        ours = isinstance(exc, OSError) and (exc.filename is None or Path(exc.filename) in (tmp, target, *target.parents))
+        named = None if not isinstance(exc, OSError) or exc.filename is None else Path(exc.filename)
+        ours = isinstance(exc, OSError) and (named is None or named in (target, *target.parents)
+                                             or _is_temp_of(named, target))
         if not ours and number not in _WRITE_ONLY_ERRNOS:
             raise
         kind = type(exc) if isinstance(exc, OSError) else OSError
@@ -113,28 +114,37 @@ def claimed_temp(target: Path, directory: bool = False) -> Iterator[Path]:
 
 
 def _make_claimed(target: Path, directory: bool) -> tuple[Path, int | None]:
-    """Make a temp beside target and take its lock; a sweep by another process that takes the lock in the
-    instant between the two removes that temp, so the lock counts only where the name still holds our file."""
+    """Make a temp beside target and take its lock (None where there are no locks).
+
+    A file is made through the descriptor that locks it. A directory exists a moment before it is locked,
+    and a sweep by another process may take and remove it then: the lock counts only where the name still
+    holds our directory, and another name is tried otherwise.
+    """
     for _ in range(100):
         path = temp_beside(target)
         if directory:
             path.mkdir()
-        else:
+        elif fcntl is None:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         if fcntl is None:
             return path, None
-        handle = os.open(path, os.O_RDONLY)
+        try:
+            handle = os.open(path, os.O_RDONLY) if directory else os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileNotFoundError:  # a sweep removed the directory already
+            continue
+        keep = False
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            keep = names_open_file(path, handle)
         except BlockingIOError:  # a sweep holds it, and removes it
-            os.close(handle)
-            continue
-        except OSError:  # a file system without locks (some FUSE mounts): write unclaimed, as on Windows
-            os.close(handle)
+            pass
+        except OSError:  # no flock here (some FUSE mounts; directories on NFS): the temp is written unclaimed
             return path, None
-        if names_open_file(path, handle):
+        finally:
+            if not keep:
+                os.close(handle)
+        if keep:
             return path, handle
-        os.close(handle)
     raise OSError(f"cannot claim a temp file beside {target}: another process keeps removing them")
 
 
@@ -149,9 +159,9 @@ def _remove_abandoned(target: Path) -> None:
         return
     for name in entries:
         path = target.parent / name
-        try:
-            handle = os.open(path, os.O_RDONLY)
-        except OSError:  # gone meanwhile, or not ours to read
+        try:  # NFS locks a file only through a descriptor that may write it
+            handle = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDWR)
+        except OSError:  # gone meanwhile, or not ours to touch
             continue
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -161,6 +171,11 @@ def _remove_abandoned(target: Path) -> None:
             pass
         finally:
             os.close(handle)
+
+
+def _is_temp_of(path: Path, target: Path) -> bool:
+    """Whether path is a temp that `temp_beside(target)` could have named."""
+    return path.parent == target.parent and path.name.startswith(f".{target.stem}.tmp-")
 
 
 def names_open_file(path: Path, handle: int) -> bool:

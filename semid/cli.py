@@ -443,8 +443,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         received.append(signum)
         raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
+    # A signal the parent ignores stays ignored (`semid train ... &` in a script: SIGINT is the script's), and
+    # one whose handler was not set from Python (None) is left alone, as it could not be put back.
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)
+                if in_main_thread and signal.getsignal(sig) not in (signal.SIG_IGN, None)}
     try:
         if args.threads:  # inside the try: Ctrl-C during torch's import is an interruption like any other
             import torch

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import numbers
 import os
 import shutil
 import sys
@@ -75,22 +76,26 @@ def _check_form(x: np.ndarray, expected_dim: int | None, name: str, row_offset: 
 
 def _not_numbers_hint(x: np.ndarray, row_offset: int) -> str:
     """Where a matrix that is not numbers went wrong: a column of per-row arrays, or the first row holding a
-    None or a string (lists with a missing value make numpy fall back to objects or text)."""
+    None or a string (lists with a missing value make numpy fall back to objects)."""
     if x.dtype.kind == "O" and x.ndim == 1:
         return (" (an array of per-row arrays, as a DataFrame column's .to_numpy() gives: pass np.stack(column), "
                 "or the DataFrame itself)")
-    if x.ndim != 2 or not x.size or x.dtype.kind not in "OUS":
+    if x.dtype.kind != "O" or x.ndim != 2:
         return ""
-    if x.dtype.kind == "O":
-        bad = np.array([[v is None or isinstance(v, (str, bytes)) or not np.isscalar(v) for v in row] for row in x])
-        nulls = _null_mask(x)
-    else:
-        bad, nulls = np.ones(x.shape, dtype=bool), np.zeros(x.shape, dtype=bool)
-    if not (bad | nulls).any():
-        return ""
-    row, col = (int(i) for i in np.argwhere(bad | nulls)[0])
-    what = "a missing value" if nulls[row, col] else f"{type(x[row, col]).__name__} {x[row, col]!r:.30}"
-    return f": row {row + row_offset} holds {what} at position {col}"
+    for row, values in enumerate(x):  # stops at the first bad row: an error, not a scan of the whole matrix
+        if (found := _first_non_number(values)) is not None:
+            return f": row {row + row_offset} holds {found}"
+    return ""
+
+
+def _first_non_number(values: Any) -> str | None:
+    """'<what> at position <j>' for the first entry of a row that is not a real number, else None."""
+    for j, v in enumerate(values):
+        if v is None or type(v).__name__ == "NAType":  # pandas' NA, without importing pandas here
+            return f"a missing value at position {j}"
+        if not isinstance(v, numbers.Real):
+            return f"{type(v).__name__} {v!r:.30} at position {j}"
+    return None
 
 
 # Beyond this, float32 squared distances of a few thousand dimensions come near overflow (3.4e38): the
@@ -111,6 +116,8 @@ def _check_values(x: np.ndarray, source: np.ndarray, name: str, row_offset: int)
     """
     with np.errstate(invalid="ignore"):
         peak = float(np.maximum(x.max(), -x.min()))  # np.maximum keeps a NaN, Python's max may not
+    if peak == 0 and source.dtype.kind == "f" and source.dtype.itemsize > 4 and source.any():
+        peak = float(np.abs(source).max())  # float64 values below float32's smallest became zeros in the cast
     if 0 < peak < MIN_PEAK_VALUE:
         raise InputError(f"{name} are all below {MIN_PEAK_VALUE:.0e} in magnitude (largest {peak:.1e}): too small "
                          "for float32 arithmetic; rescale the embeddings (for example to unit norm)")
@@ -286,7 +293,13 @@ def _pandas_to_table(df: Any, id_col: str | None, emb_col: str) -> ItemTable:
                          f"{type(values[scalar]).__name__} {values[scalar]!r:.40}")
     lengths = np.fromiter((0 if null else len(v) for v, null in zip(values, nulls)), dtype=np.int64, count=len(values))
     _check_rows(nulls, lengths, where, 0)
-    matrix = np.stack([np.asarray(v) for v in values]) if len(values) else np.empty((0, 0))  # (n, d)
+    rows = [np.asarray(v) for v in values]
+    # one row of text or None turns the whole stacked matrix into text or objects: name that row first
+    bad = next((i for i, row in enumerate(rows) if row.dtype.kind not in "fiub"), None)
+    if bad is not None:
+        found = _first_non_number(values[bad]) or f"dtype {rows[bad].dtype}"
+        raise InputError(f"embeddings in {where} must be real numbers: row {bad} holds {found}")
+    matrix = np.stack(rows) if rows else np.empty((0, 0))  # (n, d)
     embeddings = validate_embeddings(matrix, name=f"embeddings in {where}")
     ids = validate_ids(df[labels[id_col]], name=f"column '{id_col}' in {where}") if id_col else None
     return ItemTable(ids, embeddings)
@@ -372,18 +385,11 @@ def _open_npy(p: Path, expected_dim: int | None) -> np.ndarray:
 def _parquet_checked(p: Path, id_col: str | None, emb_col: str) -> pl.LazyFrame:
     """A lazy scan of the needed columns, after checking that the file is parquet and has them."""
     try:
-        schema = pl.read_parquet_schema(p)
+        names = pl.read_parquet_schema(p).names()
     except (pl.exceptions.PolarsError, OSError) as e:
         raise InputError(f"cannot read {p} as parquet: {e}") from e
-    _check_columns(schema.names(), id_col, emb_col, str(p))
-    columns = [pl.col(c) for c in (id_col, emb_col) if c is not None]
-    emb_type = schema[emb_col]
-    if isinstance(emb_type, (pl.List, pl.Array)) and emb_type.inner == pl.Float64:
-        # cast while reading: float64 lists (what pandas writes from Python floats) would otherwise be held
-        # whole in float64, and again as a float64 matrix, before the float32 one semid uses
-        float32 = pl.List(pl.Float32) if isinstance(emb_type, pl.List) else pl.Array(pl.Float32, emb_type.shape)
-        columns[-1] = pl.col(emb_col).cast(float32)
-    return pl.scan_parquet(p).select(columns)
+    _check_columns(names, id_col, emb_col, str(p))
+    return pl.scan_parquet(p).select([c for c in (id_col, emb_col) if c is not None])
 
 
 def parquet_column_type(path: str | os.PathLike, column: str) -> pl.DataType:

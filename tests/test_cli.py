@@ -652,3 +652,25 @@ def test_a_parquet_without_ids_is_read_with_an_empty_id_col_as_a_npy_is(work, tm
     with pytest.raises(SystemExit):
         main(["evaluate", "--model", str(model), "--data", str(bare), "--id-col", "", "--interactions", "log.csv"])
     assert "--id-col '' names none" in capsys.readouterr().err
+
+
+def test_a_signal_the_parent_ignores_stays_ignored(tmp_path, monkeypatch, capsys):
+    """`semid train ... &` in a script starts with SIGINT ignored: the Ctrl-C is the script's, not the job's."""
+    import os
+    import signal
+
+    import semid.cli
+
+    def finishes_despite_ctrl_c(args):
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGINT)
+        return 0
+
+    monkeypatch.setattr(semid.cli, "cmd_train", finishes_despite_ctrl_c)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert semid.cli.main(["train", "--data", "x.npy", "--out", str(tmp_path / "m")]) == 0
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert "interrupted" not in capsys.readouterr().err

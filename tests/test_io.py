@@ -138,8 +138,9 @@ def test_a_float64_npy_is_read_without_a_float64_copy(tmp_path):
 
 
 def test_embeddings_too_small_for_float32_are_refused_before_training():
-    with pytest.raises(InputError, match="all below 1e-30 in magnitude"):
-        validate_embeddings(_matrix(20, 4).astype(np.float64) * 1e-39)
+    for scale in (1e-39, 1e-50):  # subnormal in float32, and zero there
+        with pytest.raises(InputError, match="all below 1e-30 in magnitude"):
+            validate_embeddings(_matrix(20, 4).astype(np.float64) * scale)
     validate_embeddings(_matrix(20, 4) * 1e-20)  # small but well inside float32: fine
     validate_embeddings(np.zeros((3, 4)))  # all zeros: nothing too small, only nothing to learn
 
@@ -152,6 +153,11 @@ def test_a_missing_value_inside_list_rows_is_named_with_its_row():
         to_numpy_embeddings(rows.set_index("item_id"))
     with pytest.raises(InputError, match="row 2 holds str '7' at position 0"):
         validate_embeddings(np.array([[1.0, 2.0], [3.0, 4.0], ["7", 8.0]], dtype=object))
+    text = pd.DataFrame({"item_id": ["a", "b", "c"], "embedding": [[1.0, 2.0], [3.0, 4.0], ["7", 8.0]]})
+    with pytest.raises(InputError, match="row 2 holds str '7' at position 0"):  # not the row-0 text numpy makes
+        to_numpy_embeddings(text)
+    with pytest.raises(InputError, match="row 1 holds a missing value at position 1"):
+        to_numpy_embeddings([[1.0, 2.0], [3.0, None]])
 
 
 def test_values_whose_squares_overflow_float32_are_refused_with_their_rows():
@@ -563,11 +569,35 @@ def test_the_temp_of_a_killed_write_is_removed_by_the_next_write_and_a_live_ones
         assert (tmp_path / held).exists()
         next_write()
         assert not (tmp_path / held).exists()
+        assert all((tmp_path / name).exists() for name in unrelated)  # other outputs' temps are not touched
         left = set(_dir_entries(tmp_path)) - set(unrelated)
         assert left == ({"ckpt.pt"} if kind == "file" else set())  # nothing of either write left
     finally:
         writer.kill()
         writer.wait(timeout=60)
+
+
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_writers_racing_for_one_output_never_remove_each_others_temps(tmp_path, kind):
+    """Each write sweeps the temps beside its output while others are making theirs: none may take a live
+    one (a temp made, not yet locked) for a killed writer's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    target = tmp_path / ("out.json" if kind == "file" else "model")
+
+    def writes(worker: int) -> int:
+        for i in range(150):
+            if kind == "file":
+                atomic_write(target, lambda tmp: tmp.write_text(f"{worker} {i}"))
+            else:
+                with claimed_temp(target, directory=True) as staging:
+                    (staging / "weights").write_text(f"{worker} {i}")
+                    shutil.rmtree(staging)  # as a save ends: its staging directory renamed away
+        return worker
+
+    with ThreadPoolExecutor(4) as pool:  # flock excludes other descriptors of this process as it does others'
+        assert sorted(pool.map(writes, range(4))) == [0, 1, 2, 3]  # no write failed
+    assert _dir_entries(tmp_path) == (["out.json"] if kind == "file" else [])
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="no flock on Windows")
@@ -606,6 +636,10 @@ def test_an_atomic_write_that_the_system_refuses_names_the_file_meant(tmp_path):
     with pytest.raises(FileNotFoundError) as info:  # an error about a file the writer reads stays its own
         atomic_write(target, lambda tmp: (tmp_path / "missing.txt").read_text())
     assert info.value.filename == str(tmp_path / "missing.txt") and "cannot write" not in str(info.value)
+    long = tmp_path / ("n" * 245 + ".json")  # a valid name whose temp's name is too long: the temp is not named
+    with pytest.raises(OSError, match=r"cannot write .*nnn\.json: File name too long") as info:
+        atomic_write(long, lambda tmp: tmp.write_text("{}"))
+    assert ".tmp-" not in str(info.value)
 
 
 def test_a_full_disk_reported_by_a_rust_writer_names_the_output(tmp_path):
