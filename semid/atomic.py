@@ -47,19 +47,33 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None]) -> N
                 os.fsync(f.fileno())
             os.replace(tmp, target)
     except Exception as exc:
-        # A failure to write the output (a full disk, a read-only folder) is named as this output's, not its temp
-        # file's; an error about another file (one the writer reads) is left as it is. Writers in Rust (polars)
-        # report the system's error in their text, "(os error 28)", often without a file name or an errno.
-        number = exc.errno if isinstance(exc, OSError) and exc.errno is not None else _rust_errno(exc)
-        named = None if not isinstance(exc, OSError) or exc.filename is None else Path(exc.filename)
-        ours = isinstance(exc, OSError) and (named is None or named in (target, *target.parents)
-                                             or _is_temp_of(named, target))
-        if not ours and number not in _WRITE_ONLY_ERRNOS:
+        error = output_error(exc, path)
+        if error is None:
             raise
-        kind = type(exc) if isinstance(exc, OSError) else OSError
-        message = f"cannot write {path}: {os.strerror(number) if number is not None else exc}"
-        raise (kind(number, message) if number is not None else kind(message)) from None
+        raise error from None
     _fsync_dir(target.parent)
+
+
+def output_error(exc: Exception, path: str | os.PathLike) -> Exception | None:
+    """The error to report for a failed write of the output `path`, or None when `exc` is about another file.
+
+    A failure to write the output (a full disk, a read-only folder) is named as this output's, not its temp
+    file's; an error about another file (one the writer reads) is left as it is. Writers in Rust (polars)
+    report the system's error in their text, "(os error 28)", often without a file name or an errno.
+    """
+    target = Path(os.path.realpath(path))
+    number = exc.errno if isinstance(exc, OSError) and exc.errno is not None else _rust_errno(exc)
+    named = None if not isinstance(exc, OSError) or exc.filename is None else Path(exc.filename)
+    ours = isinstance(exc, OSError) and (named is None or named in (target, *target.parents)
+                                         or _is_temp_of(named, target))
+    if not ours and number not in _WRITE_ONLY_ERRNOS:
+        return None
+    kind = type(exc) if isinstance(exc, OSError) else OSError
+    reason = os.strerror(number) if number is not None else str(exc)
+    if number == errno.ENAMETOOLONG:
+        reason += f" (its temp file's name is {len(temp_beside(target).name) - len(target.name)} characters longer)"
+    message = f"cannot write {path}: {reason}"
+    return kind(number, message) if number is not None else kind(message)
 
 
 def _rust_errno(exc: Exception) -> int | None:
@@ -81,9 +95,9 @@ def probe_writable(path: str | os.PathLike) -> None:
     writing there later would meet, before the work whose output would then be lost (a training run)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    probe = path.parent / f".{path.name}.probe-{uuid.uuid4().hex[:12]}"
+    probe = temp_beside(path)  # named as a temp: `output_error` takes its failures for the output's
     probe.touch()
-    probe.unlink()
+    probe.unlink(missing_ok=True)  # a sweep may have taken it, unlocked, already
 
 
 def temp_beside(target: Path) -> Path:

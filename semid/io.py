@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import polars as pl
 
-from semid.atomic import atomic_write, claimed_temp
+from semid.atomic import atomic_write, claimed_temp, output_error
 
 SUFFIXES = (".npy", ".parquet")
 # Hint appended to missing-column errors, since the usual fix is to name the right column.
@@ -82,9 +82,13 @@ def _not_numbers_hint(x: np.ndarray, row_offset: int) -> str:
                 "or the DataFrame itself)")
     if x.dtype.kind != "O" or x.ndim != 2:
         return ""
-    for row, values in enumerate(x):  # stops at the first bad row: an error, not a scan of the whole matrix
-        if (found := _first_non_number(values)) is not None:
-            return f": row {row + row_offset} holds {found}"
+    for start in range(0, len(x), 1024):  # numpy judges a block at C speed; only a bad block is read in Python
+        block = x[start : start + 1024]
+        if np.asarray(block.tolist()).dtype.kind in "fiub":
+            continue
+        for row, values in enumerate(block, start):
+            if (found := _first_non_number(values)) is not None:
+                return f": row {row + row_offset} holds {found}"
     return ""
 
 
@@ -101,13 +105,13 @@ def _first_non_number(values: Any) -> str | None:
 # Beyond this, float32 squared distances of a few thousand dimensions come near overflow (3.4e38): the
 # cosine of such rows, k-means and the reconstruction error would turn into inf and NaN mid-training.
 MAX_ABS_VALUE = 1e15
-# Below this in every value, the data is near float32's subnormal range (under 1.2e-38), where it loses its
-# precision and standardising it gives the model inf and NaN.
+# A catalogue whose every value is below this is near float32's subnormal range (under 1.2e-38), where it loses
+# its precision, and standardising it gives the model inf and NaN (`check_trainable_scale`).
 MIN_PEAK_VALUE = 1e-30
 
 
 def _check_values(x: np.ndarray, source: np.ndarray, name: str, row_offset: int) -> None:
-    """Refuse NaN, inf, values whose squares overflow float32 and matrices too small for it, naming the rows.
+    """Refuse NaN, inf, values whose squares overflow float32 and input that float32 turns to zeros, naming rows.
 
     `x` is the float32 matrix, `source` what it was cast from (a float64 value beyond float32's range is
     inf in `x` only, and is named as the large value it is). The fast path is the largest and smallest value,
@@ -117,10 +121,8 @@ def _check_values(x: np.ndarray, source: np.ndarray, name: str, row_offset: int)
     with np.errstate(invalid="ignore"):
         peak = float(np.maximum(x.max(), -x.min()))  # np.maximum keeps a NaN, Python's max may not
     if peak == 0 and source.dtype.kind == "f" and source.dtype.itemsize > 4 and source.any():
-        peak = float(np.abs(source).max())  # float64 values below float32's smallest became zeros in the cast
-    if 0 < peak < MIN_PEAK_VALUE:
-        raise InputError(f"{name} are all below {MIN_PEAK_VALUE:.0e} in magnitude (largest {peak:.1e}): too small "
-                         "for float32 arithmetic; rescale the embeddings (for example to unit norm)")
+        raise InputError(f"{name} are all zero in float32, in which semid computes, although not in the input "
+                         f"(largest {float(np.abs(source).max()):.1e}); rescale the embeddings (for example to unit norm)")
     if peak <= MAX_ABS_VALUE:  # False for NaN as well
         return
     exact = source if source.dtype.kind == "f" else x  # integers are finite, and become floats as large
@@ -134,6 +136,15 @@ def _check_values(x: np.ndarray, source: np.ndarray, name: str, row_offset: int)
     raise InputError(f"{name} hold values beyond ±{MAX_ABS_VALUE:.0e} ({int(rows.sum())} rows, first bad row: "
                      f"{int(np.argmax(rows)) + row_offset}): semid computes in float32, whose squares overflow; "
                      "rescale the embeddings (for example to unit norm)")
+
+
+def check_trainable_scale(x: np.ndarray) -> None:
+    """Refuse a catalogue too small in every value to train on in float32. Judged on the whole catalogue at
+    fit, not per batch: items that small can still be encoded with the scale a model learned elsewhere."""
+    peak = float(np.abs(x).max())
+    if 0 < peak < MIN_PEAK_VALUE:
+        raise InputError(f"the embeddings are all below {MIN_PEAK_VALUE:.0e} in magnitude (largest {peak:.1e}): too "
+                         "small to train on in float32; rescale them (for example to unit norm)")
 
 
 def validate_ids(ids: Any, *, name: str = "item ids") -> np.ndarray:
@@ -628,7 +639,10 @@ class ParquetShardWriter:
 
     def __enter__(self) -> ParquetShardWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._dir = self._claim.__enter__()
+        try:
+            self._dir = self._claim.__enter__()
+        except OSError as exc:
+            raise (output_error(exc, self.path) or exc) from None
         return self
 
     def write(self, df: pl.DataFrame) -> None:

@@ -26,6 +26,7 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
+from semid.atomic import output_error, probe_writable
 from semid.collisions import IdRegistry, SuffixOverflowError
 from semid.config import ConfigError, SemidConfig
 from semid.device import device_available, resolve_device
@@ -34,6 +35,7 @@ from semid.kmeans import sinkhorn_assign
 from semid.io import (
     InputError,
     ParquetShardWriter,
+    check_trainable_scale,
     check_unique_ids,
     count_items,
     parquet_column_type,
@@ -193,6 +195,7 @@ class SemanticIdTokenizer:
         keys, emb = self._items(x, ids, id_col, emb_col, for_registry=False)  # a new registry: no warning
         if len(emb) < 2:
             raise InputError(f"fit needs at least two items to tell apart, got {len(emb)}")
+        check_trainable_scale(emb)
         if not np.ptp(emb, axis=0).any():
             raise InputError(f"all {len(emb)} embeddings are the same vector: nothing tells the items apart")
         self._check_room_for_ids(emb)
@@ -309,6 +312,10 @@ class SemanticIdTokenizer:
             raise InputError(f"the output {out} must be a .parquet file")
         if Path(out).resolve() == Path(path).resolve():  # as the CLI compares paths: a symlink is its target
             raise InputError(f"the output {out} is the input file; write the IDs to another path")
+        try:  # now, not after the encode and the registry save
+            probe_writable(out)
+        except OSError as exc:
+            raise (output_error(exc, out) or exc) from None
         id_col = None if Path(path).suffix.lower() == ".npy" else id_col  # None: rows without ids, known by content
         n = count_items(path, id_col=id_col, emb_col=emb_col)
         batches = iter_item_batches(path, batch_size, id_col=id_col, emb_col=emb_col,

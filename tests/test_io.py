@@ -20,6 +20,7 @@ from semid.io import (
     InputError,
     ItemTable,
     ParquetShardWriter,
+    check_trainable_scale,
     check_unique_ids,
     count_items,
     iter_item_batches,
@@ -138,11 +139,18 @@ def test_a_float64_npy_is_read_without_a_float64_copy(tmp_path):
 
 
 def test_embeddings_too_small_for_float32_are_refused_before_training():
-    for scale in (1e-39, 1e-50):  # subnormal in float32, and zero there
-        with pytest.raises(InputError, match="all below 1e-30 in magnitude"):
-            validate_embeddings(_matrix(20, 4).astype(np.float64) * scale)
-    validate_embeddings(_matrix(20, 4) * 1e-20)  # small but well inside float32: fine
-    validate_embeddings(np.zeros((3, 4)))  # all zeros: nothing too small, only nothing to learn
+    """Too small to train on is judged on the whole catalogue (fit); values that float32 turns to zeros are
+    refused wherever they are read."""
+    tiny = _matrix(20, 4).astype(np.float64) * 1e-39  # subnormal in float32
+    with pytest.raises(InputError, match="all below 1e-30 in magnitude"):
+        check_trainable_scale(validate_embeddings(tiny))
+    with pytest.raises(InputError, match=r"all zero in float32.*although not in the input \(largest"):
+        validate_embeddings(_matrix(20, 4).astype(np.float64) * 1e-50)
+    mixed = np.concatenate([tiny[:2], _matrix(10, 4)])  # a streamed batch of small rows encodes as the rest does
+    validate_embeddings(mixed[:2])
+    check_trainable_scale(validate_embeddings(mixed))
+    check_trainable_scale(validate_embeddings(_matrix(20, 4) * 1e-20))  # small but well inside float32: fine
+    check_trainable_scale(validate_embeddings(np.zeros((3, 4))))  # all zeros: nothing too small to learn
 
 
 def test_a_missing_value_inside_list_rows_is_named_with_its_row():

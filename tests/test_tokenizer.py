@@ -397,6 +397,18 @@ def test_encode_file_writes_in_slices_and_refuses_ids_repeated_across_batches(da
     assert not (tmp_path / "dup.parquet").exists()
 
 
+def test_encode_file_refuses_an_output_it_cannot_write_before_encoding(data, model_dir, tmp_path, monkeypatch):
+    """The output is tried first, and named: not its hidden temp, after the whole encode and a registry save."""
+    tok = SemanticIdTokenizer.load(model_dir("suffix", True))
+    source = tmp_path / "items.parquet"
+    _frame(data["x"][:50], data["ids"][:50]).write_parquet(source)
+    monkeypatch.setattr(SemanticIdTokenizer, "_raw", lambda *a: pytest.fail("encoded before trying the output"))
+    long = tmp_path / ("n" * 245 + ".parquet")  # a valid name; its temp's is too long
+    with pytest.raises(OSError, match=r"cannot write .*n\.parquet: File name too long \(its temp file's name is 18 "):
+        tok.encode_file(source, long, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["items.parquet"]
+
+
 # ---- decode and evaluate ------------------------------------------------------------------------
 
 
