@@ -51,6 +51,8 @@ def validate_embeddings(
     `row_offset` is added to row numbers in messages, so that a streamed batch reports rows of the file.
     """
     x = np.asarray(x)
+    if x.dtype.kind == "O" and x.ndim == 2 and x.size and not _not_numbers_hint(x, row_offset):
+        x = np.asarray(x.tolist())  # cells that are all numbers, held as objects (a mixed DataFrame's .values)
     _check_form(x, expected_dim, name, row_offset)
     with np.errstate(over="ignore"):  # a value beyond float32 becomes inf here; _check_values names it by `x`
         matrix = np.ascontiguousarray(x, dtype=np.float32)  # (n, d)

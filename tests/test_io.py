@@ -166,6 +166,12 @@ def test_a_missing_value_inside_list_rows_is_named_with_its_row():
         to_numpy_embeddings(text)
     with pytest.raises(InputError, match="row 1 holds a missing value at position 1"):
         to_numpy_embeddings([[1.0, 2.0], [3.0, None]])
+    numbers_as_objects = np.array([[1.0, 2], [np.float32(3.5), np.int64(4)]], dtype=object)
+    np.testing.assert_array_equal(validate_embeddings(numbers_as_objects), [[1.0, 2.0], [3.5, 4.0]])
+    from decimal import Decimal
+
+    with pytest.raises(InputError, match=r"row 1 holds Decimal Decimal\('4'\) at position 1"):
+        validate_embeddings(np.array([[1.0, 2.0], [3.0, Decimal(4)]], dtype=object))
 
 
 def test_values_whose_squares_overflow_float32_are_refused_with_their_rows():
