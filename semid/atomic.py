@@ -136,16 +136,18 @@ def _make_claimed(target: Path, directory: bool) -> tuple[Path, int | None]:
     """
     for _ in range(100):
         path = temp_beside(target)
-        if directory:
-            path.mkdir()
-        elif fcntl is None:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        if fcntl is None:
-            return path, None
         try:
-            handle = os.open(path, os.O_RDONLY) if directory else os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+            if directory:
+                path.mkdir()
+                handle = os.open(path, os.O_RDONLY) if fcntl is not None else None
+            else:
+                handle = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         except FileNotFoundError:  # a sweep removed the directory already
             continue
+        if fcntl is None:
+            if handle is not None:
+                os.close(handle)
+            return path, None
         keep = False
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -168,13 +170,13 @@ def _remove_abandoned(target: Path) -> None:
         return
     pattern = re.compile(re.escape(f".{target.stem}.tmp-") + f"[0-9a-f]{{{_TEMP_HEX}}}" + re.escape(target.suffix))
     try:
-        entries = [entry.name for entry in os.scandir(target.parent) if pattern.fullmatch(entry.name)]
+        entries = [(entry.name, entry.is_dir()) for entry in os.scandir(target.parent) if pattern.fullmatch(entry.name)]
     except OSError:  # no folder yet: nothing to remove, and the write itself says what is wrong
         return
-    for name in entries:
+    for name, is_dir in entries:
         path = target.parent / name
         try:  # NFS locks a file only through a descriptor that may write it
-            handle = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDWR)
+            handle = os.open(path, os.O_RDONLY if is_dir else os.O_RDWR)
         except OSError:  # gone meanwhile, or not ours to touch
             continue
         try:

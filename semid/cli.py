@@ -404,16 +404,15 @@ def check_output_file(target: Path, named: str) -> None:
     """Refuse, before any work, a file output that cannot be one: a directory, a path under a file, or a path
     inside any semid model directory (whose files an output would replace, and which `train --overwrite`
     deletes whole)."""
-    from semid.modeldir import is_model_dir
+    from semid.modeldir import enclosing_model
 
     if target.is_dir():
         raise ValueError(f"{named} is a directory; name a file")
-    for folder in target.parents:
-        if folder.exists() and not folder.is_dir():
-            raise ValueError(f"{named}: {folder} is a file, not a directory")
-        if is_model_dir(folder):
-            raise ValueError(f"{named} is inside the semid model directory {folder}, which holds a model and the "
-                             "registry of IDs it handed out: write it to another path")
+    if (under := next((folder for folder in target.parents if folder.exists() and not folder.is_dir()), None)):
+        raise ValueError(f"{named}: {under} is a file, not a directory")
+    if (model := enclosing_model(target)) is not None:
+        raise ValueError(f"{named} is inside the semid model directory {model}, which holds a model and the "
+                         "registry of IDs it handed out: write it to another path")
     try:
         probe_writable(target)
     except OSError as exc:

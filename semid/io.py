@@ -51,8 +51,10 @@ def validate_embeddings(
     `row_offset` is added to row numbers in messages, so that a streamed batch reports rows of the file.
     """
     x = np.asarray(x)
-    if x.dtype.kind == "O" and x.ndim == 2 and x.size and not _not_numbers_hint(x, row_offset):
-        x = np.asarray(x.tolist())  # cells that are all numbers, held as objects (a mixed DataFrame's .values)
+    if x.dtype.kind == "O" and x.ndim == 2 and x.size:  # a mixed DataFrame's .values: numbers held as objects
+        if hint := _not_numbers_hint(x, row_offset):
+            raise InputError(f"{name} must be real numbers, got dtype object{hint}")
+        x = np.asarray(x.tolist())
     _check_form(x, expected_dim, name, row_offset)
     with np.errstate(over="ignore"):  # a value beyond float32 becomes inf here; _check_values names it by `x`
         matrix = np.ascontiguousarray(x, dtype=np.float32)  # (n, d)
@@ -64,7 +66,9 @@ def _check_form(x: np.ndarray, expected_dim: int | None, name: str, row_offset: 
     """Refuse what is not a non-empty (n, d) matrix of numbers from its dtype and shape alone: a memory-mapped
     .npy is checked by its header, before any row is read."""
     if x.dtype.kind not in "fiu":
-        raise InputError(f"{name} must be real numbers, got dtype {x.dtype}{_not_numbers_hint(x, row_offset)}")
+        hint = (" (an array of per-row arrays, as a DataFrame column's .to_numpy() gives: pass np.stack(column), "
+                "or the DataFrame itself)" if x.dtype.kind == "O" and x.ndim == 1 else "")
+        raise InputError(f"{name} must be real numbers, got dtype {x.dtype}{hint}")
     if x.ndim != 2:
         raise InputError(f"{name} must be a 2-D matrix (items x dimensions), got shape {x.shape}")
     n, d = x.shape
@@ -77,13 +81,8 @@ def _check_form(x: np.ndarray, expected_dim: int | None, name: str, row_offset: 
 
 
 def _not_numbers_hint(x: np.ndarray, row_offset: int) -> str:
-    """Where a matrix that is not numbers went wrong: a column of per-row arrays, or the first row holding a
-    None or a string (lists with a missing value make numpy fall back to objects)."""
-    if x.dtype.kind == "O" and x.ndim == 1:
-        return (" (an array of per-row arrays, as a DataFrame column's .to_numpy() gives: pass np.stack(column), "
-                "or the DataFrame itself)")
-    if x.dtype.kind != "O" or x.ndim != 2:
-        return ""
+    """": row r holds ..." for the first row of an (n, d) object matrix holding a None or a string (lists with
+    a missing value make numpy fall back to objects); "" when every cell is a number."""
     for start in range(0, len(x), 1024):  # numpy judges a block at C speed; only a bad block is read in Python
         block = x[start : start + 1024]
         if np.asarray(block.tolist()).dtype.kind in "fiub":
@@ -116,12 +115,10 @@ def _check_values(x: np.ndarray, source: np.ndarray, name: str, row_offset: int)
     """Refuse NaN, inf, values whose squares overflow float32 and input that float32 turns to zeros, naming rows.
 
     `x` is the float32 matrix, `source` what it was cast from (a float64 value beyond float32's range is
-    inf in `x` only, and is named as the large value it is). The fast path is the largest and smallest value,
-    two passes at memory speed with no (n, d) temporary: a NaN anywhere makes them NaN, and an inf or a value
-    too large shows in them. Only a bad matrix has its rows inspected.
+    inf in `x` only, and is named as the large value it is). The fast path is `_peak`: a NaN anywhere makes it
+    NaN, and an inf or a value too large shows in it. Only a bad matrix has its rows inspected.
     """
-    with np.errstate(invalid="ignore"):
-        peak = float(np.maximum(x.max(), -x.min()))  # np.maximum keeps a NaN, Python's max may not
+    peak = _peak(x)
     if peak == 0 and source.dtype.kind == "f" and source.dtype.itemsize > 4 and source.any():
         raise InputError(f"{name} are all zero in float32, in which semid computes, although not in the input "
                          f"(largest {float(np.abs(source).max()):.1e}); rescale the embeddings (for example to unit norm)")
@@ -140,10 +137,16 @@ def _check_values(x: np.ndarray, source: np.ndarray, name: str, row_offset: int)
                      "rescale the embeddings (for example to unit norm)")
 
 
+def _peak(x: np.ndarray) -> float:
+    """The largest |value|, NaN if any is NaN: two passes at memory speed, with no (n, d) temporary."""
+    with np.errstate(invalid="ignore"):
+        return float(np.maximum(x.max(), -x.min()))  # np.maximum keeps a NaN, Python's max may not
+
+
 def check_trainable_scale(x: np.ndarray) -> None:
     """Refuse a catalogue too small in every value to train on in float32. Judged on the whole catalogue at
     fit, not per batch: items that small can still be encoded with the scale a model learned elsewhere."""
-    peak = float(np.abs(x).max())
+    peak = _peak(x)
     if 0 < peak < MIN_PEAK_VALUE:
         raise InputError(f"the embeddings are all below {MIN_PEAK_VALUE:.0e} in magnitude (largest {peak:.1e}): too "
                          "small to train on in float32; rescale them (for example to unit norm)")

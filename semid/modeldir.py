@@ -49,6 +49,11 @@ def is_model_dir(path: Path) -> bool:
     return isinstance(meta, dict) and meta.get("format") == MODEL_FORMAT
 
 
+def enclosing_model(path: Path) -> Path | None:
+    """The semid model directory that path lies inside, if any: whose `train --overwrite` would delete it."""
+    return next((folder for folder in Path(path).absolute().parents if is_model_dir(folder)), None)
+
+
 def check_save_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """The absolute target of a save, once it is known to be safe to write there; raises ModelDirError.
 
@@ -59,8 +64,7 @@ def check_save_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
     target = Path(path).absolute()
     if Path.cwd().is_relative_to(target):
         raise ModelDirError(f"{path} is the current directory or one above it; name a new directory to save into")
-    inside = next((folder for folder in target.parents if is_model_dir(folder)), None)
-    if inside is not None:  # `train --overwrite` of that model would delete this one, registry and all
+    if (inside := enclosing_model(target)) is not None:  # its `train --overwrite` would delete this model too
         raise ModelDirError(f"{path} is inside the semid model directory {inside}; save next to it, not in it")
     free = not target.exists() or (target.is_dir() and not any(target.iterdir()))  # an empty directory is free
     if free and (left := interrupted_replaces(target)):
