@@ -15,7 +15,8 @@ CPU mode compares, on the same rows and through the calls a user makes:
 GPU mode measures `RQVAE.encode` on a large resampled catalogue already on the device, in fp32 and under
 bf16 autocast, with and without the fused residual-encode kernel (`semid.fused`), against a plain-PyTorch
 encoder of the same shape that holds the same weights (MLP, then three chained argmins over 256 codes),
-and training steps/s of `semid.train.Trainer` on `configs/default.toml`.
+the time of each phase of encode apart (`encode_phases`), and training steps/s of `semid.train.Trainer` on
+`configs/default.toml`.
 It imports neither polars, faiss nor vector_quantize_pytorch: those are needed by the CPU mode only.
 
 Every time is the best of --repeats runs after one warm-up run (see `bench_common.best_of`; the CPU encode
@@ -340,6 +341,35 @@ def encode_all(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batc
     return out
 
 
+def each_batch(fn: Callable[[torch.Tensor], object], x: torch.Tensor, batch: int, amp: bool) -> None:
+    """fn on every `batch` rows of x, its results dropped: for timing one phase of encode."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        for start in range(0, x.shape[0], batch):
+            fn(x[start : start + batch])
+
+
+def encode_phases(model, x: torch.Tensor, batch: int, repeats: int) -> dict:
+    """Where encode's time goes, in items/s per phase and precision.
+
+    `latent` is the encoder pass as `RQVAE.latent` runs it (standardiser folded, ReLU inside the products);
+    `latent_modules` the same pass through the training modules (standardise, then the nn.Sequential, under
+    autocast casting each layer's input), which `latent` replaced in session 22; `quantizer_fused` and
+    `quantizer_unfused` the residual walk on latents computed beforehand, with and without `semid.fused`.
+    """
+    phases = {}
+    for amp in (False, True):
+        precision = "bf16" if amp else "fp32"
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            latents = torch.cat([model.latent(x[start : start + batch]) for start in range(0, x.shape[0], batch)])
+        runs = {"latent": (model.latent, x), "latent_modules": (lambda rows: model.encoder(model.normalize(rows)), x),
+                "quantizer_fused": (model.quantizer.encode, latents),
+                "quantizer_unfused": (without_fused_kernel(model.quantizer.encode), latents)}
+        for name, (fn, data) in runs.items():
+            seconds = timed(lambda: each_batch(fn, data, batch, amp), x.device, repeats)
+            phases[f"{name}_{precision}"] = rate(x.shape[0], seconds)
+    return phases
+
+
 def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
     """best_of with a synchronize at the end of every call, so the time covers the work queued on the device."""
 
@@ -381,6 +411,7 @@ def device_encode(base: np.ndarray, device: torch.device, args: argparse.Namespa
         "ratio_semid_over_reference": {p: round(items[f"semid_{p}"] / items[f"reference_{p}"], 2) for p in ("fp32", "bf16")},
         "speedup_bf16_over_fp32": {n: round(items[f"{n}_bf16"] / items[f"{n}_fp32"], 2) for n in systems},
         "ratio_fused_over_unfused": {p: round(items[f"semid_{p}"] / items[f"semid_unfused_{p}"], 2) for p in ("fp32", "bf16")},
+        "phases_items_per_second": encode_phases(model, x, args.batch, args.repeats),
         "code_agreement": {"semid_fp32_vs_reference_fp32": agreement("semid_fp32", "reference_fp32"),
                            "semid_fp32_vs_semid_unfused_fp32": agreement("semid_fp32", "semid_unfused_fp32"),
                            "semid_bf16_vs_semid_fp32": agreement("semid_bf16", "semid_fp32"),
@@ -418,6 +449,9 @@ def run_device(base: np.ndarray, args: argparse.Namespace) -> dict:
     if result["encode"]["fused_kernel_off_because"]:
         print(f"  the fused kernel was OFF: {result['encode']['fused_kernel_off_because']}")
     print(f"  code agreement: {result['encode']['code_agreement']}")
+    print("  phases (items/s):")
+    for name, value in result["encode"]["phases_items_per_second"].items():
+        print(f"    {name:24} {value:>14,.0f}")
     result["train"] = device_train(base, device, args.full_train_steps)
     t = result["train"]
     print(f"\ntrain ({t['config']}, {t['items']:,} items): {t['steps_per_second']:,.1f} steps/s "

@@ -48,7 +48,8 @@ _WIDEST_FUSED = max(_TILES)
 # since only sub-round-off ties should. Distinct rows, so that copies of one tied item count once.
 _CHECK_ROWS = 1024
 _CHECK_TOLERANCE = 0.01
-_state = {"checked": {}, "off_because": None}  # checked: (device, compile constants) -> distinct rows agreed
+_state = {"checked": {}, "off_because": None}  # checked: (device, dtype, constants) -> distinct rows agreed
+_READ_AS_IS = (torch.float32, torch.bfloat16, torch.float16)  # latent dtypes the kernel reads without a cast
 
 
 class FusedKernelWarning(RuntimeWarning):
@@ -89,7 +90,7 @@ def checked_codes(stack: ResidualQuantizer, e: torch.Tensor,
     except Exception as error:  # compile, resource or launch errors of this Triton on this GPU
         _turn_off(f"it failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
         return None
-    variant = (str(e.device), tuple(sorted(_compile_constants(stack, e.shape[-1]).items())))
+    variant = (str(e.device), e.dtype, tuple(sorted(_compile_constants(stack, e.shape[-1]).items())))
     agreed = _state["checked"].get(variant, 0)
     if agreed < _CHECK_ROWS and len(e):
         rows = e[:_CHECK_ROWS]
@@ -124,7 +125,7 @@ def _residual_encode(
 ):
     """One block of rows through every level.
 
-    e (n, D) fp32; search (L, K_PAD, D): the score vectors; bias (L, K_PAD): the score offsets, -inf for
+    e (n, D) fp32, bf16 or fp16 (read as fp32); search (L, K_PAD, D): the score vectors; bias (L, K_PAD): the score offsets, -inf for
     padding codes; codeword (L, K_PAD, D): what is subtracted; keys (n_keys,) sorted int64 prefix keys
     with centres (n_keys, D), and strides (L - 1,) that make a prefix's key; codes (n, L) int64 output.
     n_keys is a runtime value, so a new model's table needs no new compile; the binary search runs
@@ -137,7 +138,7 @@ def _residual_encode(
     dim_ok = dims < D
     chunk = tl.arange(0, BLOCK_CODES)
     residual = tl.load(e_ptr + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
-                       other=0.0)
+                       other=0.0).to(tl.float32)
     key = tl.zeros([BLOCK_ROWS], dtype=tl.int64)
     for level in tl.static_range(LEVELS):
         if CENTRES and level == LEVELS - 1:  # prefix centre: binary search (lower bound) of the key
@@ -210,7 +211,9 @@ def residual_codes(stack: ResidualQuantizer, e: torch.Tensor) -> torch.Tensor:
     A CPU tensor needs Triton's interpreter (TRITON_INTERPRET=1 before triton is first imported, as the tests
     set it): correct, slow, and there for the tests.
     """
-    e = e.detach().float().contiguous()
+    # Low-precision latents (an encoder under autocast) are read as they are: a cast would be one more pass
+    e = e.detach()
+    e = (e if e.dtype in _READ_AS_IS else e.float()).contiguous()
     n, d = e.shape
     sizes = stack.codebook_sizes
     constants = _compile_constants(stack, d)

@@ -35,20 +35,42 @@ def _onednn_linear() -> Callable[..., torch.Tensor] | None:
 
 
 _ONEDNN_LINEAR = _onednn_linear()
+# Devices where `_linear` runs a ReLU inside the matrix product: on a CPU, torch._addmm_activation is a plain
+# addmm then ReLU, and slower than F.linear's oneDNN path for bf16 (and fp32 has oneDNN already).
+_RELU_IN_PRODUCT = {"cuda"}
 
 
-def _linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """F.linear, through oneDNN for fp32 CPU inference.
+def _linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool = False) -> torch.Tensor:
+    """F.linear, then ReLU where `relu`, through the fastest kernel for inference.
 
-    On the 2-core AMD host of bench/speed_cpu.json oneDNN runs the TIGER encoder's layers about 15% faster
-    than F.linear's MKL gemm, at the same fp32 precision. The kernel has no backward, so anything that
-    needs a gradient takes F.linear, and so does everything while torch.backends.mkldnn is switched off.
+    fp32 on a CPU: oneDNN, which on the 2-core AMD host of bench/speed_cpu.json runs the TIGER encoder's layers
+    about 15% faster than F.linear's MKL gemm, at the same precision. On CUDA the ReLU runs inside the matrix
+    product (`torch._addmm_activation`: cuBLASLt's bias+ReLU epilogue), so the layer's output is written
+    once instead of written, read and written again: in bf16 that is about a quarter of the memory traffic
+    of the TIGER encoder (bench_speed.py's `encode_phases` times it). Neither kernel has a backward, so
+    anything that needs a gradient takes F.linear, and so does everything while torch.backends.mkldnn is
+    switched off on a CPU.
     """
     needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad or bias.requires_grad)
-    usable = _ONEDNN_LINEAR is not None and torch.backends.mkldnn.enabled
-    if not usable or needs_grad or h.device.type != "cpu" or h.dtype != torch.float32:
-        return F.linear(h, weight, bias)
-    return _ONEDNN_LINEAR(h, weight, bias, "none", [], "")
+    onednn = _ONEDNN_LINEAR is not None and torch.backends.mkldnn.enabled
+    if not needs_grad and onednn and h.device.type == "cpu" and h.dtype == torch.float32:
+        out = _ONEDNN_LINEAR(h, weight, bias, "none", [], "")
+    elif not needs_grad and relu and h.device.type in _RELU_IN_PRODUCT and h.dim() == 2:
+        return torch._addmm_activation(bias, h, weight.t())
+    else:
+        out = F.linear(h, weight, bias)
+    return F.relu(out, inplace=not needs_grad) if relu else out
+
+
+def _centred_as(x: torch.Tensor, mean: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x - mean, computed in fp32 and rounded once to `dtype`.
+
+    Where no gradient is needed it is one pass on a GPU, reading x and writing the low-precision result: an
+    `out=` of another dtype is cast inside the kernel there (a CPU makes a temporary, with the same values).
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return (x.float() - mean).to(dtype)
+    return torch.sub(x, mean, out=torch.empty(x.shape, dtype=dtype, device=x.device))
 
 
 @contextlib.contextmanager
@@ -175,33 +197,39 @@ class RQVAE(nn.Module):
     def latent(self, x: torch.Tensor) -> torch.Tensor:
         """(n, D) raw embeddings -> (n, d) encoder output (the standardised input, for rqkmeans).
 
-        In fp32 the standardiser is folded into the first linear layer, so the input is read once by the
-        matrix product instead of also by a subtract and a divide. Under autocast the input is
-        standardised first, as in training: folded, a low-precision cast would round the raw values,
-        whose offset from the mean can be much smaller than the values themselves.
+        The encoder modules as training runs them, rearranged for a cheap pass over large inputs. In fp32 the
+        standardiser is folded into the first linear layer, so the input is read once by the matrix product
+        instead of also by a subtract and a divide. Under autocast only the scale is folded: the offset is
+        taken off in fp32 first, as training does, and the result rounded once to the low precision (one
+        pass, where training's subtract, divide and cast make three); folded, the cast would round the raw
+        values, whose offset from the mean can be much smaller than the values themselves. A ReLU runs inside
+        the matrix product before it where no gradient is needed (`_linear`).
         """
         if not self.is_autoencoder:
             return self.normalize(x)
-        if torch.is_autocast_enabled(x.device.type):
-            return self.encoder(self.normalize(x))
-        h = x.float()
-        for i, layer in enumerate(self.encoder):
+        low = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if low else torch.float32
+        h = _centred_as(x, self.mean, dtype) if low else x.float()
+        layers = list(self.encoder)
+        for i, layer in enumerate(layers):
+            fused_relu = i > 0 and isinstance(layer, nn.ReLU) and isinstance(layers[i - 1], nn.Linear)
             if isinstance(layer, nn.Linear):
-                h = _linear(h, *(self._folded_input_layer(layer) if i == 0 else (layer.weight, layer.bias)))
-            elif isinstance(layer, nn.ReLU):
-                h = F.relu(h, inplace=True)  # overwrites only the linear output before it
-            else:
+                weight, bias = self._folded_input_layer(layer, centred=low) if i == 0 else (layer.weight, layer.bias)
+                relu = i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU)
+                h = _linear(h.to(dtype), weight.to(dtype), bias.to(dtype), relu=relu)
+            elif not fused_relu:
                 h = layer(h)
         return h
 
-    def _folded_input_layer(self, first: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weight and bias of first(normalize(x)) as one layer on raw x: W / s and b - (W / s) m.
+    def _folded_input_layer(self, first: nn.Linear, centred: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight and bias of first(normalize(x)) as one layer on x (raw: W / s and b - (W / s) m) or on x - m
+        (`centred`: W / s and b).
 
         Computed on every call (a (h, D) elementwise op, far cheaper than the layer itself), so it can never
         go stale while the model trains.
         """
         weight = first.weight / self.scale
-        return weight, torch.addmv(first.bias, weight, self.mean, alpha=-1.0)
+        return weight, first.bias if centred else torch.addmv(first.bias, weight, self.mean, alpha=-1.0)
 
     def forward(self, x: torch.Tensor, row_weights: torch.Tensor | None = None) -> RQVAEOutput:
         """Training pass. `row_weights` (n,) weight each row's reconstruction error (importance sampling);

@@ -57,6 +57,26 @@ def test_prefix_tables_of_any_size_are_searched_by_the_same_kernel(real_data, ke
     assert torch.equal(fused.residual_codes(stack, x), stack._walk_codes(x))
 
 
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_latents_are_read_without_a_cast(dtype, monkeypatch):
+    """An encoder under autocast hands the kernel bf16 latents: it reads them as they are (a cast to fp32 would be
+    one more pass over the latents) and gives the walk's codes of the same values."""
+    stack, x = _clustered_stack()
+    low = x.to(dtype)
+    kernel, cdiv = fused._kernel()
+    read = []
+
+    class Recording:  # the jitted kernel, noting the dtype of the latents it is launched on
+        def __getitem__(self, grid):
+            return lambda e, *args, **kwargs: read.append(e.dtype) or kernel[grid](e, *args, **kwargs)
+
+    monkeypatch.setattr(fused, "_kernel", lambda: (Recording(), cdiv))
+    codes = fused.residual_codes(stack, low)
+    assert read == [dtype]
+    assert torch.equal(codes, stack._walk_codes(low))
+
+
 def test_search_steps_cover_the_table_in_few_compiled_variants():
     for n_keys in [0, 1, 2, 255, 256, 65_535, 65_536, 10**7, 2**40]:
         steps = fused._search_steps(n_keys)
@@ -208,15 +228,16 @@ pointers = {"e_ptr": "*fp32", "search_ptr": "*fp32", "bias_ptr": "*fp32", "codew
             "n_keys": "i32"}
 cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 usage = {}
-for d, (rows, codes) in fused._TILES.items():
+for (d, (rows, codes)), latent in [(tile, latent) for tile in fused._TILES.items() for latent in ("fp32", "bf16")]:
     consts = {"D": d, "D_PAD": d, "K_PAD": 256, "LEVELS": 3, "CENTRES": True, "SEARCH_STEPS": 16,
               "BLOCK_ROWS": rows, "BLOCK_CODES": codes}
-    source = ASTSource(fn=kernel, signature={**pointers, **{k: "constexpr" for k in consts}}, constexprs=consts)
-    cubin = Path(sys.argv[1]) / f"d{d}.cubin"
+    signature = {**pointers, "e_ptr": f"*{latent}", **{k: "constexpr" for k in consts}}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=consts)
+    cubin = Path(sys.argv[1]) / f"d{d}_{latent}.cubin"
     cubin.write_bytes(triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"])
     line = next(l for l in subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True,
                                           text=True, check=True).stdout.splitlines() if "REG:" in l)
-    usage[d] = dict(item.split(":") for item in line.split()[:2])
+    usage[f"{d}-{latent}"] = dict(item.split(":") for item in line.split()[:2])
 print(json.dumps(usage))
 """
 
@@ -235,7 +256,7 @@ def test_kernel_compiles_for_sm90_without_spilling(tmp_path):
         pytest.skip("this Triton has no ahead-of-time compile API")
     assert result.returncode == 0, result.stderr[-3000:]
     usage = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(usage) == {"16", "32", "64"}
-    for d, resources in usage.items():
-        assert resources["STACK"] == "0", f"latent {d}: the kernel spills registers ({resources})"
+    assert set(usage) == {f"{d}-{latent}" for d in (16, 32, 64) for latent in ("fp32", "bf16")}
+    for variant, resources in usage.items():
+        assert resources["STACK"] == "0", f"latent {variant}: the kernel spills registers ({resources})"
         assert int(resources["REG"]) <= 255

@@ -24,7 +24,7 @@ from semid.config import ConfigError
 from semid.export import parse_token_strings, token_strings, token_vocabulary
 from semid.io import InputError
 from semid.metrics import collision_metrics
-from semid.rqvae import RQVAE, _linear
+from semid.rqvae import RQVAE, _centred_as, _linear
 from semid.tokenizer import ModelDirError, SemanticIdTokenizer
 
 N_A = 1200
@@ -365,18 +365,73 @@ def test_latent_norm_fixes_each_rows_rms_and_leaves_no_radial_gradient(data, tin
     assert set(model.state_dict()) == set(RQVAE(data["x"].shape[1], tiny_config({}).model, config.quantizer).state_dict())
 
 
-def test_onednn_linear_matches_f_linear_and_steps_aside_for_gradients(monkeypatch):
+@pytest.mark.parametrize("relu", [False, True])
+def test_inference_linear_matches_f_linear_and_steps_aside_for_gradients(monkeypatch, relu):
+    """Every kernel `_linear` may take (oneDNN for fp32 on a CPU, torch._addmm_activation with its ReLU inside
+    the product, F.linear) gives F.linear's values, and a gradient where one is needed."""
     g = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(24, 10, generator=g), torch.randn(24, generator=g)
     h = torch.randn(33, 20, generator=g)[:, ::2]  # a strided view, as a caller may pass
+
+    def expected(h, weight, bias):
+        out = F.linear(h, weight, bias)
+        return F.relu(out) if relu else out
+
     with torch.no_grad():
-        torch.testing.assert_close(_linear(h, weight, bias), F.linear(h, weight, bias), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_linear(h, weight, bias, relu), expected(h, weight, bias), rtol=1e-5, atol=1e-5)
+        low = [t.bfloat16() for t in (h, weight, bias)]  # the autocast path
+        assert _linear(*low, relu).dtype == torch.bfloat16
+        torch.testing.assert_close(_linear(*low, relu), expected(*low), rtol=1e-2, atol=1e-2)
+        monkeypatch.setattr("semid.rqvae._RELU_IN_PRODUCT", {"cpu"})  # the CUDA path's arithmetic, on the CPU
+        fused_calls = []
+        addmm_activation = torch._addmm_activation
+        monkeypatch.setattr(torch, "_addmm_activation", lambda *a: fused_calls.append(1) or addmm_activation(*a))
+        torch.testing.assert_close(_linear(*low, relu), expected(*low), rtol=1e-2, atol=1e-2)
         monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
-        torch.testing.assert_close(_linear(h, weight, bias), F.linear(h, weight, bias), rtol=0, atol=0)
+        torch.testing.assert_close(_linear(h, weight, bias, relu), expected(h, weight, bias), rtol=0, atol=0)
+        assert len(fused_calls) == (2 if relu else 0)
         monkeypatch.undo()
     weight.requires_grad_(True)
-    _linear(h, weight, bias).sum().backward()
-    torch.testing.assert_close(weight.grad, h.sum(0).expand(24, 10))
+    out = _linear(h, weight, bias, relu)
+    out.sum().backward()
+    active = (out > 0).float() if relu else torch.ones_like(out)
+    torch.testing.assert_close(weight.grad, active.T @ h)
+
+
+def test_centred_as_rounds_once_with_or_without_a_gradient():
+    g = torch.Generator().manual_seed(0)
+    x, mean = 1000.0 + torch.randn(50, 8, generator=g), 1000.0 + torch.randn(8, generator=g)
+    expected = (x - mean).bfloat16()  # the offset taken off in fp32, then one rounding
+    assert torch.equal(_centred_as(x, mean, torch.bfloat16), expected)
+    assert not torch.equal(x.bfloat16().float() - mean, expected.float())  # rounding the raw values first loses it
+    x.requires_grad_(True)
+    centred = _centred_as(x, mean, torch.bfloat16)
+    assert torch.equal(centred.detach(), expected)
+    centred.float().sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+@pytest.mark.parametrize("activation, norms", [("relu", {}), ("silu", {}), ("relu", {"model.layer_norm": True}),
+                                               ("relu", {"model.latent_norm": 0.5})],
+                         ids=["relu", "silu", "relu-layernorm", "relu-latentnorm"])
+def test_latent_under_autocast_matches_the_training_modules_and_keeps_gradients(data, tiny_config, activation, norms):
+    """The rearranged low-precision pass (offset off in fp32, scale folded, ReLU inside the product) computes
+    what the encoder modules compute under autocast, to bf16's precision, and stays differentiable."""
+    config = tiny_config({**norms, "model.activation": activation})
+    model = RQVAE(data["x"].shape[1], config.model, config.quantizer)
+    x = torch.from_numpy(data["x"][:300]) * 40.0 + 7.0  # an offset and a scale for the standardiser to remove
+    model.fit_standardizer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            fast, modules = model.latent(x), model.encoder(model.normalize(x))
+        assert fast.dtype == modules.dtype
+        error = (fast.float() - modules.float()).norm() / modules.float().norm()
+        assert error < 0.02, error
+        first = model.encoder[0].weight
+        probe = torch.randn(modules.shape, generator=torch.Generator().manual_seed(1))  # not invariant to the norm
+        grads = [torch.autograd.grad((latent.float() * probe).sum(), first)[0]
+                 for latent in (model.latent(x), model.encoder(model.normalize(x)))]
+    assert F.cosine_similarity(grads[0].flatten(), grads[1].flatten(), dim=0) > 0.99  # bf16 rounds them apart
 
 
 def test_encode_file_writes_in_slices_and_refuses_ids_repeated_across_batches(data, model_dir, tmp_path, monkeypatch):
