@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -708,6 +709,25 @@ def test_cuda_and_cpu_codes_agree_with_the_same_weights(real_data, tiny_config):
     gpu_codes = encode_in_batches(model.to("cuda"), trainer.x.to("cuda")).cpu()
     agree = (cpu_codes == gpu_codes).all(dim=1).float().mean()
     assert agree >= 0.999
+
+
+@needs_cuda
+def test_cuda_bf16_encode_matches_the_modules_and_mostly_the_fp32_codes(real_data, tiny_config):
+    """The autocast encode path on a GPU (ReLU inside cuBLASLt's product, bf16 latents read by the fused kernel)
+    computes what the training modules compute, and gives most items their fp32 codes."""
+    from semid import fused
+
+    trainer = Trainer(tiny_config({"train.steps": 100, "model.activation": "relu"}), _x(real_data))
+    model = trainer.fit().to("cuda")
+    x = trainer.x.to("cuda")
+    fp32_codes = model.encode(x)
+    with warnings.catch_warnings(), torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
+        warnings.simplefilter("error", fused.FusedKernelWarning)
+        fast, modules = model.latent(x), model.encoder(model.normalize(x))
+        bf16_codes = model.encode(x)
+    assert fast.dtype == torch.bfloat16
+    assert (fast.float() - modules.float()).norm() / modules.float().norm() < 0.02
+    assert (bf16_codes == fp32_codes).all(dim=1).float().mean() >= 0.95
 
 
 # ---- semid's own additions: uniqueness loss, residual k-means refinement ----------------------
