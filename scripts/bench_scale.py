@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # semid itself, where it is not installed
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import default_data_dir, load_embeddings, write_json_atomic  # noqa: E402
 

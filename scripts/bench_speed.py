@@ -348,6 +348,7 @@ def each_batch(fn: Callable[[torch.Tensor], object], x: torch.Tensor, batch: int
             fn(x[start : start + batch])
 
 
+@torch.inference_mode()  # as RQVAE.encode runs: no autograd records, and `_linear` takes its inference kernels
 def encode_phases(model, x: torch.Tensor, batch: int, repeats: int) -> dict:
     """Where encode's time goes, in items/s per phase and precision.
 

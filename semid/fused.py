@@ -182,8 +182,10 @@ def _kernel():
     import triton
     import triton.language as tl
 
-    # n_keys unspecialised: Triton would otherwise compile apart the tables of 1 key and of multiples of 16
-    return triton.jit(_residual_encode, do_not_specialize=["n_keys"]), triton.cdiv
+    # n and n_keys unspecialised: Triton would otherwise compile apart batches (and tables) of 1 row (key), of
+    # multiples of 16 and of other lengths, each a compile of tens of seconds, and each a variant the first-use
+    # check (keyed by the constexprs) would not see
+    return triton.jit(_residual_encode, do_not_specialize=["n", "n_keys"]), triton.cdiv
 
 
 def _compile_constants(stack: ResidualQuantizer, d: int) -> dict[str, int | bool]:

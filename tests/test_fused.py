@@ -77,6 +77,14 @@ def test_low_precision_latents_are_read_without_a_cast(dtype, monkeypatch):
     assert torch.equal(codes, stack._walk_codes(low))
 
 
+def test_row_and_key_counts_are_runtime_values_that_never_make_another_compile():
+    """Triton specialises integer arguments on ==1 and on divisibility by 16 unless told not to: batches of 12,101
+    and 262,144 rows would each compile (tens of seconds) and escape the first-use check, keyed by constexprs."""
+    kernel, _ = fused._kernel()  # jitted, or in the CPU interpreter a wrapper that keeps jit's arguments
+    names = kernel.kwargs["do_not_specialize"] if hasattr(kernel, "kwargs") else kernel.do_not_specialize
+    assert set(names) == {"n", "n_keys"}
+
+
 def test_search_steps_cover_the_table_in_few_compiled_variants():
     for n_keys in [0, 1, 2, 255, 256, 65_535, 65_536, 10**7, 2**40]:
         steps = fused._search_steps(n_keys)
