@@ -37,9 +37,12 @@ def _parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
         if not sep:
             raise ConfigError(f"--set expects section.key=value, got {pair!r}")
         try:
-            overrides[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+            parsed = tomllib.loads(f"v = {raw}")
         except tomllib.TOMLDecodeError:
-            overrides[key.strip()] = raw
+            parsed = {"v": raw}
+        if set(parsed) != {"v"}:  # a value with a line break would otherwise set more than its key, unseen
+            raise ConfigError(f"--set {key.strip()}= takes one value, got {raw!r}")
+        overrides[key.strip()] = parsed["v"]
     return overrides
 
 
@@ -307,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=65536, help="items read and encoded at a time (default: 65536)")
     p.add_argument("--device", type=_device_name, help=device_help)
     p.add_argument("--quiet", action="store_true", help="no progress bar (there is none unless stderr is a terminal)")
-    p.add_argument("--trie", help="also write the prefix trie of the IDs (JSON) for constrained decoding")
+    p.add_argument("--trie", help="also write the prefix trie (JSON) of this file's IDs for constrained decoding; "
+                                  "encode the whole catalogue (known items keep their IDs) for a trie of every item")
     p.add_argument("--vocab", help="also write every token the model's IDs can use, one per line, for an LLM's tokenizer")
     columns(p)
     p.set_defaults(func=cmd_encode)

@@ -671,7 +671,7 @@ class IdRegistry:
         import polars as pl
 
         ids = np.asarray(ids)
-        if ids.size == 0:  # no IDs (as parsed from an empty batch): nothing to look up, whatever the shape
+        if ids.ndim and len(ids) == 0:  # no rows (an empty batch parses to (0, 0)); (n, 0) is n IDs of no tokens
             return pl.Series("key", [], dtype=pl.String)
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"ids must be a 2-D integer matrix (items x tokens), got {ids.dtype} of shape {ids.shape}")

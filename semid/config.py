@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 import sys
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -25,6 +27,10 @@ else:  # pragma: no cover - exercised only on Python 3.10
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
+
+
+class PartialConfigWarning(UserWarning):
+    """A config file left out keys on which semid's neutral dataclass defaults and its tuned recipe differ."""
 
 
 DEVICE_NAMES = "auto, cpu, cuda or cuda:N (GPU N)"
@@ -343,16 +349,12 @@ class SemidConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "SemidConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise ConfigError(f"config file {path} is not UTF-8 text (TOML is UTF-8; is it the config?)") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-        return cls.from_dict(data)
+        """A TOML config file. Keys it leaves out take the dataclass defaults, with a `PartialConfigWarning` where
+        those differ from the recipe."""
+        data = _read_toml(Path(path))
+        config = cls.from_dict(data)
+        _warn_of_neutral_defaults(Path(path), data)
+        return config
 
     def with_overrides(self, overrides: dict[str, Any] | None) -> "SemidConfig":
         """A copy with dotted-key overrides applied, e.g. {"quantizer.forward": "ste"}."""
@@ -379,6 +381,40 @@ class SemidConfig:
     def save(self, path: str | Path) -> None:
         text = self.to_toml()
         atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a directory; name a .toml file")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:  # utf-8-sig: editors on Windows (Notepad) start UTF-8 files with a byte-order mark, which TOML refuses
+        return tomllib.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text (TOML is UTF-8; is it the config?)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _warn_of_neutral_defaults(path: Path, data: dict[str, Any]) -> None:
+    """Warn of the keys a config file leaves out whose dataclass default is not the recipe's value.
+
+    Why: the dataclass defaults are neutral building blocks (L2 codes, no uniqueness loss), so that a file such
+    as configs/tiger.toml means only what it says; but a user who writes just the keys they want to change
+    expects the tuned recipe, and would train a weaker model without knowing it.
+    """
+    if not DEFAULT_CONFIG.is_file() or path.resolve() == DEFAULT_CONFIG.resolve():
+        return
+    neutral, recipe = SemidConfig().to_dict(), _read_toml(DEFAULT_CONFIG)
+    left_out = [f"{section}.{key} = {_toml_value(value)} (recipe: {_toml_value(recipe[section][key])})"
+                for section, values in neutral.items() for key, value in values.items()
+                if key not in data.get(section, {}) and recipe.get(section, {}).get(key, value) != value]
+    if left_out:
+        warnings.warn(PartialConfigWarning(
+            f"{path} leaves out {len(left_out)} key(s) that then take semid's neutral defaults, not the tuned "
+            f"recipe of configs/default.toml: {'; '.join(left_out)}. Set them in the file, or start from the "
+            "recipe (no --config, with --set KEY=VALUE; or a copy of configs/default.toml)"
+        ), stacklevel=3)
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -448,18 +484,25 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
         if origin is list:
             (item_type,) = get_args(option)
             if isinstance(value, list) and all(_is_instance(v, item_type) for v in value):
-                return [float(v) if item_type is float else v for v in value]
+                return [_plain(v, item_type) for v in value]
         elif _is_instance(value, option):
-            return float(value) if option is float else value
+            return _plain(value, option)
     raise ConfigError(f"config key '{key}' has value {value!r}, expected {_type_name(hint)}")
 
 
 def _is_instance(value: Any, type_: type) -> bool:
+    """numbers.Integral and numbers.Real, not int and float: numpy scalars (a sweep over np.arange) count too."""
     if type_ is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
     if type_ is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     return isinstance(value, type_)
+
+
+def _plain(value: Any, type_: type) -> Any:
+    """A checked value as the Python type itself (an int where a float is due, a numpy scalar), so configs
+    compare, print and write to TOML alike."""
+    return type_(value) if type_ in (int, float) else value
 
 
 def _type_name(hint: Any) -> str:

@@ -16,6 +16,7 @@ import functools
 import hashlib
 import inspect
 import math
+import pickle
 import sys
 import time
 import warnings
@@ -168,8 +169,10 @@ def weights_problem(exc: Exception) -> str:
         return f"{type(exc).__name__} (an empty or truncated file?)"
     if "Unsupported global" in text:
         return "it holds Python objects, not only tensors (semid writes tensors only)"
-    if "Weights only load failed" in text:
+    if "Weights only load failed" in text or isinstance(exc, (KeyError, pickle.UnpicklingError)):
         return "it is not a torch file of tensors (truncated, corrupt, or another format)"
+    if "PytorchStreamReader" in text or "zip archive" in text:  # the zip's directory, at its end, is missing
+        return "it is truncated or corrupt (not a complete torch zip archive)"
     return " ".join(text.split())[:400]
 
 
@@ -652,8 +655,11 @@ class Trainer:
                              "the config it started with")
         data = payload["data"]
         if data["shape"] != list(self.x.shape) or data["sha256"] != self.data_fingerprint:
-            raise ValueError(f"{path} was written while training on other data ({data['shape']} rows x dims, "
-                             f"this run has {list(self.x.shape)}); resume with the same items, in the same order")
+            other = (f"{data['shape'][0]:,} x {data['shape'][1]} items, this run has {self.x.shape[0]:,} x {self.x.shape[1]}"
+                     if data["shape"] != list(self.x.shape) else
+                     f"as many items of the same width, {self.x.shape[0]:,} x {self.x.shape[1]}, with other values or order")
+            raise ValueError(f"{path} was written while training on other data ({other}); resume with the same items, "
+                             "in the same order")
         self.model.load_state_dict(payload["model"])
         if self.optimizer:
             self._load_optimizer(payload["optimizer"])

@@ -31,19 +31,27 @@ TINY_TOML = """\
 [model]
 hidden = [64]
 latent_dim = 16
+latent_norm = 0.0
 
 [quantizer]
 levels = 3
 codebook_size = 16
+distance = "l2"
+balance_weight = 0.0
 
 [train]
 device = "cpu"
 steps = 80
+min_epochs = 0
+max_steps = 0
 batch_size = 256
 lr = 0.003
 eval_every = 40
 progress = false
-"""
+norm_sampling = 0.0
+weight_decay = 0.0
+uniqueness_weight = 0.0
+"""  # every key on which the neutral defaults and the recipe differ, so no PartialConfigWarning
 
 
 def semid(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
@@ -309,6 +317,10 @@ BAD_CASES = {
                                "--out", "{out}"], "unknown config key 'train.stpes'"),
     "train-bad-choice": (["train", "--config", "{config}", "--set", "quantizer.distance=manhattan", "--data",
                           "{npy}", "--out", "{out}"], "quantizer.distance"),
+    "train-set-two-lines": (["train", "--config", "{config}", "--set", "train.steps=30\nlr=1", "--data", "{npy}",
+                             "--out", "{out}"], "--set train.steps= takes one value, got '30\\nlr=1'"),
+    "train-config-directory": (["train", "--config", "{root}", "--data", "{npy}", "--out", "{out}"],
+                               "is a directory; name a .toml file"),
     "train-missing-file": (["train", "--config", "{config}", "--data", "{root}/absent.npy", "--out", "{out}"],
                            "not found"),
     "encode-nan-parquet": (["encode", "--model", "{model}", "--data", "{nan_parquet}", "--out", "{out}",

@@ -708,6 +708,8 @@ def test_registry_keys_for_inverts_lookup_and_leaves_unknown_ids_null():
         reg.keys_for(ids.astype(float))
     assert IdRegistry().keys_for(np.zeros((2, 3), int)).to_list() == [None, None]
     assert reg.keys_for(np.zeros((0, 0), int)).to_list() == [] == reg.keys_for([]).to_list()  # an empty batch
+    with pytest.raises(ValueError, match="ids have 0 tokens"):  # two IDs of no tokens: not an empty batch
+        reg.keys_for(np.zeros((2, 0), int))
     # the lookup table is kept between calls, and rebuilt when items are registered (or a provisional undone)
     fresh = np.array([[3, 3, 3]])
     with reg.provisional():

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from semid.config import BEST_METRICS, ConfigError, SemidConfig  # noqa: E402
+from semid.config import BEST_METRICS, ConfigError, PartialConfigWarning, SemidConfig  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 NAN, INF = math.nan, math.inf
@@ -209,3 +209,47 @@ def test_a_value_of_the_wrong_type_names_the_type_expected():
         SemidConfig().with_overrides({"model.hidden": [1.5]})
     with pytest.raises(ConfigError, match=r"expected int or list of int$"):
         SemidConfig().with_overrides({"quantizer.codebook_size": "256"})
+
+
+def test_every_shipped_config_says_every_key_on_which_the_defaults_and_the_recipe_differ(recwarn):
+    for path in sorted(CONFIGS.glob("*.toml")):
+        SemidConfig.load(path)
+    assert not [w for w in recwarn if issubclass(w.category, PartialConfigWarning)]
+
+
+def test_a_partial_config_file_warns_of_each_key_left_to_the_neutral_defaults(tmp_path):
+    """A file with only the keys a user changed trains with the dataclass defaults for the rest: say which of them
+    are not the recipe's, with both values, so a weaker model is never trained unknowingly."""
+    partial = tmp_path / "mine.toml"
+    partial.write_text('[train]\nsteps = 5\n[quantizer]\ndistance = "cosine"\n')
+    with pytest.warns(PartialConfigWarning, match=r"mine.toml leaves out 11 key\(s\)") as caught:
+        config = SemidConfig.load(partial)
+    message = str(caught[0].message)
+    assert "model.hidden = [512, 256, 128] (recipe: [1024, 512, 256])" in message
+    assert "train.uniqueness_weight = 0.0 (recipe: 3.0)" in message
+    assert "train.steps" not in message and "quantizer.distance" not in message  # the file set those
+    assert config.train.steps == 5 and config.model.hidden == SemidConfig().model.hidden
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    with pytest.warns(PartialConfigWarning, match=r"leaves out 13 key\(s\)"):
+        assert SemidConfig.load(empty) == SemidConfig()
+
+
+def test_a_byte_order_mark_is_read_and_a_directory_is_named(tmp_path):
+    marked = tmp_path / "windows.toml"
+    marked.write_bytes("\ufeff".encode() + (CONFIGS / "default.toml").read_bytes())  # as Notepad saves UTF-8
+    assert SemidConfig.load(marked) == SemidConfig.default()
+    with pytest.raises(ConfigError, match=r"config .* is a directory; name a .toml file"):
+        SemidConfig.load(tmp_path)
+
+
+def test_numpy_scalars_are_taken_and_kept_as_python_numbers():
+    import numpy as np
+
+    config = SemidConfig.default().with_overrides({"train.steps": np.int64(30), "train.lr": np.float32(0.5),
+                                                    "quantizer.codebook_size": [np.int32(8)] * 3})
+    assert type(config.train.steps) is int and type(config.train.lr) is float
+    assert config.quantizer.codebook_size == [8, 8, 8] and all(type(k) is int for k in config.quantizer.codebook_size)
+    assert SemidConfig.from_dict(config.to_dict()) == config and "steps = 30" in config.to_toml()
+    with pytest.raises(ConfigError, match="train.steps' has value"):
+        SemidConfig.default().with_overrides({"train.steps": np.float64(30.0)})  # a float for an int, as before
