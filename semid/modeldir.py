@@ -146,7 +146,8 @@ def present_or_raise(path: str | os.PathLike) -> Path:
         if root.is_dir():
             return root
     if not left:
-        raise ModelDirError(f"model directory not found: {path}")
+        found = " (it is a file: a model is the directory semid train --out wrote)" if root.exists() else ""
+        raise ModelDirError(f"model directory not found: {path}{found}")
     raise ModelDirError(f"model directory not found: {path}; a replace of it was interrupted, and its previous "
                         f"model is in {left[0]}: rename that back to {path}")
 

@@ -425,6 +425,14 @@ def test_a_model_left_aside_by_a_killed_replace_is_pointed_to_not_shadowed(model
     check_save_target(model, overwrite=True)
 
 
+def test_a_file_given_as_the_model_is_named_as_a_file(model, tmp_path):
+    with pytest.raises(ModelDirError, match=r"model directory not found: .*model.pt \(it is a file: a model is the "
+                                            r"directory semid train --out wrote\)$"):
+        SemanticIdTokenizer.load(model / "model.pt")
+    with pytest.raises(ModelDirError, match=r"model directory not found: .*absent$"):
+        SemanticIdTokenizer.load(tmp_path / "absent")
+
+
 def test_a_refitted_tokenizer_cannot_save_its_registry_over_the_old_model(items, model):
     ids, x = items
     tok = SemanticIdTokenizer.load(model)
