@@ -125,9 +125,10 @@ def _residual_encode(
 ):
     """One block of rows through every level.
 
-    e (n, D) fp32, bf16 or fp16 (read as fp32); search (L, K_PAD, D): the score vectors; bias (L, K_PAD): the score offsets, -inf for
-    padding codes; codeword (L, K_PAD, D): what is subtracted; keys (n_keys,) sorted int64 prefix keys
-    with centres (n_keys, D), and strides (L - 1,) that make a prefix's key; codes (n, L) int64 output.
+    e (n, D) fp32, bf16 or fp16 (read as fp32); search (L, K_PAD, D): the score vectors; bias (L, K_PAD): the
+    score offsets, -inf for padding codes; codeword (L, K_PAD, D): what is subtracted; keys (n_keys,) sorted
+    int64 prefix keys with centres (n_keys, D), and strides (L - 1,) that make a prefix's key; codes (n, L)
+    int64 output.
     n_keys is a runtime value, so a new model's table needs no new compile; the binary search runs
     SEARCH_STEPS >= log2(n_keys) + 1 steps, idle once its bounds meet.
     """

@@ -655,9 +655,9 @@ class Trainer:
                              "the config it started with")
         data = payload["data"]
         if data["shape"] != list(self.x.shape) or data["sha256"] != self.data_fingerprint:
-            other = (f"{data['shape'][0]:,} x {data['shape'][1]} items, this run has {self.x.shape[0]:,} x {self.x.shape[1]}"
-                     if data["shape"] != list(self.x.shape) else
-                     f"as many items of the same width, {self.x.shape[0]:,} x {self.x.shape[1]}, with other values or order")
+            (n, d), (now_n, now_d) = data["shape"], self.x.shape
+            other = (f"{n:,} x {d} items, this run has {now_n:,} x {now_d}" if [n, d] != [now_n, now_d] else
+                     f"as many items of the same width, {n:,} x {d}, with other values or order")
             raise ValueError(f"{path} was written while training on other data ({other}); resume with the same items, "
                              "in the same order")
         self.model.load_state_dict(payload["model"])
