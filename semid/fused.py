@@ -50,6 +50,12 @@ _CHECK_ROWS = 1024
 _CHECK_TOLERANCE = 0.01
 _state = {"checked": {}, "off_because": None}  # checked: (device, dtype, constants) -> distinct rows agreed
 _READ_AS_IS = (torch.float32, torch.bfloat16, torch.float16)  # latent dtypes the kernel reads without a cast
+# The kernel's first compile on a machine takes tens of seconds (36 s for a 64-d latent, compiled ahead of time
+# on a 2-core CPU; Triton keeps it on disk afterwards), which the PyTorch walk of a small batch never costs: by
+# arithmetic a GPU walks 65,536 latents through 3 x 256 codes in about a millisecond (0.4 GB of score matrices).
+# So only calls of at least this many rows take the kernel (bulk encodes), and a training run's evaluations of a
+# catalogue below that size, which encode it in one call, never wait for a compile.
+_MIN_ROWS = 65_536
 
 
 class FusedKernelWarning(RuntimeWarning):
@@ -63,9 +69,10 @@ def available() -> bool:
 
 
 def usable(e: torch.Tensor) -> bool:
-    """Whether `ResidualQuantizer.encode` of e should take the fused kernel: a CUDA latent of at most 64 dims."""
-    return (e.is_cuda and e.shape[-1] <= _WIDEST_FUSED and available() and _state["off_because"] is None
-            and os.environ.get("SEMID_FUSED", "1") != "0")
+    """Whether `ResidualQuantizer.encode` of e should take the fused kernel: at least `_MIN_ROWS` CUDA latents of at
+    most 64 dims."""
+    return (e.is_cuda and e.shape[0] >= _MIN_ROWS and e.shape[-1] <= _WIDEST_FUSED and available()
+            and _state["off_because"] is None and os.environ.get("SEMID_FUSED", "1") != "0")
 
 
 def _turn_off(reason: str) -> None:

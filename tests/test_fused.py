@@ -118,11 +118,18 @@ def test_ties_go_to_the_lowest_code_across_chunks(distance):
     assert torch.equal(codes, stack._walk_codes(x)) and int(codes.max()) < 64
 
 
-def test_encode_takes_the_kernel_only_on_a_gpu(monkeypatch):
+def test_encode_takes_the_kernel_only_on_a_gpu_and_for_large_batches(monkeypatch):
+    from types import SimpleNamespace
+
     x = torch.randn(8, 16)
+    monkeypatch.setattr(fused, "_MIN_ROWS", 8)
     assert not fused.usable(x)  # CPU tensors keep the PyTorch walk
+    monkeypatch.setattr(fused, "available", lambda: True)  # what `usable` sees of a CUDA batch, on any machine
+    assert fused.usable(SimpleNamespace(is_cuda=True, shape=(8, 64)))
+    assert not fused.usable(SimpleNamespace(is_cuda=True, shape=(7, 64)))  # a small batch: no compile to wait for
+    assert not fused.usable(SimpleNamespace(is_cuda=True, shape=(8, 65)))  # a latent too wide for the tiles
     if torch.cuda.is_available():
-        assert fused.usable(x.cuda())
+        assert fused.usable(x.cuda()) and not fused.usable(x[:7].cuda())  # below _MIN_ROWS: no compile to wait for
         monkeypatch.setenv("SEMID_FUSED", "0")
         assert not fused.usable(x.cuda())
 
@@ -204,9 +211,10 @@ def test_a_kernel_that_gives_other_codes_is_turned_off_before_its_codes_are_used
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_compiled_kernel_matches_the_cpu_walk():
+def test_compiled_kernel_matches_the_cpu_walk(monkeypatch):
     """The default's shape: a 64-d latent (the kernel takes latents of at most 64 dims; a 384-d input would
     take the PyTorch walk and prove nothing), 3 x 256 cosine codes, prefix centres."""
+    monkeypatch.setattr(fused, "_MIN_ROWS", 1)  # 20,000 rows would otherwise take the PyTorch walk
     g = torch.Generator().manual_seed(1)
     centres = torch.randn(50, 64, generator=g) * 3
     x = centres[torch.randint(0, 50, (20_000,), generator=g)] + 0.3 * torch.randn(20_000, 64, generator=g)

@@ -715,10 +715,12 @@ def test_cuda_and_cpu_codes_agree_with_the_same_weights(real_data, tiny_config):
 
 
 @needs_cuda
-def test_cuda_bf16_encode_matches_the_modules_and_mostly_the_fp32_codes(real_data, tiny_config):
+def test_cuda_bf16_encode_matches_the_modules_and_mostly_the_fp32_codes(real_data, tiny_config, monkeypatch):
     """The autocast encode path on a GPU (ReLU inside cuBLASLt's product, bf16 latents read by the fused kernel)
     computes what the training modules compute, and gives most items their fp32 codes."""
     from semid import fused
+
+    monkeypatch.setattr(fused, "_MIN_ROWS", 1)  # the kernel for this small catalogue too
 
     trainer = Trainer(tiny_config({"train.steps": 100, "model.activation": "relu"}), _x(real_data))
     model = trainer.fit().to("cuda")
