@@ -12,6 +12,7 @@ item, so catalogues of millions of IDs stay cheap.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -123,40 +124,55 @@ def _string_series(strings: Sequence[str] | pl.Series, what: str) -> pl.Series:
     return strings
 
 
-def _parsed(series: pl.Series, codes: pl.Series, what: str, example: str) -> np.ndarray:
-    """The (n, w) int64 rows of `codes` (a list of digit strings per row, null where a row is malformed)."""
-    bad = codes.is_null().to_numpy()
-    if bad.any():
-        row = int(np.argmax(bad))
-        raise ValueError(f"{what}: row {row} ({series[row]!r}) is not of the form {example}"
-                         f"{f' ({int(bad.sum())} such rows)' if bad.sum() > 1 else ''}")
-    widths = codes.list.len().to_numpy()
-    if widths.size and (widths != widths[0]).any():
-        row = int(np.argmax(widths != widths[0]))
-        raise ValueError(f"{what}: row {row} ({series[row]!r}) has {widths[row]} codes but row 0 has {widths[0]}; "
-                         "every ID has the same length")
-    width = int(widths[0]) if widths.size else 0
-    flat = codes.explode().cast(pl.Int64, strict=False)  # a code too large for int64 becomes null
-    if flat.is_null().any():
-        row = int(np.argmax(flat.is_null().to_numpy())) // max(width, 1)
+def _parsed(series: pl.Series, codes: pl.Series, what: str, example: str, width: int | None) -> np.ndarray:
+    """The (n, w) int64 rows of `codes` (a list of digit strings per row, null where a row is malformed).
+
+    Without `width` every row must parse, all to one length, and the first that does not is named. With it
+    (the model's `id_length`) a row that is malformed, of another length, or holds a code too large for int64
+    comes back as a row of -1, which no ID holds: `items_for` names no item for it and `decode` refuses it.
+    """
+    strict = width is None
+    if not strict and (isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1):
+        raise ValueError(f"width must be a positive int (the tokens of an ID, tok.id_length), got {width!r}")
+    if len(series) == 0:  # an empty batch: (0, 0), or (0, width)
+        return np.zeros((0, width or 0), dtype=np.int64)
+    lengths = codes.list.len().fill_null(-1).to_numpy()  # -1: malformed
+    if strict:
+        malformed = lengths < 0
+        if malformed.any():
+            row = int(np.argmax(malformed))
+            raise ValueError(f"{what}: row {row} ({series[row]!r}) is not of the form {example}"
+                             f"{f' ({int(malformed.sum())} such rows)' if malformed.sum() > 1 else ''}")
+        width = int(lengths[0])
+        if (lengths != width).any():
+            row = int(np.argmax(lengths != width))
+            raise ValueError(f"{what}: row {row} ({series[row]!r}) has {lengths[row]} codes but row 0 has {width}; "
+                             "every ID has the same length")
+    kept = np.flatnonzero(lengths == width)
+    flat = codes.gather(kept).explode().cast(pl.Int64, strict=False)  # a code too large for int64 becomes null
+    too_large = flat.is_null().to_numpy().reshape(len(kept), width).any(axis=1)
+    if strict and too_large.any():
+        row = int(kept[np.argmax(too_large)])
         raise ValueError(f"{what}: row {row} ({series[row]!r}) holds a code too large for a 64-bit integer")
-    # writable: polars may hand out a read-only view, which torch.from_numpy warns about
-    return np.require(flat.to_numpy(), requirements="W").reshape(len(series), width)
+    out = np.full((len(series), width), -1, dtype=np.int64)  # writable, unlike some polars views
+    out[kept[~too_large]] = flat.fill_null(-1).to_numpy().reshape(len(kept), width)[~too_large]
+    return out
 
 
-def parse_token_strings(strings: Sequence[str] | pl.Series, prefixes: str = LEVEL_PREFIXES) -> np.ndarray:
+def parse_token_strings(strings: Sequence[str] | pl.Series, prefixes: str = LEVEL_PREFIXES, *,
+                        width: int | None = None) -> np.ndarray:
     """(n, w) int64 IDs from token strings, the inverse of `token_strings`: "<a_12><b_201><c_7><d_0>" -> [12, 201,
     7, 0].
 
     For what a generative model emits: whitespace between tokens (as detokenisers insert) is allowed, but
     the tokens must carry the level letters in order from the first, so a sequence that skips or repeats
     a level is refused rather than read as another item's ID. Every string must hold the same number of
-    tokens; ValueError names the first row that does not parse.
+    tokens; ValueError names the first row that does not parse. A generative model's unconstrained output
+    has such rows: pass `width=tok.id_length` to get them back as rows of -1 instead, which `tok.items_for`
+    maps to null.
     """
     _check_prefixes(prefixes)
     series = _string_series(strings, "token strings")
-    if len(series) == 0:
-        return np.zeros((0, 0), dtype=np.int64)
     stripped = series.str.replace_all(r">\s+<", "><").str.strip_chars()  # whitespace between tokens only
     letters = "".join(re.escape(p) for p in prefixes)
     well_formed = stripped.str.contains(f"^(?:<[{letters}]_[0-9]+>)+$")  # ASCII digits: int() of others differs
@@ -165,18 +181,17 @@ def parse_token_strings(strings: Sequence[str] | pl.Series, prefixes: str = LEVE
     codes = stripped.str.extract_all(r"_[0-9]+").list.eval(pl.element().str.slice(1))  # the digits after "_"
     codes = pl.select(pl.when(well_formed & in_order).then(codes)).to_series()
     example = f"<{prefixes[0]}_12>" + (f"<{prefixes[1]}_201>..." if len(prefixes) > 1 else "")
-    return _parsed(series, codes, "token strings", example)
+    return _parsed(series, codes, "token strings", example, width)
 
 
-def parse_semantic_id_strings(strings: Sequence[str] | pl.Series) -> np.ndarray:
+def parse_semantic_id_strings(strings: Sequence[str] | pl.Series, *, width: int | None = None) -> np.ndarray:
     """(n, w) int64 IDs from dash-joined strings, the inverse of `semantic_id_strings`: "12-201-7-0" -> [12, 201,
-    7, 0]. Every string must hold the same number of codes; ValueError names the first row that does not parse."""
+    7, 0]. Every string must hold the same number of codes; ValueError names the first row that does not parse
+    (with `width`, such rows come back as rows of -1, as in `parse_token_strings`)."""
     series = _string_series(strings, "semantic ID strings")
-    if len(series) == 0:
-        return np.zeros((0, 0), dtype=np.int64)
     stripped = series.str.strip_chars()
     codes = pl.select(pl.when(stripped.str.contains(r"^[0-9]+(?:-[0-9]+)*$")).then(stripped.str.split("-"))).to_series()
-    return _parsed(series, codes, "semantic ID strings", "12-201-7-0")
+    return _parsed(series, codes, "semantic ID strings", "12-201-7-0", width)
 
 
 def prefix_trie(ids: np.ndarray, *, string_keys: bool = False) -> dict:

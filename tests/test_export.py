@@ -100,6 +100,24 @@ def test_parse_token_strings_names_the_first_row_it_cannot_read(bad, pattern):
         parse_token_strings(bad)
 
 
+def test_with_a_width_rows_that_do_not_parse_come_back_as_minus_one_rows():
+    """A generative model's unconstrained output: each bad row of the strict tests above is a -1 row (no ID holds
+    one), the good rows parse as they would alone, and the shape is the model's whatever the batch holds."""
+    good = ["<a_1><b_2>", " <a_3> <b_4> "]
+    bad = ["<a_1><c_2>", "<b_1><c_2>", "<a_1><a_2>", "<a_1><b_2>x", "<a_1>", "<a_1><b_2><c_3>",
+           "<a_99999999999999999999><b_1>", None, "", "</s>"]
+    parsed = parse_token_strings(good + bad, width=2)
+    np.testing.assert_array_equal(parsed[:2], [[1, 2], [3, 4]])
+    assert parsed.shape == (12, 2) and (parsed[2:] == -1).all() and parsed.flags.writeable
+    assert parse_token_strings(["junk"], width=4).tolist() == [[-1] * 4]
+    assert parse_token_strings([], width=4).shape == (0, 4)
+    assert parse_semantic_id_strings(["1-2-3", "1-2", "x"], width=np.int64(3)).tolist() == [[1, 2, 3], [-1] * 3,
+                                                                                          [-1] * 3]
+    for width in (0, -1, 2.0, True, "2"):
+        with pytest.raises(ValueError, match="width must be a positive int"):
+            parse_token_strings(good, width=width)
+
+
 def test_level_letters_must_keep_tokens_readable(ids):
     """A digit among the letters would read "<0_5>" as two codes; both directions refuse such prefixes."""
     for prefixes in ("01", "a_b", "<b", "a a", "aa", ""):

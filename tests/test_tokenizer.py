@@ -211,6 +211,11 @@ def test_items_for_names_the_item_of_each_generated_id(data, model_dir, tmp_path
     generated = token_strings(ids[::-1]) + ["<a_0><b_0><c_0><d_9999>"]
     items = tok.items_for(parse_token_strings(generated))
     assert items.name == "item_id" and items.to_list() == data["ids_a"][::-1].tolist() + [None]
+    unconstrained = generated + ["<a_0><b_0>", "<a_1><b_2><c_3><d_0></s>"]  # a model's malformed output
+    items = tok.items_for(parse_token_strings(unconstrained, width=tok.id_length))
+    assert items.to_list() == data["ids_a"][::-1].tolist() + [None, None, None]
+    with pytest.raises(InputError, match="out of range"):
+        tok.decode(parse_token_strings(["junk"], width=tok.id_length))
     tok.encode(_frame(data["b"], data["ids_b"]))  # registered by this call, found after a save and load
     tok.save(tmp_path / "grown")
     again = SemanticIdTokenizer.load(tmp_path / "grown")
