@@ -348,12 +348,14 @@ class SemidConfig:
         return cls.load(DEFAULT_CONFIG)
 
     @classmethod
-    def load(cls, path: str | Path) -> "SemidConfig":
+    def load(cls, path: str | Path, *, record: bool = False) -> "SemidConfig":
         """A TOML config file. Keys it leaves out take the dataclass defaults, with a `PartialConfigWarning` where
-        those differ from the recipe."""
+        those differ from the recipe, unless the file is a `record` of a run (a model directory's config.toml):
+        keys an older semid did not write are what that run trained with, not a user's oversight."""
         data = _read_toml(Path(path))
         config = cls.from_dict(data)
-        _warn_of_neutral_defaults(Path(path), data)
+        if not record:
+            _warn_of_neutral_defaults(Path(path), data)
         return config
 
     def with_overrides(self, overrides: dict[str, Any] | None) -> "SemidConfig":

@@ -520,7 +520,7 @@ class SemanticIdTokenizer:
             raise ModelDirError(f"{root}/meta.json is incomplete: it has no input_dim")
         _check_digest(root, meta, "config.toml")  # another config would build another architecture or encoder
         try:
-            config = SemidConfig.load(root / "config.toml")
+            config = SemidConfig.load(root / "config.toml", record=True)
         except ConfigError as exc:
             raise ModelDirError(f"{root}/config.toml cannot be used: {exc}") from None
         if device is None and not device_available(config.train.device):

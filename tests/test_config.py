@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -233,6 +234,9 @@ def test_a_partial_config_file_warns_of_each_key_left_to_the_neutral_defaults(tm
     empty.write_text("")
     with pytest.warns(PartialConfigWarning, match=r"leaves out 13 key\(s\)"):
         assert SemidConfig.load(empty) == SemidConfig()
+    with warnings.catch_warnings():  # a model directory's record of what an older semid trained with: no warning
+        warnings.simplefilter("error", PartialConfigWarning)
+        assert SemidConfig.load(partial, record=True) == config
 
 
 def test_a_byte_order_mark_is_read_and_a_directory_is_named(tmp_path):
