@@ -211,13 +211,13 @@ class RQVAE(nn.Module):
         dtype = torch.get_autocast_dtype(x.device.type) if low else torch.float32
         h = _centred_as(x, self.mean, dtype) if low else x.float()
         layers = list(self.encoder)
+        relu_after = [isinstance(layer, nn.Linear) and isinstance(then, nn.ReLU)  # that ReLU runs in the product
+                      for layer, then in zip(layers, [*layers[1:], None])]
         for i, layer in enumerate(layers):
-            fused_relu = i > 0 and isinstance(layer, nn.ReLU) and isinstance(layers[i - 1], nn.Linear)
             if isinstance(layer, nn.Linear):
                 weight, bias = self._folded_input_layer(layer, centred=low) if i == 0 else (layer.weight, layer.bias)
-                relu = i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU)
-                h = _linear(h.to(dtype), weight.to(dtype), bias.to(dtype), relu=relu)
-            elif not fused_relu:
+                h = _linear(h.to(dtype), weight.to(dtype), bias.to(dtype), relu=relu_after[i])
+            elif not (i > 0 and relu_after[i - 1]):
                 h = layer(h)
         return h
 
