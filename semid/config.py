@@ -407,10 +407,10 @@ def _warn_of_neutral_defaults(path: Path, data: dict[str, Any]) -> None:
     """
     if not DEFAULT_CONFIG.is_file() or path.resolve() == DEFAULT_CONFIG.resolve():
         return
-    neutral, recipe = SemidConfig().to_dict(), _read_toml(DEFAULT_CONFIG)
+    neutral, recipe = SemidConfig().to_dict(), SemidConfig.default().to_dict()
     left_out = [f"{section}.{key} = {_toml_value(value)} (recipe: {_toml_value(recipe[section][key])})"
                 for section, values in neutral.items() for key, value in values.items()
-                if key not in data.get(section, {}) and recipe.get(section, {}).get(key, value) != value]
+                if key not in data.get(section, {}) and recipe[section][key] != value]
     if left_out:
         warnings.warn(PartialConfigWarning(
             f"{path} leaves out {len(left_out)} key(s) that then take semid's neutral defaults, not the tuned "
