@@ -56,10 +56,10 @@ def _load_config(path: str | None, overrides: dict[str, Any], fallback: Path = D
 
 
 def _read_training_items(path: str, id_col: str | None, emb_col: str):
-    from semid.io import read_items
+    from semid.io import input_files, read_items
 
-    is_npy = Path(path).suffix.lower() == ".npy"
-    return read_items(path, id_col=None if is_npy else id_col, emb_col=emb_col)
+    source = input_files(path)
+    return read_items(source, id_col=None if source.is_npy else id_col, emb_col=emb_col)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -213,7 +213,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from semid.tokenizer import SemanticIdTokenizer
 
     data = Path(args.data) if args.data else BUNDLED_SAMPLE
-    if not data.is_file():
+    if not args.data and not data.is_file():
         raise FileNotFoundError(f"bundled sample not found at {data}; pass --data PATH")
     out = Path(args.out)
     # Before training: the demo's outputs all go under --out, and its model replaces out/model.
@@ -267,6 +267,10 @@ def _device_name(text: str) -> str:
     return text
 
 
+_DATA_HELP = (".npy matrix, or .parquet with id and embedding columns: one file, or a directory or quoted glob "
+              "pattern of parquet shards read as one table in path order")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semid", description="Semantic IDs for generative recommenders.")
     threads_help = ("CPU threads for torch (default: one per core); on a machine busy with other work, fewer "
@@ -291,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("train", help="train a tokenizer and save it to a model directory")
     p.add_argument("--config", help="TOML config (default: configs/default.toml)")
-    p.add_argument("--data", required=True, help=".npy matrix or .parquet with id and embedding columns")
+    p.add_argument("--data", required=True, help=_DATA_HELP)
     p.add_argument("--out", required=True, help="model directory to write (a new one, or see --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the model already in --out, and the registry of IDs it handed out")
@@ -305,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("encode", help="give every item of a file its semantic ID (streams in batches)")
     p.add_argument("--model", required=True, help="model directory written by `semid train`")
-    p.add_argument("--data", required=True, help=".npy matrix or .parquet with id and embedding columns")
+    p.add_argument("--data", required=True, help=_DATA_HELP)
     p.add_argument("--out", required=True, help="output parquet: item_id, codes, semantic_id, tokens")
     p.add_argument("--batch-size", type=int, default=65536, help="items read and encoded at a time (default: 65536)")
     p.add_argument("--device", type=_device_name, help=device_help)
@@ -318,12 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("evaluate", help="print the metric report of a model on a data set")
     p.add_argument("--model", required=True, help="model directory written by `semid train`")
-    p.add_argument("--data", required=True, help="the items to score (.npy or .parquet); none is registered")
+    p.add_argument("--data", required=True, help=f"the items to score: {_DATA_HELP}; none is registered")
     p.add_argument("--json", help="also write the report as JSON here")
     sequences = p.add_mutually_exclusive_group()
     sequences.add_argument("--sequences", help="user sequences (user<TAB>row row ...) for sequence_prefix_agreement")
-    sequences.add_argument("--interactions", help="interaction log (.parquet/.csv: user, item, time per row) for "
-                                                  "sequence_prefix_agreement; items named as in --id-col")
+    sequences.add_argument("--interactions", help="interaction log (.parquet/.csv, or a directory or pattern of them: "
+                                                  "user, item, time per row) for sequence_prefix_agreement; items "
+                                                  "named as in --id-col")
     p.add_argument("--user-col", help="--interactions' user column (default: user_id)")
     p.add_argument("--time-col", help="--interactions' time column (default: timestamp where the log has one, "
                                       "else each user's items in file order)")
@@ -340,14 +345,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("demo", help="train, encode and evaluate on the bundled goodbooks sample")
     p.add_argument("--out", default="semid-demo", help="output directory (default: ./semid-demo)")
-    p.add_argument("--data", help="use another parquet instead of the bundled sample")
+    p.add_argument("--data", help="use other items instead of the bundled sample (as train's --data)")
     p.add_argument("--config", help="TOML config (default: configs/demo.toml, a small model for the sample)")
     p.add_argument("--device", type=_device_name, help=device_help)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.set_defaults(func=cmd_demo)
 
     p = command("embed", help="embed an item-text parquet with sentence-transformers (optional extra)")
-    p.add_argument("--data", required=True, help="parquet with an id column and a text column")
+    p.add_argument("--data", required=True, help="parquet with an id column and a text column (or a directory or "
+                                                 "pattern of parquet shards)")
     p.add_argument("--out", required=True, help="output parquet: item_id, embedding")
     p.add_argument("--text-col", default="text", help="text column (default: text)")
     p.add_argument("--id-col", default="item_id", help="id column (default: item_id)")
@@ -369,6 +375,10 @@ _PATH_ROLES: dict[str, tuple[tuple[str, ...], str | None, tuple[str, ...]]] = {
 }
 
 
+# The inputs that are tables, which a directory or glob pattern of shards may hold, and the formats of each.
+_TABLE_SUFFIXES = {"data": (".npy", ".parquet"), "interactions": (".parquet", ".csv")}
+
+
 def check_output_paths(args: argparse.Namespace) -> None:
     """Refuse, before any work, an output that would overwrite an input, another output, or a file of the
     model directory: `--vocab items.parquet` would destroy the catalogue, and `--out M/registry.parquet` the
@@ -382,12 +392,16 @@ def check_output_paths(args: argparse.Namespace) -> None:
         return model_root is not None and model_root in (path, *path.parents)
 
     seen: dict[Path, str] = {}
+    tables = []  # inputs that may be directories or patterns of shards
     for name in inputs:
         if value := getattr(args, name, None):
-            source = Path(value).resolve()
-            if args.command == "train" and inside_model(source):
-                raise ValueError(f"--{name} {value} is inside --out {model}, which training replaces: move it out")
-            seen[source] = f"the input --{name} {value}"
+            shards = _table_files(value, name)
+            for source in (Path(value).resolve(), *(f.resolve() for f in (shards.files if shards else ()))):
+                if args.command == "train" and inside_model(source):
+                    raise ValueError(f"--{name} {value} is inside --out {model}, which training replaces: move it out")
+                seen[source] = f"the input --{name} {value}"
+            if shards is not None and shards.sharded:
+                tables.append((shards, f"the input --{name} {value}"))
     for name in outputs:
         value = getattr(args, name, None)
         if not value:
@@ -395,6 +409,9 @@ def check_output_paths(args: argparse.Namespace) -> None:
         target = Path(value).resolve()
         if target in seen:
             raise ValueError(f"--{name} {value} is {seen[target]}: write it to another path")
+        if reader := next((label for shards, label in tables if shards.would_read(value)), None):
+            raise ValueError(f"--{name} {value} would be read as a shard of {reader} by the next run: write it "
+                             "outside that directory or pattern")
         if inside_model(target):
             raise ValueError(f"--{name} {value} is inside the model directory {model}, which holds the model and "
                              "the registry of IDs handed out: write it to another path")
@@ -402,6 +419,19 @@ def check_output_paths(args: argparse.Namespace) -> None:
             continue
         check_output_file(target, f"--{name} {value}")
         seen[target] = f"the output --{name} {value}"
+
+
+def _table_files(value: str, name: str):
+    """The files a --data or --interactions argument names (None for other inputs, or one that does not resolve:
+    the command itself then says why)."""
+    if name not in _TABLE_SUFFIXES:
+        return None
+    from semid.io import InputError, input_files
+
+    try:
+        return input_files(value, suffixes=_TABLE_SUFFIXES[name])
+    except InputError:
+        return None
 
 
 def check_output_file(target: Path, named: str) -> None:

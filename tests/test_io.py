@@ -23,9 +23,12 @@ from semid.io import (
     check_trainable_scale,
     check_unique_ids,
     count_items,
+    input_files,
     iter_item_batches,
     read_interaction_sequences,
     read_items,
+    read_rows,
+    parquet_column_type,
     to_numpy_embeddings,
     validate_embeddings,
     validate_ids,
@@ -497,6 +500,151 @@ def test_streaming_argument_checks(tmp_path):
             iter_item_batches(path, bad)
     with pytest.raises(InputError, match="dimension 4, expected 8"):
         iter_item_batches(path, 4, expected_dim=8)  # raised at the call for .npy
+
+
+# ------------------------------------------------------------------------------------------------ shards
+
+
+def _shard(folder: Path, name: str, x: np.ndarray, ids: list) -> Path:
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _frame(x, ids).write_parquet(path, row_group_size=4)
+    return path
+
+
+@pytest.fixture
+def shards(tmp_path) -> tuple[Path, np.ndarray, list[str]]:
+    """A warehouse export of 40 items: parts of 13, 0, 9 and 18 rows (one in a Hive partition folder), in
+    sorted path order, beside the files such exports leave that are not data."""
+    x = _matrix(40, 6)
+    ids = [f"item{i}" for i in range(40)]
+    folder = tmp_path / "export"
+    for name, rows in (("part-00000.parquet", slice(0, 13)), ("part-00001.parquet", slice(13, 13)),
+                       ("part-00002.parquet", slice(13, 22)), ("region=eu/part-00000.parquet", slice(22, 40))):
+        _shard(folder, name, x[rows], ids[rows])
+    (folder / "_SUCCESS").write_text("")
+    (folder / ".part-00000.parquet.crc").write_text("checksum")
+    _shard(folder, "_temporary/0/part-00009.parquet", _matrix(3, 6, seed=9), ["t0", "t1", "t2"])  # a job's leftovers
+    _shard(folder, ".ids.tmp-0123abcd.parquet", _matrix(3, 6, seed=8), ["h0", "h1", "h2"])
+    return folder, x, ids
+
+
+def test_a_directory_or_pattern_of_parquet_shards_reads_as_one_table_in_path_order(shards):
+    folder, x, ids = shards
+    listed = input_files(folder)
+    assert [f.relative_to(folder).as_posix() for f in listed.files] == [
+        "part-00000.parquet", "part-00001.parquet", "part-00002.parquet", "region=eu/part-00000.parquet"]
+    assert str(listed) == f"{folder} (4 parquet files)"
+    for source in (folder, str(folder / "**" / "*.parquet")):
+        items = read_items(source)
+        np.testing.assert_array_equal(items.embeddings, x)
+        assert items.ids.tolist() == ids
+        assert count_items(source) == 40
+    assert input_files(folder / "part-0000[02].parquet").files == (folder / "part-00000.parquet",
+                                                                    folder / "part-00002.parquet")
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 13, 16, 40, 2**40])
+def test_streamed_shards_make_full_batches_across_their_boundaries(shards, batch_size):
+    folder, x, ids = shards
+    batches = list(iter_item_batches(folder, batch_size))
+    sizes = [len(b) for b in batches]
+    expected = min(batch_size, 40)
+    assert sizes == [expected] * (40 // expected) + ([40 % expected] if 40 % expected else [])
+    np.testing.assert_array_equal(np.concatenate([b.embeddings for b in batches]), x)
+    assert np.concatenate([b.ids for b in batches]).tolist() == ids
+
+
+def test_rows_of_a_sharded_input_are_counted_over_the_whole_table(shards):
+    folder, x, _ = shards
+    rows = np.array([39, 0, 12, 13, 22, 21, 5, 39])  # across every shard, out of order, one twice
+    np.testing.assert_array_equal(read_rows(folder, rows), x[rows])
+
+
+def test_shards_are_checked_one_by_one_and_named_in_errors(tmp_path):
+    x = _matrix(20, 4)
+    folder = tmp_path / "export"
+    _shard(folder, "a.parquet", x[:10], [f"i{i}" for i in range(10)])
+    bad = x[10:].copy()
+    bad[3, 1] = np.nan
+    _shard(folder, "b.parquet", bad, [f"i{i}" for i in range(10, 20)])
+    with pytest.raises(InputError, match=r"embeddings in .*b\.parquet contain non-finite values.*first bad row: 3\)"):
+        read_items(folder)
+    with pytest.raises(InputError, match=r"b\.parquet .*first bad row: 3\)"):
+        list(iter_item_batches(folder, 8))  # the batch of rows 8..15 spans both shards: the row is b's own
+    _shard(folder, "b.parquet", x[10:], [f"i{i}" for i in range(9, 19)])  # i9 again
+    with pytest.raises(InputError, match=r"column 'item_id' in .*export \(2 parquet files\).*'i9'"):
+        read_items(folder)
+    _shard(folder, "b.parquet", _matrix(10, 5), [f"i{i}" for i in range(10, 20)])
+    with pytest.raises(InputError, match=r"embeddings in .*b\.parquet have dimension 5, expected 4"):
+        read_items(folder)
+    pl.DataFrame({"item_id": ["z"], "vector": [[1.0, 2.0, 3.0, 4.0]]}).write_parquet(folder / "b.parquet")
+    with pytest.raises(InputError, match=r"b\.parquet has no column 'embedding'"):
+        count_items(folder)  # before any row is read
+    (folder / "b.parquet").unlink()
+    _shard(folder, "a.parquet", x[:0], [])
+    with pytest.raises(InputError, match=r"are empty: its files have no rows"):
+        read_items(folder)
+
+
+def test_inputs_that_name_no_shards_say_why(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="the directory .*empty holds no .parquet files"):
+        input_files(empty)
+    np.save(empty / "x.npy", _matrix(3, 2))
+    with pytest.raises(InputError, match=r"holds no .parquet files \(.npy files are read one at a time"):
+        input_files(empty)
+    with pytest.raises(InputError, match=r"the pattern .*nothing-\*\.parquet matches no \.parquet files"):
+        input_files(tmp_path / "nothing-*.parquet")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    pl.DataFrame({"user_id": ["u"], "item_id": ["a"]}).write_parquet(logs / "a.parquet")
+    pl.DataFrame({"user_id": ["u"], "item_id": ["a"]}).write_csv(logs / "b.csv")
+    with pytest.raises(InputError, match=r"holds both .csv and .parquet files: name one kind, as in .*\*\.csv"):
+        input_files(logs, suffixes=(".parquet", ".csv"))
+    assert input_files(logs).files == (logs / "a.parquet",)  # items are parquet: the csv is not a shard of them
+
+
+def test_an_id_column_keeps_its_integer_type_only_where_every_shard_has_it(tmp_path):
+    folder = tmp_path / "export"
+    pl.DataFrame({"item_id": [1, 2], "embedding": [[0.0, 1.0], [1.0, 0.0]]}).write_parquet(folder.mkdir() or
+                                                                                          folder / "a.parquet")
+    pl.DataFrame({"item_id": [3], "embedding": [[1.0, 1.0]]}).write_parquet(folder / "b.parquet")
+    assert parquet_column_type(folder, "item_id") == pl.Int64
+    pl.DataFrame({"item_id": ["c"], "embedding": [[1.0, 1.0]]}).write_parquet(folder / "b.parquet")
+    assert parquet_column_type(folder, "item_id") == pl.String
+    assert read_items(folder).ids.tolist() == ["1", "2", "c"]
+
+
+def test_an_output_that_a_sharded_input_would_read_is_recognised(shards, tmp_path):
+    folder, _, _ = shards
+    by_folder, by_pattern = input_files(folder), input_files(str(folder / "part-*.parquet"))
+    assert by_folder.would_read(folder / "ids.parquet")  # would be a new shard next time
+    assert by_folder.would_read(folder / "region=us" / "ids.parquet")
+    assert by_folder.would_read(folder / "part-00002.parquet")  # is one now
+    assert not by_folder.would_read(folder / "trie.json")
+    assert not by_folder.would_read(folder / "_done" / "ids.parquet")
+    assert not by_folder.would_read(tmp_path / "ids.parquet")
+    assert by_pattern.would_read(folder / "part-99999.parquet")
+    assert not by_pattern.would_read(folder / "ids.parquet")
+    single = input_files(folder / "part-00000.parquet")
+    assert not single.sharded and str(single) == str(folder / "part-00000.parquet")
+    assert single.would_read(folder / "part-00000.parquet") and not single.would_read(folder / "ids.parquet")
+
+
+def test_an_interaction_log_in_shards_reads_as_one_log(tmp_path):
+    catalogue = ["10", "20", "30"]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for fmt in ("parquet", "csv"):
+        for i, rows in enumerate(({"user_id": ["u1", "u2"], "item_id": [10, 30], "timestamp": [2, 1]},
+                                  {"user_id": ["u1", "u1"], "item_id": [20, 99], "timestamp": [1, 3]})):
+            frame = pl.DataFrame(rows)
+            frame.write_parquet(logs / f"part-{i}.parquet") if fmt == "parquet" else frame.write_csv(logs / f"part-{i}.csv")
+        result = read_interaction_sequences(logs if fmt == "parquet" else logs / "*.csv", catalogue)
+        assert [s.tolist() for s in result.sequences] == [[1, 0], [2]]
+        assert (result.interactions, result.skipped) == (4, 1)
 
 
 # ------------------------------------------------------------------------------------------ atomic writes
