@@ -207,7 +207,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on the bundled goodbooks sample: train, encode, evaluate, report."""
     from semid.export import write_vocabulary
-    from semid.io import write_json_atomic
+    from semid.io import input_files, write_json_atomic
     from semid.metrics import format_report
     from semid.modeldir import check_save_target
     from semid.tokenizer import SemanticIdTokenizer
@@ -215,6 +215,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     data = Path(args.data) if args.data else BUNDLED_SAMPLE
     if not args.data and not data.is_file():
         raise FileNotFoundError(f"bundled sample not found at {data}; pass --data PATH")
+    input_files(data)  # a --data that names nothing readable is said before the outputs' folder is made
     out = Path(args.out)
     # Before training: the demo's outputs all go under --out, and its model replaces out/model.
     if out.exists() and not out.is_dir():
