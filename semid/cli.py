@@ -215,13 +215,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     data = Path(args.data) if args.data else BUNDLED_SAMPLE
     if not args.data and not data.is_file():
         raise FileNotFoundError(f"bundled sample not found at {data}; pass --data PATH")
-    input_files(data)  # a --data that names nothing readable is said before the outputs' folder is made
     out = Path(args.out)
     # Before training: the demo's outputs all go under --out, and its model replaces out/model.
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; name a directory for the demo's outputs")
     if out.resolve() in data.resolve().parents:
         raise ValueError(f"--data {data} is inside --out {out}, where the demo writes its outputs: move it out")
+    if input_files(data).would_read(out / "ids.parquet"):  # also says first when --data names nothing readable
+        raise ValueError(f"--out {out} puts the demo's ids.parquet where the next run would read it as a part of "
+                         f"--data {data}: name another directory")
     for name in ("ids.parquet", "trie.json", "vocab.txt", "report.json"):
         check_output_file((out / name).resolve(), f"--out {out} ({name})")
     check_save_target(out / "model", overwrite=True)
@@ -269,7 +271,7 @@ def _device_name(text: str) -> str:
 
 
 _DATA_HELP = (".npy matrix, or .parquet with id and embedding columns: one file, or a directory or quoted glob "
-              "pattern of parquet shards read as one table in path order")
+              "pattern of parquet parts read as one table in path order")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -354,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("embed", help="embed an item-text parquet with sentence-transformers (optional extra)")
     p.add_argument("--data", required=True, help="parquet with an id column and a text column (or a directory or "
-                                                 "pattern of parquet shards)")
+                                                 "pattern of parquet parts)")
     p.add_argument("--out", required=True, help="output parquet: item_id, embedding")
     p.add_argument("--text-col", default="text", help="text column (default: text)")
     p.add_argument("--id-col", default="item_id", help="id column (default: item_id)")
@@ -376,7 +378,7 @@ _PATH_ROLES: dict[str, tuple[tuple[str, ...], str | None, tuple[str, ...]]] = {
 }
 
 
-# The inputs that are tables, which a directory or glob pattern of shards may hold, and the formats of each.
+# The inputs that are tables, which a directory or glob pattern of parts may hold, and the formats of each.
 _TABLE_SUFFIXES = {"data": (".npy", ".parquet"), "interactions": (".parquet", ".csv")}
 
 
@@ -393,16 +395,16 @@ def check_output_paths(args: argparse.Namespace) -> None:
         return model_root is not None and model_root in (path, *path.parents)
 
     seen: dict[Path, str] = {}
-    tables = []  # inputs that may be directories or patterns of shards
+    tables = []  # inputs that may be directories or patterns of parts
     for name in inputs:
         if value := getattr(args, name, None):
-            shards = _table_files(value, name)
-            for source in (Path(value).resolve(), *(f.resolve() for f in (shards.files if shards else ()))):
+            listed = _table_files(value, name)
+            for source in (Path(value).resolve(), *(f.resolve() for f in (listed.files if listed else ()))):
                 if args.command == "train" and inside_model(source):
                     raise ValueError(f"--{name} {value} is inside --out {model}, which training replaces: move it out")
                 seen[source] = f"the input --{name} {value}"
-            if shards is not None and shards.sharded:
-                tables.append((shards, f"the input --{name} {value}"))
+            if listed is not None and listed.sharded:
+                tables.append((listed, f"the input --{name} {value}"))
     for name in outputs:
         value = getattr(args, name, None)
         if not value:
@@ -410,8 +412,8 @@ def check_output_paths(args: argparse.Namespace) -> None:
         target = Path(value).resolve()
         if target in seen:
             raise ValueError(f"--{name} {value} is {seen[target]}: write it to another path")
-        if reader := next((label for shards, label in tables if shards.would_read(value)), None):
-            raise ValueError(f"--{name} {value} would be read as a shard of {reader} by the next run: write it "
+        if reader := next((label for listed, label in tables if listed.would_read(value)), None):
+            raise ValueError(f"--{name} {value} would be read as a part of {reader} by the next run: write it "
                              "outside that directory or pattern")
         if inside_model(target):
             raise ValueError(f"--{name} {value} is inside the model directory {model}, which holds the model and "

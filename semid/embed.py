@@ -83,14 +83,22 @@ def embed_texts(texts: list[str], *, model: str = DEFAULT_MODEL, batch_size: int
 def _read_texts(data: str | os.PathLike, text_col: str, id_col: str) -> tuple[pl.Series, list[str]]:
     """(ids (n,), texts) from an item-text parquet, or InputError naming what is wrong. The ids keep their
     type (strings, or integers, which `semid encode` then keeps too)."""
-    p = input_files(data, suffixes=(".parquet",))  # one file, or a directory or pattern of shards
-    try:
-        df = pl.read_parquet(list(p.files))
-    except (pl.exceptions.PolarsError, OSError) as e:
-        raise InputError(f"cannot read {p} as parquet: {e}") from e
-    for col, flag in ((id_col, "--id-col"), (text_col, "--text-col")):
-        if col not in df.columns:
-            raise InputError(f"{p} has no column '{col}'; its columns are: {', '.join(df.columns)} (set {flag})")
+    p = input_files(data, suffixes=(".parquet",))  # one file, or a directory or pattern of parts
+    frames = []
+    for f in p.files:  # one at a time, so that a part that lacks a column is named
+        where = str(f) if p.sharded else str(p)
+        try:
+            names = pl.read_parquet_schema(f).names()
+            for col, flag in ((id_col, "--id-col"), (text_col, "--text-col")):
+                if col not in names:
+                    raise InputError(f"{where} has no column '{col}'; its columns are: {', '.join(names)} (set {flag})")
+            frames.append(pl.read_parquet(f, columns=[id_col, text_col]))
+        except (pl.exceptions.PolarsError, OSError) as e:
+            raise InputError(f"cannot read {where} as parquet: {e}") from e
+    try:  # parts may differ in integer widths, or hold ids as text in one and numbers in another: a common type
+        df = pl.concat(frames, how="vertical_relaxed")
+    except pl.exceptions.PolarsError as e:
+        raise InputError(f"the parts of {p} do not make one table: {e}") from e
     if df.height == 0:
         raise InputError(f"{p} has no rows: nothing to embed")
     text = df.get_column(text_col)

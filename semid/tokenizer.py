@@ -36,7 +36,7 @@ from semid.io import (
     InputError,
     ParquetShardWriter,
     check_trainable_scale,
-    check_unique_ids,
+    check_unique_ids_of,
     count_items,
     input_files,
     parquet_column_type,
@@ -297,7 +297,7 @@ class SemanticIdTokenizer:
                     save_registry_to: str | os.PathLike | None = None) -> dict[str, Any]:
         """Stream a .npy or parquet catalogue in batches and write `item_id, codes, semantic_id, tokens` parquet.
 
-        `path` is one file, or a directory or glob pattern of parquet shards (`exports/items/`,
+        `path` is one file, or a directory or glob pattern of parquet parts (`exports/items/`,
         `'exports/part-*.parquet'`), read as one table in sorted path order (`semid.io.input_files`).
 
         `tokens` is the LLM token string (`<a_12><b_201><c_7><d_0>`); `trie` also writes the prefix trie of the
@@ -314,10 +314,10 @@ class SemanticIdTokenizer:
         model = self._fitted()
         if Path(out).suffix.lower() != ".parquet":
             raise InputError(f"the output {out} must be a .parquet file")
-        source = input_files(path)  # listed once: every pass below reads the same shards
+        source = input_files(path)  # listed once: every pass below reads the same parts
         if source.would_read(out):  # as the CLI compares paths: a symlink is its target
-            what = f"read as a shard of the input {source}" if source.sharded else "the input file"
-            raise InputError(f"the output {out} is {what}; write the IDs to another path")
+            what = f"would be read as a part of the input {source}" if source.sharded else "is the input file"
+            raise InputError(f"the output {out} {what}; write the IDs to another path")
         try:  # now, not after the encode and the registry save
             probe_writable(out)
         except OSError as exc:
@@ -339,8 +339,8 @@ class SemanticIdTokenizer:
         if id_col is None:
             item_ids, keys = pl.int_range(n, eager=True).alias("item_id"), self._item_keys(named=None, digests=keys)
         else:
-            check_unique_ids(keys, name=f"column '{id_col}' in {source}")  # each batch was checked alone; this
-            # catches repeats across batches
+            check_unique_ids_of(source, keys, f"column '{id_col}' in {source}")  # each batch was checked alone;
+            # this catches repeats across batches
             item_ids = keys.alias("item_id").cast(parquet_column_type(source, id_col))
             keys = self._item_keys(named=keys, digests=None)
         known_before = len(self.registry)

@@ -103,6 +103,12 @@ def test_demo_checks_its_paths_before_training(tmp_path, capsys, monkeypatch):
     shutil.copy(cli.BUNDLED_SAMPLE, out / "ids.parquet")
     assert cli.main(["demo", "--data", str(out / "ids.parquet"), "--out", str(out)]) == 1
     assert "is inside --out" in capsys.readouterr().err
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    shutil.copy(cli.BUNDLED_SAMPLE, parts / "part-0.parquet")
+    assert cli.main(["demo", "--data", str(parts), "--out", str(parts / "demo")]) == 1
+    assert "ids.parquet where the next run would read it as a part of --data" in capsys.readouterr().err
+    assert not (parts / "demo").exists()
 
 
 def test_demo_runs_the_main_job_on_the_bundled_sample(tmp_path, capsys):
@@ -260,12 +266,12 @@ def test_a_warehouse_export_in_shards_encodes_and_evaluates_as_the_one_file_does
     for data, out in ((export, export / "day=9" / "ids.parquet"), (export / "day=*" / "*.parquet",
                                                                    export / "day=9" / "ids.parquet")):
         assert main(["encode", "--model", str(work["model"]), "--data", str(data), "--out", str(out)]) == 1
-        assert "would be read as a shard of the input --data" in capsys.readouterr().err
+        assert "would be read as a part of the input --data" in capsys.readouterr().err
         assert not out.parent.exists()
     from semid.io import InputError
     from semid.tokenizer import SemanticIdTokenizer
 
-    with pytest.raises(InputError, match=r"ids\.parquet is read as a shard of the input .*export \(3 parquet files\)"):
+    with pytest.raises(InputError, match=r"ids\.parquet would be read as a part of the input .*export \(3 parquet files\)"):
         SemanticIdTokenizer.load(work["model"]).encode_file(export, export / "ids.parquet", progress=False)
 
 

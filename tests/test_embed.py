@@ -209,5 +209,11 @@ def test_item_texts_in_shards_embed_as_one_table_in_path_order(tmp_path: Path, m
     ids, x = _read_out(out)
     assert ids == ["a", "b", "c", "d"] and x[:, 0].tolist() == [1, 2, 3, 4]
     pl.DataFrame({"item_id": ["a"], "text": ["again"]}).write_parquet(texts / "part-2.parquet")
-    with pytest.raises(InputError, match=r"must be unique.*'a' \(2x\)"):  # repeated across shards
+    with pytest.raises(InputError, match=r"must be unique.*'a' \(2x\)"):  # repeated across parts
         embed_file(texts, out)
+    for i, (ids, dtype) in enumerate((([1, 2], pl.Int64), ([3], pl.Int32))):  # integer ids of two widths
+        pl.DataFrame({"item_id": pl.Series(ids, dtype=dtype), "text": ["x"] * len(ids)}).write_parquet(
+            texts / f"part-{i}.parquet")
+    (texts / "part-2.parquet").unlink()
+    assert embed_file(texts, out) == 3
+    assert pl.read_parquet(out)["item_id"].to_list() == [1, 2, 3] and pl.read_parquet(out).schema["item_id"] == pl.Int64

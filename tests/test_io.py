@@ -502,10 +502,10 @@ def test_streaming_argument_checks(tmp_path):
         iter_item_batches(path, 4, expected_dim=8)  # raised at the call for .npy
 
 
-# ------------------------------------------------------------------------------------------------ shards
+# ------------------------------------------------------------------------------------------------- parts
 
 
-def _shard(folder: Path, name: str, x: np.ndarray, ids: list) -> Path:
+def _part(folder: Path, name: str, x: np.ndarray, ids: list) -> Path:
     path = folder / name
     path.parent.mkdir(parents=True, exist_ok=True)
     _frame(x, ids).write_parquet(path, row_group_size=4)
@@ -513,40 +513,48 @@ def _shard(folder: Path, name: str, x: np.ndarray, ids: list) -> Path:
 
 
 @pytest.fixture
-def shards(tmp_path) -> tuple[Path, np.ndarray, list[str]]:
-    """A warehouse export of 40 items: parts of 13, 0, 9 and 18 rows (one in a Hive partition folder), in
-    sorted path order, beside the files such exports leave that are not data."""
+def export(tmp_path) -> tuple[Path, np.ndarray, list[str]]:
+    """A warehouse export of 40 items: parts of 13, 0, 9 and 18 rows (Dask-style names, whose numbers sort as
+    numbers; one part in a Hive partition folder), beside what such exports leave that is not data, and a semid
+    model directory (whose registry is parquet too)."""
     x = _matrix(40, 6)
     ids = [f"item{i}" for i in range(40)]
     folder = tmp_path / "export"
-    for name, rows in (("part-00000.parquet", slice(0, 13)), ("part-00001.parquet", slice(13, 13)),
-                       ("part-00002.parquet", slice(13, 22)), ("region=eu/part-00000.parquet", slice(22, 40))):
-        _shard(folder, name, x[rows], ids[rows])
+    for name, rows in (("part.2.parquet", slice(0, 13)), ("part.9.parquet", slice(13, 13)),
+                       ("part.10.parquet", slice(13, 22)), ("region=eu/part.0.parquet", slice(22, 40))):
+        _part(folder, name, x[rows], ids[rows])
     (folder / "_SUCCESS").write_text("")
-    (folder / ".part-00000.parquet.crc").write_text("checksum")
-    _shard(folder, "_temporary/0/part-00009.parquet", _matrix(3, 6, seed=9), ["t0", "t1", "t2"])  # a job's leftovers
-    _shard(folder, ".ids.tmp-0123abcd.parquet", _matrix(3, 6, seed=8), ["h0", "h1", "h2"])
+    (folder / ".part.2.parquet.crc").write_text("checksum")
+    _part(folder, "_temporary/0/part.11.parquet", _matrix(3, 6, seed=9), ["t0", "t1", "t2"])  # a job's leftovers
+    _part(folder, ".ids.tmp-0123abcd.parquet", _matrix(3, 6, seed=8), ["h0", "h1", "h2"])
+    model = folder / "model"
+    model.mkdir()
+    (model / "meta.json").write_text(json.dumps({"format": "semid-model-v1"}))
+    pl.DataFrame({"key": ["item0"], "id": [[1, 2, 3]]}).write_parquet(model / "registry.parquet")
     return folder, x, ids
 
 
-def test_a_directory_or_pattern_of_parquet_shards_reads_as_one_table_in_path_order(shards):
-    folder, x, ids = shards
+def test_a_directory_or_pattern_of_parquet_parts_reads_as_one_table_in_natural_path_order(export):
+    folder, x, ids = export
     listed = input_files(folder)
     assert [f.relative_to(folder).as_posix() for f in listed.files] == [
-        "part-00000.parquet", "part-00001.parquet", "part-00002.parquet", "region=eu/part-00000.parquet"]
-    assert str(listed) == f"{folder} (4 parquet files)"
+        "part.2.parquet", "part.9.parquet", "part.10.parquet", "region=eu/part.0.parquet"]
+    assert str(listed) == f"{folder} (4 parquet files)" and listed.sharded
     for source in (folder, str(folder / "**" / "*.parquet")):
         items = read_items(source)
         np.testing.assert_array_equal(items.embeddings, x)
         assert items.ids.tolist() == ids
         assert count_items(source) == 40
-    assert input_files(folder / "part-0000[02].parquet").files == (folder / "part-00000.parquet",
-                                                                    folder / "part-00002.parquet")
+    # a wildcard stays within one name, and a pattern without ** looks in its own folder only
+    assert input_files(folder / "part.[29].parquet").files == (folder / "part.2.parquet", folder / "part.9.parquet")
+    assert len(input_files(folder / "*.parquet").files) == 3
+    single = input_files(folder / "part.2.parquet")
+    assert not single.sharded and str(single) == str(folder / "part.2.parquet")
 
 
 @pytest.mark.parametrize("batch_size", [1, 5, 13, 16, 40, 2**40])
-def test_streamed_shards_make_full_batches_across_their_boundaries(shards, batch_size):
-    folder, x, ids = shards
+def test_streamed_parts_make_full_batches_across_their_boundaries(export, batch_size):
+    folder, x, ids = export
     batches = list(iter_item_batches(folder, batch_size))
     sizes = [len(b) for b in batches]
     expected = min(batch_size, 40)
@@ -555,96 +563,141 @@ def test_streamed_shards_make_full_batches_across_their_boundaries(shards, batch
     assert np.concatenate([b.ids for b in batches]).tolist() == ids
 
 
-def test_rows_of_a_sharded_input_are_counted_over_the_whole_table(shards):
-    folder, x, _ = shards
-    rows = np.array([39, 0, 12, 13, 22, 21, 5, 39])  # across every shard, out of order, one twice
+def test_rows_of_an_input_in_parts_are_counted_over_the_whole_table(export):
+    folder, x, _ = export
+    rows = np.array([39, 0, 12, 13, 22, 21, 5, 39])  # across every part, out of order, one twice
     np.testing.assert_array_equal(read_rows(folder, rows), x[rows])
+    with pytest.raises(IndexError, match="rows 0..39"):
+        read_rows(folder, np.array([3, 40]))
 
 
-def test_shards_are_checked_one_by_one_and_named_in_errors(tmp_path):
+def test_parts_are_checked_one_by_one_and_named_in_errors(tmp_path):
     x = _matrix(20, 4)
     folder = tmp_path / "export"
-    _shard(folder, "a.parquet", x[:10], [f"i{i}" for i in range(10)])
+    _part(folder, "a.parquet", x[:10], [f"i{i}" for i in range(10)])
     bad = x[10:].copy()
     bad[3, 1] = np.nan
-    _shard(folder, "b.parquet", bad, [f"i{i}" for i in range(10, 20)])
+    _part(folder, "b.parquet", bad, [f"i{i}" for i in range(10, 20)])
     with pytest.raises(InputError, match=r"embeddings in .*b\.parquet contain non-finite values.*first bad row: 3\)"):
         read_items(folder)
     with pytest.raises(InputError, match=r"b\.parquet .*first bad row: 3\)"):
-        list(iter_item_batches(folder, 8))  # the batch of rows 8..15 spans both shards: the row is b's own
-    _shard(folder, "b.parquet", x[10:], [f"i{i}" for i in range(9, 19)])  # i9 again
-    with pytest.raises(InputError, match=r"column 'item_id' in .*export \(2 parquet files\).*'i9'"):
+        list(iter_item_batches(folder, 8))  # the batch of rows 8..15 spans both parts: the row is b's own
+    _part(folder, "b.parquet", x[10:], [f"i{i}" for i in range(9, 19)])  # i9 again
+    with pytest.raises(InputError, match=r"column 'item_id' in .*export \(2 parquet files\).*'i9'.*the first is in "
+                                         r".*a\.parquet row 9, .*b\.parquet row 0\)"):
         read_items(folder)
-    _shard(folder, "b.parquet", _matrix(10, 5), [f"i{i}" for i in range(10, 20)])
+    _part(folder, "b.parquet", _matrix(10, 5), [f"i{i}" for i in range(10, 20)])
     with pytest.raises(InputError, match=r"embeddings in .*b\.parquet have dimension 5, expected 4"):
         read_items(folder)
     pl.DataFrame({"item_id": ["z"], "vector": [[1.0, 2.0, 3.0, 4.0]]}).write_parquet(folder / "b.parquet")
     with pytest.raises(InputError, match=r"b\.parquet has no column 'embedding'"):
         count_items(folder)  # before any row is read
     (folder / "b.parquet").unlink()
-    _shard(folder, "a.parquet", x[:0], [])
+    _part(folder, "a.parquet", x[:0], [])
+    assert count_items(folder) == 0
     with pytest.raises(InputError, match=r"are empty: its files have no rows"):
         read_items(folder)
+    with pytest.raises(InputError, match=r"are empty: the file has no rows"):
+        iter_item_batches(folder / "a.parquet", 4)
 
 
-def test_inputs_that_name_no_shards_say_why(tmp_path):
+def test_inputs_that_name_no_parts_say_why(tmp_path):
     empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(InputError, match="the directory .*empty holds no .parquet files"):
+    (empty / "_tmp").mkdir(parents=True)
+    _part(empty, "_tmp/a.parquet", _matrix(3, 2), ["a", "b", "c"])
+    with pytest.raises(InputError, match="the directory .*empty holds no .parquet files \\(names that begin with '.' "
+                                         "or '_', and semid model directories, are skipped\\)"):
         input_files(empty)
     np.save(empty / "x.npy", _matrix(3, 2))
-    with pytest.raises(InputError, match=r"holds no .parquet files \(.npy files are read one at a time"):
+    with pytest.raises(InputError, match=r"skipped; .npy files are read one at a time: name the file\)"):
         input_files(empty)
-    with pytest.raises(InputError, match=r"the pattern .*nothing-\*\.parquet matches no \.parquet files"):
+    with pytest.raises(InputError, match=r"input file not found: .*nothing-\*\.parquet, and as a glob pattern it "
+                                         r"matches no \.parquet files"):
         input_files(tmp_path / "nothing-*.parquet")
+    with pytest.raises(InputError, match=r"interactions file not found: .*log\[1\]\.csv, and as a glob"):
+        input_files(tmp_path / "log[1].csv", suffixes=(".parquet", ".csv"), what="interactions")
     logs = tmp_path / "logs"
     logs.mkdir()
     pl.DataFrame({"user_id": ["u"], "item_id": ["a"]}).write_parquet(logs / "a.parquet")
     pl.DataFrame({"user_id": ["u"], "item_id": ["a"]}).write_csv(logs / "b.csv")
-    with pytest.raises(InputError, match=r"holds both .csv and .parquet files: name one kind, as in .*\*\.csv"):
+    with pytest.raises(InputError, match=r"has both .csv and .parquet files: name one kind, as in .*\*\.csv"):
         input_files(logs, suffixes=(".parquet", ".csv"))
-    assert input_files(logs).files == (logs / "a.parquet",)  # items are parquet: the csv is not a shard of them
+    assert input_files(logs).files == (logs / "a.parquet",)  # items are parquet: the csv is not a part of them
 
 
-def test_an_id_column_keeps_its_integer_type_only_where_every_shard_has_it(tmp_path):
-    folder = tmp_path / "export"
-    pl.DataFrame({"item_id": [1, 2], "embedding": [[0.0, 1.0], [1.0, 0.0]]}).write_parquet(folder.mkdir() or
-                                                                                          folder / "a.parquet")
-    pl.DataFrame({"item_id": [3], "embedding": [[1.0, 1.0]]}).write_parquet(folder / "b.parquet")
-    assert parquet_column_type(folder, "item_id") == pl.Int64
-    pl.DataFrame({"item_id": ["c"], "embedding": [[1.0, 1.0]]}).write_parquet(folder / "b.parquet")
-    assert parquet_column_type(folder, "item_id") == pl.String
-    assert read_items(folder).ids.tolist() == ["1", "2", "c"]
+@pytest.mark.skipif(not hasattr(os, "symlink") or sys.platform == "win32", reason="symbolic links")
+def test_linked_folders_are_followed_once_and_an_alias_of_the_folder_is_the_folder(tmp_path):
+    real = tmp_path / "real"
+    _part(real, "sub/p1.parquet", _matrix(2, 3), ["a", "b"])
+    export = tmp_path / "export"
+    _part(export, "a.parquet", _matrix(2, 3, seed=1), ["c", "d"])
+    (export / "linked").symlink_to(real / "sub", target_is_directory=True)
+    (export / "loop").symlink_to(export, target_is_directory=True)  # a folder that holds itself: walked once
+    expected = [export / "a.parquet", export / "linked" / "p1.parquet"]
+    assert list(input_files(export).files) == expected
+    assert list(input_files(str(export / "**" / "*.parquet")).files) == expected
+    alias = tmp_path / "alias"
+    alias.symlink_to(export, target_is_directory=True)
+    assert input_files(export).would_read(alias / "ids.parquet")
+    assert input_files(alias).would_read(export / "new" / "ids.parquet")
+    assert input_files(str(alias / "*.parquet")).would_read(export / "ids.parquet")
 
 
-def test_an_output_that_a_sharded_input_would_read_is_recognised(shards, tmp_path):
-    folder, _, _ = shards
-    by_folder, by_pattern = input_files(folder), input_files(str(folder / "part-*.parquet"))
-    assert by_folder.would_read(folder / "ids.parquet")  # would be a new shard next time
+def test_an_output_that_an_input_in_parts_would_read_is_recognised(export, tmp_path):
+    folder, _, _ = export
+    by_folder, by_pattern = input_files(folder), input_files(str(folder / "part.*.parquet"))
+    assert by_folder.would_read(folder / "ids.parquet")  # would be a new part next time
     assert by_folder.would_read(folder / "region=us" / "ids.parquet")
-    assert by_folder.would_read(folder / "part-00002.parquet")  # is one now
-    assert not by_folder.would_read(folder / "trie.json")
-    assert not by_folder.would_read(folder / "_done" / "ids.parquet")
-    assert not by_folder.would_read(tmp_path / "ids.parquet")
-    assert by_pattern.would_read(folder / "part-99999.parquet")
-    assert not by_pattern.would_read(folder / "ids.parquet")
-    single = input_files(folder / "part-00000.parquet")
-    assert not single.sharded and str(single) == str(folder / "part-00000.parquet")
-    assert single.would_read(folder / "part-00000.parquet") and not single.would_read(folder / "ids.parquet")
+    assert by_folder.would_read(folder / "part.10.parquet")  # is one now
+    for harmless in (folder / "trie.json", folder / "_done" / "ids.parquet", folder / ".ids.parquet",
+                     tmp_path / "ids.parquet", tmp_path / "export-2" / "ids.parquet"):
+        assert not by_folder.would_read(harmless), harmless
+    assert by_pattern.would_read(folder / "part.99.parquet")
+    for harmless in (folder / "ids.parquet", folder / "sub" / "part.1.parquet", folder / "_part.1.parquet"):
+        assert not by_pattern.would_read(harmless), harmless
+    single = input_files(folder / "part.2.parquet")
+    assert single.would_read(folder / "part.2.parquet") and not single.would_read(folder / "ids.parquet")
 
 
-def test_an_interaction_log_in_shards_reads_as_one_log(tmp_path):
+def test_an_id_column_keeps_an_integer_type_that_holds_every_part(tmp_path):
+    folder = tmp_path / "export"
+    folder.mkdir()
+
+    def part(name: str, ids: pl.Series) -> None:
+        pl.DataFrame({"item_id": ids, "embedding": [[0.0, 1.0]] * len(ids)}).write_parquet(folder / name)
+
+    part("a.parquet", pl.Series([1, 2], dtype=pl.Int64))
+    part("b.parquet", pl.Series([3], dtype=pl.Int32))
+    pl.DataFrame({"item_id": [], "embedding": []}).write_parquet(folder / "c.parquet")  # no rows: typed Null
+    assert parquet_column_type(folder, "item_id") == pl.Int64
+    part("a.parquet", pl.Series([1, 2], dtype=pl.UInt16))
+    part("b.parquet", pl.Series([3], dtype=pl.UInt32))
+    assert parquet_column_type(folder, "item_id") == pl.UInt64
+    part("a.parquet", pl.Series([2**63 + 5], dtype=pl.UInt64))
+    part("b.parquet", pl.Series([-3], dtype=pl.Int64))
+    assert parquet_column_type(folder, "item_id") == pl.String  # no integer type holds both
+    part("b.parquet", pl.Series(["c"]))
+    assert parquet_column_type(folder, "item_id") == pl.String
+    assert read_items(folder).ids.tolist() == [str(2**63 + 5), "c"]
+
+
+def test_an_interaction_log_in_parts_reads_as_one_log(tmp_path):
+    """Parts may order their columns differently, carry other columns and other integer widths."""
     catalogue = ["10", "20", "30"]
     logs = tmp_path / "logs"
     logs.mkdir()
+    first = pl.DataFrame({"user_id": ["u1", "u2"], "item_id": [10, 30], "timestamp": [2, 1]})
+    second = pl.DataFrame({"timestamp": pl.Series([1, 3], dtype=pl.Int32), "item_id": pl.Series([20, 99], dtype=pl.Int32),
+                           "user_id": ["u1", "u1"], "session": ["s", "s"]})
     for fmt in ("parquet", "csv"):
-        for i, rows in enumerate(({"user_id": ["u1", "u2"], "item_id": [10, 30], "timestamp": [2, 1]},
-                                  {"user_id": ["u1", "u1"], "item_id": [20, 99], "timestamp": [1, 3]})):
-            frame = pl.DataFrame(rows)
+        for i, frame in enumerate((first, second)):
             frame.write_parquet(logs / f"part-{i}.parquet") if fmt == "parquet" else frame.write_csv(logs / f"part-{i}.csv")
         result = read_interaction_sequences(logs if fmt == "parquet" else logs / "*.csv", catalogue)
         assert [s.tolist() for s in result.sequences] == [[1, 0], [2]]
         assert (result.interactions, result.skipped) == (4, 1)
+    second.drop("timestamp").write_parquet(logs / "part-1.parquet")
+    with pytest.raises(InputError, match=r"the interactions .*part-1\.parquet have no time column 'timestamp'"):
+        read_interaction_sequences(logs / "*.parquet", catalogue)  # the first part is timed, so every part must be
 
 
 # ------------------------------------------------------------------------------------------ atomic writes
