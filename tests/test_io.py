@@ -1,4 +1,5 @@
-"""Tests for semid.io: validation messages, readers, streaming, atomic writers, the bundled sample."""
+"""Tests for semid.io and semid.sources: validation messages, readers, streaming, inputs in parts, atomic
+writers, the bundled sample."""
 from __future__ import annotations
 
 import json
@@ -22,19 +23,21 @@ from semid.io import (
     ParquetShardWriter,
     check_trainable_scale,
     check_unique_ids,
-    count_items,
-    input_files,
-    iter_item_batches,
-    read_interaction_sequences,
-    read_items,
-    read_rows,
-    parquet_column_type,
     to_numpy_embeddings,
     validate_embeddings,
     validate_ids,
     write_json_atomic,
     write_npy_atomic,
     write_parquet_atomic,
+)
+from semid.sources import (
+    count_items,
+    input_files,
+    iter_item_batches,
+    read_interaction_sequences,
+    parquet_column_type,
+    read_items,
+    read_rows,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -1056,7 +1059,8 @@ def test_works_without_pyarrow(tmp_path):
         import sys
         sys.modules["pyarrow"] = None  # any `import pyarrow` now raises ImportError, even if installed
         import numpy as np, pandas as pd, polars as pl
-        from semid.io import read_items, to_numpy_embeddings, write_parquet_atomic, iter_item_batches
+        from semid.io import to_numpy_embeddings, write_parquet_atomic
+        from semid.sources import read_items, iter_item_batches
         x = np.arange(12, dtype=np.float32).reshape(4, 3)
         df = pd.DataFrame({"item_id": list("abcd"), "embedding": list(x)})
         ids, out = to_numpy_embeddings(df)

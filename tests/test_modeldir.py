@@ -18,7 +18,7 @@ import polars as pl
 import pytest
 
 from semid.cli import BUNDLED_SAMPLE, main
-from semid.io import read_items
+from semid.sources import read_items
 from semid.modeldir import REGISTRY_LOCK, ModelDirError, check_save_target, registry_lock, replace_dir
 from semid.tokenizer import SemanticIdTokenizer, UnnamedItemsWarning
 

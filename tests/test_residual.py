@@ -282,7 +282,7 @@ def test_refine_drops_stale_prefix_centres() -> None:
 def test_prefix_centres_lower_collisions_on_real_items() -> None:
     # Bundled goodbooks, residual k-means 3 x 64 by direction: measured 12.5% of items collide with plain
     # residuals and 4.6% with centres, because items of a prefix no longer share an offset.
-    from semid.io import read_items
+    from semid.sources import read_items
     from semid.metrics import collision_metrics
 
     x = torch.from_numpy(read_items(Path(__file__).resolve().parents[1] / "data" / "goodbooks.parquet").embeddings.copy())

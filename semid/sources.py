@@ -1,0 +1,488 @@
+"""Item sources on disk: which files an input path names, read as one validated table.
+
+A path is one `.npy` or parquet file, or the parts of a large table as a warehouse exports it (a directory, or
+a glob pattern, of parquet files). Readers here stream them in bounded memory, name a bad row by its file and
+its row there, and hand out `semid.io.ItemTable`s; interaction logs (parquet or csv, in parts too) become
+users' sequences of catalogue rows. Validation itself is `semid.io`'s, as for frames and arrays in memory.
+"""
+from __future__ import annotations
+
+import fnmatch
+import functools
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import polars as pl
+
+from semid.io import (
+    InputError,
+    ItemTable,
+    check_columns,
+    check_form,
+    check_unique_ids,
+    first_repeat,
+    polars_to_table,
+    validate_embeddings,
+)
+from semid.modeldir import is_model_dir
+
+SUFFIXES = (".npy", ".parquet")
+
+# Large tables leave Spark, Hive, Dask or BigQuery as a directory of part files. Names starting with "." or "_"
+# beside the parts are not data: _SUCCESS, _committed_*, a _temporary/ folder, .crc checksums, semid's own temps.
+_NOT_DATA_PREFIXES = (".", "_")
+_GLOB_CHARACTERS = frozenset("*?[")
+_SKIPPED = "names that begin with '.' or '_', and semid model directories, are skipped"
+
+
+@dataclass(frozen=True)
+class InputFiles:
+    """The files one input path names, read as one table in this order.
+
+    A path is one file (`.npy`, `.parquet`, `.csv` where allowed), or a directory or glob pattern of table files
+    (`catalogue/`, `'exports/part-*.parquet'`): the parts a data warehouse writes, read in natural path order
+    (`part.2` before `part.10`), each part named in the messages about its own rows. A `.npy` is always one file.
+    """
+
+    given: str  # the path as the user wrote it
+    files: tuple[Path, ...]  # in reading order; every one has `suffix`
+    suffix: str  # ".npy", ".parquet" or ".csv"
+    root: Path | None = None  # a directory's or pattern's real folder; None for one file
+    pattern: tuple[str, ...] = ()  # the path components below `root` that a part matches
+
+    def __str__(self) -> str:
+        if not self.sharded:
+            return self.given
+        count = len(self.files)
+        return f"{self.given} ({count} {self.suffix.lstrip('.')} file{'s' if count > 1 else ''})"
+
+    @property
+    def sharded(self) -> bool:
+        return self.root is not None
+
+    @property
+    def is_npy(self) -> bool:
+        return self.suffix == ".npy"
+
+    @functools.cached_property
+    def parts(self) -> tuple[tuple[Path, pl.Schema, int], ...]:
+        """Each parquet file with its schema and row count, from its footer: read once for every pass."""
+        found = []
+        for p in self.files:
+            try:
+                found.append((p, pl.read_parquet_schema(p), int(pl.scan_parquet(p).select(pl.len()).collect().item())))
+            except (pl.exceptions.PolarsError, OSError) as e:
+                raise InputError(f"cannot read {p} as parquet: {e}") from e
+        return tuple(found)
+
+    def would_read(self, target: str | os.PathLike) -> bool:
+        """Whether a file written at `target` is, or would become, part of this input: an output written into the
+        input's directory, or matching its pattern, would be read as a part by the next run. Paths are compared
+        as real paths, so a link to the folder is the folder."""
+        real = Path(os.path.realpath(target))
+        if any(real == Path(os.path.realpath(f)) for f in self.files):
+            return True
+        if self.root is None or real.suffix.lower() != self.suffix or self.root not in real.parents:
+            return False
+        relative = real.relative_to(self.root)
+        return _is_data_part(relative) and _matches(self.pattern, relative.parts)
+
+
+def _is_data_part(relative: Path) -> bool:
+    return not any(part.startswith(_NOT_DATA_PREFIXES) for part in relative.parts)
+
+
+def _matches(pattern: Sequence[str], parts: Sequence[str]) -> bool:
+    """Glob matching by path components: `**` spans any number of folders, other wildcards stay in one name."""
+    if not pattern:
+        return not parts
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        return any(_matches(rest, parts[i:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], head) and _matches(rest, parts[1:])
+
+
+def _data_files(root: Path, depth: int | None) -> list[Path]:
+    """Every file below `root`, at most `depth` components down, that may be data: folder links are followed
+    (once each: a loop ends), and names that begin with "." or "_", and semid model directories (whose registry
+    is parquet too), are skipped."""
+    found, seen = [], set()
+    for folder, folders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen or is_model_dir(Path(folder)):
+            folders[:] = []
+            continue
+        seen.add(real)
+        deeper = depth is None or len(Path(folder).relative_to(root).parts) + 1 < depth
+        folders[:] = [name for name in folders if deeper and not name.startswith(_NOT_DATA_PREFIXES)]
+        found += [Path(folder, name) for name in names if not name.startswith(_NOT_DATA_PREFIXES)]
+    return found
+
+
+def _natural_order(path: Path, root: Path) -> tuple:
+    """Sort key: numbers in names compare as numbers (Dask's part.2 before part.10), then the name as written."""
+    relative = path.relative_to(root)
+    return (*(tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", part))
+              for part in relative.parts), str(relative))
+
+
+def input_files(path: str | os.PathLike, *, suffixes: Sequence[str] = SUFFIXES, what: str = "input") -> InputFiles:
+    """Resolve an input path (a file, a directory of parts, or a glob pattern) or raise InputError naming why not.
+
+    `what` names the input in messages ("input", "interactions"). Directories are searched recursively (Hive
+    partitions are folders); see `_data_files` for what is skipped.
+    """
+    given = os.fspath(path)
+    p = Path(given)
+    tables = [s for s in suffixes if s != ".npy"]  # the formats whose parts form one table
+    if p.is_dir():
+        root, pattern = p, ("**", "*")
+    elif not p.exists() and _GLOB_CHARACTERS & set(given):
+        first = next(i for i, part in enumerate(p.parts) if _GLOB_CHARACTERS & set(part))
+        root, pattern = Path(*p.parts[:first]) if first else Path("."), p.parts[first:]
+    else:
+        if not p.exists():
+            raise InputError(f"{what} file not found: {p}")
+        if p.suffix.lower() not in suffixes:
+            raise InputError(f"unsupported file type '{p.suffix}' for the {what} {p}: expected {' or '.join(suffixes)}")
+        if not p.is_file():
+            raise InputError(f"{what} path is not a file: {p}")
+        return InputFiles(given, (p,), p.suffix.lower())
+    depth = None if "**" in pattern else len(pattern)  # `*.parquet` looks in one folder, not the whole tree below
+    found = [f for f in _data_files(root, depth) if _matches(pattern, f.relative_to(root).parts)]
+    kinds = sorted({f.suffix.lower() for f in found} & set(tables))
+    if not kinds:
+        npy = "; .npy files are read one at a time: name the file" if any(f.suffix == ".npy" for f in found) else ""
+        listed = f"no {' or '.join(tables)} files ({_SKIPPED}{npy})"
+        raise InputError(f"the directory {p} holds {listed}" if p.is_dir() else
+                         f"{what} file not found: {p}, and as a glob pattern it matches {listed}")
+    if len(kinds) > 1:
+        one = f"as in {p / ('*' + kinds[0])}" if p.is_dir() else "by the pattern's ending"
+        raise InputError(f"the {'directory' if p.is_dir() else 'pattern'} {p} has both {' and '.join(kinds)} files: "
+                         f"name one kind, {one}")
+    files = sorted((f for f in found if f.suffix.lower() == kinds[0]), key=lambda f: _natural_order(f, root))
+    return InputFiles(given, tuple(files), kinds[0], Path(os.path.realpath(root)), tuple(pattern))
+
+
+def _open_npy(p: Path, expected_dim: int | None) -> np.ndarray:
+    """Memory-map a .npy and check its header-level facts (dtype, shape, dimension) without reading rows."""
+    try:
+        mm = np.load(p, mmap_mode="r", allow_pickle=False)
+    except EOFError as e:  # numpy's "No data left in file" names neither the file nor the problem
+        raise InputError(f"cannot read {p} as .npy: the file is empty") from e
+    except (ValueError, OSError) as e:
+        # numpy takes a file without the .npy header for a pickle, and suggests unpickling it: never safe here
+        reason = ("it has no .npy header, or holds Python objects" if "pickle" in str(e) else
+                  "the file is shorter than its header says (truncated: an interrupted copy or download?)"
+                  if "mmap length is greater than file size" in str(e) else e)
+        raise InputError(f"cannot read {p} as .npy: {reason}") from e
+    if not isinstance(mm, np.ndarray):
+        raise InputError(f"{p} is not a single .npy array")
+    check_form(mm, expected_dim, f"embeddings in {p}")  # the header's dtype and shape: no row is read
+    return mm
+
+
+def _source(path: str | os.PathLike | InputFiles) -> InputFiles:
+    """The input a path names; callers that read one input several times resolve it once and pass that on, so
+    every pass sees the same parts and reads their footers once."""
+    return path if isinstance(path, InputFiles) else input_files(path)
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One parquet file of an input: a lazy scan of the columns needed, and its row count (from the footer)."""
+
+    path: Path
+    scan: pl.LazyFrame
+    rows: int
+
+
+def _scanned_parts(source: InputFiles, id_col: str | None, emb_col: str) -> list[_Part]:
+    """Every parquet file of `source`, checked for the columns before any row is read."""
+    parts = []
+    for p, schema, rows in source.parts:
+        check_columns(schema.names(), id_col, emb_col, str(p))
+        parts.append(_Part(p, pl.scan_parquet(p).select([c for c in (id_col, emb_col) if c is not None]), rows))
+    return parts
+
+
+def _check_not_empty(source: InputFiles, parts: list[_Part]) -> None:
+    if not any(part.rows for part in parts):
+        raise InputError(f"embeddings in {source} are empty: {'its files have' if source.sharded else 'the file has'} "
+                         "no rows")
+
+
+def parquet_column_type(path: str | os.PathLike | InputFiles, column: str) -> pl.DataType:
+    """The type an id column of `path` goes back out as: its own integer type, else a string.
+
+    Ids are keyed as strings inside semid; an output that turned integer ids into strings would no longer
+    join to the table it came from. Parts of one table may differ in width (Int32 here, Int64 there): integers
+    stay integers, of a type that holds them all. Parts without rows carry no type (polars writes them as Null).
+    """
+    types = {schema[column] for _, schema, rows in _source(path).parts if rows and schema[column] != pl.Null}
+    if not types or not all(t.is_integer() for t in types):
+        return pl.String
+    if len(types) == 1:
+        return types.pop()
+    if all(t.is_unsigned_integer() for t in types):
+        return pl.UInt64
+    return pl.String if pl.UInt64 in types else pl.Int64  # a UInt64 beyond Int64 has no signed type to go in
+
+
+def check_unique_ids_of(source: InputFiles, ids: pl.Series, name: str) -> None:
+    """`check_unique_ids` over a whole input: each part was checked alone, this finds repeats across parts and
+    names the parts and rows where the first repeated id is."""
+    try:
+        check_unique_ids(ids, name=name)
+    except InputError as e:
+        if not source.sharded:
+            raise
+        rows = np.flatnonzero((ids == first_repeat(ids)).to_numpy())  # (k,) rows of the whole table
+        starts = np.cumsum([0] + [rows_in for _, _, rows_in in source.parts])  # (parts + 1,)
+        owner = np.searchsorted(starts, rows, side="right") - 1  # (k,)
+        where = ", ".join(f"{source.parts[i][0]} row {r - starts[i]}" for i, r in zip(owner.tolist(), rows.tolist()))
+        raise InputError(f"{e} (the first is in {where})") from None
+
+
+def _collect(lf: pl.LazyFrame, p: Path) -> pl.DataFrame:
+    try:
+        return lf.collect()
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise InputError(f"cannot read {p} as parquet: {e}") from e
+
+
+def _joined(tables: list[ItemTable]) -> ItemTable:
+    if len(tables) == 1:
+        return tables[0]
+    ids = None if tables[0].ids is None else np.concatenate([t.ids for t in tables])  # (n,)
+    return ItemTable(ids, np.concatenate([t.embeddings for t in tables]))  # (n, d)
+
+
+def read_items(path: str | os.PathLike | InputFiles, *, id_col: str | None = "item_id",
+               emb_col: str = "embedding") -> ItemTable:
+    """Read and validate a whole .npy (no ids), or parquet (id + embedding columns; one file or parts), into memory."""
+    source = _source(path)
+    if source.is_npy:
+        p = source.files[0]
+        mm = _open_npy(p, None)
+        matrix = validate_embeddings(mm, name=f"embeddings in {p}")  # one cast: no float64 copy of a float64 file
+        return ItemTable(None, matrix.copy() if np.may_share_memory(matrix, mm) else matrix)  # in memory, not mapped
+    parts = _scanned_parts(source, id_col, emb_col)
+    _check_not_empty(source, parts)
+    tables, dim = [], None
+    for part in parts:
+        if part.rows:
+            tables.append(polars_to_table(_collect(part.scan, part.path), id_col, emb_col, str(part.path),
+                                           expected_dim=dim))
+            dim = tables[-1].dim  # every part as wide as the first
+    items = _joined(tables)
+    if len(tables) > 1 and items.ids is not None:
+        check_unique_ids_of(source, pl.Series(items.ids), f"column '{id_col}' in {source}")
+    return items
+
+
+def count_items(path: str | os.PathLike | InputFiles, *, id_col: str | None = "item_id",
+                emb_col: str = "embedding") -> int:
+    """Number of items in an input, from metadata only (the .npy header or the parquet footers)."""
+    source = _source(path)
+    if source.is_npy:
+        return len(_open_npy(source.files[0], None))
+    return sum(part.rows for part in _scanned_parts(source, id_col, emb_col))
+
+
+def iter_item_batches(
+    path: str | os.PathLike | InputFiles,
+    batch_size: int,
+    *,
+    id_col: str | None = "item_id",
+    emb_col: str = "embedding",
+    expected_dim: int | None = None,
+) -> Iterator[ItemTable]:
+    """Yield validated batches of at most `batch_size` items, holding about one batch in memory.
+
+    .npy is memory-mapped and sliced. Parquet is read with a lazy scan and a slice per batch, which polars
+    pushes down to the reader, so only the row groups a batch overlaps are decoded: peak memory is
+    about one batch plus one row group. File-level problems (missing file, columns, dimension of a .npy)
+    are raised here, before the first batch. Ids are checked for duplicates within each batch only;
+    uniqueness across batches is a global property the caller checks (e.g. a lazy polars group-by).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise InputError(f"batch size must be a positive integer, got {batch_size!r}")
+    source = _source(path)
+    if source.is_npy:
+        p = source.files[0]
+        n = len(_open_npy(p, expected_dim))  # checks the header now; the map is dropped at once
+        return _npy_batches(p, n, int(batch_size), expected_dim)
+    parts = _scanned_parts(source, id_col, emb_col)
+    _check_not_empty(source, parts)
+    return _parquet_batches(parts, int(batch_size), id_col, emb_col, expected_dim)
+
+
+def _npy_batches(p: Path, n: int, batch_size: int, expected_dim: int | None) -> Iterator[ItemTable]:
+    """Each batch maps the file anew and unmaps it once its rows are copied out.
+
+    Pages of a memory map count toward the process's resident set for as long as the map is open, so a
+    single map held across the whole file made peak RSS grow with the file (8.3 GB for 4M x 384 float32)
+    although only one batch was in use.
+    """
+    for start in range(0, n, batch_size):
+        rows = _npy_rows(p, start, min(n, start + batch_size))
+        emb = validate_embeddings(rows, expected_dim=expected_dim, name=f"embeddings in {p}", row_offset=start)
+        yield ItemTable(None, emb)
+
+
+def _npy_rows(p: Path, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a .npy file, copied out of a map of their own.
+
+    The map lives only in this call: its last reference goes on return, which unmaps it.
+    """
+    return np.array(np.load(p, mmap_mode="r", allow_pickle=False)[start:stop])  # (b, d)
+
+
+def _parquet_batches(
+    parts: list[_Part], batch_size: int, id_col: str | None, emb_col: str, expected_dim: int | None
+) -> Iterator[ItemTable]:
+    """Full batches across part boundaries, so that a warehouse's many small parts still make the large batches
+    a GPU encodes fastest. Each slice is read and validated on its own: a message names its part and row."""
+    pending: list[ItemTable] = []
+    held = 0
+    for part in parts:
+        start = 0
+        while start < part.rows:
+            take = min(batch_size - held, part.rows - start)  # polars slices take lengths below 2^32
+            table = polars_to_table(_collect(part.scan.slice(start, take), part.path), id_col, emb_col,
+                                     str(part.path), row_offset=start, expected_dim=expected_dim)
+            expected_dim = table.dim  # later slices must match the first: a ragged input fails here
+            pending.append(table)
+            held += take
+            start += take
+            if held == batch_size:
+                yield _joined(pending)
+                pending, held = [], 0
+    if pending:
+        yield _joined(pending)
+
+
+# --------------------------------------------------------------------------------------------------
+# interaction logs
+
+
+@dataclass
+class InteractionSequences:
+    """Users' histories as row numbers of an evaluated catalogue, in time order (`sequence_prefix_agreement`)."""
+
+    sequences: list[np.ndarray]  # one (k,) int64 array of catalogue rows per user, users in sorted order
+    interactions: int  # rows of the file
+    skipped: int  # interactions with an item the catalogue does not hold
+
+
+def _log_columns(f: Path, where: str) -> list[str]:
+    scan = pl.scan_parquet if f.suffix.lower() == ".parquet" else pl.scan_csv
+    try:
+        return scan(f).collect_schema().names()
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise InputError(f"cannot read the interactions {where}: {e}") from e
+
+
+def _interaction_part(f: Path, user_col: str, item_col: str, time_col: str | None, where: str) -> pl.LazyFrame:
+    """One file of an interaction log as (user, item, time) columns, item ids as text."""
+    names = _log_columns(f, where)
+    for role, col in (("user", user_col), ("item", item_col)):
+        if col not in names:
+            raise InputError(f"the interactions {where} have no {role} column '{col}'; their columns are: "
+                             f"{', '.join(names)} (CLI: --user-col, --id-col)")
+    if time_col is not None and time_col not in names:
+        raise InputError(f"the interactions {where} have no time column '{time_col}'; their columns are: "
+                         f"{', '.join(names)} (CLI: --time-col)")
+    if f.suffix.lower() == ".parquet":
+        scan = pl.scan_parquet(f)
+    else:  # ids as written: a column inferred as integers from its first rows fails on "a1"
+        scan = pl.scan_csv(f, schema_overrides={user_col: pl.String, item_col: pl.String})
+    return scan.select(user=pl.col(user_col), item=pl.col(item_col).cast(pl.String),
+                       time=pl.col(time_col) if time_col is not None else pl.lit(0))
+
+
+def read_interaction_sequences(
+    path: str | os.PathLike,
+    item_ids: Sequence[object],
+    *,
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+    time_col: str | None = None,
+) -> InteractionSequences:
+    """Users' sequences from an interaction log (.parquet or .csv: a user, an item and a time per row).
+
+    This is the form recommendation logs come in; the metric wants each user's items as rows of the
+    catalogue it evaluates (`item_ids`, in row order), in time order. A user's interactions are ordered by
+    `time_col` (None: a column "timestamp" where the log has one, else file order; ties keep file order).
+    Items the catalogue does not hold are skipped and counted: a log usually spans more items than one
+    catalogue. A log of which no item is in the catalogue is an error: its ids are written another way.
+    """
+    p = input_files(path, suffixes=(".parquet", ".csv"), what="interactions")  # a file, or a log's parts
+    where = {f: str(f) if p.sharded else str(p) for f in p.files}
+    if time_col is None:  # the first file decides whether the log is timed
+        time_col = "timestamp" if "timestamp" in _log_columns(p.files[0], where[p.files[0]]) else None
+    # one part at a time: parts may differ in column order, extra columns and integer widths
+    parts = [_interaction_part(f, user_col, item_col, time_col, where[f]) for f in p.files]
+    catalogue = pl.LazyFrame({"item": pl.Series(list(map(str, item_ids)), dtype=pl.String),
+                              "row": pl.int_range(len(item_ids), eager=True)})
+    log = pl.concat(parts, how="vertical_relaxed").with_columns(order=pl.int_range(pl.len()))
+    try:
+        frame = log.join(catalogue, on="item", how="left").collect()
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise InputError(f"cannot read the interactions {p}: {e}") from e
+    frame = frame.sort("order")
+    for role, col, name in (("a user", "user", user_col), ("a time", "time", time_col)):
+        if frame[col].null_count():
+            first = int(np.argmax(frame[col].is_null().to_numpy()))
+            raise InputError(f"the interactions {p} have {frame[col].null_count()} rows without {role} "
+                             f"(column '{name}', first at row {first})")
+    held = frame.filter(pl.col("row").is_not_null())
+    if frame.height and not held.height:
+        example = str(next(iter(item_ids), ""))
+        raise InputError(f"none of the {frame.height:,} interactions in {p} names an item of the catalogue: the "
+                         f"log writes ids as {frame['item'][0]!r}, the catalogue as {example!r} (CLI: --id-col)")
+    held = held.sort("user", "time", "order")
+    users = held.group_by("user", maintain_order=True).agg(pl.col("row"))
+    return InteractionSequences(
+        sequences=[np.asarray(rows, dtype=np.int64) for rows in users["row"].to_list()],
+        interactions=frame.height,
+        skipped=frame.height - held.height,
+    )
+
+
+def read_rows(path: str | os.PathLike | InputFiles, rows: np.ndarray, *, emb_col: str = "embedding") -> np.ndarray:
+    """Embeddings of the given row numbers of an input (rows of its parts in order, counted as one table), in
+    the order given: the few items a later pass needs again, such as collision remapping after a streamed encode."""
+    source = _source(path)
+    rows = np.asarray(rows, dtype=np.int64)  # (m,)
+    if source.is_npy:
+        p = source.files[0]
+        return validate_embeddings(np.array(_open_npy(p, None)[rows]), name=f"embeddings in {p}")
+    parts = _scanned_parts(source, None, emb_col)
+    starts = np.cumsum([0] + [part.rows for part in parts])  # (parts + 1,)
+    if rows.size and (rows.min() < 0 or rows.max() >= starts[-1]):
+        raise IndexError(f"rows {rows.min()}..{rows.max()} asked of {source}, which has rows 0..{starts[-1] - 1}")
+    owner = np.searchsorted(starts, rows, side="right") - 1  # (m,) the part of each row
+    order = np.argsort(owner, kind="stable")  # (m,) the rows grouped by part
+    bounds = np.searchsorted(owner[order], np.arange(len(parts) + 1))  # (parts + 1,)
+    out = None
+    for i in np.flatnonzero(np.diff(bounds)):
+        chosen = order[bounds[i] : bounds[i + 1]]  # (k,) positions in `rows` of this part's rows
+        embeddings = _part_rows(parts[i], rows[chosen] - starts[i], emb_col)  # (k, d)
+        out = np.empty((len(rows), embeddings.shape[1]), dtype=np.float32) if out is None else out  # (m, d)
+        out[chosen] = embeddings
+    return out if out is not None else np.empty((0, 0), dtype=np.float32)
+
+
+def _part_rows(part: _Part, rows: np.ndarray, emb_col: str) -> np.ndarray:
+    """Rows of one parquet file, in the order given."""
+    wanted = pl.Series("__row", np.unique(rows), dtype=pl.UInt32)
+    df = _collect(part.scan.with_row_index("__row").filter(pl.col("__row").is_in(wanted.implode())), part.path)
+    lookup = dict(zip(df["__row"].to_list(), range(len(df))))
+    table = polars_to_table(df.select(emb_col), None, emb_col, str(part.path))
+    return table.embeddings[[lookup[r] for r in rows.tolist()]]
