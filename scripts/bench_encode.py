@@ -49,15 +49,16 @@ MB = 2**20
 
 
 # ---- catalogues -----------------------------------------------------------------------------------
-def write_catalogue(base: np.ndarray, n: int, seed: int, noise: float, parquet: Path, npy: Path | None
-                    ) -> tuple[float, float]:
+def write_catalogue(base: np.ndarray, n: int, seed: int, noise: float, parquet: Path, npy: Path | None,
+                    parts_out: Path | None = None) -> tuple[float, float]:
     """Write n rows resampled from `base` plus N(0, (noise * std)^2) noise; return (seconds, mean cosine).
 
     The .npy (when asked) holds the same rows in the same order as the parquet; row i has item_id
     f"item{i:09d}". The noise is relative to the data's own element standard deviation, so it means the same
     for any embedding model; the mean cosine between a written row and the real row it was drawn from
     (first chunk) says how far it moves items. Parquet chunks go to part files that one streaming sink
-    joins into the target with fixed row groups, so neither file is ever held in memory whole.
+    joins into the target with fixed row groups, so neither file is ever held in memory whole; with
+    `parts_out` the part files stay there too, as a warehouse export of the same rows in CHUNK-row parts.
     """
     started = time.perf_counter()
     rng = np.random.default_rng([seed, n])
@@ -84,6 +85,9 @@ def write_catalogue(base: np.ndarray, n: int, seed: int, noise: float, parquet: 
             mm.flush()
             del mm
         pl.scan_parquet(parts).sink_parquet(parquet, row_group_size=ROW_GROUP)
+        if parts_out is not None:
+            shutil.rmtree(parts_out, ignore_errors=True)
+            parts_dir.rename(parts_out)
     finally:
         shutil.rmtree(parts_dir, ignore_errors=True)
     return time.perf_counter() - started, cosine
@@ -192,8 +196,13 @@ def encode_run(model: Path, data: Path, out: Path, batch_size: int, n: int, fmt:
     shutil.rmtree(fresh)
     max_group = pl.scan_parquet(out).select(pl.col("codes").list.get(-1).max()).collect().item() + 1
     return EncodeRun(fmt, n, batch_size, round(wall, 2), round(n / wall), round(rss, 1),
-                     None if anon is None else round(anon, 1), round(data.stat().st_size / MB, 1),
+                     None if anon is None else round(anon, 1), round(_size(data) / MB, 1),
                      round(out.stat().st_size / MB, 1), max_group, round(os.getloadavg()[0], 2))
+
+
+def _size(path: Path) -> int:
+    """Bytes of a file, or of every file in a directory of parts."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def batch_size_check(model: Path, data: Path, n: int, batch_sizes: list[int], work: Path, threads: int) -> dict:
@@ -269,7 +278,8 @@ def print_table(runs: list[EncodeRun]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 4_000_000], help="catalogue sizes")
-    parser.add_argument("--formats", nargs="+", choices=["parquet", "npy"], default=["parquet", "npy"])
+    parser.add_argument("--formats", nargs="+", choices=["parquet", "npy", "parts"], default=["parquet", "npy"],
+                        help="parts: the parquet's rows as a directory of 262,144-row part files (a warehouse export)")
     parser.add_argument("--batch-size", type=int, default=65536, help="semid encode --batch-size for the scale runs")
     parser.add_argument("--check-items", type=int, default=100_000, help="rows of the batch-size invariance check")
     parser.add_argument("--check-batch-sizes", type=int, nargs="+", default=[4096, 65536])
@@ -329,26 +339,33 @@ def main() -> None:
         reads = row_group_reads(base, args.row_group_items, args.seed, args.noise, work) if args.row_group_items else None
 
         runs: list[EncodeRun] = []
-        generation = {}
+        generation, parts_check = {}, {}
         for n in sorted(args.sizes):
-            parquet, npy = work / f"items-{n}.parquet", work / f"items-{n}.npy"
-            want_npy = "npy" in args.formats
-            if args.reuse and parquet.is_file() and (npy.is_file() or not want_npy):
+            parquet, npy, parts = work / f"items-{n}.parquet", work / f"items-{n}.npy", work / f"items-{n}.parts"
+            want_npy, want_parts = "npy" in args.formats, "parts" in args.formats
+            if args.reuse and parquet.is_file() and (npy.is_file() or not want_npy) and (parts.is_dir() or not want_parts):
                 print(f"reusing the {n:,}-item catalogue in {work}", flush=True)
             else:
-                gen_s, gen_cosine = write_catalogue(base, n, args.seed, args.noise, parquet, npy if want_npy else None)
+                gen_s, gen_cosine = write_catalogue(base, n, args.seed, args.noise, parquet, npy if want_npy else None,
+                                                    parts if want_parts else None)
                 cosine = gen_cosine if cosine is None else cosine
                 generation[n] = round(gen_s, 1)
                 print(f"wrote {n:,} items in {gen_s:.1f} s", flush=True)
             for fmt in args.formats:
-                data = parquet if fmt == "parquet" else npy
+                data = {"parquet": parquet, "npy": npy, "parts": parts}[fmt]
                 run = encode_run(model, data, work / f"ids-{fmt}-{n}.parquet", args.batch_size, n, fmt, args.threads)
                 runs.append(run)
                 print(f"  {fmt}: {run.items_per_second:,} items/s, peak RSS {run.peak_rss_mb:,.0f} MB", flush=True)
+            if want_parts and "parquet" in args.formats:  # the same rows in parts or in one file: the same IDs
+                same = pl.read_parquet(work / f"ids-parts-{n}.parquet").equals(pl.read_parquet(work / f"ids-parquet-{n}.parquet"))
+                parts_check[n] = same
+                print(f"  parts and one file give {'identical' if same else 'DIFFERENT'} outputs", flush=True)
+            for fmt in args.formats:
                 (work / f"ids-{fmt}-{n}.parquet").unlink()
             if not keep:
                 parquet.unlink()
                 npy.unlink(missing_ok=True)
+                shutil.rmtree(parts, ignore_errors=True)
         print_table(runs)
         growth = memory_growth(runs, base.shape[1])
         for g in growth:
@@ -365,7 +382,7 @@ def main() -> None:
             "mean_cosine_to_source_row": None if cosine is None else round(cosine, 3), "config": str(args.config.relative_to(REPO))
             if args.config.is_relative_to(REPO) else str(args.config), "train_steps": args.steps, "train_batch_size": args.train_batch_size,
             "train_seconds": None if train_s is None else round(train_s, 1), "row_group_size": ROW_GROUP, "generation_seconds": generation,
-            "batch_size_check": check, "row_group_reads": reads, "runs": [asdict(r) for r in runs], "memory_growth": growth,
+            "batch_size_check": check, "row_group_reads": reads, "runs": [asdict(r) for r in runs], "memory_growth": growth, "parts_identical_to_one_file": parts_check,
             "total_seconds": round(time.perf_counter() - started, 1),
         })
         print(f"\nwritten to {args.out} ({time.perf_counter() - started:.0f} s in all)")
