@@ -124,10 +124,15 @@ def _data_files(root: Path, depth: int | None) -> list[Path]:
 
 
 def _natural_order(path: Path, root: Path) -> tuple:
-    """Sort key: numbers in names compare as numbers (Dask's part.2 before part.10), then the name as written."""
+    """Sort key: numbers in names compare as numbers (Dask's part.2 before part.10), then the path as written.
+
+    Splitting a name on its digit runs alternates text and digits (text first, maybe empty), so each position
+    holds the same kind in every name.
+    """
     relative = path.relative_to(root)
-    return (*(tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", part))
-              for part in relative.parts), str(relative))
+    names = tuple(tuple(int(t) if i % 2 else t for i, t in enumerate(re.split(r"(\d+)", part)))
+                  for part in relative.parts)
+    return names, str(relative)
 
 
 def input_files(path: str | os.PathLike, *, suffixes: Sequence[str] = SUFFIXES, what: str = "input") -> InputFiles:

@@ -604,6 +604,17 @@ def test_parts_are_checked_one_by_one_and_named_in_errors(tmp_path):
         iter_item_batches(folder / "a.parquet", 4)
 
 
+def test_parts_are_ordered_by_the_numbers_in_their_names_whatever_the_names(tmp_path):
+    names = ["part.10.parquet", "part.2.parquet", "a1\u00b2/x.parquet", "a01.parquet/x.parquet", "a1.parquet",
+             "part-01.parquet", "part-1.parquet", "\u0663.parquet", "2.parquet"]  # a superscript 2; Arabic-Indic 3
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        _frame(_matrix(1, 2)).write_parquet(tmp_path / name)
+    assert [f.relative_to(tmp_path).as_posix() for f in input_files(tmp_path).files] == [
+        "2.parquet", "\u0663.parquet", "a1.parquet", "a01.parquet/x.parquet", "a1\u00b2/x.parquet",
+        "part-01.parquet", "part-1.parquet", "part.2.parquet", "part.10.parquet"]
+
+
 def test_inputs_that_name_no_parts_say_why(tmp_path):
     empty = tmp_path / "empty"
     (empty / "_tmp").mkdir(parents=True)
