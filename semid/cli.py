@@ -405,7 +405,7 @@ def check_output_paths(args: argparse.Namespace) -> None:
                 if args.command == "train" and inside_model(source):
                     raise ValueError(f"--{name} {value} is inside --out {model}, which training replaces: move it out")
                 seen[source] = f"the input --{name} {value}"
-            if listed is not None and listed.sharded:
+            if listed is not None and listed.in_parts:
                 tables.append((listed, f"the input --{name} {value}"))
     for name in outputs:
         value = getattr(args, name, None)

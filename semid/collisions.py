@@ -874,7 +874,7 @@ class IdRegistry:
 
         from semid.io import first_repeat
 
-        frame = pl.read_parquet(path)
+        frame = pl.read_parquet(path, glob=False)
         if {"key", "id"} - set(frame.columns):
             raise ValueError(f"{path} is not an ID registry: it needs columns 'key' and 'id', has {frame.columns}")
         if not isinstance(frame.schema["id"], pl.List):

@@ -87,13 +87,13 @@ def _read_texts(data: str | os.PathLike, text_col: str, id_col: str) -> tuple[pl
     p = input_files(data, suffixes=(".parquet",))  # one file, or a directory or pattern of parts
     frames = []
     for f in p.files:  # one at a time, so that a part that lacks a column is named
-        where = str(f) if p.sharded else str(p)
+        where = str(f) if p.in_parts else str(p)
         try:
             names = pl.read_parquet_schema(f).names()
             for col, flag in ((id_col, "--id-col"), (text_col, "--text-col")):
                 if col not in names:
                     raise InputError(f"{where} has no column '{col}'; its columns are: {', '.join(names)} (set {flag})")
-            frames.append(pl.read_parquet(f, columns=[id_col, text_col]))
+            frames.append(pl.read_parquet(f, columns=[id_col, text_col], glob=False))
         except (pl.exceptions.PolarsError, OSError) as e:
             raise InputError(f"cannot read {where} as parquet: {e}") from e
     try:  # parts may differ in integer widths, or hold ids as text in one and numbers in another: a common type

@@ -442,7 +442,20 @@ class ParquetShardWriter:
             if exc_type is None:
                 if not self._parts:
                     raise ValueError(f"no batches were written to {self.path}")
-                write_parquet_atomic(pl.scan_parquet(self._parts), self.path)
+                write_parquet_atomic(pl.scan_parquet(self._parts, glob=False), self.path)
         finally:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._claim.__exit__(None, None, None)  # releases the directory's lock
+
+
+# The file readers live in semid.sources; code written when they were here (`semid.io.read_items`) keeps working.
+_MOVED_TO_SOURCES = frozenset({"SUFFIXES", "InputFiles", "input_files", "read_items", "count_items", "iter_item_batches",
+                               "read_rows", "parquet_column_type", "InteractionSequences", "read_interaction_sequences"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_SOURCES:
+        from semid import sources
+
+        return getattr(sources, name)
+    raise AttributeError(f"module 'semid.io' has no attribute {name!r}")

@@ -44,25 +44,28 @@ class InputFiles:
     """The files one input path names, read as one table in this order.
 
     A path is one file (`.npy`, `.parquet`, `.csv` where allowed), or a directory or glob pattern of table files
-    (`catalogue/`, `'exports/part-*.parquet'`): the parts a data warehouse writes, read in natural path order
-    (`part.2` before `part.10`), each part named in the messages about its own rows. A `.npy` is always one file.
+    (`catalogue/`, `'exports/part-*.parquet'`, `'exports/date=2024-*'`): the parts a data warehouse writes, read
+    in natural path order (`part.2` before `part.10`), each part named in the messages about its own rows. A
+    `.npy` is always one file.
     """
 
     given: str  # the path as the user wrote it
     files: tuple[Path, ...]  # in reading order; every one has `suffix`
     suffix: str  # ".npy", ".parquet" or ".csv"
-    root: Path | None = None  # a directory's or pattern's real folder; None for one file
-    pattern: tuple[str, ...] = ()  # the path components below `root` that a part matches
+    # For parts: the real path of the folder searched, and of every linked folder followed below it, each with
+    # its components below that folder as the walk reached it (empty for one file).
+    folders: tuple[tuple[Path, tuple[str, ...]], ...] = ()
+    pattern: tuple[str, ...] = ()  # the components below the folder searched that a part, or a folder of it, matches
 
     def __str__(self) -> str:
-        if not self.sharded:
+        if not self.in_parts:
             return self.given
         count = len(self.files)
         return f"{self.given} ({count} {self.suffix.lstrip('.')} file{'s' if count > 1 else ''})"
 
     @property
-    def sharded(self) -> bool:
-        return self.root is not None
+    def in_parts(self) -> bool:
+        return bool(self.folders)
 
     @property
     def is_npy(self) -> bool:
@@ -74,7 +77,8 @@ class InputFiles:
         found = []
         for p in self.files:
             try:
-                found.append((p, pl.read_parquet_schema(p), int(pl.scan_parquet(p).select(pl.len()).collect().item())))
+                rows = pl.scan_parquet(p, glob=False).select(pl.len()).collect().item()
+                found.append((p, pl.read_parquet_schema(p), int(rows)))
             except (pl.exceptions.PolarsError, OSError) as e:
                 raise InputError(f"cannot read {p} as parquet: {e}") from e
         return tuple(found)
@@ -82,18 +86,14 @@ class InputFiles:
     def would_read(self, target: str | os.PathLike) -> bool:
         """Whether a file written at `target` is, or would become, part of this input: an output written into the
         input's directory, or matching its pattern, would be read as a part by the next run. Paths are compared
-        as real paths, so a link to the folder is the folder."""
+        as real paths, so a link to the folder, or a folder the walk reached through a link, is the folder."""
         real = Path(os.path.realpath(target))
         if any(real == Path(os.path.realpath(f)) for f in self.files):
             return True
-        if self.root is None or real.suffix.lower() != self.suffix or self.root not in real.parents:
+        if real.suffix.lower() != self.suffix:
             return False
-        relative = real.relative_to(self.root)
-        return _is_data_part(relative) and _matches(self.pattern, relative.parts)
-
-
-def _is_data_part(relative: Path) -> bool:
-    return not any(part.startswith(_NOT_DATA_PREFIXES) for part in relative.parts)
+        return any(_takes(self.pattern, (*below, *real.relative_to(folder).parts))
+                   for folder, below in self.folders if folder in real.parents)
 
 
 def _matches(pattern: Sequence[str], parts: Sequence[str]) -> bool:
@@ -106,21 +106,45 @@ def _matches(pattern: Sequence[str], parts: Sequence[str]) -> bool:
     return bool(parts) and fnmatch.fnmatchcase(parts[0], head) and _matches(rest, parts[1:])
 
 
-def _data_files(root: Path, depth: int | None) -> list[Path]:
-    """Every file below `root`, at most `depth` components down, that may be data: folder links are followed
-    (once each: a loop ends), and names that begin with "." or "_", and semid model directories (whose registry
-    is parquet too), are skipped."""
-    found, seen = [], set()
-    for folder, folders, names in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen or is_model_dir(Path(folder)):
-            folders[:] = []
+def _takes(pattern: Sequence[str], parts: Sequence[str]) -> bool:
+    """Whether a file (its components below the folder searched) is data the pattern names: the pattern matches
+    the file or a folder it lies in (Spark writes a table as a folder, `items.parquet/`), and no component
+    begins with "." or "_"."""
+    return (not any(part.startswith(_NOT_DATA_PREFIXES) for part in parts)
+            and any(_matches(pattern, parts[:i]) for i in range(1, len(parts) + 1)))
+
+
+def _may_hold(pattern: Sequence[str], parts: Sequence[str]) -> bool:
+    """Whether a folder (its components below the folder searched) can hold files the pattern takes: any folder
+    under `**`, a folder on the way to the pattern's last component, or one inside a folder the pattern names."""
+    return "**" in pattern or all(fnmatch.fnmatchcase(part, name) for part, name in zip(parts, pattern))
+
+
+def _walk(root: Path, pattern: Sequence[str]) -> tuple[list[Path], list[tuple[Path, tuple[str, ...]]]]:
+    """The files below `root` that `pattern` takes, and the folders searched (`InputFiles.folders`).
+
+    Folder links are followed, but never into a folder of their own branch (a loop ends). Names that begin with
+    "." or "_" and semid model directories (whose registry is parquet too) are skipped. A file reached by two
+    routes (a partition and a link to it) is kept once, by its route without links where it has one.
+    """
+    found, folders = [], [(Path(os.path.realpath(root)), ())]
+    branch = {os.fspath(root): frozenset()}  # folder -> the real paths of the folders above it on its branch
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real, above = os.path.realpath(folder), branch.pop(folder)
+        below = Path(folder).relative_to(root).parts
+        if real in above or is_model_dir(Path(folder)):
+            subfolders[:] = []
             continue
-        seen.add(real)
-        deeper = depth is None or len(Path(folder).relative_to(root).parts) + 1 < depth
-        folders[:] = [name for name in folders if deeper and not name.startswith(_NOT_DATA_PREFIXES)]
-        found += [Path(folder, name) for name in names if not name.startswith(_NOT_DATA_PREFIXES)]
-    return found
+        if os.path.islink(folder):
+            folders.append((Path(real), below))
+        subfolders[:] = [name for name in subfolders
+                         if not name.startswith(_NOT_DATA_PREFIXES) and _may_hold(pattern, (*below, name))]
+        branch.update((os.path.join(folder, name), above | {real}) for name in subfolders)
+        found += [Path(folder, name) for name in names if _takes(pattern, (*below, name))]
+    by_target: dict[str, Path] = {}
+    for f in sorted(found, key=lambda f: (os.path.realpath(f) != os.path.abspath(f), _natural_order(f, root))):
+        by_target.setdefault(os.path.realpath(f), f)  # the first of each: without links, else first in order
+    return list(by_target.values()), folders
 
 
 def _natural_order(path: Path, root: Path) -> tuple:
@@ -139,13 +163,13 @@ def input_files(path: str | os.PathLike, *, suffixes: Sequence[str] = SUFFIXES, 
     """Resolve an input path (a file, a directory of parts, or a glob pattern) or raise InputError naming why not.
 
     `what` names the input in messages ("input", "interactions"). Directories are searched recursively (Hive
-    partitions are folders); see `_data_files` for what is skipped.
+    partitions are folders), and so are the folders a pattern names; see `_walk` for what is skipped.
     """
     given = os.fspath(path)
     p = Path(given)
     tables = [s for s in suffixes if s != ".npy"]  # the formats whose parts form one table
     if p.is_dir():
-        root, pattern = p, ("**", "*")
+        root, pattern = p, ("**",)
     elif not p.exists() and _GLOB_CHARACTERS & set(given):
         first = next(i for i, part in enumerate(p.parts) if _GLOB_CHARACTERS & set(part))
         root, pattern = Path(*p.parts[:first]) if first else Path("."), p.parts[first:]
@@ -157,8 +181,7 @@ def input_files(path: str | os.PathLike, *, suffixes: Sequence[str] = SUFFIXES, 
         if not p.is_file():
             raise InputError(f"{what} path is not a file: {p}")
         return InputFiles(given, (p,), p.suffix.lower())
-    depth = None if "**" in pattern else len(pattern)  # `*.parquet` looks in one folder, not the whole tree below
-    found = [f for f in _data_files(root, depth) if _matches(pattern, f.relative_to(root).parts)]
+    found, folders = _walk(root, pattern)
     kinds = sorted({f.suffix.lower() for f in found} & set(tables))
     if not kinds:
         npy = "; .npy files are read one at a time: name the file" if any(f.suffix == ".npy" for f in found) else ""
@@ -170,7 +193,7 @@ def input_files(path: str | os.PathLike, *, suffixes: Sequence[str] = SUFFIXES, 
         raise InputError(f"the {'directory' if p.is_dir() else 'pattern'} {p} has both {' and '.join(kinds)} files: "
                          f"name one kind, {one}")
     files = sorted((f for f in found if f.suffix.lower() == kinds[0]), key=lambda f: _natural_order(f, root))
-    return InputFiles(given, tuple(files), kinds[0], Path(os.path.realpath(root)), tuple(pattern))
+    return InputFiles(given, tuple(files), kinds[0], tuple(folders), tuple(pattern))
 
 
 def _open_npy(p: Path, expected_dim: int | None) -> np.ndarray:
@@ -211,13 +234,13 @@ def _scanned_parts(source: InputFiles, id_col: str | None, emb_col: str) -> list
     parts = []
     for p, schema, rows in source.parts:
         check_columns(schema.names(), id_col, emb_col, str(p))
-        parts.append(_Part(p, pl.scan_parquet(p).select([c for c in (id_col, emb_col) if c is not None]), rows))
+        parts.append(_Part(p, pl.scan_parquet(p, glob=False).select([c for c in (id_col, emb_col) if c is not None]), rows))
     return parts
 
 
 def _check_not_empty(source: InputFiles, parts: list[_Part]) -> None:
     if not any(part.rows for part in parts):
-        raise InputError(f"embeddings in {source} are empty: {'its files have' if source.sharded else 'the file has'} "
+        raise InputError(f"embeddings in {source} are empty: {'its files have' if source.in_parts else 'the file has'} "
                          "no rows")
 
 
@@ -244,7 +267,7 @@ def check_unique_ids_of(source: InputFiles, ids: pl.Series, name: str) -> None:
     try:
         check_unique_ids(ids, name=name)
     except InputError as e:
-        if not source.sharded:
+        if not source.in_parts:
             raise
         rows = np.flatnonzero((ids == first_repeat(ids)).to_numpy())  # (k,) rows of the whole table
         starts = np.cumsum([0] + [rows_in for _, _, rows_in in source.parts])  # (parts + 1,)
@@ -312,8 +335,8 @@ def iter_item_batches(
     .npy is memory-mapped and sliced. Parquet is read with a lazy scan and a slice per batch, which polars
     pushes down to the reader, so only the row groups a batch overlaps are decoded: peak memory is
     about one batch plus one row group. File-level problems (missing file, columns, dimension of a .npy)
-    are raised here, before the first batch. Ids are checked for duplicates within each batch only;
-    uniqueness across batches is a global property the caller checks (e.g. a lazy polars group-by).
+    are raised here, before the first batch. Ids are checked for duplicates within each part's slice only;
+    uniqueness across slices is a global property the caller checks (`check_unique_ids_of`).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise InputError(f"batch size must be a positive integer, got {batch_size!r}")
@@ -381,20 +404,22 @@ class InteractionSequences:
     """Users' histories as row numbers of an evaluated catalogue, in time order (`sequence_prefix_agreement`)."""
 
     sequences: list[np.ndarray]  # one (k,) int64 array of catalogue rows per user, users in sorted order
-    interactions: int  # rows of the file
+    interactions: int  # rows of the log
     skipped: int  # interactions with an item the catalogue does not hold
 
 
 def _log_columns(f: Path, where: str) -> list[str]:
     scan = pl.scan_parquet if f.suffix.lower() == ".parquet" else pl.scan_csv
     try:
-        return scan(f).collect_schema().names()
+        return scan(f, glob=False).collect_schema().names()
     except (pl.exceptions.PolarsError, OSError) as e:
         raise InputError(f"cannot read the interactions {where}: {e}") from e
 
 
-def _interaction_part(f: Path, user_col: str, item_col: str, time_col: str | None, where: str) -> pl.LazyFrame:
-    """One file of an interaction log as (user, item, time) columns, item ids as text."""
+def _interaction_part(f: Path, index: int, user_col: str, item_col: str, time_col: str | None, where: str,
+                      time_hint: str) -> pl.LazyFrame:
+    """One file of an interaction log as (user, item, time) columns, item ids as text, with the file's `index`
+    and each row's number in it, for messages."""
     names = _log_columns(f, where)
     for role, col in (("user", user_col), ("item", item_col)):
         if col not in names:
@@ -402,13 +427,14 @@ def _interaction_part(f: Path, user_col: str, item_col: str, time_col: str | Non
                              f"{', '.join(names)} (CLI: --user-col, --id-col)")
     if time_col is not None and time_col not in names:
         raise InputError(f"the interactions {where} have no time column '{time_col}'; their columns are: "
-                         f"{', '.join(names)} (CLI: --time-col)")
+                         f"{', '.join(names)} ({time_hint})")
     if f.suffix.lower() == ".parquet":
-        scan = pl.scan_parquet(f)
+        scan = pl.scan_parquet(f, glob=False)
     else:  # ids as written: a column inferred as integers from its first rows fails on "a1"
-        scan = pl.scan_csv(f, schema_overrides={user_col: pl.String, item_col: pl.String})
+        scan = pl.scan_csv(f, glob=False, schema_overrides={user_col: pl.String, item_col: pl.String})
     return scan.select(user=pl.col(user_col), item=pl.col(item_col).cast(pl.String),
-                       time=pl.col(time_col) if time_col is not None else pl.lit(0))
+                       time=pl.col(time_col) if time_col is not None else pl.lit(0),
+                       part=pl.lit(index, dtype=pl.UInt32), part_row=pl.int_range(pl.len(), dtype=pl.UInt32))
 
 
 def read_interaction_sequences(
@@ -428,11 +454,13 @@ def read_interaction_sequences(
     catalogue. A log of which no item is in the catalogue is an error: its ids are written another way.
     """
     p = input_files(path, suffixes=(".parquet", ".csv"), what="interactions")  # a file, or a log's parts
-    where = {f: str(f) if p.sharded else str(p) for f in p.files}
+    where = [str(f) if p.in_parts else str(p) for f in p.files]
+    time_hint = "CLI: --time-col"
     if time_col is None:  # the first file decides whether the log is timed
-        time_col = "timestamp" if "timestamp" in _log_columns(p.files[0], where[p.files[0]]) else None
+        time_col = "timestamp" if "timestamp" in _log_columns(p.files[0], where[0]) else None
+        time_hint = f"{where[0]}, the first part, has one, so every part must; CLI: --time-col"
     # one part at a time: parts may differ in column order, extra columns and integer widths
-    parts = [_interaction_part(f, user_col, item_col, time_col, where[f]) for f in p.files]
+    parts = [_interaction_part(f, i, user_col, item_col, time_col, where[i], time_hint) for i, f in enumerate(p.files)]
     catalogue = pl.LazyFrame({"item": pl.Series(list(map(str, item_ids)), dtype=pl.String),
                               "row": pl.int_range(len(item_ids), eager=True)})
     log = pl.concat(parts, how="vertical_relaxed").with_columns(order=pl.int_range(pl.len()))
@@ -443,9 +471,10 @@ def read_interaction_sequences(
     frame = frame.sort("order")
     for role, col, name in (("a user", "user", user_col), ("a time", "time", time_col)):
         if frame[col].null_count():
-            first = int(np.argmax(frame[col].is_null().to_numpy()))
+            first = frame.filter(pl.col(col).is_null()).row(0, named=True)  # in file order
+            in_part = f" of {where[first['part']]}" if p.in_parts else ""
             raise InputError(f"the interactions {p} have {frame[col].null_count()} rows without {role} "
-                             f"(column '{name}', first at row {first})")
+                             f"(column '{name}', first at row {first['part_row']}{in_part})")
     held = frame.filter(pl.col("row").is_not_null())
     if frame.height and not held.height:
         example = str(next(iter(item_ids), ""))
@@ -471,7 +500,8 @@ def read_rows(path: str | os.PathLike | InputFiles, rows: np.ndarray, *, emb_col
     parts = _scanned_parts(source, None, emb_col)
     starts = np.cumsum([0] + [part.rows for part in parts])  # (parts + 1,)
     if rows.size and (rows.min() < 0 or rows.max() >= starts[-1]):
-        raise IndexError(f"rows {rows.min()}..{rows.max()} asked of {source}, which has rows 0..{starts[-1] - 1}")
+        held = f"rows 0..{starts[-1] - 1}" if starts[-1] else "no rows"
+        raise IndexError(f"rows {rows.min()}..{rows.max()} asked of {source}, which has {held}")
     owner = np.searchsorted(starts, rows, side="right") - 1  # (m,) the part of each row
     order = np.argsort(owner, kind="stable")  # (m,) the rows grouped by part
     bounds = np.searchsorted(owner[order], np.arange(len(parts) + 1))  # (parts + 1,)

@@ -318,7 +318,7 @@ class SemanticIdTokenizer:
             raise InputError(f"the output {out} must be a .parquet file")
         source = input_files(path)  # listed once: every pass below reads the same parts
         if source.would_read(out):  # as the CLI compares paths: a symlink is its target
-            what = f"would be read as a part of the input {source}" if source.sharded else "is the input file"
+            what = f"would be read as a part of the input {source}" if source.in_parts else "is the input file"
             raise InputError(f"the output {out} {what}; write the IDs to another path")
         try:  # now, not after the encode and the registry save
             probe_writable(out)

@@ -542,7 +542,7 @@ def test_a_directory_or_pattern_of_parquet_parts_reads_as_one_table_in_natural_p
     listed = input_files(folder)
     assert [f.relative_to(folder).as_posix() for f in listed.files] == [
         "part.2.parquet", "part.9.parquet", "part.10.parquet", "region=eu/part.0.parquet"]
-    assert str(listed) == f"{folder} (4 parquet files)" and listed.sharded
+    assert str(listed) == f"{folder} (4 parquet files)" and listed.in_parts
     for source in (folder, str(folder / "**" / "*.parquet")):
         items = read_items(source)
         np.testing.assert_array_equal(items.embeddings, x)
@@ -552,7 +552,7 @@ def test_a_directory_or_pattern_of_parquet_parts_reads_as_one_table_in_natural_p
     assert input_files(folder / "part.[29].parquet").files == (folder / "part.2.parquet", folder / "part.9.parquet")
     assert len(input_files(folder / "*.parquet").files) == 3
     single = input_files(folder / "part.2.parquet")
-    assert not single.sharded and str(single) == str(folder / "part.2.parquet")
+    assert not single.in_parts and str(single) == str(folder / "part.2.parquet")
 
 
 @pytest.mark.parametrize("batch_size", [1, 5, 13, 16, 40, 2**40])
@@ -615,6 +615,16 @@ def test_parts_are_ordered_by_the_numbers_in_their_names_whatever_the_names(tmp_
         "part-01.parquet", "part-1.parquet", "part.2.parquet", "part.10.parquet"]
 
 
+def test_the_readers_are_still_found_where_they_were():
+    import semid.io
+    import semid.sources
+
+    assert semid.io.read_items is semid.sources.read_items
+    assert semid.io.read_interaction_sequences is semid.sources.read_interaction_sequences
+    with pytest.raises(AttributeError, match="no attribute 'read_everything'"):
+        semid.io.read_everything  # noqa: B018
+
+
 def test_inputs_that_name_no_parts_say_why(tmp_path):
     empty = tmp_path / "empty"
     (empty / "_tmp").mkdir(parents=True)
@@ -655,6 +665,39 @@ def test_linked_folders_are_followed_once_and_an_alias_of_the_folder_is_the_fold
     assert input_files(export).would_read(alias / "ids.parquet")
     assert input_files(alias).would_read(export / "new" / "ids.parquet")
     assert input_files(str(alias / "*.parquet")).would_read(export / "ids.parquet")
+    assert input_files(export).would_read(real / "sub" / "new.parquet")  # read through the link next time
+    assert not input_files(export).would_read(real / "new.parquet")
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink") or sys.platform == "win32", reason="symbolic links")
+def test_a_link_to_a_partition_never_hides_the_partition(tmp_path):
+    """`latest -> 2024` beside 2024/: whichever the folder lists first, the part is read once, by its own path."""
+    export = tmp_path / "x"
+    _part(export, "2023/part-0.parquet", _matrix(2, 3), ["a", "b"])
+    _part(export, "2024/part-0.parquet", _matrix(2, 3, seed=1), ["c", "d"])
+    (export / "latest").symlink_to("2024", target_is_directory=True)
+    expected = [export / "2023" / "part-0.parquet", export / "2024" / "part-0.parquet"]
+    for given in (export, export / "20*" / "*.parquet", export / "**" / "20??" / "*.parquet", export / "*"):
+        assert list(input_files(str(given)).files) == expected, given
+    assert list(input_files(str(export / "latest" / "*.parquet")).files) == [export / "latest" / "part-0.parquet"]
+
+
+def test_a_pattern_may_name_folders_and_names_are_never_read_as_patterns_by_polars(tmp_path):
+    """`exports/date=2024-*` names partition folders, and Spark writes a table as a folder `items.parquet/`: their
+    parts are read. A folder whose name holds [1] is read as that folder, not as a pattern matching data1/."""
+    export = tmp_path / "exports"
+    _part(export, "date=2024-01/part-0.parquet", _matrix(2, 3), ["a", "b"])
+    _part(export, "date=2024-02/part-0.parquet", _matrix(1, 3, seed=1), ["c"])
+    _part(export, "date=2023-12/part-0.parquet", _matrix(1, 3, seed=2), ["z"])
+    _part(export, "items.parquet/part-00000.parquet", _matrix(1, 3, seed=3), ["s"])
+    assert read_items(str(export / "date=2024-*")).ids.tolist() == ["a", "b", "c"]
+    assert read_items(str(export / "*.parquet")).ids.tolist() == ["s"]
+    assert input_files(str(export / "date=2024-*")).would_read(export / "date=2024-03" / "new.parquet")
+    _part(tmp_path, "data[1]/a.parquet", _matrix(1, 3), ["bracketed"])
+    _part(tmp_path, "data1/a.parquet", _matrix(1, 3), ["plain"])
+    for given in (tmp_path / "data[1]", tmp_path / "data[1]" / "a.parquet"):
+        assert read_items(given).ids.tolist() == ["bracketed"]
+        assert count_items(given) == 1
 
 
 def test_an_output_that_an_input_in_parts_would_read_is_recognised(export, tmp_path):
@@ -710,8 +753,12 @@ def test_an_interaction_log_in_parts_reads_as_one_log(tmp_path):
         assert [s.tolist() for s in result.sequences] == [[1, 0], [2]]
         assert (result.interactions, result.skipped) == (4, 1)
     second.drop("timestamp").write_parquet(logs / "part-1.parquet")
-    with pytest.raises(InputError, match=r"the interactions .*part-1\.parquet have no time column 'timestamp'"):
-        read_interaction_sequences(logs / "*.parquet", catalogue)  # the first part is timed, so every part must be
+    with pytest.raises(InputError, match=r"the interactions .*part-1\.parquet have no time column 'timestamp'.*"
+                                         r"part-0\.parquet, the first part, has one, so every part must"):
+        read_interaction_sequences(logs / "*.parquet", catalogue)
+    second.with_columns(user_id=pl.Series([None, "u1"], dtype=pl.String)).write_parquet(logs / "part-1.parquet")
+    with pytest.raises(InputError, match=r"1 rows without a user \(column 'user_id', first at row 0 of .*part-1\.parquet\)"):
+        read_interaction_sequences(logs / "*.parquet", catalogue)
 
 
 # ------------------------------------------------------------------------------------------ atomic writes
