@@ -127,8 +127,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from semid.io import write_json_atomic
-    from semid.sources import read_interaction_sequences
     from semid.metrics import format_report, read_sequences
+    from semid.sources import read_interaction_sequences
     from semid.tokenizer import SemanticIdTokenizer
 
     tok = SemanticIdTokenizer.load(args.model, device=args.device)
@@ -209,9 +209,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on the bundled goodbooks sample: train, encode, evaluate, report."""
     from semid.export import write_vocabulary
     from semid.io import write_json_atomic
-    from semid.sources import input_files
     from semid.metrics import format_report
     from semid.modeldir import check_save_target
+    from semid.sources import input_files
     from semid.tokenizer import SemanticIdTokenizer
 
     data = Path(args.data) if args.data else BUNDLED_SAMPLE

@@ -61,6 +61,7 @@ from semid.modeldir import (
     replace_dir,
     staging_dir,
 )
+from semid.rqvae import RQVAE
 from semid.sources import (
     check_unique_ids_of,
     count_items,
@@ -69,7 +70,6 @@ from semid.sources import (
     parquet_column_type,
     read_rows,
 )
-from semid.rqvae import RQVAE
 from semid.train import Trainer, load_tensors, save_tensors, weights_problem
 
 # Rows per encode block: on a CPU a block is a view of the input, sized as in semid.rqvae to bound the
@@ -300,7 +300,7 @@ class SemanticIdTokenizer:
         """Stream a .npy or parquet catalogue in batches and write `item_id, codes, semantic_id, tokens` parquet.
 
         `path` is one file, or a directory or glob pattern of parquet parts (`exports/items/`,
-        `'exports/part-*.parquet'`), read as one table in sorted path order (`semid.sources.input_files`).
+        `'exports/part-*.parquet'`), read as one table in natural path order (`semid.sources.input_files`).
 
         `tokens` is the LLM token string (`<a_12><b_201><c_7><d_0>`); `trie` also writes the prefix trie of the
         IDs as JSON, for constrained decoding. `item_id` keeps the input's id type (integers stay integers).
