@@ -347,6 +347,10 @@ def to_numpy_embeddings(
         except ValueError as e:  # numpy refuses inhomogeneous nested lists
             raise InputError(f"embeddings have rows of different lengths (ragged): {e}") from e
         return None, validate_embeddings(arr)
+    if isinstance(x, (str, os.PathLike)):  # fit("items.parquet"): files are read by semid.sources
+        raise InputError(f"embeddings given as the path {os.fspath(x)!r}: read the file first, "
+                         "items = semid.sources.read_items(path), then fit(items.embeddings, ids=items.ids); "
+                         "tok.encode_file(path, out) streams a file through encode")
     raise InputError(
         f"unsupported embeddings type {type(x).__name__}: expected a numpy array, a torch tensor, "
         "or a polars/pandas DataFrame"

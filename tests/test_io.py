@@ -1049,6 +1049,10 @@ def test_to_numpy_from_numpy_and_lists():
         to_numpy_embeddings([[1.0, 2.0], [3.0]])
     with pytest.raises(InputError, match="unsupported embeddings type dict"):
         to_numpy_embeddings({"a": 1})
+    for path in ("items.parquet", Path("items.parquet")):
+        with pytest.raises(InputError, match=r"given as the path 'items.parquet': read the file first, items = "
+                                             r"semid\.sources\.read_items\(path\)"):
+            to_numpy_embeddings(path)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
