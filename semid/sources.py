@@ -77,8 +77,8 @@ class InputFiles:
         found = []
         for p in self.files:
             try:
-                rows = pl.scan_parquet(p, glob=False).select(pl.len()).collect().item()
-                found.append((p, pl.read_parquet_schema(p), int(rows)))
+                scan = pl.scan_parquet(p, glob=False)
+                found.append((p, scan.collect_schema(), int(scan.select(pl.len()).collect().item())))
             except (pl.exceptions.PolarsError, OSError) as e:
                 raise InputError(f"cannot read {p} as parquet: {e}") from e
         return tuple(found)
