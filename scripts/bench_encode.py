@@ -221,9 +221,9 @@ def batch_size_check(model: Path, data: Path, n: int, batch_sizes: list[int], wo
 def row_group_reads(base: np.ndarray, n: int, seed: int, noise: float, work: Path) -> list[dict]:
     """Seconds to stream n items through `iter_item_batches`, by the file's row-group size and the batch size.
 
-    Why: a batch decodes every row group it overlaps, so batches smaller than a file's row groups decode each
-    group again and again; this is the figure behind the README's advice to write row groups no larger than
-    `--batch-size`."""
+    Why: polars decodes a row group whole for any slice of it. semid reads each group once (the groups come from
+    the file's footer, `semid/parquet_footer.py`), so these times should barely depend on the batch size; before
+    that, batches smaller than a file's row groups decoded each group again and again."""
     from semid.sources import iter_item_batches
 
     source = work / "row-groups-source.parquet"

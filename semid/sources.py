@@ -29,14 +29,26 @@ from semid.io import (
     validate_embeddings,
 )
 from semid.modeldir import is_model_dir
+from semid.parquet_footer import row_group_rows
 
 SUFFIXES = (".npy", ".parquet")
+_READ_BATCH = 65536  # rows converted at a time when a whole input is read into memory
 
 # Large tables leave Spark, Hive, Dask or BigQuery as a directory of part files. Names starting with "." or "_"
 # beside the parts are not data: _SUCCESS, _committed_*, a _temporary/ folder, .crc checksums, semid's own temps.
 _NOT_DATA_PREFIXES = (".", "_")
 _GLOB_CHARACTERS = frozenset("*?[")
 _SKIPPED = "names that begin with '.' or '_', and semid model directories, are skipped"
+
+
+@dataclass(frozen=True)
+class _Footer:
+    """A parquet file's schema, rows and rows per row group (None where its footer could not be read for them)."""
+
+    path: Path
+    schema: pl.Schema
+    rows: int
+    groups: list[int] | None
 
 
 @dataclass(frozen=True)
@@ -72,15 +84,17 @@ class InputFiles:
         return self.suffix == ".npy"
 
     @functools.cached_property
-    def parts(self) -> tuple[tuple[Path, pl.Schema, int], ...]:
-        """Each parquet file with its schema and row count, from its footer: read once for every pass."""
+    def footers(self) -> tuple[_Footer, ...]:
+        """What each parquet file's footer says: read once for every pass over the input."""
         found = []
         for p in self.files:
             try:
                 scan = pl.scan_parquet(p, glob=False)
-                found.append((p, scan.collect_schema(), int(scan.select(pl.len()).collect().item())))
+                schema, rows = scan.collect_schema(), int(scan.select(pl.len()).collect().item())
             except (pl.exceptions.PolarsError, OSError) as e:
                 raise InputError(f"cannot read {p} as parquet: {e}") from e
+            groups = row_group_rows(p)
+            found.append(_Footer(p, schema, rows, groups if groups is not None and sum(groups) == rows else None))
         return tuple(found)
 
     def would_read(self, target: str | os.PathLike) -> bool:
@@ -222,19 +236,21 @@ def _source(path: str | os.PathLike | InputFiles) -> InputFiles:
 
 @dataclass(frozen=True)
 class _Part:
-    """One parquet file of an input: a lazy scan of the columns needed, and its row count (from the footer)."""
+    """One parquet file of an input: a lazy scan of the columns needed, its row count and its row groups."""
 
     path: Path
     scan: pl.LazyFrame
     rows: int
+    groups: list[int] | None
 
 
 def _scanned_parts(source: InputFiles, id_col: str | None, emb_col: str) -> list[_Part]:
     """Every parquet file of `source`, checked for the columns before any row is read."""
     parts = []
-    for p, schema, rows in source.parts:
-        check_columns(schema.names(), id_col, emb_col, str(p))
-        parts.append(_Part(p, pl.scan_parquet(p, glob=False).select([c for c in (id_col, emb_col) if c is not None]), rows))
+    for footer in source.footers:
+        check_columns(footer.schema.names(), id_col, emb_col, str(footer.path))
+        scan = pl.scan_parquet(footer.path, glob=False).select([c for c in (id_col, emb_col) if c is not None])
+        parts.append(_Part(footer.path, scan, footer.rows, footer.groups))
     return parts
 
 
@@ -251,7 +267,7 @@ def parquet_column_type(path: str | os.PathLike | InputFiles, column: str) -> pl
     join to the table it came from. Parts of one table may differ in width (Int32 here, Int64 there): integers
     stay integers, of a type that holds them all. Parts without rows carry no type (polars writes them as Null).
     """
-    types = {schema[column] for _, schema, rows in _source(path).parts if rows and schema[column] != pl.Null}
+    types = {f.schema[column] for f in _source(path).footers if f.rows and f.schema[column] != pl.Null}
     if not types or not all(t.is_integer() for t in types):
         return pl.String
     if len(types) == 1:
@@ -270,9 +286,9 @@ def check_unique_ids_of(source: InputFiles, ids: pl.Series, name: str) -> None:
         if not source.in_parts:
             raise
         rows = np.flatnonzero((ids == first_repeat(ids)).to_numpy())  # (k,) rows of the whole table
-        starts = np.cumsum([0] + [rows_in for _, _, rows_in in source.parts])  # (parts + 1,)
+        starts = np.cumsum([0] + [footer.rows for footer in source.footers])  # (parts + 1,)
         owner = np.searchsorted(starts, rows, side="right") - 1  # (k,)
-        where = ", ".join(f"{source.parts[i][0]} row {r - starts[i]}" for i, r in zip(owner.tolist(), rows.tolist()))
+        where = ", ".join(f"{source.footers[i].path} row {r - starts[i]}" for i, r in zip(owner.tolist(), rows.tolist()))
         raise InputError(f"{e} (the first is in {where})") from None
 
 
@@ -301,14 +317,17 @@ def read_items(path: str | os.PathLike | InputFiles, *, id_col: str | None = "it
         return ItemTable(None, matrix.copy() if np.may_share_memory(matrix, mm) else matrix)  # in memory, not mapped
     parts = _scanned_parts(source, id_col, emb_col)
     _check_not_empty(source, parts)
-    tables, dim = [], None
-    for part in parts:
-        if part.rows:
-            tables.append(polars_to_table(_collect(part.scan, part.path), id_col, emb_col, str(part.path),
-                                           expected_dim=dim))
-            dim = tables[-1].dim  # every part as wide as the first
-    items = _joined(tables)
-    if len(tables) > 1 and items.ids is not None:
+    # Batch by batch into one matrix: memory holds the matrix, one read and one batch, not a second copy of all.
+    matrix, ids, filled = None, [], 0
+    for batch in _parquet_batches(parts, _READ_BATCH, id_col, emb_col, None):
+        if matrix is None:
+            matrix = np.empty((sum(part.rows for part in parts), batch.dim), dtype=np.float32)  # (n, d)
+        matrix[filled : filled + len(batch)] = batch.embeddings
+        filled += len(batch)
+        if batch.ids is not None:
+            ids.append(batch.ids)
+    items = ItemTable(np.concatenate(ids) if ids else None, matrix)
+    if items.ids is not None:  # each slice was checked alone: this finds repeats across slices and parts
         check_unique_ids_of(source, pl.Series(items.ids), f"column '{id_col}' in {source}")
     return items
 
@@ -371,26 +390,47 @@ def _npy_rows(p: Path, start: int, stop: int) -> np.ndarray:
     return np.array(np.load(p, mmap_mode="r", allow_pickle=False)[start:stop])  # (b, d)
 
 
+def _windows(part: _Part, batch_size: int) -> Iterator[tuple[int, int]]:
+    """(start, rows) reads that cover a part, each decoding whole row groups once: groups are joined up to a
+    batch, and a group larger than a batch is read whole (polars decodes a group whole for any slice of it).
+    Without the groups, batch-sized slices."""
+    if part.groups is None:
+        yield from ((start, min(batch_size, part.rows - start)) for start in range(0, part.rows, batch_size))
+        return
+    start = length = 0
+    for rows in part.groups:
+        if length and length + rows > batch_size:
+            yield start, length
+            start, length = start + length, 0
+        length += rows
+    if length:
+        yield start, length
+
+
 def _parquet_batches(
     parts: list[_Part], batch_size: int, id_col: str | None, emb_col: str, expected_dim: int | None
 ) -> Iterator[ItemTable]:
     """Full batches across part boundaries, so that a warehouse's many small parts still make the large batches
-    a GPU encodes fastest. Each slice is read and validated on its own: a message names its part and row."""
+    a GPU encodes fastest. Each read is cut into slices that are validated on their own (a message names the
+    part and its row), so memory holds one read, as decoded, and one batch."""
     pending: list[ItemTable] = []
     held = 0
     for part in parts:
-        start = 0
-        while start < part.rows:
-            take = min(batch_size - held, part.rows - start)  # polars slices take lengths below 2^32
-            table = polars_to_table(_collect(part.scan.slice(start, take), part.path), id_col, emb_col,
-                                     str(part.path), row_offset=start, expected_dim=expected_dim)
-            expected_dim = table.dim  # later slices must match the first: a ragged input fails here
-            pending.append(table)
-            held += take
-            start += take
-            if held == batch_size:
-                yield _joined(pending)
-                pending, held = [], 0
+        for start, rows in _windows(part, batch_size):
+            frame = _collect(part.scan.slice(start, rows), part.path)  # polars slices take lengths below 2^32
+            offset = 0
+            while offset < rows:
+                take = min(batch_size - held, rows - offset)
+                table = polars_to_table(frame.slice(offset, take), id_col, emb_col, str(part.path),
+                                        row_offset=start + offset, expected_dim=expected_dim)
+                expected_dim = table.dim  # later slices must match the first: a ragged input fails here
+                pending.append(table)
+                held += take
+                offset += take
+                if held == batch_size:
+                    yield _joined(pending)
+                    pending, held = [], 0
+            del frame  # before the next read: one read's frame in memory at a time
     if pending:
         yield _joined(pending)
 
