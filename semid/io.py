@@ -453,8 +453,9 @@ class ParquetShardWriter:
 
 
 # The file readers live in semid.sources; code written when they were here (`semid.io.read_items`) keeps working.
-_MOVED_TO_SOURCES = frozenset({"SUFFIXES", "InputFiles", "input_files", "read_items", "count_items", "iter_item_batches",
-                               "read_rows", "parquet_column_type", "InteractionSequences", "read_interaction_sequences"})
+_MOVED_TO_SOURCES = frozenset({"SUFFIXES", "InputFiles", "input_files", "read_items", "count_items",
+                               "iter_item_batches", "read_rows", "parquet_column_type", "InteractionSequences",
+                               "read_interaction_sequences"})
 
 
 def __getattr__(name: str) -> Any:

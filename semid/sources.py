@@ -236,12 +236,10 @@ def _source(path: str | os.PathLike | InputFiles) -> InputFiles:
 
 @dataclass(frozen=True)
 class _Part:
-    """One parquet file of an input: a lazy scan of the columns needed, its row count and its row groups."""
+    """One parquet file of an input: what its footer says, and a lazy scan of the columns needed."""
 
-    path: Path
+    footer: _Footer
     scan: pl.LazyFrame
-    rows: int
-    groups: list[int] | None
 
 
 def _scanned_parts(source: InputFiles, id_col: str | None, emb_col: str) -> list[_Part]:
@@ -250,12 +248,12 @@ def _scanned_parts(source: InputFiles, id_col: str | None, emb_col: str) -> list
     for footer in source.footers:
         check_columns(footer.schema.names(), id_col, emb_col, str(footer.path))
         scan = pl.scan_parquet(footer.path, glob=False).select([c for c in (id_col, emb_col) if c is not None])
-        parts.append(_Part(footer.path, scan, footer.rows, footer.groups))
+        parts.append(_Part(footer, scan))
     return parts
 
 
 def _check_not_empty(source: InputFiles, parts: list[_Part]) -> None:
-    if not any(part.rows for part in parts):
+    if not any(part.footer.rows for part in parts):
         raise InputError(f"embeddings in {source} are empty: {'its files have' if source.in_parts else 'the file has'} "
                          "no rows")
 
@@ -288,7 +286,8 @@ def check_unique_ids_of(source: InputFiles, ids: pl.Series, name: str) -> None:
         rows = np.flatnonzero((ids == first_repeat(ids)).to_numpy())  # (k,) rows of the whole table
         starts = np.cumsum([0] + [footer.rows for footer in source.footers])  # (parts + 1,)
         owner = np.searchsorted(starts, rows, side="right") - 1  # (k,)
-        where = ", ".join(f"{source.footers[i].path} row {r - starts[i]}" for i, r in zip(owner.tolist(), rows.tolist()))
+        where = ", ".join(f"{source.footers[i].path} row {r - starts[i]}"
+                          for i, r in zip(owner.tolist(), rows.tolist()))
         raise InputError(f"{e} (the first is in {where})") from None
 
 
@@ -321,7 +320,7 @@ def read_items(path: str | os.PathLike | InputFiles, *, id_col: str | None = "it
     matrix, ids, filled = None, [], 0
     for batch in _parquet_batches(parts, _READ_BATCH, id_col, emb_col, None):
         if matrix is None:
-            matrix = np.empty((sum(part.rows for part in parts), batch.dim), dtype=np.float32)  # (n, d)
+            matrix = np.empty((sum(part.footer.rows for part in parts), batch.dim), dtype=np.float32)  # (n, d)
         matrix[filled : filled + len(batch)] = batch.embeddings
         filled += len(batch)
         if batch.ids is not None:
@@ -338,7 +337,7 @@ def count_items(path: str | os.PathLike | InputFiles, *, id_col: str | None = "i
     source = _source(path)
     if source.is_npy:
         return len(_open_npy(source.files[0], None))
-    return sum(part.rows for part in _scanned_parts(source, id_col, emb_col))
+    return sum(part.footer.rows for part in _scanned_parts(source, id_col, emb_col))
 
 
 def iter_item_batches(
@@ -390,15 +389,15 @@ def _npy_rows(p: Path, start: int, stop: int) -> np.ndarray:
     return np.array(np.load(p, mmap_mode="r", allow_pickle=False)[start:stop])  # (b, d)
 
 
-def _windows(part: _Part, batch_size: int) -> Iterator[tuple[int, int]]:
+def _windows(footer: _Footer, batch_size: int) -> Iterator[tuple[int, int]]:
     """(start, rows) reads that cover a part, each decoding whole row groups once: groups are joined up to a
     batch, and a group larger than a batch is read whole (polars decodes a group whole for any slice of it).
     Without the groups, batch-sized slices."""
-    if part.groups is None:
-        yield from ((start, min(batch_size, part.rows - start)) for start in range(0, part.rows, batch_size))
+    if footer.groups is None:
+        yield from ((start, min(batch_size, footer.rows - start)) for start in range(0, footer.rows, batch_size))
         return
     start = length = 0
-    for rows in part.groups:
+    for rows in footer.groups:
         if length and length + rows > batch_size:
             yield start, length
             start, length = start + length, 0
@@ -416,12 +415,12 @@ def _parquet_batches(
     pending: list[ItemTable] = []
     held = 0
     for part in parts:
-        for start, rows in _windows(part, batch_size):
-            frame = _collect(part.scan.slice(start, rows), part.path)  # polars slices take lengths below 2^32
+        for start, rows in _windows(part.footer, batch_size):
+            frame = _collect(part.scan.slice(start, rows), part.footer.path)  # polars slices take lengths below 2^32
             offset = 0
             while offset < rows:
                 take = min(batch_size - held, rows - offset)
-                table = polars_to_table(frame.slice(offset, take), id_col, emb_col, str(part.path),
+                table = polars_to_table(frame.slice(offset, take), id_col, emb_col, str(part.footer.path),
                                         row_offset=start + offset, expected_dim=expected_dim)
                 expected_dim = table.dim  # later slices must match the first: a ragged input fails here
                 pending.append(table)
@@ -538,7 +537,7 @@ def read_rows(path: str | os.PathLike | InputFiles, rows: np.ndarray, *, emb_col
         p = source.files[0]
         return validate_embeddings(np.array(_open_npy(p, None)[rows]), name=f"embeddings in {p}")
     parts = _scanned_parts(source, None, emb_col)
-    starts = np.cumsum([0] + [part.rows for part in parts])  # (parts + 1,)
+    starts = np.cumsum([0] + [part.footer.rows for part in parts])  # (parts + 1,)
     if rows.size and (rows.min() < 0 or rows.max() >= starts[-1]):
         held = f"rows 0..{starts[-1] - 1}" if starts[-1] else "no rows"
         raise IndexError(f"rows {rows.min()}..{rows.max()} asked of {source}, which has {held}")
@@ -557,7 +556,8 @@ def read_rows(path: str | os.PathLike | InputFiles, rows: np.ndarray, *, emb_col
 def _part_rows(part: _Part, rows: np.ndarray, emb_col: str) -> np.ndarray:
     """Rows of one parquet file, in the order given."""
     wanted = pl.Series("__row", np.unique(rows), dtype=pl.UInt32)
-    df = _collect(part.scan.with_row_index("__row").filter(pl.col("__row").is_in(wanted.implode())), part.path)
+    chosen = part.scan.with_row_index("__row").filter(pl.col("__row").is_in(wanted.implode()))
+    df = _collect(chosen, part.footer.path)
     lookup = dict(zip(df["__row"].to_list(), range(len(df))))
-    table = polars_to_table(df.select(emb_col), None, emb_col, str(part.path))
+    table = polars_to_table(df.select(emb_col), None, emb_col, str(part.footer.path))
     return table.embeddings[[lookup[r] for r in rows.tolist()]]
