@@ -276,13 +276,11 @@ def parquet_column_type(path: str | os.PathLike | InputFiles, column: str) -> pl
 
 
 def check_unique_ids_of(source: InputFiles, ids: pl.Series, name: str) -> None:
-    """`check_unique_ids` over a whole input: each part was checked alone, this finds repeats across parts and
-    names the parts and rows where the first repeated id is."""
+    """`check_unique_ids` over a whole input, whose slices were each checked alone: this finds repeats across
+    slices and parts, and names the files and rows where the first repeated id is."""
     try:
         check_unique_ids(ids, name=name)
     except InputError as e:
-        if not source.in_parts:
-            raise
         rows = np.flatnonzero((ids == first_repeat(ids)).to_numpy())  # (k,) rows of the whole table
         starts = np.cumsum([0] + [footer.rows for footer in source.footers])  # (parts + 1,)
         owner = np.searchsorted(starts, rows, side="right") - 1  # (k,)

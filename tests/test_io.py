@@ -16,6 +16,7 @@ import polars as pl
 import pytest
 import torch
 
+from semid import sources
 from semid.atomic import atomic_write, claimed_temp
 from semid.io import (
     InputError,
@@ -574,7 +575,7 @@ def test_rows_of_an_input_in_parts_are_counted_over_the_whole_table(export):
         read_rows(folder, np.array([3, 40]))
 
 
-def test_parts_are_checked_one_by_one_and_named_in_errors(tmp_path):
+def test_parts_are_checked_one_by_one_and_named_in_errors(tmp_path, monkeypatch):
     x = _matrix(20, 4)
     folder = tmp_path / "export"
     _part(folder, "a.parquet", x[:10], [f"i{i}" for i in range(10)])
@@ -589,6 +590,10 @@ def test_parts_are_checked_one_by_one_and_named_in_errors(tmp_path):
     with pytest.raises(InputError, match=r"column 'item_id' in .*export \(2 parquet files\).*'i9'.*the first is in "
                                          r".*a\.parquet row 9, .*b\.parquet row 0\)"):
         read_items(folder)
+    single = _part(tmp_path, "single.parquet", x[:10], [f"i{i}" for i in range(9)] + ["i2"])
+    monkeypatch.setattr(sources, "_READ_BATCH", 4)  # rows 2 and 9 in two slices of the read
+    with pytest.raises(InputError, match=r"'i2'.*the first is in .*single\.parquet row 2, .*single\.parquet row 9\)"):
+        read_items(single)
     _part(folder, "b.parquet", _matrix(10, 5), [f"i{i}" for i in range(10, 20)])
     with pytest.raises(InputError, match=r"embeddings in .*b\.parquet have dimension 5, expected 4"):
         read_items(folder)
@@ -797,6 +802,7 @@ def test_atomic_write_failure_keeps_old_file(tmp_path):
 _HOLD_A_TEMP = """
 import sys, time
 from pathlib import Path
+from semid import sources
 from semid.atomic import atomic_write, claimed_temp
 
 target, kind = Path(sys.argv[1]), sys.argv[2]
@@ -973,7 +979,8 @@ def test_outputs_to_dev_stdout_on_a_pipe_reach_the_pipe():
     (/proc/<pid>/fd/pipe:[n]); the output goes into the pipe, and two outputs may share it."""
     script = textwrap.dedent("""
         import argparse
-        from semid.atomic import atomic_write, claimed_temp
+        from semid import sources
+from semid.atomic import atomic_write, claimed_temp
         from semid.cli import check_output_paths
         check_output_paths(argparse.Namespace(command="evaluate", data="items.npy", model=None, sequences=None,
                                               interactions=None, json="/dev/stdout", plot="/dev/stdout"))
