@@ -802,7 +802,6 @@ def test_atomic_write_failure_keeps_old_file(tmp_path):
 _HOLD_A_TEMP = """
 import sys, time
 from pathlib import Path
-from semid import sources
 from semid.atomic import atomic_write, claimed_temp
 
 target, kind = Path(sys.argv[1]), sys.argv[2]
@@ -979,8 +978,7 @@ def test_outputs_to_dev_stdout_on_a_pipe_reach_the_pipe():
     (/proc/<pid>/fd/pipe:[n]); the output goes into the pipe, and two outputs may share it."""
     script = textwrap.dedent("""
         import argparse
-        from semid import sources
-from semid.atomic import atomic_write, claimed_temp
+        from semid.atomic import atomic_write, claimed_temp
         from semid.cli import check_output_paths
         check_output_paths(argparse.Namespace(command="evaluate", data="items.npy", model=None, sequences=None,
                                               interactions=None, json="/dev/stdout", plot="/dev/stdout"))
