@@ -55,7 +55,8 @@ def _load_config(path: str | None, overrides: dict[str, Any], fallback: Path = D
     return SemidConfig.load(path or fallback).with_overrides(overrides)
 
 
-def _read_training_items(path: str, id_col: str | None, emb_col: str):
+def _read_training_items(path: Any, id_col: str | None, emb_col: str):
+    """Items of a --data path, or of the `semid.sources.InputFiles` it was already resolved to."""
     from semid.sources import input_files, read_items
 
     source = input_files(path)
@@ -223,7 +224,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} is a file; name a directory for the demo's outputs")
     if out.resolve() in data.resolve().parents:
         raise ValueError(f"--data {data} is inside --out {out}, where the demo writes its outputs: move it out")
-    if input_files(data).would_read(out / "ids.parquet"):  # also says first when --data names nothing readable
+    source = input_files(data)  # resolved once for every read below; says first if it names nothing readable
+    if source.would_read(out / "ids.parquet"):
         raise ValueError(f"--out {out} puts the demo's ids.parquet where the next run would read it as a part of "
                          f"--data {data}: name another directory")
     for name in ("ids.parquet", "trie.json", "vocab.txt", "report.json"):
@@ -233,13 +235,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.device:
         overrides["train.device"] = args.device
     config = _load_config(args.config, overrides, fallback=DEMO_CONFIG)
-    items = _read_training_items(str(data), "item_id", "embedding")
+    items = _read_training_items(source, "item_id", "embedding")
     print(f"semid demo: {len(items)} items of dimension {items.embeddings.shape[1]} from {data}")
     started = time.perf_counter()
     tok = SemanticIdTokenizer(config).fit(items.embeddings, ids=items.ids)
     train_s = time.perf_counter() - started
     tok.save(out / "model", overwrite=True)  # the demo's own output: a rerun replaces it
-    summary = tok.encode_file(data, out / "ids.parquet", progress=False, trie=out / "trie.json")
+    summary = tok.encode_file(source, out / "ids.parquet", progress=False, trie=out / "trie.json")
     write_vocabulary(tok.token_vocabulary(), out / "vocab.txt")
     report = tok.evaluate(items.embeddings, ids=items.ids, progress=False)
     report["train_seconds"] = round(train_s, 2)
@@ -381,7 +383,7 @@ _PATH_ROLES: dict[str, tuple[tuple[str, ...], str | None, tuple[str, ...]]] = {
 
 
 # The inputs that are tables, which a directory or glob pattern of parts may hold, and the formats of each.
-_TABLE_SUFFIXES = {"data": (".npy", ".parquet"), "interactions": (".parquet", ".csv")}
+_TABLE_INPUTS = {"data": "SUFFIXES", "interactions": "LOG_SUFFIXES"}  # names in semid.sources
 
 
 def check_output_paths(args: argparse.Namespace) -> None:
@@ -429,13 +431,13 @@ def check_output_paths(args: argparse.Namespace) -> None:
 def _table_files(value: str, name: str):
     """The files a --data or --interactions argument names (None for other inputs, or one that does not resolve:
     the command itself then says why)."""
-    if name not in _TABLE_SUFFIXES:
+    if name not in _TABLE_INPUTS:
         return None
+    from semid import sources
     from semid.io import InputError
-    from semid.sources import input_files
 
     try:
-        return input_files(value, suffixes=_TABLE_SUFFIXES[name])
+        return sources.input_files(value, suffixes=getattr(sources, _TABLE_INPUTS[name]))
     except InputError:
         return None
 

@@ -32,6 +32,7 @@ from semid.modeldir import is_model_dir
 from semid.parquet_footer import row_group_rows
 
 SUFFIXES = (".npy", ".parquet")
+LOG_SUFFIXES = (".parquet", ".csv")  # interaction logs
 _READ_BATCH = 65536  # rows converted at a time when a whole input is read into memory
 
 # Large tables leave Spark, Hive, Dask or BigQuery as a directory of part files. Names starting with "." or "_"
@@ -155,9 +156,10 @@ def _walk(root: Path, pattern: Sequence[str]) -> tuple[list[Path], list[tuple[Pa
                          if not name.startswith(_NOT_DATA_PREFIXES) and _may_hold(pattern, (*below, name))]
         branch.update((os.path.join(folder, name), above | {real}) for name in subfolders)
         found += [Path(folder, name) for name in names if _takes(pattern, (*below, name))]
+    target = {f: os.path.realpath(f) for f in found}
     by_target: dict[str, Path] = {}
-    for f in sorted(found, key=lambda f: (os.path.realpath(f) != os.path.abspath(f), _natural_order(f, root))):
-        by_target.setdefault(os.path.realpath(f), f)  # the first of each: without links, else first in order
+    for f in sorted(found, key=lambda f: (target[f] != os.path.abspath(f), _natural_order(f, root))):
+        by_target.setdefault(target[f], f)  # the first of each: without links, else first in order
     return list(by_target.values()), folders
 
 
@@ -173,12 +175,17 @@ def _natural_order(path: Path, root: Path) -> tuple:
     return names, str(relative)
 
 
-def input_files(path: str | os.PathLike, *, suffixes: Sequence[str] = SUFFIXES, what: str = "input") -> InputFiles:
+def input_files(path: str | os.PathLike | InputFiles, *, suffixes: Sequence[str] = SUFFIXES,
+                what: str = "input") -> InputFiles:
     """Resolve an input path (a file, a directory of parts, or a glob pattern) or raise InputError naming why not.
 
     `what` names the input in messages ("input", "interactions"). Directories are searched recursively (Hive
-    partitions are folders), and so are the folders a pattern names; see `_walk` for what is skipped.
+    partitions are folders), and so are the folders a pattern names; see `_walk` for what is skipped. An
+    `InputFiles` is returned as it is: a caller that reads one input several times resolves it once and passes
+    that on, so every pass sees the same parts and reads their footers once.
     """
+    if isinstance(path, InputFiles):
+        return path
     given = os.fspath(path)
     p = Path(given)
     tables = [s for s in suffixes if s != ".npy"]  # the formats whose parts form one table
@@ -228,12 +235,6 @@ def _open_npy(p: Path, expected_dim: int | None) -> np.ndarray:
     return mm
 
 
-def _source(path: str | os.PathLike | InputFiles) -> InputFiles:
-    """The input a path names; callers that read one input several times resolve it once and pass that on, so
-    every pass sees the same parts and reads their footers once."""
-    return path if isinstance(path, InputFiles) else input_files(path)
-
-
 @dataclass(frozen=True)
 class _Part:
     """One parquet file of an input: what its footer says, and a lazy scan of the columns needed."""
@@ -265,7 +266,7 @@ def parquet_column_type(path: str | os.PathLike | InputFiles, column: str) -> pl
     join to the table it came from. Parts of one table may differ in width (Int32 here, Int64 there): integers
     stay integers, of a type that holds them all. Parts without rows carry no type (polars writes them as Null).
     """
-    types = {f.schema[column] for f in _source(path).footers if f.rows and f.schema[column] != pl.Null}
+    types = {f.schema[column] for f in input_files(path).footers if f.rows and f.schema[column] != pl.Null}
     if not types or not all(t.is_integer() for t in types):
         return pl.String
     if len(types) == 1:
@@ -306,7 +307,7 @@ def _joined(tables: list[ItemTable]) -> ItemTable:
 def read_items(path: str | os.PathLike | InputFiles, *, id_col: str | None = "item_id",
                emb_col: str = "embedding") -> ItemTable:
     """Read and validate a whole .npy (no ids), or parquet (id + embedding columns; one file or parts), into memory."""
-    source = _source(path)
+    source = input_files(path)
     if source.is_npy:
         p = source.files[0]
         mm = _open_npy(p, None)
@@ -332,7 +333,7 @@ def read_items(path: str | os.PathLike | InputFiles, *, id_col: str | None = "it
 def count_items(path: str | os.PathLike | InputFiles, *, id_col: str | None = "item_id",
                 emb_col: str = "embedding") -> int:
     """Number of items in an input, from metadata only (the .npy header or the parquet footers)."""
-    source = _source(path)
+    source = input_files(path)
     if source.is_npy:
         return len(_open_npy(source.files[0], None))
     return sum(part.footer.rows for part in _scanned_parts(source, id_col, emb_col))
@@ -356,7 +357,7 @@ def iter_item_batches(
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise InputError(f"batch size must be a positive integer, got {batch_size!r}")
-    source = _source(path)
+    source = input_files(path)
     if source.is_npy:
         p = source.files[0]
         n = len(_open_npy(p, expected_dim))  # checks the header now; the map is dropped at once
@@ -490,7 +491,7 @@ def read_interaction_sequences(
     Items the catalogue does not hold are skipped and counted: a log usually spans more items than one
     catalogue. A log of which no item is in the catalogue is an error: its ids are written another way.
     """
-    p = input_files(path, suffixes=(".parquet", ".csv"), what="interactions")  # a file, or a log's parts
+    p = input_files(path, suffixes=LOG_SUFFIXES, what="interactions")  # a file, or a log's parts
     where = [str(f) if p.in_parts else str(p) for f in p.files]
     time_hint = "CLI: --time-col"
     if time_col is None:  # the first file decides whether the log is timed
@@ -529,7 +530,7 @@ def read_interaction_sequences(
 def read_rows(path: str | os.PathLike | InputFiles, rows: np.ndarray, *, emb_col: str = "embedding") -> np.ndarray:
     """Embeddings of the given row numbers of an input (rows of its parts in order, counted as one table), in
     the order given: the few items a later pass needs again, such as collision remapping after a streamed encode."""
-    source = _source(path)
+    source = input_files(path)
     rows = np.asarray(rows, dtype=np.int64)  # (m,)
     if source.is_npy:
         p = source.files[0]

@@ -63,6 +63,7 @@ from semid.modeldir import (
 )
 from semid.rqvae import RQVAE
 from semid.sources import (
+    InputFiles,
     check_unique_ids_of,
     count_items,
     input_files,
@@ -293,7 +294,7 @@ class SemanticIdTokenizer:
         keys, emb = self._items(x, ids, id_col, emb_col)
         return self._assign(keys, emb)
 
-    def encode_file(self, path: str | os.PathLike, out: str | os.PathLike, *, batch_size: int = 65536,
+    def encode_file(self, path: str | os.PathLike | InputFiles, out: str | os.PathLike, *, batch_size: int = 65536,
                     id_col: str | None = "item_id", emb_col: str = "embedding", progress: bool = True,
                     trie: str | os.PathLike | None = None,
                     save_registry_to: str | os.PathLike | None = None) -> dict[str, Any]:
