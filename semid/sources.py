@@ -413,14 +413,21 @@ def _parquet_batches(
     part and its row), so memory holds one read, as decoded, and one batch."""
     pending: list[ItemTable] = []
     held = 0
+    dim_from: Path | None = None  # the part whose rows set the dimension, where no model set it
     for part in parts:
         for start, rows in _windows(part.footer, batch_size):
             frame = _collect(part.scan.slice(start, rows), part.footer.path)  # polars slices take lengths below 2^32
             offset = 0
             while offset < rows:
                 take = min(batch_size - held, rows - offset)
+                earlier_part = dim_from is not None and dim_from != part.footer.path
                 table = polars_to_table(frame.slice(offset, take), id_col, emb_col, str(part.footer.path),
-                                        row_offset=start + offset, expected_dim=expected_dim)
+                                        row_offset=start + offset, expected_dim=None if earlier_part else expected_dim)
+                if earlier_part and table.dim != expected_dim:
+                    raise InputError(f"embeddings in {part.footer.path} have dimension {table.dim}, expected "
+                                     f"{expected_dim} as in {dim_from}, read before it: every part needs the same")
+                if expected_dim is None:
+                    dim_from = part.footer.path
                 expected_dim = table.dim  # later slices must match the first: a ragged input fails here
                 pending.append(table)
                 held += take

@@ -595,8 +595,13 @@ def test_parts_are_checked_one_by_one_and_named_in_errors(tmp_path, monkeypatch)
     with pytest.raises(InputError, match=r"'i2'.*the first is in .*single\.parquet row 2, .*single\.parquet row 9\)"):
         read_items(single)
     _part(folder, "b.parquet", _matrix(10, 5), [f"i{i}" for i in range(10, 20)])
-    with pytest.raises(InputError, match=r"embeddings in .*b\.parquet have dimension 5, expected 4"):
+    with pytest.raises(InputError, match=r"embeddings in .*b\.parquet have dimension 5, expected 4 as in "
+                                         r".*a\.parquet, read before it"):
         read_items(folder)
+    with pytest.raises(InputError, match=r"b\.parquet have dimension 5, expected 4$"):  # the model's width
+        list(iter_item_batches(folder, 8, expected_dim=4))
+    with pytest.raises(InputError, match=r"a\.parquet have dimension 4, expected 5$"):
+        list(iter_item_batches(folder, 8, expected_dim=5))
     pl.DataFrame({"item_id": ["z"], "vector": [[1.0, 2.0, 3.0, 4.0]]}).write_parquet(folder / "b.parquet")
     with pytest.raises(InputError, match=r"b\.parquet has no column 'embedding'"):
         count_items(folder)  # before any row is read
