@@ -729,3 +729,24 @@ def test_a_signal_the_parent_ignores_stays_ignored(tmp_path, monkeypatch, capsys
     finally:
         signal.signal(signal.SIGINT, before)
     assert "interrupted" not in capsys.readouterr().err
+
+
+def test_ctrl_c_while_the_command_imports_ends_in_one_line_not_a_traceback(tmp_path):
+    """The console script's target catches a Ctrl-C that lands before `main` sets its handlers (while its
+    modules import, the first tenth of a second): one line and the shell's 130, as at any later moment."""
+    script = """
+import sys
+from importlib.metadata import entry_points
+
+class CtrlC:  # the Ctrl-C lands while semid.cli imports
+    def find_spec(self, name, path=None, target=None):
+        if name == "semid.cli":
+            raise KeyboardInterrupt
+
+sys.meta_path.insert(0, CtrlC())
+(target,) = entry_points(group="console_scripts", name="semid")
+sys.exit(target.load()())
+"""
+    # not in the source tree, whose build metadata (semid.egg-info) may be older than the installed package's
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert (run.returncode, run.stderr) == (130, "\nsemid: interrupted\n")
