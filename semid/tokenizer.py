@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from semid.atomic import output_error, probe_writable
 from semid.collisions import IdRegistry, SuffixOverflowError
 from semid.config import ConfigError, SemidConfig
+from semid.decoding import PrefixIndex
 from semid.device import device_available, resolve_device
 from semid.export import id_table, token_vocabulary, write_trie_json
 from semid.kmeans import sinkhorn_assign
@@ -363,15 +364,28 @@ class SemanticIdTokenizer:
         levels = len(self._fitted().codebook_sizes)
         return self.registry.id_length or levels + (self.config.collisions.strategy == "suffix")
 
-    def token_vocabulary(self) -> list[str]:
-        """Every token this model's IDs can use, in `token_strings` form: each level's codes, then, where IDs
-        carry a suffix (`id_length`), the suffix values up to collisions.suffix_size (or the largest saved
-        suffix, if higher)."""
-        sizes = self._fitted().codebook_sizes
+    def _token_sizes(self) -> list[int]:
+        """Values each ID position takes: each level's codebook size, then, where IDs carry a suffix
+        (`id_length`), collisions.suffix_size (or the largest saved suffix + 1, if higher)."""
+        sizes = list(self._fitted().codebook_sizes)
         if self.id_length == len(sizes):
-            return token_vocabulary(sizes)
+            return sizes
         largest = int(self.registry.ids[:, -1].max(initial=-1)) if len(self.registry) else -1
-        return token_vocabulary([*sizes, max(self.config.collisions.suffix_size, largest + 1)])
+        return [*sizes, max(self.config.collisions.suffix_size, largest + 1)]
+
+    def token_vocabulary(self) -> list[str]:
+        """Every token this model's IDs can use, in `token_strings` form (see `_token_sizes`): it does not grow
+        as items arrive, so a generative model's vocabulary stays fixed."""
+        return token_vocabulary(self._token_sizes())
+
+    def prefix_index(self, device: str | torch.device | None = None) -> PrefixIndex:
+        """Every ID in the registry (each item encoded so far), indexed for constrained beam search on
+        `device`: `next_codes` / `next_tokens` masks for a batch of generated prefixes (`semid.decoding`).
+        Its token numbers follow `token_vocabulary()`. Build it again after encoding new items."""
+        self._fitted()
+        if not len(self.registry):
+            raise ValueError("the registry holds no IDs yet: encode the catalogue first")
+        return PrefixIndex(self.registry.ids, self._token_sizes(), device=device)
 
     def items_for(self, ids: np.ndarray | torch.Tensor) -> pl.Series:
         """The item each final ID names: its item id (as a string), or null for an ID no item was given.

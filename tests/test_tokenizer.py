@@ -235,6 +235,34 @@ def test_decode_and_items_for_take_a_generative_models_tensors(data, model_dir, 
     np.testing.assert_array_equal(tok.decode(beams), tok.decode(ids))
 
 
+@pytest.mark.parametrize("strategy", ["suffix", "remap"])
+def test_prefix_index_constrains_a_generative_model_to_the_registered_items(data, model_dir, strategy):
+    """Constrained greedy decoding over token_vocabulary() numbers: however random the logits, every beam
+    ends on an item of the registry, and items encoded later join the index when it is built again."""
+    tok = SemanticIdTokenizer.load(model_dir(strategy, True))
+    ids = tok.encode(_frame(data["a"], data["ids_a"]))
+    index = tok.prefix_index()
+    number = {token: i for i, token in enumerate(tok.token_vocabulary())}
+    tokens = [[number[t] for t in row.replace("><", "> <").split()] for row in token_strings(ids)]
+    assert index.width == tok.id_length and index.vocabulary_size == len(number)
+    allowed = index.next_tokens(np.array(tokens)[:, :-1])
+    assert allowed[np.arange(len(ids)), np.array(tokens)[:, -1]].all()  # each item's own last token
+    generator = torch.Generator().manual_seed(0)
+    generated = torch.zeros(256, 0, dtype=torch.long)
+    for _ in range(index.width):
+        logits = torch.randn(256, index.vocabulary_size, generator=generator).masked_fill(
+            ~index.next_tokens(generated), float("-inf"))
+        generated = torch.cat([generated, logits.argmax(dim=1, keepdim=True)], dim=1)
+    vocabulary = tok.token_vocabulary()
+    beams = parse_token_strings(["".join(vocabulary[i] for i in row) for row in generated.tolist()])
+    assert tok.items_for(beams).null_count() == 0
+    new_ids = tok.encode(_frame(data["b"], data["ids_b"]))
+    assert not index.contains(new_ids).all() and tok.prefix_index().contains(new_ids).all()
+    with pytest.raises(ValueError, match="registry holds no IDs yet: encode the catalogue first"):
+        tok.registry = type(tok.registry)()
+        tok.prefix_index()
+
+
 @pytest.mark.parametrize("trained_on", ["cuda", "cuda:3"])
 def test_a_model_trained_on_a_gpu_loads_where_there_is_none(data, model_dir, tmp_path, monkeypatch, trained_on):
     """Its config says train.device = "cuda" (or "cuda:3"); without a device named, load puts it on the CPU

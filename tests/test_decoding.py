@@ -1,0 +1,133 @@
+"""PrefixIndex: constrained decoding masks on tensors, checked against the dict trie of semid.export."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from semid.decoding import PrefixIndex
+from semid.export import prefix_trie, token_strings, token_vocabulary
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="needs a CUDA device"))]
+
+
+def _catalogue(seed: int, n: int, sizes: list[int]) -> np.ndarray:
+    """(n, w) distinct IDs, crowded into few prefixes, as semantic IDs are (many items under few first codes)."""
+    rng = np.random.default_rng(seed)
+    ids = np.stack([rng.integers(0, max(1, k // (4 - min(j, 3))), n) for j, k in enumerate(sizes)], axis=1)
+    return np.unique(ids, axis=0)[rng.permutation(len(np.unique(ids, axis=0)))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed, n, sizes", [(0, 500, [8, 8, 8, 4]), (1, 3000, [16, 16, 16]), (2, 40, [3, 5]),
+                                            (3, 1, [7, 2, 9])])
+def test_next_codes_are_the_tries_children_and_nothing_else(seed, n, sizes, device):
+    ids = _catalogue(seed, n, sizes)
+    index = PrefixIndex(ids, sizes, device=device)
+    trie = prefix_trie(ids)
+    rng = np.random.default_rng(seed + 100)
+    for t in range(len(sizes)):
+        held = [p for p in trie if len(p) == t]  # every prefix there is
+        held = np.array(held, dtype=np.int64).reshape(len(held), t)
+        absent = rng.integers(0, sizes[:t] or 1, size=(200, t)) if t else np.zeros((0, 0), np.int64)
+        absent = absent[[tuple(p) not in trie for p in absent.tolist()]]
+        prefixes = np.concatenate([held, absent])
+        mask = index.next_codes(torch.from_numpy(prefixes).to(device))
+        assert mask.shape == (len(prefixes), sizes[t]) and mask.device.type == device
+        expected = np.zeros((len(prefixes), sizes[t]), dtype=bool)
+        for row, prefix in enumerate(held.tolist()):
+            expected[row, trie[tuple(prefix)]] = True
+        np.testing.assert_array_equal(mask.cpu().numpy(), expected)
+
+
+def test_a_code_outside_its_range_never_reads_as_another_prefixs_child():
+    """Keys are parent * size + code, so code 5 under prefix (0,) would be key 5 = prefix (1,)'s code 1 were
+    codes not checked against their range; negative codes (padding) likewise."""
+    index = PrefixIndex(np.array([[0, 1], [1, 1]]), [2, 4])
+    assert index.contains(np.array([[0, 5], [1, 1], [0, -3], [-1, 1], [2, 1]])).tolist() == [False, True, False,
+                                                                                             False, False]
+    assert index.next_codes(np.array([[2], [-1], [1]])).tolist() == [[False] * 4, [False] * 4,
+                                                                     [False, True, False, False]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_next_tokens_place_each_positions_codes_at_its_vocabulary_offset(device):
+    sizes = [8, 8, 8, 4]
+    ids = _catalogue(5, 400, sizes)
+    index = PrefixIndex(torch.from_numpy(ids).to(device), sizes)
+    vocabulary = token_vocabulary(sizes)
+    assert index.vocabulary_size == len(vocabulary) and index.device.type == device
+    number = {token: i for i, token in enumerate(vocabulary)}
+    tokens = np.array([[number[t] for t in row.replace("><", "> <").split()] for row in token_strings(ids)])
+    offsets = np.cumsum([0, *sizes[:-1]])
+    np.testing.assert_array_equal(tokens, ids + offsets)  # token_vocabulary's order, by its own strings
+    for t in range(len(sizes)):
+        mask = index.next_tokens(tokens[:, :t])
+        codes = index.next_codes(ids[:, :t])
+        assert not mask[:, : offsets[t]].any() and not mask[:, offsets[t] + sizes[t]:].any()
+        assert torch.equal(mask[:, offsets[t] : offsets[t] + sizes[t]], codes)
+        assert mask[torch.arange(len(ids)), torch.from_numpy(tokens[:, t])].all()  # each item's own next token
+    wrong_position = tokens[:, :2].copy()
+    wrong_position[:, 1] = tokens[:, 0]  # position 0's token where position 1's belongs
+    assert not index.next_tokens(wrong_position).any()
+
+
+def test_contains_is_membership_of_the_catalogue():
+    sizes = [6, 6, 6]
+    ids = _catalogue(7, 150, sizes)
+    index = PrefixIndex(ids, sizes)
+    rng = np.random.default_rng(8)
+    queries = np.concatenate([ids, rng.integers(0, 6, size=(300, 3))])
+    known = set(map(tuple, ids.tolist()))
+    assert index.contains(queries).tolist() == [tuple(q) in known for q in queries.tolist()]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_constrained_greedy_decoding_of_random_logits_always_lands_on_an_item(device):
+    """What a generative retriever does with it: at every step, mask the logits, take the best; however
+    wrong the model, each beam ends on an ID of the catalogue."""
+    sizes = [16, 16, 16, 3]
+    ids = _catalogue(9, 2000, sizes)
+    index = PrefixIndex(ids, sizes, device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    generated = torch.zeros(512, 0, dtype=torch.long, device=device)
+    for _ in range(index.width):
+        logits = torch.randn(512, index.vocabulary_size, generator=generator, device=device)
+        logits = logits.masked_fill(~index.next_tokens(generated), float("-inf"))
+        generated = torch.cat([generated, logits.argmax(dim=1, keepdim=True)], dim=1)
+    codes = generated - torch.tensor(np.cumsum([0, *sizes[:-1]]), device=device)
+    assert index.contains(codes).all()
+    assert set(map(tuple, codes.tolist())) <= set(map(tuple, ids.tolist()))
+    assert len(set(map(tuple, codes.tolist()))) > 100  # the masks steer; they do not collapse every beam to one ID
+
+
+def test_default_sizes_are_each_columns_largest_code_plus_one():
+    index = PrefixIndex(np.array([[0, 4], [2, 1]]))
+    assert index.sizes == (3, 5) and index.width == 2
+    assert index.next_codes(np.zeros((3, 0), dtype=np.int64)).tolist() == [[True, False, True]] * 3
+    assert index.next_codes(np.zeros((0, 1), dtype=np.int64)).shape == (0, 5)
+
+
+@pytest.mark.parametrize("ids, sizes, message", [
+    (np.zeros((0, 3), np.int64), None, r"non-empty .* got shape \(0, 3\)"),
+    (np.zeros(4, np.int64), None, r"got shape \(4,\)"),
+    (np.zeros((2, 3)), None, "integer IDs, got torch.float64"),
+    (np.array([[0, 1], [0, -2]]), None, "non-negative: row 1 has -2 at position 1"),
+    (np.array([[0, 1], [0, 4]]), [2, 4], "row 1 has code 4 at position 1, outside its 4 values"),
+    (np.array([[0, 1]]), [2], r"each of the IDs' 2 positions, got \[2\]"),
+    (np.array([[0, 1]]), [2, 0], r"positive size .* got \[2, 0\]"),
+])
+def test_bad_ids_are_named(ids, sizes, message):
+    with pytest.raises(ValueError, match=message):
+        PrefixIndex(ids, sizes)
+
+
+def test_bad_prefixes_are_named():
+    index = PrefixIndex(np.array([[0, 1, 2]]), [2, 2, 3])
+    with pytest.raises(ValueError, match="prefixes of 3 tokens are complete IDs .* nothing comes next"):
+        index.next_codes(np.array([[0, 1, 2]]))
+    with pytest.raises(ValueError, match=r"token prefixes must be a \(beams x generated\) integer matrix"):
+        index.next_tokens(np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"contains needs \(b, 3\) integer IDs, got torch.int64 of shape \(1, 2\)"):
+        index.contains(np.array([[0, 1]]))
