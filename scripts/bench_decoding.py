@@ -82,7 +82,6 @@ def main() -> None:
     index_build = time.perf_counter() - start
 
     beams = ids[np.random.default_rng(args.seed + 1).integers(0, len(ids), args.beams)]
-    offsets = np.cumsum([0, *args.sizes[:-1]])
     rows = []
     for t in range(len(args.sizes)):
         prefixes = beams[:, :t]

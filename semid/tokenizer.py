@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from semid.atomic import output_error, probe_writable
-from semid.collisions import IdRegistry, SuffixOverflowError
+from semid.collisions import SuffixOverflowError
 from semid.config import ConfigError, SemidConfig
 from semid.decoding import PrefixIndex
 from semid.device import device_available, resolve_device
@@ -62,6 +62,7 @@ from semid.modeldir import (
     replace_dir,
     staging_dir,
 )
+from semid.registry import IdRegistry
 from semid.rqvae import RQVAE
 from semid.sources import (
     InputFiles,

@@ -13,7 +13,6 @@ import torch
 from semid.collisions import (
     CollisionStrategy,
     IdLengthWarning,
-    IdRegistry,
     PrefixFullError,
     SuffixOverflowError,
     SuffixOverflowWarning,
@@ -22,6 +21,7 @@ from semid.collisions import (
     tuple_group_ids,
 )
 from semid.distance import nearest_code, pairwise_distance
+from semid.registry import IdRegistry
 
 
 @dataclass

@@ -125,7 +125,7 @@ def test_train_overwrite_flag_replaces_a_model(items, model, tmp_path, capsys, t
 
 
 def test_encode_records_new_ids_before_writing_the_output(items, model, tmp_path, monkeypatch, capsys):
-    from semid.collisions import IdRegistry
+    from semid.registry import IdRegistry
 
     ids, x = items
     new = tmp_path / "new.parquet"
