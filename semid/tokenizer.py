@@ -379,14 +379,26 @@ class SemanticIdTokenizer:
         as items arrive, so a generative model's vocabulary stays fixed."""
         return token_vocabulary(self._token_sizes())
 
-    def prefix_index(self, device: str | torch.device | None = None) -> PrefixIndex:
-        """Every ID in the registry (each item encoded so far), indexed for constrained beam search on
-        `device`: `next_codes` / `next_tokens` masks for a batch of generated prefixes (`semid.decoding`).
-        Its token numbers follow `token_vocabulary()`. Build it again after encoding new items."""
+    def prefix_index(self, ids: np.ndarray | torch.Tensor | None = None, *,
+                     device: str | torch.device | None = None) -> PrefixIndex:
+        """IDs indexed for constrained beam search on `device`: `next_codes` / `next_tokens` masks for a batch
+        of generated prefixes (`semid.decoding`), with token numbers as in `token_vocabulary()`.
+
+        By default every ID in the registry (each item encoded so far: build it again after encoding new
+        items). `ids` restricts decoding to some of them, such as the `codes` of the items on sale today; an
+        ID that no item holds is refused, as decoding to it would name nothing."""
         self._fitted()
-        if not len(self.registry):
-            raise ValueError("the registry holds no IDs yet: encode the catalogue first")
-        return PrefixIndex(self.registry.ids, self._token_sizes(), device=device)
+        if ids is None:
+            if not len(self.registry):
+                raise ValueError("the registry holds no IDs yet: encode the catalogue first")
+            return PrefixIndex(self.registry.ids, self._token_sizes(), device=device)
+        host = _host_ids(ids)
+        unknown = self.registry.keys_for(host).is_null()
+        if unknown.any():
+            row = int(unknown.arg_true()[0])
+            raise ValueError(f"{int(unknown.sum())} of the IDs hold no item of this model's registry (the first "
+                             f"is row {row}: {host[row].tolist()}); encode their items first")
+        return PrefixIndex(host, self._token_sizes(), device=device)
 
     def items_for(self, ids: np.ndarray | torch.Tensor) -> pl.Series:
         """The item each final ID names: its item id (as a string), or null for an ID no item was given.

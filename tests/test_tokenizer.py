@@ -258,6 +258,15 @@ def test_prefix_index_constrains_a_generative_model_to_the_registered_items(data
     assert tok.items_for(beams).null_count() == 0
     new_ids = tok.encode(_frame(data["b"], data["ids_b"]))
     assert not index.contains(new_ids).all() and tok.prefix_index().contains(new_ids).all()
+    on_sale = tok.prefix_index(torch.from_numpy(new_ids[:50]))  # decoding restricted to some items
+    assert on_sale.sizes == index.sizes and on_sale.contains(new_ids).tolist() == [True] * 50 + [False] * (
+        len(new_ids) - 50)
+    grid = np.stack(np.meshgrid(*[np.arange(k) for k in index.sizes[:3]], indexing="ij"), -1).reshape(-1, 3)
+    grid = np.pad(grid, ((0, 0), (0, tok.id_length - 3)))  # every 3-code tuple, suffix 0 where IDs have one
+    nobodys = grid[~tok.prefix_index().contains(grid).numpy()][:1]  # 16^3 tuples, fewer items: some are free
+    with pytest.raises(ValueError, match=rf"1 of the IDs hold no item of this model's registry \(the first is "
+                                         rf"row 3: \[{', '.join(map(str, nobodys[0]))}\]\)"):
+        tok.prefix_index(np.concatenate([new_ids[:3], nobodys]))
     with pytest.raises(ValueError, match="registry holds no IDs yet: encode the catalogue first"):
         tok.registry = type(tok.registry)()
         tok.prefix_index()
