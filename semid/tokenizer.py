@@ -388,11 +388,15 @@ class SemanticIdTokenizer:
         items). `ids` restricts decoding to some of them, such as the `codes` of the items on sale today; an
         ID that no item holds is refused, as decoding to it would name nothing."""
         self._fitted()
+        if isinstance(ids, (str, torch.device)):
+            raise TypeError(f"prefix_index takes the device by keyword: prefix_index(device={str(ids)!r})")
         if ids is None:
             if not len(self.registry):
                 raise ValueError("the registry holds no IDs yet: encode the catalogue first")
             return PrefixIndex(self.registry.ids, self._token_sizes(), device=device)
         host = _host_ids(ids)
+        if host.ndim == 2 and len(host) == 0:
+            raise ValueError("ids selects no IDs: give the IDs of at least one item to decode to")
         unknown = self.registry.keys_for(host).is_null()
         if unknown.any():
             row = int(unknown.arg_true()[0])

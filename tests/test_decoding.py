@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from semid.decoding import PrefixIndex
+from semid.decoding import PrefixIndex, SemanticIdLogitsProcessor
 from semid.export import prefix_trie, token_strings, token_vocabulary
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
@@ -96,7 +96,8 @@ def test_constrained_greedy_decoding_of_random_logits_always_lands_on_an_item(de
         logits = torch.randn(512, index.vocabulary_size, generator=generator, device=device)
         logits = logits.masked_fill(~index.next_tokens(generated), float("-inf"))
         generated = torch.cat([generated, logits.argmax(dim=1, keepdim=True)], dim=1)
-    codes = generated - torch.tensor(np.cumsum([0, *sizes[:-1]]), device=device)
+    codes = index.codes(generated)
+    assert torch.equal(codes, generated - torch.tensor(np.cumsum([0, *sizes[:-1]]), device=device))
     assert index.contains(codes).all()
     assert set(map(tuple, codes.tolist())) <= set(map(tuple, ids.tolist()))
     assert len(set(map(tuple, codes.tolist()))) > 100  # the masks steer; they do not collapse every beam to one ID
@@ -117,6 +118,9 @@ def test_default_sizes_are_each_columns_largest_code_plus_one():
     (np.array([[0, 1], [0, 4]]), [2, 4], "row 1 has code 4 at position 1, outside its 4 values"),
     (np.array([[0, 1]]), [2], r"each of the IDs' 2 positions, got \[2\]"),
     (np.array([[0, 1]]), [2, 0], r"positive size .* got \[2, 0\]"),
+    (np.array([[0, 1]]), [2.5, 3], r"sizes must be whole numbers, got \[2.5, 3\]"),
+    (np.array([[0, 0], [1, 0], [2, 0], [3, 0], [4, 9]]), [5, 2**62], "position 1: 5 distinct prefixes x "
+                                                                       f"{2**62} values do not fit 64-bit keys"),
 ])
 def test_bad_ids_are_named(ids, sizes, message):
     with pytest.raises(ValueError, match=message):
@@ -125,9 +129,101 @@ def test_bad_ids_are_named(ids, sizes, message):
 
 def test_bad_prefixes_are_named():
     index = PrefixIndex(np.array([[0, 1, 2]]), [2, 2, 3])
-    with pytest.raises(ValueError, match="prefixes of 3 tokens are complete IDs .* nothing comes next"):
+    with pytest.raises(ValueError, match="prefixes of 3 tokens: an ID has 3, so nothing comes next. Pass only the "
+                                         "tokens generated for this ID"):
         index.next_codes(np.array([[0, 1, 2]]))
+    with pytest.raises(ValueError, match="the index is on cpu and the prefixes on meta: build it there"):
+        index.next_codes(torch.zeros(2, 1, dtype=torch.long, device="meta"))
+    with pytest.raises(ValueError, match=r"semantic tokens \(numbers 5 to 11\) must lie inside the vocabulary of 10"):
+        index.next_tokens(np.zeros((1, 0), np.int64), offset=5, vocab_size=10)
     with pytest.raises(ValueError, match=r"token prefixes must be a \(beams x generated\) integer matrix"):
         index.next_tokens(np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"tokens must be a \(b, <= 3\) integer matrix, got torch.int64 of shape "
+                                         r"\(1, 4\)"):
+        index.codes(np.array([[0, 1, 2, 3]]))
     with pytest.raises(ValueError, match=r"contains needs \(b, 3\) integer IDs, got torch.int64 of shape \(1, 2\)"):
         index.contains(np.array([[0, 1]]))
+
+
+def test_codebooks_far_wider_than_any_nodes_children_give_the_tries_masks():
+    """Masks are read up to the largest number of children a node has, not the codebook size: with 8,192 codes a
+    level and a few hundred items, each node has a handful of children."""
+    sizes = [8192, 8192, 8]
+    rng = np.random.default_rng(11)
+    ids = np.unique(np.stack([rng.integers(0, 40, 600), rng.integers(0, 8192, 600), rng.integers(0, 8, 600)], 1),
+                    axis=0)
+    index = PrefixIndex(ids, sizes)
+    trie = prefix_trie(ids)
+    assert index._fanout == [len(trie[()]), max(len(v) for k, v in trie.items() if len(k) == 1),
+                             max(len(v) for k, v in trie.items() if len(k) == 2)]
+    for t in range(3):
+        prefixes = np.unique(ids[:, :t], axis=0)
+        mask = index.next_codes(prefixes).numpy()
+        for row, prefix in enumerate(map(tuple, prefixes.tolist())):
+            assert np.flatnonzero(mask[row]).tolist() == trie[prefix]
+
+
+def test_next_tokens_over_a_language_models_vocabulary_masks_every_other_token():
+    """An LLM whose added semantic tokens start at id 100 in a vocabulary of 130: text tokens, EOS and the
+    tokens of other positions are all masked."""
+    sizes = [4, 4, 2]
+    ids = _catalogue(12, 30, sizes)
+    index = PrefixIndex(ids, sizes)
+    tokens = ids + np.array(index.offsets) + 100
+    for t in range(3):
+        mask = index.next_tokens(tokens[:, :t], offset=100, vocab_size=130)
+        assert mask.shape == (len(ids), 130)
+        allowed = index.next_codes(ids[:, :t])
+        start = 100 + index.offsets[t]
+        assert torch.equal(mask[:, start : start + sizes[t]], allowed)
+        assert mask.sum() == allowed.sum()  # nothing outside position t's semantic tokens
+    assert not index.next_tokens(tokens[:, :1] - 100, offset=100, vocab_size=130).any()  # text tokens: no match
+
+
+def test_to_moves_the_index_and_keeps_its_answers():
+    ids = _catalogue(13, 200, [8, 8, 3])
+    index = PrefixIndex(ids, [8, 8, 3])
+    moved = index.to("cpu")
+    assert moved.device == index.device and moved.sizes == index.sizes
+    for t in range(3):
+        assert torch.equal(moved.next_codes(ids[:, :t]), index.next_codes(ids[:, :t]))
+    assert index.next_codes(torch.empty(3, 0)).shape == (3, 8)  # an empty float prefix is an empty prefix
+
+
+def test_the_logits_processor_constrains_generation_then_allows_only_eos():
+    """What `generate` calls at each step: the whole sequence so far (a 5-token prompt first), and the scores."""
+    sizes = [6, 6, 2]
+    ids = _catalogue(14, 50, sizes)
+    index = PrefixIndex(ids, sizes)
+    processor = SemanticIdLogitsProcessor(index, prompt_length=5, offset=20, eos_token_id=2)
+    generator = torch.Generator().manual_seed(1)
+    sequences = torch.randint(0, 20, (64, 5), generator=generator)  # prompts of text tokens
+    for _ in range(index.width + 1):
+        scores = processor(sequences, torch.randn(64, 40, generator=generator))
+        assert torch.isfinite(scores).any(1).all()  # every beam has somewhere to go
+        sequences = torch.cat([sequences, scores.argmax(1, keepdim=True)], 1)
+    codes = index.codes(sequences[:, 5:8], offset=20)
+    assert index.contains(codes).all() and (sequences[:, 8] == 2).all()
+    free = SemanticIdLogitsProcessor(index, prompt_length=5, offset=20)  # no EOS: past the ID nothing is masked
+    scores = torch.randn(4, 40)
+    assert torch.equal(free(sequences[:4, :8], scores), scores)
+
+
+def test_a_hugging_face_model_generates_only_catalogue_ids():
+    """The processor inside `generate` of a small random GPT-2 (no download): greedy and beam search."""
+    transformers = pytest.importorskip("transformers")
+    sizes = [8, 8, 4]
+    ids = _catalogue(15, 120, sizes)
+    index = PrefixIndex(ids, sizes)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50 + index.vocabulary_size, n_layer=1, n_head=2, n_embd=32,
+                                     n_positions=32, eos_token_id=1, pad_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    prompt = torch.randint(2, 50, (3, 6))
+    processor = SemanticIdLogitsProcessor(index, prompt_length=6, offset=50, eos_token_id=1)
+    for beams in (1, 4):
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=index.width + 1,
+                             num_beams=beams, num_return_sequences=beams, do_sample=False,
+                             logits_processor=transformers.LogitsProcessorList([processor]))
+        codes = index.codes(out[:, 6:9], offset=50)
+        assert index.contains(codes).all() and (out[:, 9] == 1).all()

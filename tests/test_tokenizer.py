@@ -267,6 +267,10 @@ def test_prefix_index_constrains_a_generative_model_to_the_registered_items(data
     with pytest.raises(ValueError, match=rf"1 of the IDs hold no item of this model's registry \(the first is "
                                          rf"row 3: \[{', '.join(map(str, nobodys[0]))}\]\)"):
         tok.prefix_index(np.concatenate([new_ids[:3], nobodys]))
+    with pytest.raises(ValueError, match="ids selects no IDs"):
+        tok.prefix_index(new_ids[:0])
+    with pytest.raises(TypeError, match=r"takes the device by keyword: prefix_index\(device='cpu'\)"):
+        tok.prefix_index("cpu")
     with pytest.raises(ValueError, match="registry holds no IDs yet: encode the catalogue first"):
         tok.registry = type(tok.registry)()
         tok.prefix_index()
