@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from semid.distance import pairwise_distance
 from semid.collisions import SuffixOverflowError, SuffixOverflowWarning
 from semid.config import ConfigError
-from semid.export import parse_token_strings, token_strings, token_vocabulary
+from semid.export import id_table, parse_token_strings, token_strings, token_vocabulary
 from semid.io import InputError
 from semid.metrics import collision_metrics
 from semid.rqvae import RQVAE, _centred_as, _linear
@@ -259,6 +259,11 @@ def test_prefix_index_constrains_a_generative_model_to_the_registered_items(data
     new_ids = tok.encode(_frame(data["b"], data["ids_b"]))
     assert not index.contains(new_ids).all() and tok.prefix_index().contains(new_ids).all()
     on_sale = tok.prefix_index(torch.from_numpy(new_ids[:50]))  # decoding restricted to some items
+    table = id_table(data["ids_b"], new_ids)  # what `semid encode` writes: its codes column is a list column
+    assert tok.items_for(table["codes"]).to_list() == data["ids_b"].tolist()
+    assert torch.equal(tok.prefix_index(table["codes"][:50]).contains(new_ids), on_sale.contains(new_ids))
+    with pytest.raises(InputError, match="the ID column 'codes' must hold one ID of the same length in every row"):
+        tok.items_for(pl.Series("codes", [[1, 2, 3], [1, 2]]))
     assert on_sale.sizes == index.sizes and on_sale.contains(new_ids).tolist() == [True] * 50 + [False] * (
         len(new_ids) - 50)
     grid = np.stack(np.meshgrid(*[np.arange(k) for k in index.sizes[:3]], indexing="ij"), -1).reshape(-1, 3)
