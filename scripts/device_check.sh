@@ -2,7 +2,7 @@
 # The GPU checks of issue #5 as one prepared run on a lent device machine (H100/H200); about 5 minutes.
 #
 # The device image has torch and Triton but not polars, so everything here avoids it: the CUDA tests of
-# the trainer and the fused kernel, the default config timed on Beauty (bench_train.py), and encode
+# the trainer, the fused kernel and the decoding masks, the default config timed on Beauty (bench_train.py), and encode
 # throughput with and without the fused kernel plus train steps/s (bench_speed.py --device cuda), and the
 # cost of each phase on a 500k-item synthetic catalogue (bench_scale.py).
 #
@@ -36,7 +36,7 @@ step speed python3 scripts/bench_speed.py --device cuda --data .devdata/beauty.n
     --out "$out/speed_cuda.json"
 # The ahead-of-time sm_90 compile test is left to CI: it needs no GPU and takes minutes of CPU here.
 step cuda_tests python3 -m pytest -q -ra -p no:cacheprovider tests/test_fused.py tests/test_train.py tests/test_device.py \
-    -k "(cuda or kernel or compiled) and not sm90"
+    tests/test_decoding.py -k "(cuda or kernel or compiled) and not sm90"
 step scale python3 scripts/bench_scale.py --data-dir .devdata --n 500000 --steps 1000 --device cuda \
     --out "$out/scale_cuda_500k.json"
 exit $status

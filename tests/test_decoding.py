@@ -1,15 +1,28 @@
-"""PrefixIndex: constrained decoding masks on tensors, checked against the dict trie of semid.export."""
+"""PrefixIndex: constrained decoding masks on tensors, checked against a plain-Python trie.
+
+The module imports no polars (the device machine's image has none), so that the CUDA cases run there too.
+"""
 from __future__ import annotations
+
+from collections import defaultdict
 
 import numpy as np
 import pytest
 import torch
 
 from semid.decoding import PrefixIndex, SemanticIdLogitsProcessor
-from semid.export import prefix_trie, token_strings, token_vocabulary
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                 reason="needs a CUDA device"))]
+
+
+def prefix_trie(ids: np.ndarray) -> dict[tuple[int, ...], list[int]]:
+    """Reference: every prefix of the IDs -> the sorted codes that follow it in at least one ID."""
+    children = defaultdict(set)
+    for row in ids.tolist():
+        for depth, code in enumerate(row):
+            children[tuple(row[:depth])].add(code)
+    return {prefix: sorted(codes) for prefix, codes in children.items()}
 
 
 def _catalogue(seed: int, n: int, sizes: list[int]) -> np.ndarray:
@@ -53,6 +66,9 @@ def test_a_code_outside_its_range_never_reads_as_another_prefixs_child():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_next_tokens_place_each_positions_codes_at_its_vocabulary_offset(device):
+    pytest.importorskip("polars")  # semid.export's strings are made by polars
+    from semid.export import token_strings, token_vocabulary
+
     sizes = [8, 8, 8, 4]
     ids = _catalogue(5, 400, sizes)
     index = PrefixIndex(torch.from_numpy(ids).to(device), sizes)
