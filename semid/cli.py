@@ -118,7 +118,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     with registry_lock(args.model):
         tok = SemanticIdTokenizer.load(args.model, device=args.device)
         summary = tok.encode_file(args.data, args.out, batch_size=args.batch_size, id_col=args.id_col,
-                                  emb_col=args.emb_col, progress=not args.quiet and sys.stderr.isatty(),
+                                  emb_col=args.emb_col, progress=False if args.quiet else None,
                                   trie=args.trie, save_registry_to=args.model)
     if args.vocab:
         write_vocabulary(tok.token_vocabulary(), args.vocab)
@@ -132,6 +132,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from semid.sources import read_interaction_sequences
     from semid.tokenizer import SemanticIdTokenizer
 
+    if args.plot:
+        from semid.plot import check_plotting
+
+        check_plotting()
     tok = SemanticIdTokenizer.load(args.model, device=args.device)
     items = _read_training_items(args.data, args.id_col, args.emb_col)
     sequences = read_sequences(args.sequences) if args.sequences else None
@@ -143,7 +147,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"sequences of {len(sequences):,} users from {log.interactions:,} interactions "
               f"({log.skipped:,} with items outside the catalogue skipped)")
     report = tok.evaluate(items.embeddings, ids=items.ids, sequences=sequences,
-                          progress=not args.quiet and sys.stderr.isatty())
+                          progress=False if args.quiet else None)
     print(format_report(report))
     if args.json:
         write_json_atomic(report, args.json)
@@ -301,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--emb-col", default="embedding", help="parquet embedding column (default: embedding)")
 
     p = command("train", help="train a tokenizer and save it to a model directory")
-    p.add_argument("--config", help="TOML config (default: configs/default.toml)")
+    p.add_argument("--config", help="TOML config file, or a shipped config by name: default, demo, tiger "
+                                    "(default: default)")
     p.add_argument("--data", required=True, help=_DATA_HELP)
     p.add_argument("--out", required=True, help="model directory to write (a new one, or see --overwrite)")
     p.add_argument("--overwrite", action="store_true",
@@ -353,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo", help="train, encode and evaluate on the bundled goodbooks sample")
     p.add_argument("--out", default="semid-demo", help="output directory (default: ./semid-demo)")
     p.add_argument("--data", help="use other items instead of the bundled sample (as train's --data)")
-    p.add_argument("--config", help="TOML config (default: configs/demo.toml, a small model for the sample)")
+    p.add_argument("--config", help="TOML config file, or a shipped config by name (default: demo, a small "
+                                    "model for the sample)")
     p.add_argument("--device", type=_device_name, help=device_help)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.set_defaults(func=cmd_demo)

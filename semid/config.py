@@ -67,6 +67,23 @@ def shipped_file(package_dir: str, source_dir: str, name: str) -> Path:
 DEFAULT_CONFIG = shipped_file("configs", "configs", "default.toml")
 
 
+def shipped_config_names() -> list[str]:
+    """The configs that ship with semid (default, demo, tiger), by name."""
+    return sorted(p.stem for p in DEFAULT_CONFIG.parent.glob("*.toml"))
+
+
+def config_path(name: str | Path) -> Path:
+    """A config file by its path, or a shipped config by its name alone (`tiger`, `tiger.toml`), so that the
+    recipes are reachable from any directory and from an installed wheel. A file of that name in the working
+    directory comes first."""
+    path = Path(name)
+    if not path.exists() and path.parent == Path(".") and path.suffix in ("", ".toml"):
+        shipped = DEFAULT_CONFIG.parent / f"{path.stem}.toml"
+        if shipped.is_file():
+            return shipped
+    return path
+
+
 @dataclass
 class ModelConfig:
     # "rqvae": encoder -> residual quantizer -> decoder. "rqkmeans": the quantizer alone on the raw input.
@@ -349,13 +366,14 @@ class SemidConfig:
 
     @classmethod
     def load(cls, path: str | Path, *, record: bool = False) -> "SemidConfig":
-        """A TOML config file. Keys it leaves out take the dataclass defaults, with a `PartialConfigWarning` where
+        """A TOML config file, or a shipped config by name (`config_path`). Keys it leaves out take the dataclass defaults, with a `PartialConfigWarning` where
         those differ from the recipe, unless the file is a `record` of a run (a model directory's config.toml):
         keys an older semid did not write are what that run trained with, not a user's oversight."""
-        data = _read_toml(Path(path))
+        path = Path(path) if record else config_path(path)
+        data = _read_toml(path)
         config = cls.from_dict(data)
         if not record:
-            _warn_of_neutral_defaults(Path(path), data)
+            _warn_of_neutral_defaults(path, data)
         return config
 
     def with_overrides(self, overrides: dict[str, Any] | None) -> "SemidConfig":
@@ -389,7 +407,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise ConfigError(f"config {path} is a directory; name a .toml file")
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path} (the configs that ship with semid are named alone: "
+                          f"{', '.join(shipped_config_names())})")
     try:  # utf-8-sig: editors on Windows (Notepad) start UTF-8 files with a byte-order mark, which TOML refuses
         return tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError:

@@ -23,7 +23,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from semid.device import resolve_device
+
 _INT64_MAX = torch.iinfo(torch.int64).max
+
+
+def _device(device: str | torch.device | None) -> torch.device | None:
+    """A device named as everywhere in semid (cpu, cuda, cuda:N, auto): one this machine lacks says so."""
+    return None if device is None else resolve_device(str(device))
 
 
 def _tensor(values: np.ndarray | torch.Tensor, device: str | torch.device | None) -> torch.Tensor:
@@ -47,7 +54,7 @@ class PrefixIndex:
 
     def __init__(self, ids: np.ndarray | torch.Tensor, sizes: Sequence[int] | None = None, *,
                  device: str | torch.device | None = None) -> None:
-        ids = _tensor(ids, device)
+        ids = _tensor(ids, _device(device))
         if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
             raise ValueError(f"PrefixIndex needs a non-empty (items x tokens) matrix of IDs, got shape "
                              f"{tuple(ids.shape)}")
@@ -101,6 +108,7 @@ class PrefixIndex:
 
     def to(self, device: str | torch.device) -> PrefixIndex:
         """The same index on another device (the one the decoder's logits are on)."""
+        device = _device(device)
         moved = copy.copy(self)
         moved._keys = [keys.to(device) for keys in self._keys]
         moved._offsets, moved._root = self._offsets.to(device), self._root.to(device)

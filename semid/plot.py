@@ -23,18 +23,26 @@ import numpy as np
 from semid.atomic import atomic_write
 from semid.metrics import _code_matrix, _level_sizes, _row_group_counts, codebook_metrics, collision_metrics
 
-_MISSING_EXTRA = "semid plots need the optional extra: pip install 'semid[plot]'"
+_MISSING_EXTRA = "semid plots need matplotlib, which the optional extra brings: pip install 'semid[plot]'"
 _PANEL_COLUMNS = 3  # panels per row of the figure
 _PANEL_SIZE = (5.0, 3.6)  # inches per panel (width, height)
 
 
-def _new_figure(panels: int) -> tuple[Any, list[Any]]:
-    """An Agg-backed Figure with a grid of `panels` axes (unused grid cells are hidden)."""
+def check_plotting() -> None:
+    """Refuse a plot before any work where matplotlib is missing (or broken), not after an evaluation of minutes."""
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        import matplotlib.backends.backend_agg  # noqa: F401
+        import matplotlib.figure  # noqa: F401
     except ImportError as e:
         raise ImportError(_MISSING_EXTRA) from e
+
+
+def _new_figure(panels: int) -> tuple[Any, list[Any]]:
+    """An Agg-backed Figure with a grid of `panels` axes (unused grid cells are hidden)."""
+    check_plotting()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     cols = min(panels, _PANEL_COLUMNS)
     rows = math.ceil(panels / cols)
     fig = Figure(figsize=(_PANEL_SIZE[0] * cols, _PANEL_SIZE[1] * rows))

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -304,7 +305,7 @@ class SemanticIdTokenizer:
         return self._assign(keys, emb)
 
     def encode_file(self, path: str | os.PathLike | InputFiles, out: str | os.PathLike, *, batch_size: int = 65536,
-                    id_col: str | None = "item_id", emb_col: str = "embedding", progress: bool = True,
+                    id_col: str | None = "item_id", emb_col: str = "embedding", progress: bool | None = None,
                     trie: str | os.PathLike | None = None,
                     save_registry_to: str | os.PathLike | None = None) -> dict[str, Any]:
         """Stream a .npy or parquet catalogue in batches and write `item_id, codes, semantic_id, tokens` parquet.
@@ -314,6 +315,7 @@ class SemanticIdTokenizer:
 
         `tokens` is the LLM token string (`<a_12><b_201><c_7><d_0>`); `trie` also writes the prefix trie of the
         IDs as JSON, for constrained decoding. `item_id` keeps the input's id type (integers stay integers).
+        `progress` shows a bar, by default only where stderr is a terminal (a log gets no redraws).
 
         `save_registry_to` (a model directory) saves the registry there when items are new, before any output
         is written: an output whose IDs were never recorded would let a later encode hand them out again.
@@ -339,7 +341,8 @@ class SemanticIdTokenizer:
         batches = iter_item_batches(source, batch_size, id_col=id_col, emb_col=emb_col,
                                     expected_dim=self.meta.get("input_dim"))
         key_parts, code_parts, rank_parts = [], [], []
-        for table in tqdm(batches, total=-(-n // batch_size), disable=not progress, desc="encode", unit="batch"):
+        shown = sys.stderr.isatty() if progress is None else progress
+        for table in tqdm(batches, total=-(-n // batch_size), disable=not shown, desc="encode", unit="batch"):
             c, r = self._raw(table.embeddings)
             code_parts.append(c)
             rank_parts.append(r)
@@ -459,10 +462,10 @@ class SemanticIdTokenizer:
 
         The neighbour search behind prefix_agreement runs on the model's device: for 500k items it is 19 TFLOP
         in fp32, minutes on a laptop CPU and seconds on a GPU. `progress` shows a bar for it, by default when
-        training shows one (train.progress).
+        training would show one (train.progress, and stderr a terminal).
         """
         if progress is None:
-            progress = self.config.train.progress
+            progress = self.config.train.progress and sys.stderr.isatty()
         keys, emb = self._items(x, ids, id_col, emb_col)
         raw = self._raw(emb)
         codes = raw[0]

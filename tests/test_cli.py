@@ -91,6 +91,19 @@ def work(real_data, tmp_path_factory) -> dict[str, Path]:
 # ---- round trip --------------------------------------------------------------------------------
 
 
+def test_evaluate_without_matplotlib_refuses_a_plot_before_any_work(work, tmp_path, capsys, monkeypatch):
+    from semid import cli
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import now raises ImportError
+    monkeypatch.setattr(cli, "_read_training_items", lambda *a: pytest.fail("read the data to evaluate"))
+    report = tmp_path / "report.json"
+    assert cli.main(["evaluate", "--model", str(work["model"]), "--data", str(work["npy"]), "--json", str(report),
+                     "--plot", str(tmp_path / "usage.png")]) == 1
+    assert capsys.readouterr().err == ("semid evaluate: error: semid plots need matplotlib, which the optional "
+                                       "extra brings: pip install 'semid[plot]'\n")
+    assert not report.exists()
+
+
 def test_demo_checks_its_paths_before_training(tmp_path, capsys, monkeypatch):
     from semid import cli
 

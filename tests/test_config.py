@@ -257,3 +257,22 @@ def test_numpy_scalars_are_taken_and_kept_as_python_numbers():
     assert SemidConfig.from_dict(config.to_dict()) == config and "steps = 30" in config.to_toml()
     with pytest.raises(ConfigError, match="train.steps' has value"):
         SemidConfig.default().with_overrides({"train.steps": np.float64(30.0)})  # a float for an int, as before
+
+
+def test_shipped_configs_are_named_alone_from_any_directory(tmp_path, monkeypatch):
+    """`from_config("tiger")` and `--config tiger` work outside the source tree, as from an installed wheel;
+    a file of that name in the working directory comes first, and a wrong name lists the shipped ones."""
+    from semid.config import DEFAULT_CONFIG, shipped_config_names
+
+    monkeypatch.chdir(tmp_path)
+    tiger = SemidConfig.load(DEFAULT_CONFIG.parent / "tiger.toml")
+    assert SemidConfig.load("tiger") == tiger and SemidConfig.load("tiger.toml") == tiger
+    assert SemidConfig.load("default") == SemidConfig.default()
+    assert {"default", "demo", "tiger"} <= set(shipped_config_names())
+    (tmp_path / "tiger.toml").write_text(DEFAULT_CONFIG.read_text())  # the user's own file of that name
+    assert SemidConfig.load("tiger.toml") == SemidConfig.default() and SemidConfig.load("tiger") == tiger
+    with pytest.raises(ConfigError, match=r"config file not found: tigr \(the configs that ship with semid are "
+                                          r"named alone: default, demo, tiger\)"):
+        SemidConfig.load("tigr")
+    with pytest.raises(ConfigError, match="config file not found: elsewhere/tiger.toml"):
+        SemidConfig.load("elsewhere/tiger.toml")  # a path is a path

@@ -196,6 +196,16 @@ def test_next_tokens_over_a_language_models_vocabulary_masks_every_other_token()
     assert not index.next_tokens(tokens[:, :1] - 100, offset=100, vocab_size=130).any()  # text tokens: no match
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_a_device_the_machine_lacks_is_named():
+    with pytest.raises(RuntimeError, match="device is 'cuda' but no CUDA device is available"):
+        PrefixIndex(np.array([[0, 1]]), device="cuda")
+    with pytest.raises(RuntimeError, match="device is 'cuda:1' but no CUDA device is available"):
+        PrefixIndex(np.array([[0, 1]])).to("cuda:1")
+    with pytest.raises(ValueError, match="device 'gpu' is not one of auto, cpu, cuda"):
+        PrefixIndex(np.array([[0, 1]]), device="gpu")
+
+
 def test_to_moves_the_index_and_keeps_its_answers():
     ids = _catalogue(13, 200, [8, 8, 3])
     index = PrefixIndex(ids, [8, 8, 3])
