@@ -114,6 +114,7 @@ def quick_evaluate(model: RQVAE, x: torch.Tensor, neighbours: Neighbours | None 
     }
     if neighbours is not None:
         report["prefix_agreement"] = prefix_agreement_from_neighbours(codes_np, neighbours)
+        report["prefix_agreement_sampled"] = neighbours.sampled  # said with the figure: `semid info` shows it
     return report
 
 
@@ -568,7 +569,13 @@ class Trainer:
             self._refit_decoder(latents, t.decoder_refit_steps)
             extra["decoder_refit_steps"] = t.decoder_refit_steps
         if extra:
+            chosen = best
             best = {**quick_evaluate(self.model, self.x, self._neighbours), "step": self.state.best_step, **extra}
+            if t.progress and chosen:  # the last training line's figures are not the model's: say what changed
+                what = " and ".join(("prefix centres",) * q.prefix_centres + ("decoder refit",) * bool(refit))
+                tqdm.write(f"train: after {what}: fvu {chosen['fvu']:.4f} -> {best['fvu']:.4f}, collisions "
+                           f"{chosen['collision_rate']:.2%} -> {best['collision_rate']:.2%} (the model's own codes, "
+                           f"before collision handling)", file=sys.stderr)
         self.state.final = best
         if best.get("fvu", 0.0) > 1.0:
             warnings.warn(NotConvergedWarning(

@@ -816,7 +816,7 @@ def test_training_evaluations_include_prefix_agreement(real_data, tiny_config):
     codes = encode_in_batches(model, trainer.x).numpy()
     expected, sampled = prefix_agreement(trainer.x.numpy(), codes, max_items=MONITOR_QUERIES)
     assert entry["prefix_agreement"] == pytest.approx(expected, abs=1e-9)
-    assert sampled == (len(x) > MONITOR_QUERIES)
+    assert sampled == (len(x) > MONITOR_QUERIES) == entry["prefix_agreement_sampled"]
     assert {"fvu", "collision_rate", "usage", "entropy_bits", "prefix_agreement"} <= set(entry)
 
 
@@ -997,3 +997,18 @@ def test_training_logs_a_line_per_evaluation_where_stderr_is_no_terminal(real_da
 def test_a_run_refuses_a_seed_torch_would_repeat(real_data, tiny_config):
     with pytest.raises(ConfigError, match=r"train.seed must be in \[0, 4294967295\]"):
         Trainer(tiny_config({"train.seed": 2**32}), _x(real_data))
+
+
+def test_training_says_what_prefix_centres_and_the_decoder_refit_changed(real_data, tiny_config, capsys):
+    """The last evaluation line is the encoder's model before both: the line after it gives the final figures,
+    so that a report's lower collision rate does not read as a contradiction."""
+    config = tiny_config({"train.steps": 40, "train.eval_every": 20, "train.progress": True,
+                          "quantizer.prefix_centres": True, "train.decoder_refit_steps": 5})
+    trainer = Trainer(config, _x(real_data))
+    trainer.fit()
+    chosen = next(h for h in trainer.state.history if h["step"] == trainer.state.best_step)
+    final = trainer.state.final
+    line = [row for row in capsys.readouterr().err.splitlines() if "after prefix centres" in row]
+    assert line == [f"train: after prefix centres and decoder refit: fvu {chosen['fvu']:.4f} -> {final['fvu']:.4f}, "
+                    f"collisions {chosen['collision_rate']:.2%} -> {final['collision_rate']:.2%} (the model's own "
+                    f"codes, before collision handling)"]
