@@ -1,9 +1,21 @@
 """semid: hierarchical semantic IDs for generative recommenders."""
 from __future__ import annotations
 
+from importlib import metadata
 from typing import Any
 
-__all__ = ["SemanticIdTokenizer", "SemidConfig"]
+__all__ = ["SemanticIdTokenizer", "SemidConfig", "__version__"]
+
+
+def installed_version() -> str:
+    """The installed distribution's version (what `semid --version` prints and model directories record)."""
+    try:
+        return metadata.version("semid")
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return "0+unknown"
+
+
+__version__ = installed_version()
 
 
 def __getattr__(name: str) -> Any:

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from semid import installed_version
 from semid.atomic import is_stream, probe_writable
 from semid.config import DEFAULT_CONFIG, DEVICE_NAMES, is_device_name, shipped_file
 
@@ -287,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     threads_help = ("CPU threads for torch (default: one per core); on a machine busy with other work, fewer "
                     "run faster")
     device_help = f"{DEVICE_NAMES}; auto takes the current GPU when torch sees one"
+    parser.add_argument("--version", action="version", version=f"semid {installed_version()}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("--threads", type=_positive_int, help=threads_help)
     # Both also after the command (`semid train --debug ...`); SUPPRESS keeps a top-level one from being reset

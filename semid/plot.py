@@ -12,6 +12,7 @@ the user's backend nor leaves figures open.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from collections.abc import Sequence
@@ -31,8 +32,8 @@ _PANEL_SIZE = (5.0, 3.6)  # inches per panel (width, height)
 def check_plotting() -> None:
     """Refuse a plot before any work where matplotlib is missing (or broken), not after an evaluation of minutes."""
     try:
-        import matplotlib.backends.backend_agg  # noqa: F401
-        import matplotlib.figure  # noqa: F401
+        for module in ("matplotlib.figure", "matplotlib.backends.backend_agg"):
+            importlib.import_module(module)
     except ImportError as e:
         raise ImportError(_MISSING_EXTRA) from e
 

@@ -18,7 +18,6 @@ import math
 import os
 import sys
 import warnings
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -27,6 +26,7 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
+from semid import installed_version
 from semid.atomic import output_error, probe_writable
 from semid.collisions import SuffixOverflowError
 from semid.config import ConfigError, SemidConfig
@@ -82,13 +82,6 @@ _CPU_BLOCK_ROWS = 16384
 _DEVICE_BLOCK_ROWS = 65536
 # Rows per slice of an output table: bounds the memory of its per-item strings.
 _OUTPUT_SLICE_ROWS = 1 << 18
-
-def semid_version() -> str:
-    try:
-        return metadata.version("semid")
-    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
-        return "0+unknown"
-
 
 def row_digests(x: np.ndarray) -> list[str]:
     """A short digest of each row's bytes: the identity of an item that comes without an id."""
@@ -507,7 +500,7 @@ class SemanticIdTokenizer:
                 save_tensors({k: v.cpu() for k, v in model.state_dict().items()}, staging / "model.pt", "model weights")
                 self.registry.save(staging / "registry.parquet")
                 write_json_atomic(
-                    {"format": MODEL_FORMAT, "semid_version": semid_version(),
+                    {"format": MODEL_FORMAT, "semid_version": installed_version(),
                      "codebook_sizes": model.codebook_sizes, "history": self.history, **self.meta,
                      **{digest_key: _sha256(staging / name) for name, digest_key in _DIGESTED.items()}},
                     staging / "meta.json",

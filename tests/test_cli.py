@@ -763,3 +763,15 @@ sys.exit(target.load()())
     # not in the source tree, whose build metadata (semid.egg-info) may be older than the installed package's
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert (run.returncode, run.stderr) == (130, "\nsemid: interrupted\n")
+
+
+def test_version_is_the_installed_distributions(capsys):
+    from importlib import metadata
+
+    import semid
+    from semid.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out == f"semid {metadata.version('semid')}\n" == f"semid {semid.__version__}\n"
