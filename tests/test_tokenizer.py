@@ -8,7 +8,9 @@ handling must remove.
 """
 from __future__ import annotations
 
+import io
 import re
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -602,17 +604,42 @@ def test_evaluate_reports_every_design_metric(data, model_dir):
     assert all(a >= b for a, b in zip(agreement, agreement[1:]))  # sharing d+1 codes implies sharing d
 
 
-def test_evaluate_shows_the_neighbour_search_bar_when_training_shows_one(data, model_dir, capsys):
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal, where progress bars are drawn."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_encode_file_draws_a_bar_on_a_terminal_only(data, model_dir, tmp_path, capsys, monkeypatch):
+    tok = SemanticIdTokenizer.load(model_dir("suffix", False))
+    np.save(tmp_path / "a.npy", data["a"])
+    tok.encode_file(tmp_path / "a.npy", tmp_path / "log.parquet")  # stderr is a capture here: a log
+    assert "encode" not in capsys.readouterr().err
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    tok.encode_file(tmp_path / "a.npy", tmp_path / "terminal.parquet")
+    assert "encode: 100%" in terminal.getvalue()
+
+
+def test_evaluate_shows_the_neighbour_search_bar_on_a_terminal_when_training_shows_one(data, model_dir, capsys,
+                                                                                      monkeypatch):
+    """By default a bar where training would show one: train.progress, on a terminal (a log gets no redraws)."""
     tok = SemanticIdTokenizer.load(model_dir("suffix", False))
     assert tok.config.train.progress is False  # the tiny config
     quiet = tok.evaluate(data["a"])
     assert "neighbours" not in capsys.readouterr().err
     tok.config = tok.config.with_overrides({"train.progress": True})
-    shown = tok.evaluate(data["a"])
-    assert f"{N_A}/{N_A}" in capsys.readouterr().err
-    assert shown["prefix_agreement"] == quiet["prefix_agreement"]
-    tok.evaluate(data["a"], progress=False)
+    tok.evaluate(data["a"])  # stderr is a capture here, not a terminal
     assert "neighbours" not in capsys.readouterr().err
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    shown = tok.evaluate(data["a"])
+    assert f"{N_A}/{N_A}" in terminal.getvalue()
+    assert shown["prefix_agreement"] == quiet["prefix_agreement"]
+    before = terminal.getvalue()
+    tok.evaluate(data["a"], progress=False)
+    assert terminal.getvalue() == before
 
 
 # ---- a suffix vocabulary too small for the tuples ------------------------------------------------

@@ -990,7 +990,8 @@ def test_training_logs_a_line_per_evaluation_where_stderr_is_no_terminal(real_da
     Trainer(tiny_config({"train.steps": 40, "train.eval_every": 20, "train.progress": True}), _x(real_data)).fit()
     err = capsys.readouterr().err
     lines = err.splitlines()
-    assert [line.split(",")[0] for line in lines] == ["train: step 20/40", "train: step 40/40"], err
+    assert [line.split(",")[0] for line in lines[:2]] == ["train: step 20/40", "train: step 40/40"], err
+    assert [line.split(":")[1] for line in lines[2:]] == [" after prefix centres and decoder refit"], err
     assert all(" fvu " in line and " collisions " in line for line in lines) and "\r" not in err
 
 
