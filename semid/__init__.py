@@ -1,21 +1,22 @@
 """semid: hierarchical semantic IDs for generative recommenders."""
 from __future__ import annotations
 
-from importlib import metadata
+import functools
 from typing import Any
 
 __all__ = ["SemanticIdTokenizer", "SemidConfig", "__version__"]
 
 
+@functools.cache
 def installed_version() -> str:
-    """The installed distribution's version (what `semid --version` prints and model directories record)."""
+    """The installed distribution's version (what `semid --version` prints and model directories record).
+    Looked up on first use: importlib.metadata would add tens of milliseconds to every `import semid`."""
+    from importlib import metadata
+
     try:
         return metadata.version("semid")
     except metadata.PackageNotFoundError:  # running from a source tree that is not installed
         return "0+unknown"
-
-
-__version__ = installed_version()
 
 
 def __getattr__(name: str) -> Any:
@@ -24,6 +25,8 @@ def __getattr__(name: str) -> Any:
         from semid.tokenizer import SemanticIdTokenizer
 
         return SemanticIdTokenizer
+    if name == "__version__":
+        return installed_version()
     if name == "SemidConfig":
         from semid.config import SemidConfig
 

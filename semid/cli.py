@@ -148,7 +148,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"sequences of {len(sequences):,} users from {log.interactions:,} interactions "
               f"({log.skipped:,} with items outside the catalogue skipped)")
     report = tok.evaluate(items.embeddings, ids=items.ids, sequences=sequences,
-                          progress=False if args.quiet else None)
+                          progress=not args.quiet and sys.stderr.isatty())  # whatever the model trained with
     print(format_report(report))
     if args.json:
         write_json_atomic(report, args.json)
@@ -283,12 +283,23 @@ _DATA_HELP = (".npy matrix, or .parquet with id and embedding columns: one file,
               "pattern of parquet parts read as one table in path order")
 
 
+class _VersionAction(argparse.Action):
+    """`--version`, whose lookup (importlib.metadata, tens of milliseconds) runs only when it is asked for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(f"semid {installed_version()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semid", description="Semantic IDs for generative recommenders.")
     threads_help = ("CPU threads for torch (default: one per core); on a machine busy with other work, fewer "
                     "run faster")
     device_help = f"{DEVICE_NAMES}; auto takes the current GPU when torch sees one"
-    parser.add_argument("--version", action="version", version=f"semid {installed_version()}")
+    parser.add_argument("--version", action=_VersionAction, help="print semid's version and exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("--threads", type=_positive_int, help=threads_help)
     # Both also after the command (`semid train --debug ...`); SUPPRESS keeps a top-level one from being reset

@@ -30,7 +30,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -584,3 +584,12 @@ def suffix_by_groupby(
 
     rank = pl.col(rank_col).rank(method="ordinal").over(list(code_cols))
     return lf.with_columns((rank.cast(pl.Int64) - 1).alias(suffix_col))
+
+
+def __getattr__(name: str) -> Any:
+    # IdRegistry lived here before semid.registry; code that imports it from here still finds it
+    if name == "IdRegistry":
+        from semid.registry import IdRegistry
+
+        return IdRegistry
+    raise AttributeError(f"module 'semid.collisions' has no attribute {name!r}")

@@ -74,14 +74,16 @@ def shipped_config_names() -> list[str]:
 
 def config_path(name: str | Path) -> Path:
     """A config file by its path, or a shipped config by its name alone (`tiger`, `tiger.toml`), so that the
-    recipes are reachable from any directory and from an installed wheel. A file of that name in the working
-    directory comes first."""
+    recipes are reachable from any directory and from an installed wheel. A file in the working directory
+    comes first: `tiger` is ./tiger, else ./tiger.toml (an edited copy), else the shipped tiger.toml."""
     path = Path(name)
-    if not path.exists() and path.parent == Path(".") and path.suffix in ("", ".toml"):
-        shipped = DEFAULT_CONFIG.parent / f"{path.stem}.toml"
-        if shipped.is_file():
-            return shipped
-    return path
+    if path.exists() or path.parent != Path(".") or path.suffix not in ("", ".toml"):
+        return path
+    local = path.with_name(f"{path.name}.toml") if not path.suffix else path
+    if local.exists():
+        return local
+    shipped = DEFAULT_CONFIG.parent / f"{path.stem}.toml"
+    return shipped if shipped.is_file() else path
 
 
 @dataclass

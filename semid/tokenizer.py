@@ -132,11 +132,12 @@ def _host_ids(ids: Any) -> np.ndarray:
     GPU, the `codes` column of `semid encode`'s output is a polars list column, and whole numbers that came
     through a float column (pandas, JSON) become integers again."""
     if isinstance(ids, pl.Series) and isinstance(ids.dtype, (pl.List, pl.Array)):
-        lengths = ids.list.len() if isinstance(ids.dtype, pl.List) else None
-        if ids.null_count() or (lengths is not None and lengths.n_unique() > 1):
-            raise InputError(f"the ID column {ids.name!r} must hold one ID of the same length in every row")
-        rows = ids.to_list()
-        ids = np.array(rows, dtype=np.int64) if rows else np.zeros((0, 0), dtype=np.int64)
+        codes = ids.explode() if isinstance(ids.dtype, pl.List) else ids.arr.explode()  # (n * w,), its own dtype
+        ragged = isinstance(ids.dtype, pl.List) and ids.list.len().n_unique() > 1
+        if ids.null_count() or codes.null_count() or ragged:
+            raise InputError(f"the ID column {ids.name!r} must hold one ID of the same length in every row, "
+                             f"with no missing codes")
+        ids = codes.to_numpy().reshape(len(ids), -1) if len(ids) else np.zeros((0, 0), dtype=np.int64)
     ids = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
     if ids.dtype.kind == "f" and np.isfinite(ids).all() and (ids == np.round(ids)).all():
         ids = ids.astype(np.int64)

@@ -775,3 +775,25 @@ def test_version_is_the_installed_distributions(capsys):
         main(["--version"])
     assert stop.value.code == 0
     assert capsys.readouterr().out == f"semid {metadata.version('semid')}\n" == f"semid {semid.__version__}\n"
+
+
+
+def test_evaluate_draws_its_bar_on_a_terminal_whatever_the_model_trained_with(work, monkeypatch, capsys):
+    """`semid evaluate` on a terminal shows the neighbour search's bar unless --quiet, also for a model saved
+    with train.progress = false (the tiny config's), as `semid encode` does."""
+    import io
+
+    from semid.cli import main
+    from semid.tokenizer import SemanticIdTokenizer
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert SemanticIdTokenizer.load(work["model"]).config.train.progress is False
+    for quiet, shown in (([], True), (["--quiet"], False)):
+        terminal = Terminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert main(["evaluate", "--model", str(work["model"]), "--data", str(work["npy"]), *quiet]) == 0
+        assert ("neighbours: 100%" in terminal.getvalue()) is shown
+    capsys.readouterr()

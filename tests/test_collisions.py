@@ -814,3 +814,11 @@ def test_a_registry_whose_content_changed_after_saving_is_refused(tmp_path):
         IdRegistry.load(tmp_path / "renamed.parquet")
     frame.write_parquet(tmp_path / "older.parquet")  # an earlier semid's registry, without a digest: loads
     assert IdRegistry.load(tmp_path / "older.parquet").content_digest() == reg.content_digest()
+
+
+def test_the_registry_is_still_found_where_it_used_to_live():
+    import semid.collisions
+
+    assert semid.collisions.IdRegistry is IdRegistry  # moved to semid.registry
+    with pytest.raises(AttributeError, match="has no attribute 'Registry'"):
+        semid.collisions.Registry  # noqa: B018

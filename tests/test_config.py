@@ -270,7 +270,7 @@ def test_shipped_configs_are_named_alone_from_any_directory(tmp_path, monkeypatc
     assert SemidConfig.load("default") == SemidConfig.default()
     assert {"default", "demo", "tiger"} <= set(shipped_config_names())
     (tmp_path / "tiger.toml").write_text(DEFAULT_CONFIG.read_text())  # the user's own file of that name
-    assert SemidConfig.load("tiger.toml") == SemidConfig.default() and SemidConfig.load("tiger") == tiger
+    assert SemidConfig.load("tiger.toml") == SemidConfig.default() == SemidConfig.load("tiger")
     with pytest.raises(ConfigError, match=r"config file not found: tigr \(the configs that ship with semid are "
                                           r"named alone: default, demo, tiger\)"):
         SemidConfig.load("tigr")

@@ -206,32 +206,38 @@ def test_a_device_the_machine_lacks_is_named():
         PrefixIndex(np.array([[0, 1]]), device="gpu")
 
 
-def test_to_moves_the_index_and_keeps_its_answers():
+@pytest.mark.parametrize("device", DEVICES)
+def test_to_moves_the_index_and_keeps_its_answers(device):
     ids = _catalogue(13, 200, [8, 8, 3])
     index = PrefixIndex(ids, [8, 8, 3])
-    moved = index.to("cpu")
-    assert moved.device == index.device and moved.sizes == index.sizes
+    moved = index.to(device)
+    assert moved.device.type == device and moved.sizes == index.sizes and index.device.type == "cpu"
     for t in range(3):
-        assert torch.equal(moved.next_codes(ids[:, :t]), index.next_codes(ids[:, :t]))
+        on_device = torch.from_numpy(ids[:, :t]).to(moved.device)
+        assert torch.equal(moved.next_codes(on_device).cpu(), index.next_codes(ids[:, :t]))
+    if device != "cpu":  # a prefix left on the host would be copied at every step: refused by name
+        with pytest.raises(ValueError, match=f"the index is on {moved.device} and the prefixes on cpu"):
+            moved.next_codes(torch.from_numpy(ids[:, :1]))
     assert index.next_codes(torch.empty(3, 0)).shape == (3, 8)  # an empty float prefix is an empty prefix
 
 
-def test_the_logits_processor_constrains_generation_then_allows_only_eos():
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_logits_processor_constrains_generation_then_allows_only_eos(device):
     """What `generate` calls at each step: the whole sequence so far (a 5-token prompt first), and the scores."""
     sizes = [6, 6, 2]
     ids = _catalogue(14, 50, sizes)
-    index = PrefixIndex(ids, sizes)
+    index = PrefixIndex(ids, sizes, device=device)
     processor = SemanticIdLogitsProcessor(index, prompt_length=5, offset=20, eos_token_id=2)
-    generator = torch.Generator().manual_seed(1)
-    sequences = torch.randint(0, 20, (64, 5), generator=generator)  # prompts of text tokens
+    generator = torch.Generator(device=device).manual_seed(1)
+    sequences = torch.randint(0, 20, (64, 5), generator=generator, device=device)  # prompts of text tokens
     for _ in range(index.width + 1):
-        scores = processor(sequences, torch.randn(64, 40, generator=generator))
+        scores = processor(sequences, torch.randn(64, 40, generator=generator, device=device))
         assert torch.isfinite(scores).any(1).all()  # every beam has somewhere to go
         sequences = torch.cat([sequences, scores.argmax(1, keepdim=True)], 1)
     codes = index.codes(sequences[:, 5:8], offset=20)
     assert index.contains(codes).all() and (sequences[:, 8] == 2).all()
     free = SemanticIdLogitsProcessor(index, prompt_length=5, offset=20)  # no EOS: past the ID nothing is masked
-    scores = torch.randn(4, 40)
+    scores = torch.randn(4, 40, device=device)
     assert torch.equal(free(sequences[:4, :8], scores), scores)
 
 

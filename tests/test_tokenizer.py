@@ -264,8 +264,14 @@ def test_prefix_index_constrains_a_generative_model_to_the_registered_items(data
     table = id_table(data["ids_b"], new_ids)  # what `semid encode` writes: its codes column is a list column
     assert tok.items_for(table["codes"]).to_list() == data["ids_b"].tolist()
     assert torch.equal(tok.prefix_index(table["codes"][:50]).contains(new_ids), on_sale.contains(new_ids))
-    with pytest.raises(InputError, match="the ID column 'codes' must hold one ID of the same length in every row"):
-        tok.items_for(pl.Series("codes", [[1, 2, 3], [1, 2]]))
+    for ragged in ([[1, 2, 3], [1, 2]], [[1, 2, None]], [[1, 2, 3], None]):
+        with pytest.raises(InputError, match="the ID column 'codes' must hold one ID of the same length in every "
+                                             "row, with no missing codes"):
+            tok.items_for(pl.Series("codes", ragged))
+    as_floats = table["codes"].cast(pl.List(pl.Float64))  # whole numbers through a float column: integers again
+    assert tok.items_for(as_floats).to_list() == data["ids_b"].tolist()
+    with pytest.raises(ValueError, match="2-D integer matrix"):  # a code of 7.4 is no code: refused, not cut to 7
+        tok.items_for(as_floats.list.eval(pl.element() + 0.4))
     assert on_sale.sizes == index.sizes and on_sale.contains(new_ids).tolist() == [True] * 50 + [False] * (
         len(new_ids) - 50)
     grid = np.stack(np.meshgrid(*[np.arange(k) for k in index.sizes[:3]], indexing="ij"), -1).reshape(-1, 3)

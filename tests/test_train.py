@@ -1010,6 +1010,8 @@ def test_training_says_what_prefix_centres_and_the_decoder_refit_changed(real_da
     chosen = next(h for h in trainer.state.history if h["step"] == trainer.state.best_step)
     final = trainer.state.final
     line = [row for row in capsys.readouterr().err.splitlines() if "after prefix centres" in row]
+    Trainer(config.with_overrides({"train.progress": False}), _x(real_data)).fit()
+    assert capsys.readouterr().err == ""  # train.progress off: no line at all
     assert line == [f"train: after prefix centres and decoder refit: fvu {chosen['fvu']:.4f} -> {final['fvu']:.4f}, "
                     f"collisions {chosen['collision_rate']:.2%} -> {final['collision_rate']:.2%} (the model's own "
                     f"codes, before collision handling)"]
