@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from semid import installed_version
 from semid.atomic import is_stream, probe_writable
-from semid.config import DEFAULT_CONFIG, DEVICE_NAMES, is_device_name, shipped_file
+from semid.config import DEFAULT_CONFIG, DEVICE_NAMES, config_path, is_device_name, shipped_file
 
 if TYPE_CHECKING:
     from semid.tokenizer import SemanticIdTokenizer
@@ -76,7 +76,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides["train.device"] = args.device
     if args.seed is not None:
         overrides["train.seed"] = args.seed
-    config = _load_config(args.config, overrides)
+    source = config_path(args.config) if args.config else DEFAULT_CONFIG  # said at the end: a name may be shipped
+    config = _load_config(str(source), overrides)
     items = _read_training_items(args.data, args.id_col, args.emb_col)
     started = time.perf_counter()
     try:  # under torchrun every process trains; rank 0 writes the model and reports
@@ -97,7 +98,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     final = tok.meta["final"]  # the saved model's codes
     processes = f" by {ranks.world_size} processes" if ranks.active else ""
     seconds = time.perf_counter() - started
-    print(f"trained on {len(items)} items{processes} ({_trained_on(tok)}) in {seconds:.1f} s; model saved to {args.out}")
+    print(f"trained on {len(items)} items{processes} ({_trained_on(tok)}) in {seconds:.1f} s with the config "
+          f"{source}; model saved to {args.out}")
     if final:
         print(f"fvu {final['fvu']:.4f}  collision_rate {final['collision_rate']:.4f}  (best step {tok.meta['best_step']})")
     return 0

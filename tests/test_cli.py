@@ -153,6 +153,7 @@ def test_train_encode_evaluate_round_trip(work):
     assert f"fvu {final['fvu']:.4f}" in work["train_stdout"]  # the figure of the model that was saved
     assert meta["train_device"] == "cpu" and meta["train_precision"] in ("fp32", "bf16 autocast")
     assert f"(cpu, {meta['train_precision']})" in work["train_stdout"]
+    assert f"with the config {work['config']}; model saved" in work["train_stdout"]
 
     out = root / "ids.parquet"
     trie_path, vocab_path = root / "trie.json", root / "vocab.txt"
