@@ -21,7 +21,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from semid.atomic import atomic_write  # noqa: E402
 from semid.decoding import PrefixIndex  # noqa: E402
-from semid.export import prefix_trie  # noqa: E402
+from semid.device import resolve_device  # noqa: E402
+
+try:
+    from semid.export import prefix_trie  # noqa: E402
+except ImportError:  # no polars (the device machine's image): the same dict, built in plain Python
+    def prefix_trie(ids: np.ndarray) -> dict[tuple[int, ...], list[int]]:
+        children: dict[tuple[int, ...], set[int]] = {}
+        for row in ids.tolist():
+            for depth, code in enumerate(row):
+                children.setdefault(tuple(row[:depth]), set()).add(code)
+        return {prefix: sorted(codes) for prefix, codes in children.items()}
 
 
 def catalogue(items: int, sizes: list[int], seed: int) -> np.ndarray:
@@ -68,7 +78,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
     ids = catalogue(args.items, args.sizes, args.seed)
