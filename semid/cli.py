@@ -76,8 +76,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides["train.device"] = args.device
     if args.seed is not None:
         overrides["train.seed"] = args.seed
+    config = _load_config(args.config, overrides)
     source = config_path(args.config) if args.config else DEFAULT_CONFIG  # said at the end: a name may be shipped
-    config = _load_config(str(source), overrides)
     items = _read_training_items(args.data, args.id_col, args.emb_col)
     started = time.perf_counter()
     try:  # under torchrun every process trains; rank 0 writes the model and reports

@@ -368,9 +368,10 @@ class SemidConfig:
 
     @classmethod
     def load(cls, path: str | Path, *, record: bool = False) -> "SemidConfig":
-        """A TOML config file, or a shipped config by name (`config_path`). Keys it leaves out take the dataclass defaults, with a `PartialConfigWarning` where
-        those differ from the recipe, unless the file is a `record` of a run (a model directory's config.toml):
-        keys an older semid did not write are what that run trained with, not a user's oversight."""
+        """A TOML config file, or a shipped config by name (`config_path`). Keys it leaves out take the dataclass
+        defaults, with a `PartialConfigWarning` where those differ from the recipe, unless the file is a `record`
+        of a run (a model directory's config.toml): keys an older semid did not write are what that run trained
+        with, not a user's oversight."""
         path = Path(path) if record else config_path(path)
         data = _read_toml(path)
         config = cls.from_dict(data)
