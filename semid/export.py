@@ -86,6 +86,22 @@ def token_vocabulary(sizes: Sequence[int], prefixes: str = LEVEL_PREFIXES) -> li
     return [f"<{letter}_{code}>" for letter, k in zip(prefixes, sizes) for code in range(k)]
 
 
+def token_numbers(ids: np.ndarray, sizes: Sequence[int], *, offset: int = 0) -> np.ndarray:
+    """(n, w) IDs -> (n, w) int64 token numbers: each token's index in `token_vocabulary(sizes)`, plus `offset`
+    (the id of the first added token, for an LLM). What a seq2seq retriever with its own vocabulary trains on;
+    `semid.decoding.PrefixIndex.codes` is the way back."""
+    ids = _as_id_matrix(ids)
+    sizes = [int(k) for k in sizes]
+    if ids.shape[1] != len(sizes):
+        raise ValueError(f"ids have {ids.shape[1]} tokens but {len(sizes)} sizes were given")
+    over = ids >= np.asarray(sizes)
+    if over.any():
+        row, position = map(int, np.argwhere(over)[0])
+        raise ValueError(f"row {row} has code {ids[row, position]} at position {position}, outside its "
+                         f"{sizes[position]} values")
+    return ids + np.cumsum([offset, *sizes[:-1]])
+
+
 def semantic_id_strings(ids: np.ndarray) -> list[str]:
     """One dash-joined string per item, e.g. [12, 201, 7, 0] -> "12-201-7-0" (the `semantic_id` column)."""
     return _concat_columns(_as_id_matrix(ids), lambda j, col: [col], separator="-")

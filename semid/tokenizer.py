@@ -32,7 +32,7 @@ from semid.collisions import SuffixOverflowError
 from semid.config import ConfigError, SemidConfig
 from semid.decoding import PrefixIndex
 from semid.device import device_available, resolve_device
-from semid.export import id_table, token_vocabulary, write_trie_json
+from semid.export import id_table, token_numbers, token_vocabulary, write_trie_json
 from semid.kmeans import sinkhorn_assign
 from semid.io import (
     InputError,
@@ -382,6 +382,11 @@ class SemanticIdTokenizer:
         """Every token this model's IDs can use, in `token_strings` form (see `_token_sizes`): it does not grow
         as items arrive, so a generative model's vocabulary stays fixed."""
         return token_vocabulary(self._token_sizes())
+
+    def token_numbers(self, ids: np.ndarray | torch.Tensor | pl.Series, *, offset: int = 0) -> np.ndarray:
+        """Final IDs -> their token numbers in `token_vocabulary()` (plus `offset`, an LLM's first added token):
+        a generative retriever's training targets, as `prefix_index().codes` reads them back."""
+        return token_numbers(_host_ids(ids), self._token_sizes(), offset=offset)
 
     def prefix_index(self, ids: np.ndarray | torch.Tensor | None = None, *,
                      device: str | torch.device | None = None) -> PrefixIndex:

@@ -16,6 +16,7 @@ from semid.export import (
     prefix_trie,
     semantic_id_strings,
     token_strings,
+    token_numbers,
     token_vocabulary,
     write_trie_json,
     write_vocabulary,
@@ -191,3 +192,16 @@ def test_token_vocabulary_holds_every_token_the_ids_can_use(ids, tmp_path):
 def test_token_vocabulary_refuses_bad_shapes(sizes, prefixes, problem):
     with pytest.raises(ValueError, match=problem):
         token_vocabulary(sizes, prefixes=prefixes)
+
+
+def test_token_numbers_are_each_tokens_place_in_the_vocabulary(ids):
+    sizes = [int(k) + 1 for k in ids.max(axis=0)]
+    vocabulary = token_vocabulary(sizes)
+    place = {token: i for i, token in enumerate(vocabulary)}
+    expected = [[place[t] for t in re.findall(r"<[^>]+>", row)] for row in token_strings(ids)]
+    np.testing.assert_array_equal(token_numbers(ids, sizes), expected)
+    np.testing.assert_array_equal(token_numbers(ids, sizes, offset=1000), np.array(expected) + 1000)
+    with pytest.raises(ValueError, match=r"ids have 4 tokens but 3 sizes were given"):
+        token_numbers(np.zeros((1, 4), int), [2, 2, 2])
+    with pytest.raises(ValueError, match="row 1 has code 2 at position 0, outside its 2 values"):
+        token_numbers(np.array([[0, 0], [2, 1]]), [2, 2])

@@ -246,6 +246,8 @@ def test_prefix_index_constrains_a_generative_model_to_the_registered_items(data
     index = tok.prefix_index()
     number = {token: i for i, token in enumerate(tok.token_vocabulary())}
     tokens = [[number[t] for t in row.replace("><", "> <").split()] for row in token_strings(ids)]
+    np.testing.assert_array_equal(tok.token_numbers(ids), tokens)  # the training targets of a retriever
+    assert torch.equal(index.codes(tok.token_numbers(ids, offset=7), offset=7), torch.from_numpy(ids))
     assert index.width == tok.id_length and index.vocabulary_size == len(number)
     allowed = index.next_tokens(np.array(tokens)[:, :-1])
     assert allowed[np.arange(len(ids)), np.array(tokens)[:, -1]].all()  # each item's own last token
