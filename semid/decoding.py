@@ -96,6 +96,9 @@ class PrefixIndex:
             parents = len(keys)
         self._root = self._children(torch.zeros(1, dtype=torch.long, device=self.device), 0)  # (1, sizes[0])
 
+    def __repr__(self) -> str:
+        return f"PrefixIndex({len(self._keys[-1]):,} IDs, sizes {self.sizes}, on {self.device})"
+
     @property
     def width(self) -> int:
         """Tokens per ID."""

@@ -120,8 +120,9 @@ def test_constrained_greedy_decoding_of_random_logits_always_lands_on_an_item(de
 
 
 def test_default_sizes_are_each_columns_largest_code_plus_one():
-    index = PrefixIndex(np.array([[0, 4], [2, 1]]))
+    index = PrefixIndex(np.array([[0, 4], [2, 1], [2, 1]]))  # a repeated ID is one ID
     assert index.sizes == (3, 5) and index.width == 2
+    assert repr(index) == "PrefixIndex(2 IDs, sizes (3, 5), on cpu)"
     assert index.next_codes(np.zeros((3, 0), dtype=np.int64)).tolist() == [[True, False, True]] * 3
     assert index.next_codes(np.zeros((0, 1), dtype=np.int64)).shape == (0, 5)
 
